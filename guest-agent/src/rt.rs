@@ -1,0 +1,173 @@
+//! The CPL 3 runtime: entry from the boot path, the zone's platform
+//! (allocator, TSC pacing, fork hooks) and the panic handler.
+
+use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZE};
+use crate::console::Console;
+use crate::palloc::PageAllocator;
+use crate::zone::{self, Platform, ZoneError};
+use crate::{boot, cmdline, hypercall, io, pvh};
+use core::fmt::Write;
+
+const TWO_MIB: u64 = 2 << 20;
+/// The boot page tables map the first 4 GiB.
+const MAPPED_END: u64 = 4 << 30;
+const BITMAP_WORDS: usize = (MAPPED_END / PAGE_SIZE / 64) as usize;
+
+/// Allocation bitmap: one bit per 4 KiB page of the first 4 GiB (128 KiB).
+static mut ALLOC_BITMAP: [u64; BITMAP_WORDS] = [0; BITMAP_WORDS];
+
+extern "C" {
+    /// End of the guest image (linker script).
+    static _end: u8;
+}
+
+fn fail(status: u8, args: core::fmt::Arguments) -> ! {
+    let _ = writeln!(Console, "zone: error: {args}");
+    io::exit(status)
+}
+
+/// TSC ticks per microsecond, from the hypervisor timing leaf or the
+/// processor's frequency leaves; 2000 if nothing says.
+fn tsc_per_us() -> u64 {
+    use core::arch::x86_64::__cpuid;
+    let (hv, basic) = (__cpuid(0x4000_0000).eax, __cpuid(0).eax);
+    if hv >= 0x4000_0010 {
+        let khz = __cpuid(0x4000_0010).eax as u64;
+        if khz > 0 {
+            return khz.div_ceil(1000);
+        }
+    }
+    if basic >= 0x15 {
+        let l = __cpuid(0x15);
+        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
+            return (l.ecx as u64 * l.ebx as u64 / l.eax as u64 / 1_000_000).max(1);
+        }
+    }
+    if basic >= 0x16 {
+        let mhz = __cpuid(0x16).eax as u64;
+        if mhz > 0 {
+            return mhz;
+        }
+    }
+    2000
+}
+
+struct GuestPlatform {
+    alloc: PageAllocator<'static>,
+    tsc_start: u64,
+    tsc_per_us: u64,
+}
+
+impl Platform for GuestPlatform {
+    fn with_scratch(
+        &mut self,
+        words: usize,
+        f: &mut dyn FnMut(&mut [u64]),
+    ) -> Result<(), ZoneError> {
+        let pages = (words as u64 * 8).div_ceil(PAGE_SIZE);
+        let mark = self.alloc.mark();
+        let gpa = self
+            .alloc
+            .alloc(pages)
+            .ok_or(ZoneError::OutOfMemory { mib: pages / 256 })?;
+        // SAFETY: the allocator just handed out these pages to us alone;
+        // memory is identity-mapped, so the address is a valid pointer.
+        let buf = unsafe { core::slice::from_raw_parts_mut(gpa as *mut u64, words) };
+        f(buf);
+        self.alloc.release(mark);
+        Ok(())
+    }
+
+    fn fork(&mut self, _clones: u64) -> Result<u64, ZoneError> {
+        Err(ZoneError::ForkUnavailable)
+    }
+
+    fn pace(&mut self, tick: u64, tick_us: u64) {
+        let due = self.tsc_start + tick * tick_us * self.tsc_per_us;
+        while io::rdtsc() < due {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// First Rust code, at CPL 3, called by the boot path with the PVH
+/// start_info address.
+#[no_mangle]
+extern "C" fn guest_user_entry(start_info: u64) -> ! {
+    boot::install_exception_gates();
+    let image_end = core::ptr::addr_of!(_end) as u64;
+    let heap_start = image_end.next_multiple_of(TWO_MIB);
+    let info = match pvh::read(start_info, heap_start) {
+        Ok(i) => i,
+        Err(e) => fail(EXIT_FATAL, format_args!("{e}")),
+    };
+    let _ = writeln!(Console, "zone: boot cmdline=\"{}\"", info.cmdline);
+    let cfg = match cmdline::parse(info.cmdline) {
+        Ok(c) => c,
+        Err(e) => fail(EXIT_BAD_CMDLINE, format_args!("{e}")),
+    };
+    if info.ram_end <= heap_start {
+        fail(EXIT_FATAL, format_args!("no guest RAM above the image at {heap_start:#x}"));
+    }
+    // SAFETY: the bitmap is only ever used through this one allocator.
+    let bitmap = unsafe { &mut *core::ptr::addr_of_mut!(ALLOC_BITMAP) };
+    let mut alloc = PageAllocator::new(bitmap, heap_start, info.ram_end.min(MAPPED_END));
+    let state_bytes = cfg.state_mib << 20;
+    let Some(state_gpa) = alloc.alloc(state_bytes / PAGE_SIZE) else {
+        fail(
+            EXIT_BAD_CMDLINE,
+            format_args!(
+                "state_mib={} does not fit in guest RAM ({} MiB free)",
+                cfg.state_mib,
+                alloc.free_pages() / 256
+            ),
+        )
+    };
+    let (heap_lo, heap_hi) = alloc.heap();
+    let mut args = [0u64; 8];
+    args[abi::HELLO_ABI_VERSION] = abi::ABI_VERSION;
+    args[abi::HELLO_BITMAP_GPA] = core::ptr::addr_of!(ALLOC_BITMAP) as u64;
+    args[abi::HELLO_BITMAP_BYTES] = (BITMAP_WORDS * 8) as u64;
+    args[abi::HELLO_HEAP_START] = heap_lo;
+    args[abi::HELLO_HEAP_END] = heap_hi;
+    args[abi::HELLO_STATE_GPA] = state_gpa;
+    args[abi::HELLO_STATE_BYTES] = state_bytes;
+    let vmm = match hypercall::call(OP_HELLO, args) {
+        Some(_) => "forkd",
+        None => "none",
+    };
+    let _ = writeln!(
+        Console,
+        "zone: start ticks={} state_mib={} ram_mib={} vmm={vmm}",
+        cfg.ticks,
+        cfg.state_mib,
+        info.ram_end >> 20
+    );
+    // SAFETY: the allocator handed these pages out for the zone state and
+    // never hands them out again; identity mapping makes the address valid.
+    let state =
+        unsafe { core::slice::from_raw_parts_mut(state_gpa as *mut u64, (state_bytes / 8) as usize) };
+    let mut platform = GuestPlatform {
+        alloc,
+        tsc_start: io::rdtsc(),
+        tsc_per_us: tsc_per_us(),
+    };
+    match zone::run(&cfg, state, &mut platform) {
+        Ok(o) => {
+            let _ = writeln!(
+                Console,
+                "zone: done clone={} ticks={} checksum={:016x}",
+                o.clone_id, o.ticks, o.checksum
+            );
+            io::exit(EXIT_OK)
+        }
+        Err(e @ ZoneError::ForkUnavailable) => fail(EXIT_BAD_CMDLINE, format_args!("{e}")),
+        Err(e) => fail(EXIT_FATAL, format_args!("{e}")),
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let _ = writeln!(Console, "zone: fatal: {info}");
+    io::exit(EXIT_FATAL)
+}

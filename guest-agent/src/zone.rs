@@ -1,0 +1,266 @@
+//! The zone workload: a deterministic simulation of one game-world zone.
+//!
+//! The zone state is an array of entities (4 words each: position, velocity,
+//! hit points and score, id and flags) on a 65536×65536 wrap-around grid.
+//! Every tick: clients send [`UPDATES_PER_TICK`] updates (velocity and hit
+//! point changes for random entities); the entities of `dirty_pages` random
+//! state pages move; an interest-management scan reads the whole state; and
+//! `alloc_mib` of fresh buffers are allocated, fully overwritten, read back
+//! and freed. The checksum depends only on the configuration and the clone
+//! id, never on time or on where the guest ran.
+
+use crate::cmdline::ZoneConfig;
+use crate::mix::{mix64, Fold, Rng};
+use core::fmt;
+
+/// Client updates applied per tick.
+pub const UPDATES_PER_TICK: u64 = 256;
+/// Words per entity.
+const ENTITY_WORDS: usize = 4;
+/// Words per 4 KiB page.
+const PAGE_WORDS: usize = 512;
+const GRID_MASK: u64 = 0xffff;
+
+/// Domain separators for the pseudo-random streams.
+const INIT_STREAM: u64 = 0x1a17_0000_0000_0001;
+const TICK_STREAM: u64 = 0x71c4_0000_0000_0002;
+const SCRATCH_STREAM: u64 = 0x5c7a_0000_0000_0003;
+const CLONE_STREAM: u64 = 0xc10e_0000_0000_0004;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZoneError {
+    /// The state is too small to hold one page of entities.
+    StateTooSmall,
+    /// The allocator could not hand out a scratch buffer of this many MiB.
+    OutOfMemory { mib: u64 },
+    /// `fork_at` without `as_clone` needs the VMM's fork service.
+    ForkUnavailable,
+}
+
+impl fmt::Display for ZoneError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ZoneError::StateTooSmall => write!(f, "zone state smaller than one page"),
+            ZoneError::OutOfMemory { mib } => {
+                write!(f, "out of guest memory allocating a {mib} MiB buffer")
+            }
+            ZoneError::ForkUnavailable => write!(
+                f,
+                "fork_at needs sf_clone from the VMM, which is not available here; \
+                 use as_clone=I for the straight-line run of clone I"
+            ),
+        }
+    }
+}
+
+/// What the workload needs from the machine it runs on.
+pub trait Platform {
+    /// Allocates `words` fresh words, runs `f` on them, frees them.
+    fn with_scratch(
+        &mut self,
+        words: usize,
+        f: &mut dyn FnMut(&mut [u64]),
+    ) -> Result<(), ZoneError>;
+    /// Forks the zone into `clones` clones; returns this VM's clone id
+    /// (0 in the parent).
+    fn fork(&mut self, clones: u64) -> Result<u64, ZoneError>;
+    /// Waits until tick `tick` is due when ticks last `tick_us` each.
+    fn pace(&mut self, tick: u64, tick_us: u64);
+}
+
+/// The result the guest prints on its last console line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub clone_id: u64,
+    pub ticks: u64,
+    pub checksum: u64,
+}
+
+fn init_state(state: &mut [u64], seed: u64) {
+    let mut rng = Rng::new(mix64(seed ^ INIT_STREAM));
+    for (i, e) in state.chunks_exact_mut(ENTITY_WORDS).enumerate() {
+        let r = rng.next();
+        e[0] = r & 0x0000_ffff_0000_ffff;
+        e[1] = velocity(r >> 16);
+        e[2] = (r >> 40) & 0xffff_ffff;
+        e[3] = i as u64;
+    }
+}
+
+/// Packs a velocity in -3..=3 per axis from random bits.
+fn velocity(r: u64) -> u64 {
+    let vx = ((r & 0xff) % 7) as i32 - 3;
+    let vy = (((r >> 8) & 0xff) % 7) as i32 - 3;
+    (vx as u32 as u64) | ((vy as u32 as u64) << 32)
+}
+
+fn move_entity(e: &mut [u64]) {
+    let (x, y) = (e[0] & GRID_MASK, (e[0] >> 32) & GRID_MASK);
+    let (vx, vy) = (e[1] as u32 as i32 as i64, (e[1] >> 32) as u32 as i32 as i64);
+    let x = (x as i64 + vx) as u64 & GRID_MASK;
+    let y = (y as i64 + vy) as u64 & GRID_MASK;
+    e[0] = x | (y << 32);
+    e[2] = e[2].wrapping_add(1 << 32);
+}
+
+struct Zone<'s> {
+    cfg: ZoneConfig,
+    state: &'s mut [u64],
+    salt: u64,
+}
+
+impl Zone<'_> {
+    fn entities(&self) -> u64 {
+        (self.state.len() / ENTITY_WORDS) as u64
+    }
+
+    /// Mixes a clone id into the state and every later random stream.
+    fn become_clone(&mut self, clone_id: u64) {
+        if clone_id == 0 {
+            return;
+        }
+        self.salt = mix64(clone_id ^ CLONE_STREAM);
+        let i = (clone_id % self.entities()) as usize * ENTITY_WORDS;
+        self.state[i + 2] ^= self.salt;
+    }
+
+    fn tick(&mut self, t: u64, platform: &mut dyn Platform) -> Result<u64, ZoneError> {
+        let base = self.cfg.seed ^ mix64(t ^ TICK_STREAM) ^ self.salt;
+        let mut rng = Rng::new(mix64(base));
+        let n = self.entities();
+        for _ in 0..UPDATES_PER_TICK {
+            let i = rng.below(n) as usize * ENTITY_WORDS;
+            let r = rng.next();
+            self.state[i + 1] = velocity(r);
+            self.state[i + 2] ^= r >> 48;
+        }
+        let pages = (self.state.len() / PAGE_WORDS) as u64;
+        for _ in 0..self.cfg.dirty_pages {
+            let p = rng.below(pages) as usize * PAGE_WORDS;
+            for e in self.state[p..p + PAGE_WORDS].chunks_exact_mut(ENTITY_WORDS) {
+                move_entity(e);
+            }
+        }
+        let mut fold = Fold::default();
+        fold.add_words(self.state);
+        if self.cfg.alloc_mib > 0 {
+            let words = (self.cfg.alloc_mib << 20) as usize / 8;
+            let mut srng = Rng::new(mix64(base ^ SCRATCH_STREAM));
+            platform
+                .with_scratch(words, &mut |buf: &mut [u64]| {
+                    for w in buf.iter_mut() {
+                        *w = srng.next();
+                    }
+                    fold.add_words(buf);
+                })
+                .map_err(|_| ZoneError::OutOfMemory {
+                    mib: self.cfg.alloc_mib,
+                })?;
+        }
+        Ok(fold.finish())
+    }
+}
+
+/// Runs the zone described by `cfg` on `state` (its `state_mib` MiB,
+/// contents irrelevant: it is initialised here).
+pub fn run(
+    cfg: &ZoneConfig,
+    state: &mut [u64],
+    platform: &mut dyn Platform,
+) -> Result<Outcome, ZoneError> {
+    if state.len() < PAGE_WORDS {
+        return Err(ZoneError::StateTooSmall);
+    }
+    init_state(state, cfg.seed);
+    let mut zone = Zone {
+        cfg: cfg.clone(),
+        state,
+        salt: 0,
+    };
+    let mut clone_id = 0;
+    let mut acc = mix64(cfg.seed);
+    for t in 0..=cfg.ticks {
+        if cfg.fork_at == Some(t) {
+            clone_id = match cfg.as_clone {
+                Some(i) => i,
+                None => platform.fork(cfg.clones.unwrap_or(1))?,
+            };
+            zone.become_clone(clone_id);
+        }
+        if t == cfg.ticks {
+            break;
+        }
+        let h = zone.tick(t, platform)?;
+        acc = mix64(acc.wrapping_add(h) ^ t);
+        if cfg.tick_us > 0 {
+            platform.pace(t + 1, cfg.tick_us);
+        }
+    }
+    let mut fold = Fold::default();
+    fold.add_words(zone.state);
+    Ok(Outcome {
+        clone_id,
+        ticks: cfg.ticks,
+        checksum: mix64(acc ^ fold.finish()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline::parse;
+
+    /// A host stand-in for the guest: scratch buffers from a Vec.
+    struct HostPlatform;
+
+    impl Platform for HostPlatform {
+        fn with_scratch(
+            &mut self,
+            words: usize,
+            f: &mut dyn FnMut(&mut [u64]),
+        ) -> Result<(), ZoneError> {
+            let mut v = vec![0xdead_beef_u64; words];
+            f(&mut v);
+            Ok(())
+        }
+        fn fork(&mut self, _clones: u64) -> Result<u64, ZoneError> {
+            Err(ZoneError::ForkUnavailable)
+        }
+        fn pace(&mut self, _tick: u64, _tick_us: u64) {}
+    }
+
+    fn run_cmdline(c: &str) -> Result<Outcome, ZoneError> {
+        let cfg = parse(c).unwrap();
+        let mut state = vec![0u64; (cfg.state_mib << 20) as usize / 8];
+        run(&cfg, &mut state, &mut HostPlatform)
+    }
+
+    #[test]
+    fn deterministic_and_sensitive() {
+        let a = run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1").unwrap();
+        let b = run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1").unwrap();
+        assert_eq!(a, b);
+        let c = run_cmdline("ticks=20 state_mib=1 seed=4 dirty_pages=4 alloc_mib=1").unwrap();
+        assert_ne!(a.checksum, c.checksum);
+        // tick_us changes timing only.
+        let d = run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1 tick_us=9")
+            .unwrap();
+        assert_eq!(a, d);
+    }
+
+    #[test]
+    fn clones_diverge_and_clone_zero_is_the_parent() {
+        let plain = run_cmdline("ticks=10 state_mib=1").unwrap();
+        let c0 = run_cmdline("ticks=10 state_mib=1 fork_at=4 clones=2 as_clone=0").unwrap();
+        let c1 = run_cmdline("ticks=10 state_mib=1 fork_at=4 clones=2 as_clone=1").unwrap();
+        let c2 = run_cmdline("ticks=10 state_mib=1 fork_at=4 clones=2 as_clone=2").unwrap();
+        assert_eq!(plain.checksum, c0.checksum);
+        assert_ne!(c1.checksum, c0.checksum);
+        assert_ne!(c1.checksum, c2.checksum);
+        assert_eq!(c2.clone_id, 2);
+        assert_eq!(
+            run_cmdline("ticks=10 state_mib=1 fork_at=4 clones=2"),
+            Err(ZoneError::ForkUnavailable)
+        );
+    }
+}
