@@ -1,0 +1,207 @@
+//! The `forkd` command line: `guest-path`, `run` and `restore`.
+
+use crate::guest::default_guest;
+use crate::vmm::{Vm, VmConfig, VmExit};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "forkd", version, about = "VM fork service for burst scaling of game-world zones")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the absolute path of the built zone guest ELF.
+    GuestPath,
+    /// Boot a guest and run it to the end (or snapshot it mid-run).
+    Run(RunArgs),
+    /// Restore a snapshot and run the guest to the end.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// Print one JSON summary line at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Prefix console lines with `[NAME]`.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up (and stop the VM) after this many seconds; 0 waits forever.
+    #[arg(long, default_value_t = 0)]
+    pub timeout_s: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest PVH ELF (default: the zone guest built with forkd).
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem: u64,
+    /// Number of vCPUs (more than one adds an in-kernel irqchip).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u64,
+    /// Guest command line, e.g. "ticks=100 seed=7 state_mib=16".
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Pause the guest after this many milliseconds and write a snapshot.
+    #[arg(long, requires = "snapshot_dir")]
+    pub snapshot_after_ms: Option<u64>,
+    /// Directory for the snapshot (created if missing).
+    #[arg(long, requires = "snapshot_after_ms")]
+    pub snapshot_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot directory written by `forkd run --snapshot-dir`.
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn since_ms(later: Option<Instant>, earlier: Instant) -> Option<f64> {
+    later.map(|t| ms(t.saturating_duration_since(earlier)))
+}
+
+fn timeout(c: &Common) -> Option<Duration> {
+    (c.timeout_s > 0).then(|| Duration::from_secs(c.timeout_s))
+}
+
+/// Waits for the guest; on timeout stops it and fails.
+fn finish(vm: &mut Vm, c: &Common) -> Result<VmExit> {
+    match vm.wait(timeout(c)) {
+        Ok(exit) => Ok(exit),
+        Err(e) => {
+            vm.kill();
+            Err(e).context("waiting for the guest")
+        }
+    }
+}
+
+fn exit_code(exit: &VmExit) -> ExitCode {
+    if !matches!(exit, VmExit::Guest(_)) {
+        eprintln!("forkd: {exit}");
+    }
+    ExitCode::from(exit.exit_code().clamp(0, 255) as u8)
+}
+
+fn run(a: RunArgs) -> Result<ExitCode> {
+    let cfg = VmConfig {
+        guest: a.guest.unwrap_or_else(default_guest),
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        cmdline: a.cmdline,
+        echo: true,
+        name: a.common.name.clone(),
+    };
+    let mut vm = Vm::boot(&cfg).context("cannot boot the guest")?;
+    let started = vm.times.started;
+    let (Some(after), Some(dir)) = (a.snapshot_after_ms, a.snapshot_dir) else {
+        let exit = finish(&mut vm, &a.common)?;
+        if a.common.json {
+            println!(
+                "{}",
+                json!({
+                    "event": "run",
+                    "exit": exit.to_string(),
+                    "exit_code": exit.exit_code(),
+                    "boot_to_first_output_ms": since_ms(vm.console().first_output(), started),
+                    "total_ms": ms(started.elapsed()),
+                })
+            );
+        }
+        return Ok(exit_code(&exit));
+    };
+    let deadline = started + Duration::from_millis(after);
+    if let Ok(exit) = vm.wait(Some(deadline.saturating_duration_since(Instant::now()))) {
+        bail!(
+            "the guest ended ({exit}) after {:.1} ms, before the snapshot point at {after} ms",
+            ms(started.elapsed())
+        );
+    }
+    let pause = vm.pause().context("cannot pause the guest")?;
+    let stats = vm
+        .snapshot(&dir)
+        .with_context(|| format!("cannot write the snapshot to {}", dir.display()))?;
+    vm.kill();
+    eprintln!(
+        "forkd: snapshot written to {} ({} bytes of state, {} bytes of memory)",
+        dir.display(),
+        stats.state_bytes,
+        stats.memory_bytes
+    );
+    if a.common.json {
+        println!(
+            "{}",
+            json!({
+                "event": "snapshot",
+                "dir": dir.display().to_string(),
+                "boot_to_first_output_ms": since_ms(vm.console().first_output(), started),
+                "pause_ms": ms(pause),
+                "snapshot_write_ms": ms(stats.duration),
+                "state_bytes": stats.state_bytes,
+                "memory_bytes_written": stats.memory_bytes,
+                "bytes_written": stats.state_bytes + stats.memory_bytes,
+            })
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(a: RestoreArgs) -> Result<ExitCode> {
+    let mut vm = Vm::restore(&a.dir, true, a.common.name.as_deref())
+        .with_context(|| format!("cannot restore {}", a.dir.display()))?;
+    let started = vm.times.started;
+    let exit = finish(&mut vm, &a.common)?;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({
+                "event": "restore",
+                "exit": exit.to_string(),
+                "exit_code": exit.exit_code(),
+                "restore_to_first_instruction_ms": since_ms(vm.times.first_run.get().copied(), started),
+                "total_ms": ms(started.elapsed()),
+            })
+        );
+    }
+    Ok(exit_code(&exit))
+}
+
+/// Runs the CLI; errors are printed as `forkd: error: ...` with exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::GuestPath => {
+            let p = default_guest();
+            if p.is_file() {
+                println!("{}", p.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(anyhow::anyhow!("the zone guest was not built: {} is missing", p.display()))
+            }
+        }
+        Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("forkd: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

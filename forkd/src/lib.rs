@@ -1,0 +1,5 @@
+//! forkd: the VM fork service's VMM and its command-line front end.
+
+pub mod cli;
+pub mod guest;
+pub mod vmm;

@@ -1,0 +1,144 @@
+//! The hypercall device: the guest writes the address of its hypercall
+//! page to the doorbell port; we read the call from guest memory, carry it
+//! out and write the answer back. One exit per call.
+
+use crate::vmm::memory::GuestMemory;
+use guest_agent::abi::{self, HypercallPage};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// What the guest told us in `OP_HELLO`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestInfo {
+    pub abi_version: u64,
+    /// Guest-physical address and size of the page-allocator bitmap.
+    pub bitmap_gpa: u64,
+    pub bitmap_bytes: u64,
+    pub heap_start: u64,
+    pub heap_end: u64,
+    pub state_gpa: u64,
+    pub state_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HypercallState {
+    pub guest: Option<GuestInfo>,
+    pub calls: u64,
+    pub rejected: u64,
+}
+
+pub struct HypercallDevice {
+    memory: GuestMemory,
+    state: HypercallState,
+}
+
+impl HypercallDevice {
+    pub fn new(memory: GuestMemory) -> Self {
+        HypercallDevice {
+            memory,
+            state: HypercallState::default(),
+        }
+    }
+
+    pub fn restore(memory: GuestMemory, state: &HypercallState) -> Self {
+        HypercallDevice {
+            memory,
+            state: state.clone(),
+        }
+    }
+
+    pub fn save(&self) -> HypercallState {
+        self.state.clone()
+    }
+
+    pub fn guest_info(&self) -> Option<GuestInfo> {
+        self.state.guest
+    }
+
+    fn in_memory(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len)
+            .is_some_and(|end| end <= self.memory.last_addr().0 + 1)
+    }
+
+    /// A doorbell write: `data` is the little-endian address of the page.
+    /// Malformed rings (wrong size, unaligned or outside memory) are
+    /// counted and ignored; the guest then sees `STATUS_NO_VMM`.
+    pub fn doorbell(&mut self, data: &[u8]) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.state.rejected += 1;
+            return;
+        };
+        let gpa = u32::from_le_bytes(bytes) as u64;
+        if gpa % abi::PAGE_SIZE != 0 || !self.in_memory(gpa, HypercallPage::SIZE as u64) {
+            self.state.rejected += 1;
+            return;
+        }
+        let mut raw = [0u8; HypercallPage::SIZE];
+        if self.memory.read_slice(&mut raw, GuestAddress(gpa)).is_err() {
+            self.state.rejected += 1;
+            return;
+        }
+        let mut page = HypercallPage::from_bytes(&raw);
+        self.state.calls += 1;
+        page.status = self.handle(&mut page);
+        // The page was just read from memory, so the write cannot fail.
+        let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+    }
+
+    fn handle(&mut self, page: &mut HypercallPage) -> u32 {
+        match page.op {
+            abi::OP_HELLO => {
+                let a = &page.args;
+                let info = GuestInfo {
+                    abi_version: a[abi::HELLO_ABI_VERSION],
+                    bitmap_gpa: a[abi::HELLO_BITMAP_GPA],
+                    bitmap_bytes: a[abi::HELLO_BITMAP_BYTES],
+                    heap_start: a[abi::HELLO_HEAP_START],
+                    heap_end: a[abi::HELLO_HEAP_END],
+                    state_gpa: a[abi::HELLO_STATE_GPA],
+                    state_bytes: a[abi::HELLO_STATE_BYTES],
+                };
+                if info.abi_version != abi::ABI_VERSION
+                    || !self.in_memory(info.bitmap_gpa, info.bitmap_bytes)
+                    || !self.in_memory(info.state_gpa, info.state_bytes)
+                {
+                    return abi::STATUS_BAD_ARGS;
+                }
+                self.state.guest = Some(info);
+                page.ret = [0; 4];
+                abi::STATUS_OK
+            }
+            _ => abi::STATUS_UNKNOWN_OP,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::memory;
+
+    #[test]
+    fn hello_is_recorded_and_bad_rings_are_counted() {
+        let mem = memory::anonymous(16 << 20).unwrap();
+        let mut dev = HypercallDevice::new(mem.clone());
+        let mut page = HypercallPage {
+            op: abi::OP_HELLO,
+            status: abi::STATUS_NO_VMM,
+            ..Default::default()
+        };
+        page.args[abi::HELLO_ABI_VERSION] = abi::ABI_VERSION;
+        page.args[abi::HELLO_BITMAP_GPA] = 0x10_0000;
+        page.args[abi::HELLO_BITMAP_BYTES] = 4096;
+        mem.write_slice(&page.to_bytes(), GuestAddress(0x3000)).unwrap();
+        dev.doorbell(&0x3000u32.to_le_bytes());
+        let mut raw = [0u8; HypercallPage::SIZE];
+        mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
+        assert_eq!(HypercallPage::from_bytes(&raw).status, abi::STATUS_OK);
+        assert_eq!(dev.guest_info().unwrap().bitmap_gpa, 0x10_0000);
+        dev.doorbell(&0x3001u32.to_le_bytes());
+        dev.doorbell(&[1, 2]);
+        dev.doorbell(&0xffff_f000u32.to_le_bytes());
+        assert_eq!(dev.save().rejected, 3);
+    }
+}

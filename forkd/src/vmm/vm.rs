@@ -1,0 +1,476 @@
+//! A microVM: KVM VM, guest memory, devices and vCPU threads, with boot,
+//! pause/resume, snapshot and restore.
+
+use crate::vmm::boot::{self, BootError};
+use crate::vmm::cpu_state::CpuStateError;
+use crate::vmm::devices::{Console, Devices, GuestInfo};
+use crate::vmm::kvm::{KvmContext, KvmError};
+use crate::vmm::memory::{self, GuestMemory, MemoryError};
+use crate::vmm::persist::{self, PersistError, VmState};
+use crate::vmm::vcpu::{VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuRunState, VcpuSetup};
+use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::VmFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub const MAX_VCPUS: u8 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    CpuState(#[from] CpuStateError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("{0} vCPUs requested; 1..={MAX_VCPUS} supported")]
+    BadVcpus(u64),
+    #[error("the VM has already exited")]
+    Exited,
+    #[error("the VM must be paused first")]
+    NotPaused,
+    #[error("cannot write guest memory to the snapshot: {0}")]
+    MemoryWrite(std::io::Error),
+    #[error("the guest did not finish within {0:?}")]
+    WaitTimeout(Duration),
+}
+
+fn ioctl<T>(op: &'static str, r: Result<T, vmm_sys_util::errno::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Ioctl { op, source })
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the exit port (0: success).
+    Guest(u8),
+    Halted,
+    TripleFault,
+    Failed(String),
+    Stopped,
+}
+
+impl VmExit {
+    /// Process exit code for `forkd run` / `restore`: the guest's own
+    /// status, or 100+ for VMM-side endings.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::Guest(s) => *s as i32,
+            VmExit::Halted => 101,
+            VmExit::TripleFault => 102,
+            VmExit::Failed(_) => 103,
+            VmExit::Stopped => 104,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Guest(s) => write!(f, "guest exited with status {s}"),
+            VmExit::Halted => write!(f, "guest halted"),
+            VmExit::TripleFault => write!(f, "guest triple-faulted"),
+            VmExit::Failed(why) => write!(f, "vCPU failed: {why}"),
+            VmExit::Stopped => write!(f, "stopped by the VMM"),
+        }
+    }
+}
+
+impl From<VcpuExitReason> for VmExit {
+    fn from(r: VcpuExitReason) -> Self {
+        match r {
+            VcpuExitReason::Guest(s) => VmExit::Guest(s),
+            VcpuExitReason::Halted => VmExit::Halted,
+            VcpuExitReason::TripleFault => VmExit::TripleFault,
+            VcpuExitReason::Stopped => VmExit::Stopped,
+            VcpuExitReason::Failed(s) => VmExit::Failed(s),
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub guest: PathBuf,
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub cmdline: String,
+    /// Console options: echo lines to stdout, with a `[name]` prefix.
+    pub echo: bool,
+    pub name: Option<String>,
+}
+
+/// Timestamps of a VM's start.
+#[derive(Debug, Clone)]
+pub struct StartTimes {
+    /// When creation (boot or restore) began.
+    pub started: Instant,
+    /// Just before the first KVM_RUN.
+    pub first_run: Arc<OnceLock<Instant>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotStats {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    pub duration: Duration,
+}
+
+pub struct Vm {
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VcpuEvent>,
+    event_tx: mpsc::Sender<VcpuEvent>,
+    devices: Arc<Mutex<Devices>>,
+    console: Console,
+    irqchip: bool,
+    exit: Option<VmExit>,
+    guest: String,
+    cmdline: String,
+    pub times: StartTimes,
+    // Dropped after the vCPU threads (fields drop in order).
+    memory: GuestMemory,
+    vm_fd: VmFd,
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned
+        // by the Vm, which outlives the VM fd's use of it (the vCPU threads
+        // are joined before `memory` is dropped).
+        ioctl("KVM_SET_USER_MEMORY_REGION", unsafe { vm_fd.set_user_memory_region(r) })?;
+    }
+    Ok(())
+}
+
+/// CPUID for vCPU `id`: what KVM supports, with its own APIC id.
+fn vcpu_cpuid(ctx: &KvmContext, id: u8) -> CpuId {
+    let mut cpuid = ctx.cpuid.clone();
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+        }
+    }
+    cpuid
+}
+
+impl Vm {
+    /// Creates and starts a VM running the guest ELF.
+    pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u64 {
+            return Err(VmError::BadVcpus(cfg.vcpus));
+        }
+        let mem_bytes = memory::check_size(cfg.mem_mib)?;
+        let ctx = KvmContext::get()?;
+        let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
+        let memory = memory::anonymous(mem_bytes)?;
+        register_memory(&vm_fd, &memory)?;
+        // Application processors need an in-kernel LAPIC to sit in
+        // wait-for-SIPI; a single-vCPU zone guest needs no irqchip at all.
+        let irqchip = cfg.vcpus > 1;
+        if irqchip {
+            ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
+        }
+        let entry = boot::load(&memory, &cfg.guest, &cfg.cmdline)?;
+        let console = Console::new(cfg.echo, cfg.name.as_deref());
+        let devices = Arc::new(Mutex::new(Devices::new(memory.clone(), console.clone())));
+        let mut vm = Vm::assemble(
+            vm_fd,
+            memory,
+            devices,
+            console,
+            irqchip,
+            cfg.guest.display().to_string(),
+            cfg.cmdline.clone(),
+            started,
+        );
+        for id in 0..cfg.vcpus as u8 {
+            let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(id as u64))?;
+            let cpuid = vcpu_cpuid(ctx, id);
+            ioctl("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
+            if id == 0 {
+                let sregs = ioctl("KVM_GET_SREGS", fd.get_sregs())?;
+                let (regs, sregs) = boot::entry_state(entry, sregs);
+                ioctl("KVM_SET_SREGS", fd.set_sregs(&sregs))?;
+                ioctl("KVM_SET_REGS", fd.set_regs(&regs))?;
+            }
+            ctx.saved_msrs(&fd);
+            vm.spawn_vcpu(id, fd, cpuid)?;
+        }
+        Ok(vm)
+    }
+
+    /// Restores a VM from a snapshot directory and starts it.
+    pub fn restore(dir: &Path, echo: bool, name: Option<&str>) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let state: VmState = persist::read_state(dir)?;
+        if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
+            return Err(VmError::BadVcpus(state.vcpus.len() as u64));
+        }
+        let ctx = KvmContext::get()?;
+        let memory = memory::from_file(&dir.join(persist::MEMORY_FILE), state.mem_bytes)?;
+        let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
+        register_memory(&vm_fd, &memory)?;
+        let irqchip = state.irqchip.is_some();
+        if irqchip {
+            ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
+        }
+        let console = Console::new(echo, name);
+        let devices = Arc::new(Mutex::new(Devices::restore(
+            memory.clone(),
+            console.clone(),
+            &state.devices,
+        )));
+        let mut vm = Vm::assemble(
+            vm_fd,
+            memory,
+            devices,
+            console,
+            irqchip,
+            state.guest.clone(),
+            state.cmdline.clone(),
+            started,
+        );
+        let mut fds = Vec::new();
+        for vs in &state.vcpus {
+            let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(vs.id as u64))?;
+            vs.restore(ctx, &fd)?;
+            fds.push((vs.id, fd, vs.cpuid.clone()));
+        }
+        for chip in state.irqchip.iter().flatten() {
+            ioctl("KVM_SET_IRQCHIP", vm.vm_fd.set_irqchip(chip))?;
+        }
+        if let Some(mut clock) = state.clock {
+            clock.flags = 0;
+            ioctl("KVM_SET_CLOCK", vm.vm_fd.set_clock(&clock))?;
+        }
+        for (id, fd, entries) in fds {
+            let cpuid = CpuId::from_entries(&entries).map_err(|e| {
+                VmError::CpuState(CpuStateError::Incompatible(format!("CPUID: {e:?}")))
+            })?;
+            vm.spawn_vcpu(id, fd, cpuid)?;
+        }
+        Ok(vm)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        vm_fd: VmFd,
+        memory: GuestMemory,
+        devices: Arc<Mutex<Devices>>,
+        console: Console,
+        irqchip: bool,
+        guest: String,
+        cmdline: String,
+        started: Instant,
+    ) -> Vm {
+        let (event_tx, events) = mpsc::channel();
+        Vm {
+            vcpus: Vec::new(),
+            events,
+            event_tx,
+            devices,
+            console,
+            irqchip,
+            exit: None,
+            guest,
+            cmdline,
+            times: StartTimes {
+                started,
+                first_run: Arc::new(OnceLock::new()),
+            },
+            memory,
+            vm_fd,
+        }
+    }
+
+    fn spawn_vcpu(&mut self, id: u8, fd: kvm_ioctls::VcpuFd, cpuid: CpuId) -> Result<(), VmError> {
+        let events = self.event_tx.clone();
+        let handle = VcpuHandle::spawn(VcpuSetup {
+            id,
+            fd,
+            cpuid,
+            irqchip: self.irqchip,
+            devices: self.devices.clone(),
+            events,
+            first_run: self.times.first_run.clone(),
+        })?;
+        self.vcpus.push(handle);
+        Ok(())
+    }
+
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// What the guest announced through `OP_HELLO`, if it did.
+    pub fn guest_info(&self) -> Option<GuestInfo> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hypercall
+            .guest_info()
+    }
+
+    pub fn exit(&self) -> Option<&VmExit> {
+        self.exit.as_ref()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.iter().all(|v| v.state() == VcpuRunState::Paused)
+    }
+
+    /// Pauses every vCPU; returns how long that took.
+    pub fn pause(&mut self) -> Result<Duration, VmError> {
+        if self.exit.is_some() {
+            return Err(VmError::Exited);
+        }
+        let t = Instant::now();
+        for v in &self.vcpus {
+            v.pause().map_err(|e| match e {
+                VcpuError::Exited(_) => VmError::Exited,
+                e => VmError::Vcpu(e),
+            })?;
+        }
+        Ok(t.elapsed())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.exit.is_some() {
+            return Err(VmError::Exited);
+        }
+        for v in &self.vcpus {
+            v.resume().map_err(|_| VmError::Exited)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of the paused VM into `dir` (created if needed).
+    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmError> {
+        let t = Instant::now();
+        if self.exit.is_some() {
+            return Err(VmError::Exited);
+        }
+        if !self.is_paused() {
+            return Err(VmError::NotPaused);
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.save()?);
+        }
+        let irqchip = if self.irqchip {
+            let mut chips = Vec::new();
+            for chip_id in 0..3 {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                ioctl("KVM_GET_IRQCHIP", self.vm_fd.get_irqchip(&mut chip))?;
+                chips.push(chip);
+            }
+            Some(chips)
+        } else {
+            None
+        };
+        let ctx = KvmContext::get()?;
+        let clock = if ctx.caps.adjust_clock {
+            Some(ioctl("KVM_GET_CLOCK", self.vm_fd.get_clock())?)
+        } else {
+            None
+        };
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let state = VmState {
+            mem_bytes: self.memory.last_addr().0 + 1,
+            guest: self.guest.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus,
+            irqchip,
+            clock,
+            devices,
+        };
+        let (tmp, file) = persist::create_memory_tmp(dir)?;
+        let memory_bytes = memory::write_sparse(&self.memory, &file).map_err(VmError::MemoryWrite)?;
+        drop(file);
+        persist::commit_memory(dir, &tmp)?;
+        let state_bytes = persist::write_state(dir, &state)?;
+        Ok(SnapshotStats {
+            state_bytes,
+            memory_bytes,
+            duration: t.elapsed(),
+        })
+    }
+
+    /// Waits for the guest to end (or `timeout`), then stops every vCPU.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<VmExit, VmError> {
+        if let Some(e) = &self.exit {
+            return Ok(e.clone());
+        }
+        let event = match timeout {
+            Some(t) => self.events.recv_timeout(t).map_err(|e| match e {
+                RecvTimeoutError::Timeout => VmError::WaitTimeout(t),
+                RecvTimeoutError::Disconnected => VmError::Exited,
+            })?,
+            None => self.events.recv().map_err(|_| VmError::Exited)?,
+        };
+        self.stop_vcpus();
+        let exit = VmExit::from(event.reason);
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+
+    /// Whether the guest has ended (does not block).
+    pub fn poll_exit(&mut self) -> Option<VmExit> {
+        if self.exit.is_none() {
+            if let Ok(event) = self.events.try_recv() {
+                self.stop_vcpus();
+                self.exit = Some(VmExit::from(event.reason));
+            }
+        }
+        self.exit.clone()
+    }
+
+    /// Stops the VM for good.
+    pub fn kill(&mut self) {
+        self.stop_vcpus();
+        if self.exit.is_none() {
+            self.exit = Some(VmExit::Stopped);
+        }
+    }
+
+    fn stop_vcpus(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}
