@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(name = "forkd", version, about = "VM fork service for burst scaling of game-world zones")]
+#[command(
+    name = "forkd",
+    version,
+    about = "VM fork service for burst scaling of game-world zones"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -194,7 +198,10 @@ pub fn main() -> ExitCode {
                 println!("{}", p.display());
                 Ok(ExitCode::SUCCESS)
             } else {
-                Err(anyhow::anyhow!("the zone guest was not built: {} is missing", p.display()))
+                Err(anyhow::anyhow!(
+                    "the zone guest was not built: {} is missing",
+                    p.display()
+                ))
             }
         }
         Command::Run(a) => run(a),

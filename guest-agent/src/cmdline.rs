@@ -99,7 +99,9 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
     let mut cfg = ZoneConfig::default();
     let mut seen = 0u32;
     for word in cmdline.split_ascii_whitespace() {
-        let (key, value) = word.split_once('=').ok_or(CmdlineError::MissingValue(word))?;
+        let (key, value) = word
+            .split_once('=')
+            .ok_or(CmdlineError::MissingValue(word))?;
         let n = parse_number(value).ok_or(CmdlineError::BadNumber { key, value });
         let bit = match key {
             "ticks" => {
@@ -154,11 +156,15 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
         return Err(CmdlineError::Inconsistent("fork_at and clones go together"));
     }
     if cfg.as_clone.is_some() && cfg.fork_at.is_none() {
-        return Err(CmdlineError::Inconsistent("as_clone needs fork_at and clones"));
+        return Err(CmdlineError::Inconsistent(
+            "as_clone needs fork_at and clones",
+        ));
     }
     if let (Some(i), Some(c)) = (cfg.as_clone, cfg.clones) {
         if i > c {
-            return Err(CmdlineError::Inconsistent("as_clone must not exceed clones"));
+            return Err(CmdlineError::Inconsistent(
+                "as_clone must not exceed clones",
+            ));
         }
     }
     Ok(cfg)
@@ -171,12 +177,15 @@ mod tests {
     #[test]
     fn defaults_and_keys() {
         assert_eq!(parse("").unwrap(), ZoneConfig::default());
-        let c = parse("ticks=5 seed=0x10 state_mib=256 alloc_mib=2 dirty_pages=7 tick_us=100")
-            .unwrap();
+        let c =
+            parse("ticks=5 seed=0x10 state_mib=256 alloc_mib=2 dirty_pages=7 tick_us=100").unwrap();
         assert_eq!((c.ticks, c.seed, c.state_mib), (5, 16, 256));
         assert_eq!((c.alloc_mib, c.dirty_pages, c.tick_us), (2, 7, 100));
         let c = parse("ticks=9 fork_at=3 clones=4 as_clone=2").unwrap();
-        assert_eq!((c.fork_at, c.clones, c.as_clone), (Some(3), Some(4), Some(2)));
+        assert_eq!(
+            (c.fork_at, c.clones, c.as_clone),
+            (Some(3), Some(4), Some(2))
+        );
     }
 
     #[test]
@@ -185,12 +194,27 @@ mod tests {
         assert_eq!(parse("ticks"), Err(CmdlineError::MissingValue("ticks")));
         assert_eq!(
             parse("seed=x"),
-            Err(CmdlineError::BadNumber { key: "seed", value: "x" })
+            Err(CmdlineError::BadNumber {
+                key: "seed",
+                value: "x"
+            })
         );
-        assert!(matches!(parse("state_mib=0"), Err(CmdlineError::OutOfRange { .. })));
-        assert_eq!(parse("ticks=1 ticks=2"), Err(CmdlineError::Duplicate("ticks")));
-        assert!(matches!(parse("fork_at=3"), Err(CmdlineError::Inconsistent(_))));
-        assert!(matches!(parse("as_clone=1"), Err(CmdlineError::Inconsistent(_))));
+        assert!(matches!(
+            parse("state_mib=0"),
+            Err(CmdlineError::OutOfRange { .. })
+        ));
+        assert_eq!(
+            parse("ticks=1 ticks=2"),
+            Err(CmdlineError::Duplicate("ticks"))
+        );
+        assert!(matches!(
+            parse("fork_at=3"),
+            Err(CmdlineError::Inconsistent(_))
+        ));
+        assert!(matches!(
+            parse("as_clone=1"),
+            Err(CmdlineError::Inconsistent(_))
+        ));
         assert!(matches!(
             parse("ticks=2 fork_at=3 clones=1"),
             Err(CmdlineError::Inconsistent(_))

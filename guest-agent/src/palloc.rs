@@ -26,7 +26,11 @@ fn set_bits(bitmap: &mut [u64], from: u64, to: u64, on: bool) {
         let word = (i / 64) as usize;
         let bit = i % 64;
         let n = (64 - bit).min(to - i);
-        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
         if on {
             bitmap[word] |= mask;
         } else {
@@ -88,7 +92,8 @@ impl<'a> PageAllocator<'a> {
     /// Whether the page holding `gpa` is handed out.
     pub fn is_allocated(&self, gpa: u64) -> bool {
         let pfn = gpa / PAGE_SIZE;
-        (pfn as usize / 64) < self.bitmap.len() && self.bitmap[pfn as usize / 64] & (1 << (pfn % 64)) != 0
+        (pfn as usize / 64) < self.bitmap.len()
+            && self.bitmap[pfn as usize / 64] & (1 << (pfn % 64)) != 0
     }
 }
 

@@ -107,7 +107,10 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         Err(e) => fail(EXIT_BAD_CMDLINE, format_args!("{e}")),
     };
     if info.ram_end <= heap_start {
-        fail(EXIT_FATAL, format_args!("no guest RAM above the image at {heap_start:#x}"));
+        fail(
+            EXIT_FATAL,
+            format_args!("no guest RAM above the image at {heap_start:#x}"),
+        );
     }
     // SAFETY: the bitmap is only ever used through this one allocator.
     let bitmap = unsafe { &mut *core::ptr::addr_of_mut!(ALLOC_BITMAP) };
@@ -145,8 +148,9 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     );
     // SAFETY: the allocator handed these pages out for the zone state and
     // never hands them out again; identity mapping makes the address valid.
-    let state =
-        unsafe { core::slice::from_raw_parts_mut(state_gpa as *mut u64, (state_bytes / 8) as usize) };
+    let state = unsafe {
+        core::slice::from_raw_parts_mut(state_gpa as *mut u64, (state_bytes / 8) as usize)
+    };
     let mut platform = GuestPlatform {
         alloc,
         tsc_start: io::rdtsc(),

@@ -243,8 +243,8 @@ mod tests {
         let c = run_cmdline("ticks=20 state_mib=1 seed=4 dirty_pages=4 alloc_mib=1").unwrap();
         assert_ne!(a.checksum, c.checksum);
         // tick_us changes timing only.
-        let d = run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1 tick_us=9")
-            .unwrap();
+        let d =
+            run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1 tick_us=9").unwrap();
         assert_eq!(a, d);
     }
 

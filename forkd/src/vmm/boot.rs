@@ -27,7 +27,10 @@ const HIGH_RAM_START: u64 = 0x10_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open guest ELF {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("guest {path} is not a loadable ELF: {reason}")]
     Elf { path: String, reason: String },
     #[error("guest {0} is not a PVH ELF (no XEN_ELFNOTE_PHYS32_ENTRY note)")]

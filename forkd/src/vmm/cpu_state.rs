@@ -24,7 +24,10 @@ pub enum CpuStateError {
     Incompatible(String),
 }
 
-fn ioctl<T>(op: &'static str, r: Result<T, vmm_sys_util::errno::Error>) -> Result<T, CpuStateError> {
+fn ioctl<T>(
+    op: &'static str,
+    r: Result<T, vmm_sys_util::errno::Error>,
+) -> Result<T, CpuStateError> {
     r.map_err(|source| CpuStateError::Ioctl { op, source })
 }
 
@@ -175,7 +178,9 @@ impl VcpuState {
             // kernel expects.
             (Some(x), true) => ioctl("KVM_SET_XSAVE", unsafe { vcpu.set_xsave(x) })?,
             (Some(_), false) => {
-                return Err(CpuStateError::Incompatible("XSAVE state but no KVM_CAP_XSAVE".into()))
+                return Err(CpuStateError::Incompatible(
+                    "XSAVE state but no KVM_CAP_XSAVE".into(),
+                ))
             }
             (None, _) => ioctl("KVM_SET_FPU", vcpu.set_fpu(&self.fpu.to_kvm()))?,
         }

@@ -28,7 +28,11 @@ pub enum MemoryError {
     #[error("memory file {path}: {source}")]
     File { path: String, source: io::Error },
     #[error("memory file {path} holds {actual} bytes, the snapshot needs {expected}")]
-    Truncated { path: String, actual: u64, expected: u64 },
+    Truncated {
+        path: String,
+        actual: u64,
+        expected: u64,
+    },
 }
 
 pub fn check_size(mib: u64) -> Result<u64, MemoryError> {

@@ -93,7 +93,8 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<VmState, PersistError> 
     if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
         return Err(PersistError::BadMagic(path.to_path_buf()));
     }
-    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
     if version != FORMAT_VERSION {
         return Err(PersistError::WrongVersion {
@@ -120,10 +121,12 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<VmState, PersistError> 
             actual: crc,
         });
     }
-    codec().deserialize(payload).map_err(|e| PersistError::Decode {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    codec()
+        .deserialize(payload)
+        .map_err(|e| PersistError::Decode {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 /// Reads and checks `dir/vm.state`.
@@ -199,7 +202,10 @@ mod tests {
         assert_eq!(decode_state(p, &good).unwrap().mem_bytes, 1 << 30);
         let mut bad = good.clone();
         bad[HEADER_LEN + 1] ^= 0x40;
-        assert!(matches!(decode_state(p, &bad), Err(PersistError::Checksum { .. })));
+        assert!(matches!(
+            decode_state(p, &bad),
+            Err(PersistError::Checksum { .. })
+        ));
         let mut v2 = good.clone();
         v2[8] = 2;
         assert!(matches!(
@@ -210,7 +216,10 @@ mod tests {
             decode_state(p, &good[..good.len() - 1]),
             Err(PersistError::Truncated { .. })
         ));
-        assert!(matches!(decode_state(p, b"junk"), Err(PersistError::BadMagic(_))));
+        assert!(matches!(
+            decode_state(p, b"junk"),
+            Err(PersistError::BadMagic(_))
+        ));
         assert!(matches!(
             read_state(Path::new("/nonexistent/forkd")),
             Err(PersistError::NoDirectory(_))

@@ -160,7 +160,9 @@ impl VcpuHandle {
     }
 
     fn send(&self, cmd: Command) -> Result<(), VcpuError> {
-        self.commands.send(cmd).map_err(|_| VcpuError::Exited(self.id))?;
+        self.commands
+            .send(cmd)
+            .map_err(|_| VcpuError::Exited(self.id))?;
         self.kick();
         Ok(())
     }

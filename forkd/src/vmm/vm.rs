@@ -158,7 +158,9 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
         // SAFETY: the region is a live mapping of `memory_size` bytes owned
         // by the Vm, which outlives the VM fd's use of it (the vCPU threads
         // are joined before `memory` is dropped).
-        ioctl("KVM_SET_USER_MEMORY_REGION", unsafe { vm_fd.set_user_memory_region(r) })?;
+        ioctl("KVM_SET_USER_MEMORY_REGION", unsafe {
+            vm_fd.set_user_memory_region(r)
+        })?;
     }
     Ok(())
 }
@@ -403,7 +405,11 @@ impl Vm {
         } else {
             None
         };
-        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let devices = self
+            .devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
         let state = VmState {
             mem_bytes: self.memory.last_addr().0 + 1,
             guest: self.guest.clone(),
@@ -414,7 +420,8 @@ impl Vm {
             devices,
         };
         let (tmp, file) = persist::create_memory_tmp(dir)?;
-        let memory_bytes = memory::write_sparse(&self.memory, &file).map_err(VmError::MemoryWrite)?;
+        let memory_bytes =
+            memory::write_sparse(&self.memory, &file).map_err(VmError::MemoryWrite)?;
         drop(file);
         persist::commit_memory(dir, &tmp)?;
         let state_bytes = persist::write_state(dir, &state)?;

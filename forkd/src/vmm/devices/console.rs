@@ -76,7 +76,9 @@ impl Console {
         match b {
             b'\n' => {
                 let raw = std::mem::take(&mut log.partial);
-                let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches('\r')
+                    .to_string();
                 if let Some(prefix) = &self.echo_prefix {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{prefix}{line}");

@@ -130,7 +130,8 @@ mod tests {
         page.args[abi::HELLO_ABI_VERSION] = abi::ABI_VERSION;
         page.args[abi::HELLO_BITMAP_GPA] = 0x10_0000;
         page.args[abi::HELLO_BITMAP_BYTES] = 4096;
-        mem.write_slice(&page.to_bytes(), GuestAddress(0x3000)).unwrap();
+        mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
+            .unwrap();
         dev.doorbell(&0x3000u32.to_le_bytes());
         let mut raw = [0u8; HypercallPage::SIZE];
         mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();

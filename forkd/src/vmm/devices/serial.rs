@@ -55,9 +55,14 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&state, NoInterrupt, NoEvents, ConsoleWriter(console.clone()))
-            // Only an over-full input FIFO is refused; start from reset then.
-            .unwrap_or_else(|_| Serial::new(NoInterrupt, ConsoleWriter(console)));
+        let uart = Serial::from_state(
+            &state,
+            NoInterrupt,
+            NoEvents,
+            ConsoleWriter(console.clone()),
+        )
+        // Only an over-full input FIFO is refused; start from reset then.
+        .unwrap_or_else(|_| Serial::new(NoInterrupt, ConsoleWriter(console)));
         SerialDevice { uart }
     }
 
