@@ -1,0 +1,192 @@
+//! Process-level boot figures: QEMU (and, if present, the forkd CLI) booting
+//! the same ELF with the same cmdline, timed from spawn to the first `zone:`
+//! line on stdout and to process exit.
+
+use crate::stats::{ms, Report};
+use crate::vms::{TINY_CMDLINE, TINY_MEM_MIB, WAIT};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::{self, sleep};
+use std::time::{Duration, Instant};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Finds an executable in `$PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn qemu_command(qemu: &Path, guest: &Path) -> Command {
+    let mut c = Command::new(qemu);
+    c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-m", &TINY_MEM_MIB.to_string()])
+        .args(["-nographic", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
+        .arg(guest)
+        .args(["-append", TINY_CMDLINE]);
+    c
+}
+
+pub fn forkd_command(forkd: &Path, guest: &Path) -> Command {
+    let mut c = Command::new(forkd);
+    c.arg("run")
+        .arg("--guest")
+        .arg(guest)
+        .args(["--mem", &TINY_MEM_MIB.to_string()])
+        .args(["--cmdline", TINY_CMDLINE, "--timeout-s", "60"]);
+    c
+}
+
+/// One timed process run.
+struct Run {
+    first_line_ms: f64,
+    whole_ms: f64,
+}
+
+/// Kills and reaps a child, ignoring errors (it may have exited already).
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Spawns `cmd`, times the first stdout line starting with `zone:` and the
+/// process exit; `ok_codes` are the exit statuses that count as success.
+fn timed_run(mut cmd: Command, ok_codes: &[i32]) -> Result<Run> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().context("cannot spawn")?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    let out_thread = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let err_thread = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = t0 + WAIT;
+    let mut first = None;
+    let mut done = false;
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((t, line)) => {
+                let line = line.trim_end_matches('\r');
+                if line.starts_with("zone:") && first.is_none() {
+                    first = Some(t);
+                }
+                done |= line.starts_with("zone: done");
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
+        }
+    }
+    // stdout is closed (or we gave up): the process is exiting; bound the
+    // wait anyway.
+    let status = loop {
+        if let Some(s) = child.try_wait().context("waiting for the child")? {
+            break Some(s);
+        }
+        if timed_out || Instant::now() >= deadline {
+            break None;
+        }
+        sleep(Duration::from_micros(200));
+    };
+    let end = Instant::now();
+    if status.is_none() {
+        reap(&mut child);
+    }
+    let _ = out_thread.join();
+    let err = err_thread.join().unwrap_or_default();
+    let tail: String = err.lines().last().unwrap_or("").chars().take(200).collect();
+    let Some(status) = status else {
+        bail!("no exit within {WAIT:?} (killed); stderr: {tail:?}");
+    };
+    let code = status.code().unwrap_or(-1);
+    if !ok_codes.contains(&code) || !done {
+        bail!("exit status {code}, guest finished: {done}; stderr: {tail:?}");
+    }
+    let first = first.context("no `zone:` line on stdout")?;
+    Ok(Run {
+        first_line_ms: ms(first - t0),
+        whole_ms: ms(end - t0),
+    })
+}
+
+/// Runs `make()` `runs` times and records its two figures under `label`.
+fn process_runs(
+    report: &mut Report,
+    label: &str,
+    runs: usize,
+    ok_codes: &[i32],
+    make: impl Fn() -> Command,
+) -> Result<()> {
+    let (mut first, mut whole) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let r = timed_run(make(), ok_codes).with_context(|| format!("{label} run {i}"))?;
+        first.push(r.first_line_ms);
+        whole.push(r.whole_ms);
+    }
+    report.add(&format!("{label} spawn to first output"), "ms", &first);
+    report.add(&format!("{label} whole run (spawn to exit)"), "ms", &whole);
+    Ok(())
+}
+
+/// QEMU figures and the qemu/forkd ratio (the forkd boot figures must be
+/// in `report` already for the ratio).
+pub fn qemu(report: &mut Report, guest: &Path, runs: usize, forkd_bin: Option<&Path>) -> Result<()> {
+    let Some(qemu) = find_in_path(QEMU) else {
+        report.skip(format!("{QEMU} not found"));
+        return Ok(());
+    };
+    eprintln!("qemu: {runs} runs of {} `{TINY_CMDLINE}`", qemu.display());
+    // isa-debug-exit: status (v << 1) | 1, so a guest exit 0 is status 1.
+    process_runs(report, "qemu", runs, &[1], || qemu_command(&qemu, guest))?;
+    if let Some(forkd) = forkd_bin {
+        eprintln!("qemu: {runs} runs of the forkd CLI {}", forkd.display());
+        process_runs(report, "forkd CLI process", runs, &[0], || {
+            forkd_command(forkd, guest)
+        })?;
+    }
+    let pairs = [
+        (
+            "ratio qemu/forkd, first output",
+            "qemu spawn to first output",
+            "forkd boot to first output",
+        ),
+        (
+            "ratio qemu/forkd, whole run",
+            "qemu whole run (spawn to exit)",
+            "forkd boot whole run (to guest exit)",
+        ),
+        (
+            "ratio qemu/forkd CLI, first output",
+            "qemu spawn to first output",
+            "forkd CLI process spawn to first output",
+        ),
+    ];
+    for (name, q, f) in pairs {
+        if let (Some(q_ms), Some(f_ms)) = (report.median(q), report.median(f)) {
+            report.add(name, "x", &[q_ms / f_ms]);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Bad input gives a clear error and a non-zero exit: never a panic, never
+//! a hang (every command runs under a time limit).
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Output;
+use tests::{forkd, stdout_lines};
+
+const PACED: &str = "ticks=200 seed=5 state_mib=16 tick_us=2000";
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Non-zero exit, no panic, and `needle` in stderr.
+fn fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got {o:?}");
+    assert!(!err.contains("panicked"), "forkd panicked: {err}");
+    assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
+}
+
+fn make_snapshot(dir: &Path) {
+    let d = dir.to_str().unwrap();
+    let out = forkd(&["run", "--cmdline", PACED, "--snapshot-after-ms", "100", "--snapshot-dir", d]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn missing_snapshot_directory() {
+    let out = forkd(&["restore", "/nonexistent/forkd-snapshot"]);
+    fails_with(&out, "does not exist");
+}
+
+#[test]
+fn damaged_snapshots_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_snapshot(dir.path());
+    let state = dir.path().join("vm.state");
+    let good = fs::read(&state).unwrap();
+    let d = dir.path().to_str().unwrap();
+
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x5a;
+    fs::write(&state, &bad).unwrap();
+    fails_with(&forkd(&["restore", d]), "damaged");
+
+    let mut v = good.clone();
+    v[8..12].copy_from_slice(&99u32.to_le_bytes());
+    fs::write(&state, &v).unwrap();
+    fails_with(&forkd(&["restore", d]), "format version 99");
+
+    fs::write(&state, &good[..good.len() - 7]).unwrap();
+    fails_with(&forkd(&["restore", d]), "truncated");
+
+    fs::write(&state, b"hello").unwrap();
+    fails_with(&forkd(&["restore", d]), "not a forkd state file");
+
+    fs::write(&state, &good).unwrap();
+    let mem = dir.path().join("memory.bin");
+    let len = fs::metadata(&mem).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    fails_with(&forkd(&["restore", d]), "the snapshot needs");
+
+    fs::remove_file(&mem).unwrap();
+    fails_with(&forkd(&["restore", d]), "memory.bin");
+}
+
+#[test]
+fn bad_cmdline_key_is_reported_by_the_guest() {
+    let out = forkd(&["run", "--cmdline", "ticks=5 bogus=1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let lines = stdout_lines(&out);
+    assert!(
+        lines.iter().any(|l| l == "zone: error: unknown cmdline key 'bogus'"),
+        "{lines:?}"
+    );
+    let out = forkd(&["run", "--cmdline", "ticks=5 fork_at=9 clones=2"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn guests_that_are_not_pvh_elves() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("not-an-elf");
+    fs::write(&text, "just text\n").unwrap();
+    fails_with(
+        &forkd(&["run", "--guest", text.to_str().unwrap()]),
+        "not a loadable ELF",
+    );
+    // A regular Linux executable: an ELF, but without the PVH note.
+    let mut plain = fs::read(std::env::current_exe().unwrap()).unwrap();
+    plain.truncate(plain.len().min(1 << 20));
+    let elf = dir.path().join("plain-elf");
+    let mut f = fs::File::create(&elf).unwrap();
+    f.write_all(&plain).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let out = forkd(&["run", "--guest", elf.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("panicked"));
+    assert!(stderr(&out).contains("ELF"), "{}", stderr(&out));
+    fails_with(&forkd(&["run", "--guest", "/nonexistent/guest"]), "cannot open guest ELF");
+}
+
+#[test]
+fn bad_machine_sizes() {
+    fails_with(&forkd(&["run", "--mem", "4"]), "out of range");
+    fails_with(&forkd(&["run", "--mem", "999999"]), "out of range");
+    fails_with(&forkd(&["run", "--vcpus", "0"]), "vCPUs");
+    fails_with(&forkd(&["run", "--snapshot-after-ms", "5"]), "snapshot-dir");
+}
+
+#[test]
+fn snapshot_point_after_the_guest_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("s");
+    let out = forkd(&[
+        "run",
+        "--cmdline",
+        "ticks=1 state_mib=1",
+        "--snapshot-after-ms",
+        "3000",
+        "--snapshot-dir",
+        d.to_str().unwrap(),
+    ]);
+    fails_with(&out, "before the snapshot point");
+    assert!(!d.join("vm.state").exists());
+}
+
+#[test]
+fn timeout_stops_a_guest_that_runs_too_long() {
+    let out = forkd(&["run", "--cmdline", "ticks=100000 tick_us=1000", "--timeout-s", "1"]);
+    fails_with(&out, "did not finish");
+}

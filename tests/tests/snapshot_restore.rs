@@ -1,0 +1,119 @@
+//! Snapshot a running guest at different moments, restore it, and get the
+//! checksum of the uninterrupted run.
+
+use forkd::vmm::Vm;
+use std::path::Path;
+use std::time::Duration;
+use tests::{boot, finish, forkd, stdout_lines, straight_run};
+
+const MEM: u64 = 512;
+/// About 600 ms of guest time (paced by the TSC), so the snapshot points
+/// below fall early, mid and late in the run.
+const PACED: &str = "ticks=300 seed=5 state_mib=16 dirty_pages=20 alloc_mib=1 tick_us=2000";
+
+fn snapshot_after(cmdline: &str, mem: u64, after: Duration, dir: &Path) {
+    let mut vm = boot(cmdline, mem);
+    std::thread::sleep(after);
+    vm.pause().expect("pause a running guest");
+    let stats = vm.snapshot(dir).expect("snapshot");
+    assert!(stats.state_bytes > 0);
+    vm.kill();
+}
+
+fn restore_to_end(dir: &Path) -> String {
+    let mut vm = Vm::restore(dir, false, None).expect("restore");
+    finish(&mut vm)
+}
+
+#[test]
+fn early_mid_late_snapshots_finish_like_the_straight_run() {
+    let expected = straight_run(PACED, MEM);
+    for ms in [15, 300, 540] {
+        let dir = tempfile::tempdir().unwrap();
+        snapshot_after(PACED, MEM, Duration::from_millis(ms), dir.path());
+        assert_eq!(restore_to_end(dir.path()), expected, "snapshot at {ms} ms");
+    }
+}
+
+#[test]
+fn same_snapshot_restored_twice_gives_the_same_result() {
+    let expected = straight_run(PACED, MEM);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_after(PACED, MEM, Duration::from_millis(200), dir.path());
+    assert_eq!(restore_to_end(dir.path()), expected);
+    assert_eq!(restore_to_end(dir.path()), expected);
+}
+
+#[test]
+fn restored_guest_can_be_snapshotted_into_its_own_directory() {
+    let expected = straight_run(PACED, MEM);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_after(PACED, MEM, Duration::from_millis(100), dir.path());
+    let mut vm = Vm::restore(dir.path(), false, None).expect("restore");
+    std::thread::sleep(Duration::from_millis(150));
+    vm.pause().expect("pause restored guest");
+    vm.snapshot(dir.path()).expect("snapshot over the snapshot it runs from");
+    vm.kill();
+    assert_eq!(restore_to_end(dir.path()), expected);
+}
+
+#[test]
+fn large_state_in_a_one_gib_guest() {
+    let cmdline = "ticks=12 seed=21 state_mib=256 dirty_pages=100 tick_us=40000";
+    let expected = straight_run(cmdline, 1024);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_after(cmdline, 1024, Duration::from_millis(250), dir.path());
+    let mem_file = std::fs::metadata(dir.path().join("memory.bin")).unwrap();
+    assert_eq!(mem_file.len(), 1 << 30, "memory file has the guest's size");
+    assert_eq!(restore_to_end(dir.path()), expected);
+}
+
+#[test]
+fn two_vcpus_snapshot_and_restore() {
+    tests::require_kvm();
+    let mut cfg = tests::config(PACED, MEM);
+    cfg.vcpus = 2;
+    let expected = straight_run(PACED, MEM);
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::boot(&cfg).expect("boot");
+    std::thread::sleep(Duration::from_millis(200));
+    vm.pause().expect("pause");
+    vm.snapshot(dir.path()).expect("snapshot with irqchip");
+    vm.kill();
+    assert_eq!(restore_to_end(dir.path()), expected);
+}
+
+#[test]
+fn cli_snapshot_then_restore() {
+    let expected = straight_run(PACED, MEM);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("snap");
+    let d = d.to_str().unwrap();
+    let out = forkd(&[
+        "run",
+        "--cmdline",
+        PACED,
+        "--snapshot-after-ms",
+        "250",
+        "--snapshot-dir",
+        d,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let lines = stdout_lines(&out);
+    assert!(!lines.iter().any(|l| l.starts_with("zone: done")), "{lines:?}");
+    let snap: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(snap["event"], "snapshot");
+    for key in ["pause_ms", "snapshot_write_ms", "boot_to_first_output_ms"] {
+        assert!(snap[key].as_f64().is_some(), "{key} missing in {snap}");
+    }
+    assert!(snap["bytes_written"].as_u64().unwrap() > 16 << 20);
+
+    let out = forkd(&["restore", d, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines = stdout_lines(&out);
+    assert!(lines.contains(&expected), "{lines:?} lacks {expected}");
+    let r: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(r["event"], "restore");
+    assert!(r["restore_to_first_instruction_ms"].as_f64().is_some());
+}
