@@ -1,7 +1,7 @@
 //! The `forkd` command line: `guest-path`, `run` and `restore`.
 
 use crate::guest::default_guest;
-use crate::vmm::{Vm, VmConfig, VmExit};
+use crate::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -71,8 +71,18 @@ pub struct RunArgs {
 pub struct RestoreArgs {
     /// Snapshot directory written by `forkd run --snapshot-dir`.
     pub dir: PathBuf,
+    /// lazy: map the memory file and load pages on first touch (fastest
+    /// start); eager: copy it into anonymous memory first (fastest guest).
+    #[arg(long, value_enum, default_value_t = MemoryMode::Lazy)]
+    pub memory: MemoryMode,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryMode {
+    Lazy,
+    Eager,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -169,7 +179,15 @@ fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 fn restore(a: RestoreArgs) -> Result<ExitCode> {
-    let mut vm = Vm::restore(&a.dir, true, a.common.name.as_deref())
+    let opts = RestoreOptions {
+        echo: true,
+        name: a.common.name.clone(),
+        memory: match a.memory {
+            MemoryMode::Lazy => RestoreMemory::Lazy,
+            MemoryMode::Eager => RestoreMemory::Eager,
+        },
+    };
+    let mut vm = Vm::restore_with(&a.dir, &opts)
         .with_context(|| format!("cannot restore {}", a.dir.display()))?;
     let started = vm.times.started;
     let exit = finish(&mut vm, &a.common)?;
@@ -178,6 +196,7 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
             "{}",
             json!({
                 "event": "restore",
+                "memory": format!("{:?}", a.memory).to_lowercase(),
                 "exit": exit.to_string(),
                 "exit_code": exit.exit_code(),
                 "restore_to_first_instruction_ms": since_ms(vm.times.first_run.get().copied(), started),

@@ -31,7 +31,10 @@ pub fn guest() -> PathBuf {
 /// The `forkd` binary of this build (target/<profile>/forkd).
 pub fn forkd_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = dir.join("forkd");
     assert!(
         bin.is_file(),

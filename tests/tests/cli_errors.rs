@@ -23,7 +23,15 @@ fn fails_with(o: &Output, needle: &str) {
 
 fn make_snapshot(dir: &Path) {
     let d = dir.to_str().unwrap();
-    let out = forkd(&["run", "--cmdline", PACED, "--snapshot-after-ms", "100", "--snapshot-dir", d]);
+    let out = forkd(&[
+        "run",
+        "--cmdline",
+        PACED,
+        "--snapshot-after-ms",
+        "100",
+        "--snapshot-dir",
+        d,
+    ]);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -79,7 +87,9 @@ fn bad_cmdline_key_is_reported_by_the_guest() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let lines = stdout_lines(&out);
     assert!(
-        lines.iter().any(|l| l == "zone: error: unknown cmdline key 'bogus'"),
+        lines
+            .iter()
+            .any(|l| l == "zone: error: unknown cmdline key 'bogus'"),
         "{lines:?}"
     );
     let out = forkd(&["run", "--cmdline", "ticks=5 fork_at=9 clones=2"]);
@@ -106,7 +116,10 @@ fn guests_that_are_not_pvh_elves() {
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("panicked"));
     assert!(stderr(&out).contains("ELF"), "{}", stderr(&out));
-    fails_with(&forkd(&["run", "--guest", "/nonexistent/guest"]), "cannot open guest ELF");
+    fails_with(
+        &forkd(&["run", "--guest", "/nonexistent/guest"]),
+        "cannot open guest ELF",
+    );
 }
 
 #[test]
@@ -136,6 +149,12 @@ fn snapshot_point_after_the_guest_ended() {
 
 #[test]
 fn timeout_stops_a_guest_that_runs_too_long() {
-    let out = forkd(&["run", "--cmdline", "ticks=100000 tick_us=1000", "--timeout-s", "1"]);
+    let out = forkd(&[
+        "run",
+        "--cmdline",
+        "ticks=100000 tick_us=1000",
+        "--timeout-s",
+        "1",
+    ]);
     fails_with(&out, "did not finish");
 }

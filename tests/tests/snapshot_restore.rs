@@ -1,7 +1,7 @@
 //! Snapshot a running guest at different moments, restore it, and get the
 //! checksum of the uninterrupted run.
 
-use forkd::vmm::Vm;
+use forkd::vmm::{RestoreMemory, RestoreOptions, Vm};
 use std::path::Path;
 use std::time::Duration;
 use tests::{boot, finish, forkd, stdout_lines, straight_run};
@@ -45,6 +45,19 @@ fn same_snapshot_restored_twice_gives_the_same_result() {
 }
 
 #[test]
+fn eager_restore_gives_the_same_result() {
+    let expected = straight_run(PACED, MEM);
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_after(PACED, MEM, Duration::from_millis(250), dir.path());
+    let opts = RestoreOptions {
+        memory: RestoreMemory::Eager,
+        ..Default::default()
+    };
+    let mut vm = Vm::restore_with(dir.path(), &opts).expect("eager restore");
+    assert_eq!(finish(&mut vm), expected);
+}
+
+#[test]
 fn restored_guest_can_be_snapshotted_into_its_own_directory() {
     let expected = straight_run(PACED, MEM);
     let dir = tempfile::tempdir().unwrap();
@@ -52,7 +65,8 @@ fn restored_guest_can_be_snapshotted_into_its_own_directory() {
     let mut vm = Vm::restore(dir.path(), false, None).expect("restore");
     std::thread::sleep(Duration::from_millis(150));
     vm.pause().expect("pause restored guest");
-    vm.snapshot(dir.path()).expect("snapshot over the snapshot it runs from");
+    vm.snapshot(dir.path())
+        .expect("snapshot over the snapshot it runs from");
     vm.kill();
     assert_eq!(restore_to_end(dir.path()), expected);
 }
@@ -101,7 +115,10 @@ fn cli_snapshot_then_restore() {
     ]);
     assert!(out.status.success(), "{out:?}");
     let lines = stdout_lines(&out);
-    assert!(!lines.iter().any(|l| l.starts_with("zone: done")), "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.starts_with("zone: done")),
+        "{lines:?}"
+    );
     let snap: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(snap["event"], "snapshot");
     for key in ["pause_ms", "snapshot_write_ms", "boot_to_first_output_ms"] {

@@ -76,6 +76,56 @@ pub fn from_file(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemory::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.to_string()))
 }
 
+/// Fresh anonymous guest memory loaded with the contents of `path`: only
+/// the file's data extents are read (SEEK_DATA/SEEK_HOLE), holes stay
+/// untouched zero pages. Slower to start than [`from_file`] but the guest
+/// then runs on anonymous memory (transparent huge pages, no later faults
+/// into the page cache).
+pub fn from_file_eager(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
+    let file_err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(file_err)?;
+    let actual = file.metadata().map_err(file_err)?.len();
+    if actual != bytes {
+        return Err(MemoryError::Truncated {
+            path: path.display().to_string(),
+            actual,
+            expected: bytes,
+        });
+    }
+    let mem = anonymous(bytes)?;
+    let region = mem.iter().next().expect("guest memory has one region");
+    // SAFETY: the region is a fresh private mapping of `bytes` bytes owned
+    // by `mem`; no vCPU runs on it yet, so we are its only user.
+    let dst = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), bytes as usize) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut pos: i64 = 0;
+    while (pos as u64) < bytes {
+        // SAFETY: lseek on a file descriptor we own; no memory involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(file_err(e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            bytes
+        } else {
+            (hole as u64).min(bytes)
+        };
+        file.read_exact_at(&mut dst[data as usize..end as usize], data as u64)
+            .map_err(file_err)?;
+        pos = end as i64;
+    }
+    Ok(mem)
+}
+
 /// Host view of the single region.
 fn region_slice(mem: &GuestMemory) -> &[u8] {
     let region = mem.iter().next().expect("guest memory has one region");
@@ -170,6 +220,12 @@ mod tests {
             from_file(&path, 32 << 20),
             Err(MemoryError::Truncated { .. })
         ));
+        let eager = from_file_eager(&path, 16 << 20).unwrap();
+        eager.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
+        assert_eq!(buf, [7u8; 10]);
+        let mut tail = [0u8; 3];
+        eager.read_slice(&mut tail, GuestAddress(0xfff000)).unwrap();
+        assert_eq!(tail, [9u8; 3]);
         assert!(matches!(check_size(4), Err(MemoryError::BadSize(4))));
     }
 }

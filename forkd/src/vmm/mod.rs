@@ -10,4 +10,4 @@ pub mod persist;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{SnapshotStats, Vm, VmConfig, VmError, VmExit};
+pub use vm::{RestoreMemory, RestoreOptions, SnapshotStats, Vm, VmConfig, VmError, VmExit};

@@ -123,6 +123,25 @@ pub struct StartTimes {
     pub first_run: Arc<OnceLock<Instant>>,
 }
 
+/// How a restored guest gets its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestoreMemory {
+    /// Private mapping of the memory file: starts at once, pages load from
+    /// the page cache on first touch (4 KiB pages).
+    #[default]
+    Lazy,
+    /// Copy the file's data into anonymous memory before starting: start
+    /// time grows with the touched memory, the guest then runs at full speed.
+    Eager,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub echo: bool,
+    pub name: Option<String>,
+    pub memory: RestoreMemory,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotStats {
     pub state_bytes: u64,
@@ -223,22 +242,39 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Restores a VM from a snapshot directory and starts it.
+    /// Restores a VM from a snapshot directory and starts it, with guest
+    /// memory mapped lazily from the snapshot's memory file.
     pub fn restore(dir: &Path, echo: bool, name: Option<&str>) -> Result<Vm, VmError> {
+        Vm::restore_with(
+            dir,
+            &RestoreOptions {
+                echo,
+                name: name.map(str::to_owned),
+                memory: RestoreMemory::Lazy,
+            },
+        )
+    }
+
+    /// Restores a VM from a snapshot directory and starts it.
+    pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Vm, VmError> {
         let started = Instant::now();
         let state: VmState = persist::read_state(dir)?;
         if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
             return Err(VmError::BadVcpus(state.vcpus.len() as u64));
         }
         let ctx = KvmContext::get()?;
-        let memory = memory::from_file(&dir.join(persist::MEMORY_FILE), state.mem_bytes)?;
+        let mem_path = dir.join(persist::MEMORY_FILE);
+        let memory = match opts.memory {
+            RestoreMemory::Lazy => memory::from_file(&mem_path, state.mem_bytes)?,
+            RestoreMemory::Eager => memory::from_file_eager(&mem_path, state.mem_bytes)?,
+        };
         let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
         register_memory(&vm_fd, &memory)?;
         let irqchip = state.irqchip.is_some();
         if irqchip {
             ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
         }
-        let console = Console::new(echo, name);
+        let console = Console::new(opts.echo, opts.name.as_deref());
         let devices = Arc::new(Mutex::new(Devices::restore(
             memory.clone(),
             console.clone(),

@@ -69,7 +69,7 @@ impl HypercallDevice {
             return;
         };
         let gpa = u32::from_le_bytes(bytes) as u64;
-        if gpa % abi::PAGE_SIZE != 0 || !self.in_memory(gpa, HypercallPage::SIZE as u64) {
+        if !gpa.is_multiple_of(abi::PAGE_SIZE) || !self.in_memory(gpa, HypercallPage::SIZE as u64) {
             self.state.rejected += 1;
             return;
         }
