@@ -49,14 +49,17 @@ pub fn anonymous(bytes: u64) -> Result<GuestMemory, MemoryError> {
         .map_err(|e| MemoryError::Map(e.to_string()))
 }
 
-/// Guest memory backed by a private (copy-on-write) mapping of `path`.
-pub fn from_file(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
-    let file_err = |source| MemoryError::File {
+fn file_err(path: &Path) -> impl Fn(io::Error) -> MemoryError + '_ {
+    move |source| MemoryError::File {
         path: path.display().to_string(),
         source,
-    };
-    let file = File::open(path).map_err(file_err)?;
-    let actual = file.metadata().map_err(file_err)?.len();
+    }
+}
+
+/// Opens a memory file that must hold exactly `bytes`.
+fn open_sized(path: &Path, bytes: u64) -> Result<File, MemoryError> {
+    let file = File::open(path).map_err(file_err(path))?;
+    let actual = file.metadata().map_err(file_err(path))?.len();
     if actual != bytes {
         return Err(MemoryError::Truncated {
             path: path.display().to_string(),
@@ -64,6 +67,12 @@ pub fn from_file(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
             expected: bytes,
         });
     }
+    Ok(file)
+}
+
+/// Guest memory backed by a private (copy-on-write) mapping of `path`.
+pub fn from_file(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
+    let file = open_sized(path, bytes)?;
     let region = MmapRegion::build(
         Some(FileOffset::new(file, 0)),
         bytes as usize,
@@ -82,19 +91,7 @@ pub fn from_file(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
 /// then runs on anonymous memory (transparent huge pages, no later faults
 /// into the page cache).
 pub fn from_file_eager(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryError> {
-    let file_err = |source| MemoryError::File {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = File::open(path).map_err(file_err)?;
-    let actual = file.metadata().map_err(file_err)?.len();
-    if actual != bytes {
-        return Err(MemoryError::Truncated {
-            path: path.display().to_string(),
-            actual,
-            expected: bytes,
-        });
-    }
+    let file = open_sized(path, bytes)?;
     let mem = anonymous(bytes)?;
     let region = mem.iter().next().expect("guest memory has one region");
     // SAFETY: the region is a fresh private mapping of `bytes` bytes owned
@@ -110,7 +107,7 @@ pub fn from_file_eager(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryErr
             if e.raw_os_error() == Some(libc::ENXIO) {
                 break; // no data past `pos`
             }
-            return Err(file_err(e));
+            return Err(file_err(path)(e));
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
@@ -120,7 +117,7 @@ pub fn from_file_eager(path: &Path, bytes: u64) -> Result<GuestMemory, MemoryErr
             (hole as u64).min(bytes)
         };
         file.read_exact_at(&mut dst[data as usize..end as usize], data as u64)
-            .map_err(file_err)?;
+            .map_err(file_err(path))?;
         pos = end as i64;
     }
     Ok(mem)
