@@ -5,7 +5,7 @@
 use crate::stats::{ms, Report};
 use crate::vms::{TINY_CMDLINE, TINY_MEM_MIB, WAIT};
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -24,12 +24,18 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
 
 pub fn qemu_command(qemu: &Path, guest: &Path) -> Command {
     let mut c = Command::new(qemu);
-    c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-        .args(["-m", &TINY_MEM_MIB.to_string()])
-        .args(["-nographic", "-no-reboot"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
-        .arg(guest)
-        .args(["-append", TINY_CMDLINE]);
+    c.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args(["-m", &TINY_MEM_MIB.to_string()])
+    .args(["-nographic", "-no-reboot"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
+    .arg(guest)
+    .args(["-append", TINY_CMDLINE]);
     c
 }
 
@@ -45,8 +51,47 @@ pub fn forkd_command(forkd: &Path, guest: &Path) -> Command {
 
 /// One timed process run.
 struct Run {
+    first_byte_ms: f64,
     first_line_ms: f64,
     whole_ms: f64,
+}
+
+/// What the stdout reader saw.
+enum Out {
+    FirstByte(Instant),
+    Line(Instant, String),
+}
+
+/// Reads stdout in raw chunks (so the first byte is timed, not only the
+/// first line) and sends the events; ends at EOF or when nobody listens.
+fn read_stdout(mut stdout: impl Read, tx: mpsc::Sender<Out>) {
+    let mut buf = [0u8; 4096];
+    let mut line = Vec::new();
+    let mut any = false;
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let t = Instant::now();
+        if !any {
+            any = true;
+            if tx.send(Out::FirstByte(t)).is_err() {
+                return;
+            }
+        }
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                line.push(b);
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line.clear();
+            if tx.send(Out::Line(t, text)).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Kills and reaps a child, ignoring errors (it may have exited already).
@@ -66,26 +111,20 @@ fn timed_run(mut cmd: Command, ok_codes: &[i32]) -> Result<Run> {
     let stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel();
-    let out_thread = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
+    let out_thread = thread::spawn(move || read_stdout(stdout, tx));
     let err_thread = thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
         s
     });
     let deadline = t0 + WAIT;
-    let mut first = None;
+    let (mut first, mut first_byte) = (None, None);
     let mut done = false;
     let mut timed_out = false;
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((t, line)) => {
+            Ok(Out::FirstByte(t)) => first_byte = Some(t),
+            Ok(Out::Line(t, line)) => {
                 let line = line.trim_end_matches('\r');
                 if line.starts_with("zone:") && first.is_none() {
                     first = Some(t);
@@ -125,7 +164,9 @@ fn timed_run(mut cmd: Command, ok_codes: &[i32]) -> Result<Run> {
         bail!("exit status {code}, guest finished: {done}; stderr: {tail:?}");
     }
     let first = first.context("no `zone:` line on stdout")?;
+    let first_byte = first_byte.context("no stdout")?;
     Ok(Run {
+        first_byte_ms: ms(first_byte - t0),
         first_line_ms: ms(first - t0),
         whole_ms: ms(end - t0),
     })
@@ -139,20 +180,27 @@ fn process_runs(
     ok_codes: &[i32],
     make: impl Fn() -> Command,
 ) -> Result<()> {
-    let (mut first, mut whole) = (Vec::new(), Vec::new());
+    let (mut byte, mut first, mut whole) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         let r = timed_run(make(), ok_codes).with_context(|| format!("{label} run {i}"))?;
+        byte.push(r.first_byte_ms);
         first.push(r.first_line_ms);
         whole.push(r.whole_ms);
     }
-    report.add(&format!("{label} spawn to first output"), "ms", &first);
+    report.add(&format!("{label} spawn to first output"), "ms", &byte);
+    report.add(&format!("{label} spawn to first line"), "ms", &first);
     report.add(&format!("{label} whole run (spawn to exit)"), "ms", &whole);
     Ok(())
 }
 
 /// QEMU figures and the qemu/forkd ratio (the forkd boot figures must be
 /// in `report` already for the ratio).
-pub fn qemu(report: &mut Report, guest: &Path, runs: usize, forkd_bin: Option<&Path>) -> Result<()> {
+pub fn qemu(
+    report: &mut Report,
+    guest: &Path,
+    runs: usize,
+    forkd_bin: Option<&Path>,
+) -> Result<()> {
     let Some(qemu) = find_in_path(QEMU) else {
         report.skip(format!("{QEMU} not found"));
         return Ok(());
@@ -166,26 +214,30 @@ pub fn qemu(report: &mut Report, guest: &Path, runs: usize, forkd_bin: Option<&P
             forkd_command(forkd, guest)
         })?;
     }
+    // (figure, QEMU figure, forkd figure), each "<vmm> <what>".
+    let first_out = "spawn to first output";
+    let first_line = "spawn to first line";
+    let whole = "whole run (spawn to exit)";
     let pairs = [
+        ("first output", first_out, "boot to first output"),
+        ("first line", first_line, "boot to first console line"),
+        ("whole run", whole, "boot whole run (to guest exit)"),
         (
-            "ratio qemu/forkd, first output",
-            "qemu spawn to first output",
-            "forkd boot to first output",
+            "CLI, first line",
+            first_line,
+            "CLI process spawn to first line",
         ),
         (
-            "ratio qemu/forkd, whole run",
-            "qemu whole run (spawn to exit)",
-            "forkd boot whole run (to guest exit)",
-        ),
-        (
-            "ratio qemu/forkd CLI, first output",
-            "qemu spawn to first output",
-            "forkd CLI process spawn to first output",
+            "CLI, whole run",
+            whole,
+            "CLI process whole run (spawn to exit)",
         ),
     ];
     for (name, q, f) in pairs {
-        if let (Some(q_ms), Some(f_ms)) = (report.median(q), report.median(f)) {
-            report.add(name, "x", &[q_ms / f_ms]);
+        let q = report.median(&format!("qemu {q}"));
+        let f = report.median(&format!("forkd {f}"));
+        if let (Some(q), Some(f)) = (q, f) {
+            report.add(&format!("ratio qemu/forkd {name}"), "x", &[q / f]);
         }
     }
     Ok(())

@@ -83,7 +83,10 @@ impl Report {
     }
 
     pub fn median(&self, name: &str) -> Option<f64> {
-        self.figures.iter().find(|f| f.name == name).map(|f| f.median)
+        self.figures
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.median)
     }
 
     pub fn to_json(&self) -> serde_json::Value {

@@ -4,8 +4,8 @@
 
 use crate::stats::{ms, Report};
 use anyhow::{anyhow, bail, Context, Result};
-use forkd::vmm::{Vm, VmConfig, VmExit};
-use std::path::{Path, PathBuf};
+use forkd::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
+use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -43,8 +43,17 @@ pub fn boot(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
     eprintln!("boot: {runs} runs of `{TINY_CMDLINE}` ({TINY_MEM_MIB} MiB)");
     let cfg = config(guest, TINY_MEM_MIB, TINY_CMDLINE);
     let (mut first_out, mut first_insn, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut first_line, mut per_byte) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let mut vm = Vm::boot(&cfg).with_context(|| format!("boot run {i}: cannot boot"))?;
+        if let Some((t, len)) = poll_first_line(&mut vm) {
+            let started = vm.times.started;
+            first_line.push(ms(t - started));
+            if let Some(byte0) = vm.console().first_output() {
+                // Bytes after the first one, up to and including the newline.
+                per_byte.push((t - byte0).as_secs_f64() * 1e6 / len.max(1) as f64);
+            }
+        }
         let exit = vm.wait(Some(WAIT));
         let end = Instant::now();
         vm.kill();
@@ -59,8 +68,27 @@ pub fn boot(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
     }
     report.add("forkd boot to first instruction", "ms", &first_insn);
     report.add("forkd boot to first output", "ms", &first_out);
+    report.add("forkd boot to first console line", "ms", &first_line);
     report.add("forkd boot whole run (to guest exit)", "ms", &whole);
+    report.add("console cost per byte (guest out)", "us", &per_byte);
     Ok(())
+}
+
+/// Polls (every 50 µs, bounded by [`WAIT`]) until the first console line
+/// is complete; returns when that was seen and the line's length. None if
+/// the guest ended first or the bound passed (the caller's wait reports it).
+fn poll_first_line(vm: &mut Vm) -> Option<(Instant, usize)> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(l) = vm.console().log().lines.first() {
+            return Some((Instant::now(), l.len()));
+        }
+        if vm.poll_exit().is_some() {
+            return None;
+        }
+        sleep(Duration::from_micros(50));
+    }
+    None
 }
 
 /// Polls the console until a line starts with `prefix`, the guest ends or
@@ -173,6 +201,8 @@ pub fn snapshot(report: &mut Report, guest: &Path, state_mib: u64, restores: usi
         .context("pause before snapshot")
         .and_then(|_| vm.snapshot(&dir).context("snapshot"));
     vm.kill();
+    // Free the parent's memory before restoring.
+    drop(vm);
     let stats = written?;
     let tag = format!("{state_mib} MiB touched");
     report.add(
@@ -182,16 +212,31 @@ pub fn snapshot(report: &mut Report, guest: &Path, state_mib: u64, restores: usi
     );
     let mib = (stats.state_bytes + stats.memory_bytes) as f64 / (1u64 << 20) as f64;
     report.add(&format!("snapshot bytes, {tag}"), "MiB", &[mib]);
-    let samples = restore_runs(&dir, restores)?;
-    report.add(&format!("restore to first instruction, {tag}"), "ms", &samples);
+    for (mode, label) in [
+        (RestoreMemory::Lazy, "lazy"),
+        (RestoreMemory::Eager, "eager"),
+    ] {
+        let samples = restore_runs(&dir, restores, mode)?;
+        report.add(
+            &format!("restore {label} to first insn, {tag}"),
+            "ms",
+            &samples,
+        );
+    }
     drop(tmp);
     Ok(())
 }
 
-fn restore_runs(dir: &PathBuf, restores: usize) -> Result<Vec<f64>> {
+/// Restores `dir` `restores` times; the time to the first KVM_RUN of each,
+/// killing each restored VM right after.
+fn restore_runs(dir: &Path, restores: usize, memory: RestoreMemory) -> Result<Vec<f64>> {
+    let opts = RestoreOptions {
+        memory,
+        ..RestoreOptions::default()
+    };
     let mut samples = Vec::new();
     for i in 0..restores {
-        let mut vm = Vm::restore(dir, false, None).with_context(|| format!("restore {i}"))?;
+        let mut vm = Vm::restore_with(dir, &opts).with_context(|| format!("restore {i}"))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let first = loop {
             if let Some(t) = vm.times.first_run.get() {

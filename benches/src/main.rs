@@ -1,0 +1,103 @@
+//! forkd-bench: measures and prints forkd's boot, pause, snapshot/restore
+//! figures and QEMU's boot of the same guest for comparison. It prints
+//! figures only; it asserts nothing about them.
+
+mod qemu;
+mod stats;
+mod vms;
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+use stats::Report;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    Boot,
+    Pause,
+    Snapshot,
+    /// QEMU runs; also runs the forkd boot runs the ratio needs.
+    Qemu,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "forkd-bench",
+    about = "Measure forkd (and QEMU) boot, pause, snapshot and restore"
+)]
+struct Args {
+    /// Runs per boot figure (default: 20 forkd boots, 10 QEMU boots).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Restores per snapshot size.
+    #[arg(long, default_value_t = 5)]
+    restores: usize,
+    /// Pause/resume cycles for the pause figure.
+    #[arg(long, default_value_t = 100)]
+    pause_cycles: usize,
+    /// Print all figures as one JSON object at the end.
+    #[arg(long)]
+    json: bool,
+    /// Run only one group of figures.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Guest ELF (default: the zone guest built with forkd).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// forkd CLI binary to time as a process next to QEMU (default: `forkd`
+    /// next to this binary, if it exists).
+    #[arg(long)]
+    forkd_bin: Option<PathBuf>,
+}
+
+fn forkd_bin(arg: Option<PathBuf>) -> Option<PathBuf> {
+    arg.or_else(|| {
+        let p = std::env::current_exe().ok()?.parent()?.join("forkd");
+        p.is_file().then_some(p)
+    })
+}
+
+fn run(args: Args, guest: &Path, report: &mut Report) -> Result<()> {
+    let want = |o: Only| args.only.is_none_or(|x| x == o);
+    let boot_runs = args.runs.unwrap_or(20).max(1);
+    let qemu_runs = args.runs.unwrap_or(10).max(1);
+    if want(Only::Boot) || args.only == Some(Only::Qemu) {
+        vms::boot(report, guest, boot_runs)?;
+    }
+    if want(Only::Pause) {
+        vms::pause(report, guest, args.pause_cycles.max(1))?;
+    }
+    if want(Only::Snapshot) {
+        for state_mib in [16, 256] {
+            vms::snapshot(report, guest, state_mib, args.restores.max(1))?;
+        }
+    }
+    if want(Only::Qemu) {
+        let forkd = forkd_bin(args.forkd_bin.clone());
+        qemu::qemu(report, guest, qemu_runs, forkd.as_deref())?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing: forkd-bench needs KVM");
+    }
+    let guest = args
+        .guest
+        .clone()
+        .unwrap_or_else(forkd::guest::default_guest);
+    if !guest.is_file() {
+        bail!("guest ELF {} not found", guest.display());
+    }
+    eprintln!("guest: {}", guest.display());
+    let json = args.json;
+    let mut report = Report::default();
+    Report::header();
+    let result = run(args, &guest, &mut report);
+    if json {
+        println!("{}", report.to_json());
+    }
+    result
+}
