@@ -34,6 +34,12 @@ pub const HELLO_HEAP_END: usize = 4;
 pub const HELLO_STATE_GPA: usize = 5;
 pub const HELLO_STATE_BYTES: usize = 6;
 
+/// Console output: `args[0]` is the guest-physical address of `args[1]`
+/// bytes (at most [`CONSOLE_MAX`]) to print. A zero-length call probes
+/// whether the VMM takes console output this way.
+pub const OP_CONSOLE: u32 = 2;
+pub const CONSOLE_MAX: u64 = 4096;
+
 /// Exit codes the zone guest writes to [`EXIT_PORT`].
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_BAD_CMDLINE: u8 = 2;

@@ -12,7 +12,7 @@
 //! included under QEMU, do not let the guest keep IOPL 3).
 
 use crate::abi::EXIT_FATAL;
-use crate::console::Console;
+use crate::console::Serial;
 use crate::io;
 use core::fmt::Write;
 
@@ -256,7 +256,7 @@ extern "C" fn guest_exception(frame: *const ExceptionFrame) -> ! {
     // SAFETY: the stub passes the address of the frame it just pushed.
     let f = unsafe { &*frame };
     let _ = writeln!(
-        Console,
+        Serial,
         "zone: fatal: exception vector={} error={:#x} rip={:#x} rsp={:#x} cs={:#x} rflags={:#x} ss={:#x}",
         f.vector, f.error, f.rip, f.rsp, f.cs, f.rflags, f.ss
     );

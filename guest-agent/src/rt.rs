@@ -97,6 +97,7 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     boot::install_exception_gates();
     let image_end = core::ptr::addr_of!(_end) as u64;
     let heap_start = image_end.next_multiple_of(TWO_MIB);
+    Console::probe_vmm();
     let info = match pvh::read(start_info, heap_start) {
         Ok(i) => i,
         Err(e) => fail(EXIT_FATAL, format_args!("{e}")),

@@ -28,7 +28,7 @@ fn restore_to_end(dir: &Path) -> String {
 #[test]
 fn early_mid_late_snapshots_finish_like_the_straight_run() {
     let expected = straight_run(PACED, MEM);
-    for ms in [15, 300, 540] {
+    for ms in [15, 250, 450] {
         let dir = tempfile::tempdir().unwrap();
         snapshot_after(PACED, MEM, Duration::from_millis(ms), dir.path());
         assert_eq!(restore_to_end(dir.path()), expected, "snapshot at {ms} ms");

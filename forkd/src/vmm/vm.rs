@@ -184,12 +184,43 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     Ok(())
 }
 
-/// CPUID for vCPU `id`: what KVM supports, with its own APIC id.
-fn vcpu_cpuid(ctx: &KvmContext, id: u8) -> CpuId {
+/// KVM's timing leaf (as VMware and QEMU define it): TSC and bus kHz.
+const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+const CPUID_HYPERVISOR_BASE: u32 = 0x4000_0000;
+
+/// CPUID for vCPU `id`: what KVM supports, with its own APIC id and, when
+/// KVM knows it, the TSC frequency in the timing leaf (the zone guest paces
+/// `tick_us` by it).
+fn vcpu_cpuid(ctx: &KvmContext, id: u8, tsc_khz: Option<u32>) -> CpuId {
     let mut cpuid = ctx.cpuid.clone();
     for e in cpuid.as_mut_slice() {
         if e.function == 1 {
             e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+        }
+    }
+    let has_base = cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == CPUID_HYPERVISOR_BASE);
+    if let (Some(khz), true) = (tsc_khz, has_base) {
+        for e in cpuid.as_mut_slice() {
+            if e.function == CPUID_HYPERVISOR_BASE {
+                e.eax = e.eax.max(CPUID_TIMING_LEAF);
+            }
+        }
+        let leaf = kvm_bindings::kvm_cpuid_entry2 {
+            function: CPUID_TIMING_LEAF,
+            eax: khz,
+            ebx: 1_000_000,
+            ..Default::default()
+        };
+        if !cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == CPUID_TIMING_LEAF)
+        {
+            // A full table just goes without the leaf.
+            let _ = cpuid.push(leaf);
         }
     }
     cpuid
@@ -228,7 +259,7 @@ impl Vm {
         );
         for id in 0..cfg.vcpus as u8 {
             let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(id as u64))?;
-            let cpuid = vcpu_cpuid(ctx, id);
+            let cpuid = vcpu_cpuid(ctx, id, fd.get_tsc_khz().ok());
             ioctl("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
             if id == 0 {
                 let sregs = ioctl("KVM_GET_SREGS", fd.get_sregs())?;

@@ -68,6 +68,12 @@ impl Console {
         self.log().partial = bytes[..bytes.len().min(MAX_LINE)].to_vec();
     }
 
+    pub fn push_bytes(&self, bytes: &[u8]) {
+        for &b in bytes {
+            self.push_byte(b);
+        }
+    }
+
     pub fn push_byte(&self, b: u8) {
         let mut log = self.log();
         if log.first_output.is_none() {

@@ -2,6 +2,7 @@
 //! page to the doorbell port; we read the call from guest memory, carry it
 //! out and write the answer back. One exit per call.
 
+use super::console::Console;
 use crate::vmm::memory::GuestMemory;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
@@ -29,20 +30,23 @@ pub struct HypercallState {
 
 pub struct HypercallDevice {
     memory: GuestMemory,
+    console: Console,
     state: HypercallState,
 }
 
 impl HypercallDevice {
-    pub fn new(memory: GuestMemory) -> Self {
+    pub fn new(memory: GuestMemory, console: Console) -> Self {
         HypercallDevice {
             memory,
+            console,
             state: HypercallState::default(),
         }
     }
 
-    pub fn restore(memory: GuestMemory, state: &HypercallState) -> Self {
+    pub fn restore(memory: GuestMemory, console: Console, state: &HypercallState) -> Self {
         HypercallDevice {
             memory,
+            console,
             state: state.clone(),
         }
     }
@@ -108,6 +112,22 @@ impl HypercallDevice {
                 page.ret = [0; 4];
                 abi::STATUS_OK
             }
+            abi::OP_CONSOLE => {
+                let (gpa, len) = (page.args[0], page.args[1]);
+                if len > abi::CONSOLE_MAX || !self.in_memory(gpa, len) {
+                    return abi::STATUS_BAD_ARGS;
+                }
+                let mut bytes = vec![0u8; len as usize];
+                if self
+                    .memory
+                    .read_slice(&mut bytes, GuestAddress(gpa))
+                    .is_err()
+                {
+                    return abi::STATUS_BAD_ARGS;
+                }
+                self.console.push_bytes(&bytes);
+                abi::STATUS_OK
+            }
             _ => abi::STATUS_UNKNOWN_OP,
         }
     }
@@ -121,7 +141,8 @@ mod tests {
     #[test]
     fn hello_is_recorded_and_bad_rings_are_counted() {
         let mem = memory::anonymous(16 << 20).unwrap();
-        let mut dev = HypercallDevice::new(mem.clone());
+        let console = Console::new(false, None);
+        let mut dev = HypercallDevice::new(mem.clone(), console.clone());
         let mut page = HypercallPage {
             op: abi::OP_HELLO,
             status: abi::STATUS_NO_VMM,
@@ -141,5 +162,20 @@ mod tests {
         dev.doorbell(&[1, 2]);
         dev.doorbell(&0xffff_f000u32.to_le_bytes());
         assert_eq!(dev.save().rejected, 3);
+
+        mem.write_slice(b"hi there\n", GuestAddress(0x5000))
+            .unwrap();
+        page.op = abi::OP_CONSOLE;
+        page.args = [0x5000, 9, 0, 0, 0, 0, 0, 0];
+        mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
+            .unwrap();
+        dev.doorbell(&0x3000u32.to_le_bytes());
+        assert_eq!(console.lines(), vec!["hi there".to_string()]);
+        page.args = [0x5000, abi::CONSOLE_MAX + 1, 0, 0, 0, 0, 0, 0];
+        mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
+            .unwrap();
+        dev.doorbell(&0x3000u32.to_le_bytes());
+        mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
+        assert_eq!(HypercallPage::from_bytes(&raw).status, abi::STATUS_BAD_ARGS);
     }
 }

@@ -41,8 +41,8 @@ pub struct Devices {
 impl Devices {
     pub fn new(memory: GuestMemory, console: Console) -> Self {
         Devices {
+            hypercall: HypercallDevice::new(memory, console.clone()),
             serial: SerialDevice::new(console),
-            hypercall: HypercallDevice::new(memory),
             unhandled_pio: 0,
         }
     }
@@ -50,8 +50,8 @@ impl Devices {
     pub fn restore(memory: GuestMemory, console: Console, state: &DevicesState) -> Self {
         console.restore_partial(&state.console_partial);
         Devices {
+            hypercall: HypercallDevice::restore(memory, console.clone(), &state.hypercall),
             serial: SerialDevice::restore(console, &state.serial),
-            hypercall: HypercallDevice::restore(memory, &state.hypercall),
             unhandled_pio: 0,
         }
     }
