@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing forkd needs on a fresh Debian machine
-# with rustup: the guest's target and QEMU (the tests' independent oracle).
+# with rustup: the guest's target, QEMU (the tests' independent oracle) and
+# libclang (bindgen, for the userfaultfd crate).
 set -euo pipefail
 if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
     echo "setup: adding the x86_64-unknown-none target (zone guest)"
@@ -8,6 +9,8 @@ if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
 fi
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+# The userfaultfd crate generates its bindings with bindgen, which needs libclang.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

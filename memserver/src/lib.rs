@@ -1,0 +1,16 @@
+//! The memory server of a fork family.
+//!
+//! - [`source`]: the [`PageSource`] trait clones fault pages from.
+//! - [`image`]: a frozen parent image: copy-before-write of the parent's
+//!   memory at the fork instant, while the parent runs on.
+//! - [`wire`]: the versioned UDP wire format (page requests and replies).
+//! - [`server`]: the page server, one session per fork family.
+//! - [`client`]: a [`PageSource`] that fetches from a server over UDP.
+
+pub mod client;
+pub mod image;
+pub mod server;
+pub mod source;
+pub mod wire;
+
+pub use source::{PageSource, SourceError, PAGE_SIZE};
