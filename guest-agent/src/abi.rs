@@ -40,6 +40,27 @@ pub const HELLO_STATE_BYTES: usize = 6;
 pub const OP_CONSOLE: u32 = 2;
 pub const CONSOLE_MAX: u64 = 4096;
 
+/// SnowFlock's in-guest API (see `guest_agent::sf`).
+/// `sf_request_ticket(n)`: `args[0]` = clones wanted; `ret[0]` = ticket,
+/// `ret[1]` = clones granted (may be fewer).
+pub const OP_SF_TICKET: u32 = 3;
+/// `sf_clone(ticket)`: `args[0]` = ticket; `ret[0]` = clone id (0 in the
+/// parent, 1..=n in clones), `ret[1]` = the clone's MAC (low 48 bits),
+/// `ret[2]` = its IPv4 address (0 in the parent).
+pub const OP_SF_CLONE: u32 = 4;
+/// `sf_join(ticket)`: `ret[0]` = clones of the ticket still running. The
+/// guest polls until it reads 0.
+pub const OP_SF_JOIN: u32 = 5;
+/// `sf_exit()` in a clone: `args[0]` = exit status; the clone ends.
+pub const OP_SF_EXIT: u32 = 6;
+/// `sf_kill(ticket)`: ends every clone of the ticket.
+pub const OP_SF_KILL: u32 = 7;
+/// The guest will fully overwrite `args[1]` bytes from guest-physical
+/// `args[0]` before reading them: a clone need not fetch those pages.
+pub const OP_WILL_OVERWRITE: u32 = 8;
+/// A ticket is unknown, already used, or the VMM cannot fork this VM.
+pub const STATUS_REFUSED: u32 = 3;
+
 /// Exit codes the zone guest writes to [`EXIT_PORT`].
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_BAD_CMDLINE: u8 = 2;

@@ -24,3 +24,5 @@ mod io;
 mod pvh;
 #[cfg(target_os = "none")]
 mod rt;
+#[cfg(target_os = "none")]
+pub mod sf;

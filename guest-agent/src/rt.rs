@@ -5,10 +5,12 @@ use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZ
 use crate::console::Console;
 use crate::palloc::PageAllocator;
 use crate::zone::{self, Platform, ZoneError};
-use crate::{boot, cmdline, hypercall, io, pvh};
+use crate::{boot, cmdline, hypercall, io, pvh, sf};
 use core::fmt::Write;
 
 const TWO_MIB: u64 = 2 << 20;
+/// How often the parent asks whether its clones are done.
+const JOIN_POLL_US: u64 = 1000;
 /// The boot page tables map the first 4 GiB.
 const MAPPED_END: u64 = 4 << 30;
 const BITMAP_WORDS: usize = (MAPPED_END / PAGE_SIZE / 64) as usize;
@@ -56,6 +58,8 @@ struct GuestPlatform {
     alloc: PageAllocator<'static>,
     tsc_start: u64,
     tsc_per_us: u64,
+    /// The ticket of the fork this zone did, if any.
+    ticket: Option<sf::Ticket>,
 }
 
 impl Platform for GuestPlatform {
@@ -78,8 +82,15 @@ impl Platform for GuestPlatform {
         Ok(())
     }
 
-    fn fork(&mut self, _clones: u64) -> Result<u64, ZoneError> {
-        Err(ZoneError::ForkUnavailable)
+    fn fork(&mut self, clones: u64) -> Result<u64, ZoneError> {
+        let refused = |e| match e {
+            sf::SfError::NoVmm => ZoneError::ForkUnavailable,
+            sf::SfError::Refused(status) => ZoneError::ForkRefused(status),
+        };
+        let ticket = sf::sf_request_ticket(clones).map_err(refused)?;
+        let id = sf::sf_clone(&ticket).map_err(refused)?;
+        self.ticket = Some(ticket);
+        Ok(id)
     }
 
     fn pace(&mut self, tick: u64, tick_us: u64) {
@@ -156,14 +167,23 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         alloc,
         tsc_start: io::rdtsc(),
         tsc_per_us: tsc_per_us(),
+        ticket: None,
     };
     match zone::run(&cfg, state, &mut platform) {
         Ok(o) => {
+            if let (Some(t), 0) = (&platform.ticket, o.clone_id) {
+                if let Err(e) = sf::sf_join(t, platform.tsc_per_us, JOIN_POLL_US) {
+                    fail(EXIT_FATAL, format_args!("sf_join: {e}"));
+                }
+            }
             let _ = writeln!(
                 Console,
                 "zone: done clone={} ticks={} checksum={:016x}",
                 o.clone_id, o.ticks, o.checksum
             );
+            if o.clone_id != 0 && platform.ticket.is_some() {
+                sf::sf_exit(EXIT_OK as u64);
+            }
             io::exit(EXIT_OK)
         }
         Err(e @ ZoneError::ForkUnavailable) => fail(EXIT_BAD_CMDLINE, format_args!("{e}")),

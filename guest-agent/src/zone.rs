@@ -35,6 +35,8 @@ pub enum ZoneError {
     OutOfMemory { mib: u64 },
     /// `fork_at` without `as_clone` needs the VMM's fork service.
     ForkUnavailable,
+    /// The VMM refused to fork (hypercall status).
+    ForkRefused(u32),
 }
 
 impl fmt::Display for ZoneError {
@@ -49,6 +51,9 @@ impl fmt::Display for ZoneError {
                 "fork_at needs sf_clone from the VMM, which is not available here; \
                  use as_clone=I for the straight-line run of clone I"
             ),
+            ZoneError::ForkRefused(status) => {
+                write!(f, "the VMM refused to fork (status {status})")
+            }
         }
     }
 }

@@ -1,0 +1,520 @@
+//! A [`PageSource`] that fetches pages from a [`MemServer`] over UDP.
+//!
+//! The protocol is unreliable by design: the client sends a page request,
+//! collects the replies carrying the request ids it issued for the current
+//! call, and on a timeout re-requests only the pages still missing (each
+//! contiguous run of them under a fresh request id). Replies from earlier
+//! calls, duplicates and foreign datagrams are dropped and counted. After
+//! [`ClientOptions::retries`] timeouts in a row without a new page, it
+//! gives up with [`SourceError::Unavailable`].
+//!
+//! The socket is connected to the server, so the kernel drops datagrams
+//! from any other address.
+//!
+//! [`MemServer`]: crate::server::MemServer
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::wire::{Body, ErrorCode, Frame, MAX_DATAGRAM};
+use crate::{PageSource, SourceError, PAGE_SIZE};
+
+/// Receive buffer asked for: a few full windows of replies (the kernel
+/// caps it at `net.core.rmem_max`).
+const RECV_BUFFER: usize = 4 << 20;
+
+/// Timeouts and window of a [`PageClient`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// How long to wait for replies before re-requesting.
+    pub timeout: Duration,
+    /// Re-requests without progress before giving up (so the client waits
+    /// about `timeout * (retries + 1)` for a silent server).
+    pub retries: u32,
+    /// Most pages asked for in one request (capped by the server's limit).
+    pub max_window: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_millis(50),
+            retries: 40,
+            max_window: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot set up the page client socket for {server}: {source}")]
+    Socket {
+        server: SocketAddr,
+        source: io::Error,
+    },
+    #[error("invalid client options: {0}")]
+    BadOptions(&'static str),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Client counters (monotonic since creation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientStats {
+    /// Request datagrams sent (first tries and re-requests).
+    pub requests_sent: u64,
+    /// Re-requests after a timeout (a subset of `requests_sent`).
+    pub retries: u64,
+    /// Distinct pages received and handed out.
+    pub pages_received: u64,
+    /// Page replies for a page already received in the same call.
+    pub duplicates_dropped: u64,
+    /// Replies to request ids of earlier calls, or for another family.
+    pub stale_dropped: u64,
+    /// Datagrams that did not decode, or were not replies.
+    pub malformed: u64,
+    /// `Overloaded` answers (handled like a timeout).
+    pub overloaded: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests_sent: AtomicU64,
+    retries: AtomicU64,
+    pages_received: AtomicU64,
+    duplicates_dropped: AtomicU64,
+    stale_dropped: AtomicU64,
+    malformed: AtomicU64,
+    overloaded: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Per-call scratch, reused: the receive buffer and the received-set of
+/// the current window.
+struct State {
+    next_req_id: u32,
+    buf: Box<[u8; MAX_DATAGRAM]>,
+    got: Vec<bool>,
+}
+
+/// Fetches one family's pages from a memory server. `Send + Sync`; calls
+/// are serialized by an internal lock.
+pub struct PageClient {
+    server: SocketAddr,
+    family: u64,
+    pages: u64,
+    window: u32,
+    opts: ClientOptions,
+    socket: UdpSocket,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for PageClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageClient")
+            .field("server", &self.server)
+            .field("family", &self.family)
+            .field("pages", &self.pages)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reply means to the call waiting for it.
+enum Outcome<'a> {
+    Nothing,
+    Page(u64, &'a [u8; PAGE_SIZE]),
+    Info { pages: u64, max_window: u32 },
+    Overloaded,
+    Failed(SourceError),
+}
+
+impl PageClient {
+    /// Binds an ephemeral UDP port, asks the server for the family's image
+    /// size, and fails if the family is unknown or the server is silent.
+    pub fn new(
+        server: SocketAddr,
+        family: u64,
+        opts: ClientOptions,
+    ) -> Result<PageClient, ClientError> {
+        if opts.timeout.is_zero() || opts.max_window == 0 {
+            return Err(ClientError::BadOptions(
+                "timeout and max_window must be non-zero",
+            ));
+        }
+        let sock_err = |source| ClientError::Socket { server, source };
+        let socket = Socket::new(
+            Domain::for_address(server),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )
+        .map_err(sock_err)?;
+        let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+        let any: SocketAddr = if server.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        socket.bind(&any.into()).map_err(sock_err)?;
+        socket.connect(&server.into()).map_err(sock_err)?;
+        let socket: UdpSocket = socket.into();
+        // A start that differs between client instances, so a new client on
+        // a recycled port does not take an old client's late replies.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let seed = nanos ^ std::process::id().rotate_left(16) ^ (family as u32);
+        let mut client = PageClient {
+            server,
+            family,
+            pages: 0,
+            window: 1,
+            opts,
+            socket,
+            state: Mutex::new(State {
+                next_req_id: seed,
+                buf: Box::new([0u8; MAX_DATAGRAM]),
+                got: Vec::new(),
+            }),
+            counters: Counters::default(),
+        };
+        let (pages, max_window) = client.fetch_info()?;
+        client.pages = pages;
+        client.window = opts.max_window.min(max_window).max(1);
+        let state = client.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        state.got = vec![false; client.window as usize];
+        tracing::debug!(%server, family, pages, window = client.window, "page client ready");
+        Ok(client)
+    }
+
+    /// The server this client asks.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    pub fn family(&self) -> u64 {
+        self.family
+    }
+
+    /// Pages per request actually used.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClientStats {
+            requests_sent: get(&c.requests_sent),
+            retries: get(&c.retries),
+            pages_received: get(&c.pages_received),
+            duplicates_dropped: get(&c.duplicates_dropped),
+            stale_dropped: get(&c.stale_dropped),
+            malformed: get(&c.malformed),
+            overloaded: get(&c.overloaded),
+        }
+    }
+
+    fn unavailable(&self, page: u64, tries: u32, started: Instant, why: &str) -> SourceError {
+        SourceError::Unavailable(format!(
+            "memory server {} did not answer for family {}, page {} after {} tries ({} ms){}",
+            self.server,
+            self.family,
+            page,
+            tries,
+            started.elapsed().as_millis(),
+            why
+        ))
+    }
+
+    fn send(&self, buf: &mut [u8; MAX_DATAGRAM], req_id: u32, body: Body<'_>, retry: bool) {
+        let n = Frame::new(self.family, req_id, body).encode_into(buf);
+        bump(&self.counters.requests_sent);
+        if retry {
+            bump(&self.counters.retries);
+        }
+        // A lost request is like a lost reply: the timeout re-sends it.
+        if let Err(e) = self.socket.send(&buf[..n]) {
+            tracing::debug!(server = %self.server, error = %e, "page request send failed");
+        }
+    }
+
+    /// Waits for one datagram until `deadline`; `None` on timeout. ICMP
+    /// errors (server port closed) are remembered in `refused`.
+    fn recv_until(
+        &self,
+        buf: &mut [u8; MAX_DATAGRAM],
+        deadline: Instant,
+        refused: &mut bool,
+    ) -> Option<usize> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            if self.socket.set_read_timeout(Some(left)).is_err() {
+                return None;
+            }
+            match self.socket.recv(&mut buf[..]) {
+                Ok(n) => return Some(n),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => *refused = true,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    tracing::debug!(server = %self.server, error = %e, "page client recv error");
+                    // Avoid spinning on a persistent error: wait out the try.
+                    std::thread::sleep(left.min(Duration::from_millis(5)));
+                }
+            }
+        }
+    }
+
+    /// Classifies a datagram against the request ids `first_id ..= last_id`
+    /// issued by the current call.
+    fn classify<'a>(&self, dgram: &'a [u8], first_id: u32, last_id: u32) -> Outcome<'a> {
+        let frame = match Frame::decode(dgram) {
+            Ok(f) => f,
+            Err(_) => {
+                bump(&self.counters.malformed);
+                return Outcome::Nothing;
+            }
+        };
+        let ours = frame.req_id.wrapping_sub(first_id) <= last_id.wrapping_sub(first_id);
+        if frame.family != self.family || !ours {
+            bump(&self.counters.stale_dropped);
+            return Outcome::Nothing;
+        }
+        match frame.body {
+            Body::PageReply { page, data } => Outcome::Page(page, data),
+            Body::InfoReply { pages, max_window } => Outcome::Info { pages, max_window },
+            Body::ErrorReply { code, page, detail } => match code {
+                ErrorCode::UnknownFamily => {
+                    Outcome::Failed(SourceError::UnknownFamily(self.family))
+                }
+                ErrorCode::OutOfRange => Outcome::Failed(SourceError::OutOfRange {
+                    index: page,
+                    pages: detail,
+                }),
+                ErrorCode::Overloaded => {
+                    bump(&self.counters.overloaded);
+                    Outcome::Overloaded
+                }
+                ErrorCode::TooLarge => Outcome::Failed(SourceError::Unavailable(format!(
+                    "memory server {} refused a request at page {page} as too large (limit {detail})",
+                    self.server
+                ))),
+                ErrorCode::Internal => Outcome::Failed(SourceError::Unavailable(format!(
+                    "memory server {} failed reading family {}, page {page}",
+                    self.server, self.family
+                ))),
+            },
+            Body::PageRequest { .. } | Body::InfoRequest => {
+                bump(&self.counters.malformed);
+                Outcome::Nothing
+            }
+        }
+    }
+
+    fn fetch_info(&self) -> Result<(u64, u32), SourceError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let State {
+            next_req_id, buf, ..
+        } = &mut *st;
+        let started = Instant::now();
+        let first_id = *next_req_id;
+        let mut refused = false;
+        for attempt in 0..=self.opts.retries {
+            let id = first_id.wrapping_add(attempt);
+            *next_req_id = id.wrapping_add(1);
+            self.send(buf, id, Body::InfoRequest, attempt > 0);
+            let deadline = Instant::now() + self.opts.timeout;
+            while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
+                match self.classify(&buf[..n], first_id, id) {
+                    Outcome::Info { pages, max_window } => return Ok((pages, max_window)),
+                    Outcome::Failed(e) => return Err(e),
+                    Outcome::Page(..) | Outcome::Overloaded | Outcome::Nothing => {}
+                }
+            }
+        }
+        let why = if refused { ", connection refused" } else { "" };
+        Err(self.unavailable(0, self.opts.retries + 1, started, why))
+    }
+
+    /// Fetches `first .. first + count` (count <= window) into `out`.
+    fn fetch_window(
+        &self,
+        st: &mut State,
+        first: u64,
+        count: u32,
+        out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
+    ) -> Result<(), SourceError> {
+        let State {
+            next_req_id,
+            buf,
+            got,
+        } = st;
+        let n_pages = count as usize;
+        got[..n_pages].fill(false);
+        let mut missing = n_pages;
+        let started = Instant::now();
+        let first_id = *next_req_id;
+        let mut last_id = first_id;
+        let mut refused = false;
+        let mut idle_tries = 0u32;
+        let mut tries = 0u32;
+        loop {
+            // (Re-)request each run of missing pages under a fresh id.
+            let mut i = 0;
+            while i < n_pages {
+                if got[i] {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < n_pages && !got[i] {
+                    i += 1;
+                }
+                last_id = *next_req_id;
+                *next_req_id = next_req_id.wrapping_add(1);
+                let body = Body::PageRequest {
+                    first_page: first + start as u64,
+                    count: (i - start) as u32,
+                };
+                self.send(buf, last_id, body, tries > 0);
+            }
+            tries += 1;
+            let deadline = Instant::now() + self.opts.timeout;
+            let before = missing;
+            while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
+                match self.classify(&buf[..n], first_id, last_id) {
+                    Outcome::Page(p, data) => {
+                        let Some(off) = p.checked_sub(first).filter(|&o| o < count.into()) else {
+                            bump(&self.counters.stale_dropped);
+                            continue;
+                        };
+                        let off = off as usize;
+                        if got[off] {
+                            bump(&self.counters.duplicates_dropped);
+                            continue;
+                        }
+                        got[off] = true;
+                        missing -= 1;
+                        bump(&self.counters.pages_received);
+                        out(p, data);
+                        if missing == 0 {
+                            return Ok(());
+                        }
+                    }
+                    Outcome::Failed(e) => return Err(e),
+                    // Wait out this try, then ask again.
+                    Outcome::Overloaded | Outcome::Info { .. } | Outcome::Nothing => {}
+                }
+            }
+            idle_tries = if missing < before { 0 } else { idle_tries + 1 };
+            if idle_tries > self.opts.retries {
+                let first_missing = got[..n_pages].iter().position(|g| !g).unwrap_or(0);
+                let why = if refused { ", connection refused" } else { "" };
+                return Err(self.unavailable(first + first_missing as u64, tries, started, why));
+            }
+        }
+    }
+}
+
+impl PageSource for PageClient {
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
+        self.read_pages(index, 1, &mut |_, data| buf.copy_from_slice(data))
+    }
+
+    /// Calls `out` exactly once per page, in arrival order (not necessarily
+    /// ascending). On an error, pages already handed out stay valid. `out`
+    /// must not call back into this client (it runs under its lock).
+    fn read_pages(
+        &self,
+        first: u64,
+        count: u64,
+        out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
+    ) -> Result<(), SourceError> {
+        let end = first.saturating_add(count);
+        if end > self.pages || (count > 0 && first >= self.pages) {
+            return Err(SourceError::OutOfRange {
+                index: first.max(self.pages),
+                pages: self.pages,
+            });
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at = first;
+        while at < end {
+            let n = (end - at).min(self.window.into()) as u32;
+            self.fetch_window(&mut st, at, n, out)?;
+            at += u64::from(n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_is_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PageClient>();
+    }
+
+    #[test]
+    fn silent_server_fails_new_quickly() {
+        let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let opts = ClientOptions {
+            timeout: Duration::from_millis(20),
+            retries: 4,
+            ..ClientOptions::default()
+        };
+        let t = Instant::now();
+        let err = PageClient::new(silent.local_addr().expect("addr"), 3, opts).expect_err("silent");
+        let el = t.elapsed();
+        assert!(
+            el >= Duration::from_millis(90) && el < Duration::from_secs(2),
+            "{el:?}"
+        );
+        match err {
+            ClientError::Source(SourceError::Unavailable(msg)) => {
+                assert!(msg.contains("family 3") && msg.contains("5 tries"), "{msg}");
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        let opts = ClientOptions {
+            max_window: 0,
+            ..ClientOptions::default()
+        };
+        let addr = "127.0.0.1:9".parse().expect("addr");
+        assert!(matches!(
+            PageClient::new(addr, 1, opts),
+            Err(ClientError::BadOptions(_))
+        ));
+    }
+}

@@ -9,7 +9,9 @@
 //! with `immediate_exit` set, so that an I/O exit it just handled is
 //! completed and the saved state is consistent (KVM API doc, KVM_RUN).
 
+use crate::fork::ForkRequest;
 use crate::vmm::cpu_state::{CpuStateError, VcpuState};
+use guest_agent::abi;
 use crate::vmm::devices::{Devices, PioAction};
 use crate::vmm::kvm::KvmContext;
 use kvm_bindings::CpuId;
@@ -118,6 +120,8 @@ pub struct VcpuSetup {
     pub events: Sender<VcpuEvent>,
     /// Set just before the first KVM_RUN (restore/boot latency).
     pub first_run: Arc<OnceLock<Instant>>,
+    /// vCPUs of the VM (fork needs exactly one).
+    pub vcpu_count: u8,
 }
 
 /// The controller's side of a vCPU thread.
@@ -286,6 +290,43 @@ fn handle_commands(
     }
 }
 
+/// `sf_clone` on this (the parent's only) vCPU: hand the stopped vCPU's
+/// state to the fork service; returns the parent's hypercall status.
+fn fork_from_vcpu(setup: &mut VcpuSetup, page_gpa: u64, ticket: u64) -> u32 {
+    let requested_at = Instant::now();
+    if setup.vcpu_count != 1 {
+        return abi::STATUS_REFUSED;
+    }
+    let (service, devices, memory) = {
+        let d = setup.devices.lock().unwrap_or_else(|e| e.into_inner());
+        (d.hypercall.fork_service(), d.save(), d.hypercall.memory().clone())
+    };
+    let Some(service) = service else {
+        return abi::STATUS_UNKNOWN_OP;
+    };
+    let Ok(ctx) = KvmContext::get() else {
+        return abi::STATUS_REFUSED;
+    };
+    let vcpu = match VcpuState::save(ctx, &setup.fd, setup.id, &setup.cpuid, setup.irqchip) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("fork: cannot save the vCPU: {e}");
+            return abi::STATUS_REFUSED;
+        }
+    };
+    match service.fork(ForkRequest {
+        ticket,
+        page_gpa,
+        vcpu,
+        devices,
+        memory,
+        requested_at,
+    }) {
+        Ok(()) => abi::STATUS_OK,
+        Err(status) => status,
+    }
+}
+
 fn run_loop(
     setup: &mut VcpuSetup,
     commands: &Receiver<Command>,
@@ -303,8 +344,23 @@ fn run_loop(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .pio_write(port, data);
-                if let PioAction::Exit(status) = action {
-                    return VcpuExitReason::Guest(status);
+                match action {
+                    PioAction::Continue => {}
+                    PioAction::Exit(status) => return VcpuExitReason::Guest(status),
+                    PioAction::Fork { page_gpa, ticket } => {
+                        // Complete the doorbell `out` first, so the saved
+                        // state resumes after it.
+                        if let Err(r) = settle(&mut setup.fd) {
+                            return r;
+                        }
+                        let status = fork_from_vcpu(setup, page_gpa, ticket);
+                        setup
+                            .devices
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .hypercall
+                            .complete(page_gpa, status, [0; 4]);
+                    }
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => setup

@@ -1,6 +1,8 @@
 //! A microVM: KVM VM, guest memory, devices and vCPU threads, with boot,
 //! pause/resume, snapshot and restore.
 
+use crate::fork::fault::FaultHandler;
+use crate::fork::ForkService;
 use crate::vmm::boot::{self, BootError};
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub const MAX_VCPUS: u8 = 32;
+/// `wait` checks a clone's fault handler this often.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -151,6 +155,11 @@ pub struct SnapshotStats {
 
 pub struct Vm {
     vcpus: Vec<VcpuHandle>,
+    /// A clone's userfaultfd handler: stopped after the vCPUs (which may
+    /// wait on it), before the memory goes.
+    fault_handler: Option<FaultHandler>,
+    fork_service: Option<Arc<dyn ForkService>>,
+    vcpu_count: u8,
     events: Receiver<VcpuEvent>,
     event_tx: mpsc::Sender<VcpuEvent>,
     devices: Arc<Mutex<Devices>>,
@@ -165,7 +174,7 @@ pub struct Vm {
     vm_fd: VmFd,
 }
 
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+pub(crate) fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -229,6 +238,11 @@ fn vcpu_cpuid(ctx: &KvmContext, id: u8, tsc_khz: Option<u32>) -> CpuId {
 impl Vm {
     /// Creates and starts a VM running the guest ELF.
     pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        Vm::boot_with(cfg, None)
+    }
+
+    /// Creates and starts a VM whose SnowFlock calls go to `fork`.
+    pub fn boot_with(cfg: &VmConfig, fork: Option<Arc<dyn ForkService>>) -> Result<Vm, VmError> {
         let started = Instant::now();
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u64 {
             return Err(VmError::BadVcpus(cfg.vcpus));
@@ -246,7 +260,11 @@ impl Vm {
         }
         let entry = boot::load(&memory, &cfg.guest, &cfg.cmdline)?;
         let console = Console::new(cfg.echo, cfg.name.as_deref());
-        let devices = Arc::new(Mutex::new(Devices::new(memory.clone(), console.clone())));
+        let devices = Arc::new(Mutex::new(Devices::new(
+            memory.clone(),
+            console.clone(),
+            fork.clone(),
+        )));
         let mut vm = Vm::assemble(
             vm_fd,
             memory,
@@ -257,6 +275,8 @@ impl Vm {
             cfg.cmdline.clone(),
             started,
         );
+        vm.fork_service = fork;
+        vm.vcpu_count = cfg.vcpus as u8;
         for id in 0..cfg.vcpus as u8 {
             let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(id as u64))?;
             let cpuid = vcpu_cpuid(ctx, id, fd.get_tsc_khz().ok());
@@ -310,6 +330,7 @@ impl Vm {
             memory.clone(),
             console.clone(),
             &state.devices,
+            None,
         )));
         let mut vm = Vm::assemble(
             vm_fd,
@@ -321,6 +342,7 @@ impl Vm {
             state.cmdline.clone(),
             started,
         );
+        vm.vcpu_count = state.vcpus.len() as u8;
         let mut fds = Vec::new();
         for vs in &state.vcpus {
             let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(vs.id as u64))?;
@@ -344,7 +366,7 @@ impl Vm {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn assemble(
+    pub(crate) fn assemble(
         vm_fd: VmFd,
         memory: GuestMemory,
         devices: Arc<Mutex<Devices>>,
@@ -357,6 +379,9 @@ impl Vm {
         let (event_tx, events) = mpsc::channel();
         Vm {
             vcpus: Vec::new(),
+            fault_handler: None,
+            fork_service: None,
+            vcpu_count: 1,
             events,
             event_tx,
             devices,
@@ -374,7 +399,30 @@ impl Vm {
         }
     }
 
-    fn spawn_vcpu(&mut self, id: u8, fd: kvm_ioctls::VcpuFd, cpuid: CpuId) -> Result<(), VmError> {
+    /// A clone's fault handler and its fork service (for `sf_exit`).
+    pub(crate) fn set_clone_parts(
+        &mut self,
+        handler: FaultHandler,
+        service: Arc<dyn ForkService>,
+    ) {
+        self.fault_handler = Some(handler);
+        self.fork_service = Some(service);
+    }
+
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    pub fn fault_handler(&self) -> Option<&FaultHandler> {
+        self.fault_handler.as_ref()
+    }
+
+    pub(crate) fn spawn_vcpu(
+        &mut self,
+        id: u8,
+        fd: kvm_ioctls::VcpuFd,
+        cpuid: CpuId,
+    ) -> Result<(), VmError> {
         let events = self.event_tx.clone();
         let handle = VcpuHandle::spawn(VcpuSetup {
             id,
@@ -384,6 +432,7 @@ impl Vm {
             devices: self.devices.clone(),
             events,
             first_run: self.times.first_run.clone(),
+            vcpu_count: self.vcpu_count,
         })?;
         self.vcpus.push(handle);
         Ok(())
@@ -504,12 +553,30 @@ impl Vm {
         if let Some(e) = &self.exit {
             return Ok(e.clone());
         }
-        let event = match timeout {
-            Some(t) => self.events.recv_timeout(t).map_err(|e| match e {
-                RecvTimeoutError::Timeout => VmError::WaitTimeout(t),
-                RecvTimeoutError::Disconnected => VmError::Exited,
-            })?,
-            None => self.events.recv().map_err(|_| VmError::Exited)?,
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let event = loop {
+            // A clone whose memory can no longer be served is stopped.
+            if let Some(err) = self.fault_handler.as_ref().and_then(|h| h.error()) {
+                self.stop_vcpus();
+                let exit = VmExit::Failed(format!("clone memory: {err}"));
+                self.exit = Some(exit.clone());
+                return Ok(exit);
+            }
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
+                None => WAIT_SLICE,
+            };
+            match self.events.recv_timeout(slice) {
+                Ok(e) => break e,
+                Err(RecvTimeoutError::Disconnected) => return Err(VmError::Exited),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let (Some(d), Some(t)) = (deadline, timeout) {
+                        if Instant::now() >= d {
+                            return Err(VmError::WaitTimeout(t));
+                        }
+                    }
+                }
+            }
         };
         self.stop_vcpus();
         let exit = VmExit::from(event.reason);
@@ -546,5 +613,11 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop_vcpus();
+        if let Some(f) = &self.fork_service {
+            f.shutdown();
+        }
+        if let Some(h) = &mut self.fault_handler {
+            h.stop();
+        }
     }
 }

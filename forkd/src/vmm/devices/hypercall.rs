@@ -3,6 +3,8 @@
 //! out and write the answer back. One exit per call.
 
 use super::console::Console;
+use crate::fork::ForkService;
+use std::sync::Arc;
 use crate::vmm::memory::GuestMemory;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
@@ -32,27 +34,55 @@ pub struct HypercallDevice {
     memory: GuestMemory,
     console: Console,
     state: HypercallState,
+    /// Who answers the SnowFlock calls (none: they are refused).
+    fork: Option<Arc<dyn ForkService>>,
+}
+
+/// What the vCPU loop must do after a doorbell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypercallAction {
+    /// Answered in guest memory; continue.
+    Done,
+    /// `sf_clone`: the vCPU thread forks, then answers with `complete`.
+    Fork { page_gpa: u64, ticket: u64 },
+    /// `sf_exit` in a clone: end the VM with this status.
+    Exit(u8),
 }
 
 impl HypercallDevice {
-    pub fn new(memory: GuestMemory, console: Console) -> Self {
+    pub fn new(memory: GuestMemory, console: Console, fork: Option<Arc<dyn ForkService>>) -> Self {
         HypercallDevice {
             memory,
             console,
             state: HypercallState::default(),
+            fork,
         }
     }
 
-    pub fn restore(memory: GuestMemory, console: Console, state: &HypercallState) -> Self {
+    pub fn restore(
+        memory: GuestMemory,
+        console: Console,
+        state: &HypercallState,
+        fork: Option<Arc<dyn ForkService>>,
+    ) -> Self {
         HypercallDevice {
             memory,
             console,
             state: state.clone(),
+            fork,
         }
     }
 
     pub fn save(&self) -> HypercallState {
         self.state.clone()
+    }
+
+    pub fn fork_service(&self) -> Option<Arc<dyn ForkService>> {
+        self.fork.clone()
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
     }
 
     pub fn guest_info(&self) -> Option<GuestInfo> {
@@ -67,26 +97,52 @@ impl HypercallDevice {
     /// A doorbell write: `data` is the little-endian address of the page.
     /// Malformed rings (wrong size, unaligned or outside memory) are
     /// counted and ignored; the guest then sees `STATUS_NO_VMM`.
-    pub fn doorbell(&mut self, data: &[u8]) {
+    pub fn doorbell(&mut self, data: &[u8]) -> HypercallAction {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             self.state.rejected += 1;
-            return;
+            return HypercallAction::Done;
         };
         let gpa = u32::from_le_bytes(bytes) as u64;
         if !gpa.is_multiple_of(abi::PAGE_SIZE) || !self.in_memory(gpa, HypercallPage::SIZE as u64) {
             self.state.rejected += 1;
-            return;
+            return HypercallAction::Done;
         }
         let mut raw = [0u8; HypercallPage::SIZE];
         if self.memory.read_slice(&mut raw, GuestAddress(gpa)).is_err() {
             self.state.rejected += 1;
-            return;
+            return HypercallAction::Done;
         }
         let mut page = HypercallPage::from_bytes(&raw);
         self.state.calls += 1;
+        if let Some(fork) = &self.fork {
+            match page.op {
+                abi::OP_SF_CLONE => {
+                    return HypercallAction::Fork {
+                        page_gpa: gpa,
+                        ticket: page.args[0],
+                    }
+                }
+                abi::OP_SF_EXIT if fork.may_exit() => {
+                    return HypercallAction::Exit(page.args[0].min(255) as u8)
+                }
+                _ => {}
+            }
+        }
         page.status = self.handle(&mut page);
         // The page was just read from memory, so the write cannot fail.
         let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+        HypercallAction::Done
+    }
+
+    /// Answers a call the vCPU thread carried out (`sf_clone`).
+    pub fn complete(&mut self, page_gpa: u64, status: u32, ret: [u64; 4]) {
+        let mut raw = [0u8; HypercallPage::SIZE];
+        if self.memory.read_slice(&mut raw, GuestAddress(page_gpa)).is_ok() {
+            let mut page = HypercallPage::from_bytes(&raw);
+            page.status = status;
+            page.ret = ret;
+            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(page_gpa));
+        }
     }
 
     fn handle(&mut self, page: &mut HypercallPage) -> u32 {
@@ -128,6 +184,25 @@ impl HypercallDevice {
                 self.console.push_bytes(&bytes);
                 abi::STATUS_OK
             }
+            abi::OP_SF_TICKET | abi::OP_SF_JOIN | abi::OP_SF_KILL | abi::OP_WILL_OVERWRITE => {
+                let Some(fork) = &self.fork else {
+                    return abi::STATUS_UNKNOWN_OP;
+                };
+                let a = page.args;
+                let r = match page.op {
+                    abi::OP_SF_TICKET => fork.ticket(a[0]).map(|(t, n)| [t, n, 0, 0]),
+                    abi::OP_SF_JOIN => fork.join(a[0]).map(|left| [left, 0, 0, 0]),
+                    abi::OP_SF_KILL => fork.kill(a[0]).map(|()| [0; 4]),
+                    _ => fork.will_overwrite(a[0], a[1]).map(|()| [0; 4]),
+                };
+                match r {
+                    Ok(ret) => {
+                        page.ret = ret;
+                        abi::STATUS_OK
+                    }
+                    Err(status) => status,
+                }
+            }
             _ => abi::STATUS_UNKNOWN_OP,
         }
     }
@@ -142,7 +217,7 @@ mod tests {
     fn hello_is_recorded_and_bad_rings_are_counted() {
         let mem = memory::anonymous(16 << 20).unwrap();
         let console = Console::new(false, None);
-        let mut dev = HypercallDevice::new(mem.clone(), console.clone());
+        let mut dev = HypercallDevice::new(mem.clone(), console.clone(), None);
         let mut page = HypercallPage {
             op: abi::OP_HELLO,
             status: abi::STATUS_NO_VMM,
@@ -153,7 +228,7 @@ mod tests {
         page.args[abi::HELLO_BITMAP_BYTES] = 4096;
         mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
             .unwrap();
-        dev.doorbell(&0x3000u32.to_le_bytes());
+        assert_eq!(dev.doorbell(&0x3000u32.to_le_bytes()), HypercallAction::Done);
         let mut raw = [0u8; HypercallPage::SIZE];
         mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
         assert_eq!(HypercallPage::from_bytes(&raw).status, abi::STATUS_OK);

@@ -6,20 +6,25 @@ pub mod console;
 pub mod hypercall;
 pub mod serial;
 
+use crate::fork::ForkService;
 use crate::vmm::memory::GuestMemory;
+use std::sync::Arc;
 use guest_agent::abi::{EXIT_PORT, HYPERCALL_PORT, SERIAL_PORT_BASE, SERIAL_PORT_COUNT};
 use serde::{Deserialize, Serialize};
 
 pub use console::{Console, ConsoleLog};
-pub use hypercall::{GuestInfo, HypercallDevice};
+pub use hypercall::{GuestInfo, HypercallAction, HypercallDevice};
 pub use serial::SerialDevice;
 
 /// What the vCPU loop does after a port write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PioAction {
     Continue,
-    /// The guest wrote its exit status to the exit port.
+    /// The guest wrote its exit status to the exit port (or called
+    /// `sf_exit` in a clone).
     Exit(u8),
+    /// The guest called `sf_clone`.
+    Fork { page_gpa: u64, ticket: u64 },
 }
 
 /// Device state that goes into a snapshot.
@@ -39,18 +44,27 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(memory: GuestMemory, console: Console) -> Self {
+    pub fn new(
+        memory: GuestMemory,
+        console: Console,
+        fork: Option<Arc<dyn ForkService>>,
+    ) -> Self {
         Devices {
-            hypercall: HypercallDevice::new(memory, console.clone()),
+            hypercall: HypercallDevice::new(memory, console.clone(), fork),
             serial: SerialDevice::new(console),
             unhandled_pio: 0,
         }
     }
 
-    pub fn restore(memory: GuestMemory, console: Console, state: &DevicesState) -> Self {
+    pub fn restore(
+        memory: GuestMemory,
+        console: Console,
+        state: &DevicesState,
+        fork: Option<Arc<dyn ForkService>>,
+    ) -> Self {
         console.restore_partial(&state.console_partial);
         Devices {
-            hypercall: HypercallDevice::restore(memory, console.clone(), &state.hypercall),
+            hypercall: HypercallDevice::restore(memory, console.clone(), &state.hypercall, fork),
             serial: SerialDevice::restore(console, &state.serial),
             unhandled_pio: 0,
         }
@@ -72,7 +86,13 @@ impl Devices {
                 }
             }
             EXIT_PORT => return PioAction::Exit(data.first().copied().unwrap_or(0)),
-            HYPERCALL_PORT => self.hypercall.doorbell(data),
+            HYPERCALL_PORT => match self.hypercall.doorbell(data) {
+                HypercallAction::Done => {}
+                HypercallAction::Exit(status) => return PioAction::Exit(status),
+                HypercallAction::Fork { page_gpa, ticket } => {
+                    return PioAction::Fork { page_gpa, ticket }
+                }
+            },
             _ => self.unhandled_pio += 1,
         }
         PioAction::Continue

@@ -1,6 +1,11 @@
 //! The `forkd` command line: `guest-path`, `run` and `restore`.
 
+use crate::fork::parent::{ForkHub, ForkOptions};
+use crate::fork::ForkService;
 use crate::guest::default_guest;
+use memserver::server::{MemServer, ServerLimits};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use crate::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -8,6 +13,8 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+mod fork_summary;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +70,15 @@ pub struct RunArgs {
     /// Directory for the snapshot (created if missing).
     #[arg(long, requires = "snapshot_after_ms")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Fetch every page a clone touches (turn the avoidance heuristics off).
+    #[arg(long)]
+    pub no_avoidance: bool,
+    /// Pages a clone fetches per fault at most (read-ahead window, 1..=64).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub readahead: u64,
+    /// Most clones one `sf_request_ticket` may grant.
+    #[arg(long, default_value_t = 64)]
+    pub max_clones: u64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -124,21 +140,56 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         echo: true,
         name: a.common.name.clone(),
     };
-    let mut vm = Vm::boot(&cfg).context("cannot boot the guest")?;
+    let memserver = Arc::new(
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+        .context("cannot start the memory server")?,
+    );
+    let hub = ForkHub::new(
+        ForkOptions {
+            max_clones: a.max_clones,
+            echo: true,
+            name_prefix: a
+                .common
+                .name
+                .as_ref()
+                .map(|n| format!("{n}."))
+                .unwrap_or_default(),
+            avoidance: !a.no_avoidance,
+            readahead: a.readahead,
+        },
+        memserver.clone(),
+    );
+    let mut vm = Vm::boot_with(&cfg, Some(hub.clone())).context("cannot boot the guest")?;
     let started = vm.times.started;
     let (Some(after), Some(dir)) = (a.snapshot_after_ms, a.snapshot_dir) else {
         let exit = finish(&mut vm, &a.common)?;
+        // The parent joined its clones (or ended without): let the rest go.
+        if !hub.wait_clones(Duration::from_secs(5)) {
+            hub.shutdown();
+        }
+        let families = hub.families();
+        let failed = fork_summary::failed_clones(&families);
         if a.common.json {
-            println!(
-                "{}",
-                json!({
-                    "event": "run",
-                    "exit": exit.to_string(),
-                    "exit_code": exit.exit_code(),
-                    "boot_to_first_output_ms": since_ms(vm.console().first_output(), started),
-                    "total_ms": ms(started.elapsed()),
-                })
-            );
+            let mut summary = json!({
+                "event": "run",
+                "exit": exit.to_string(),
+                "exit_code": exit.exit_code(),
+                "boot_to_first_output_ms": since_ms(vm.console().first_output(), started),
+                "total_ms": ms(started.elapsed()),
+            });
+            if !families.is_empty() {
+                summary["fork"] = fork_summary::json(&families, &memserver.stats());
+            }
+            println!("{summary}");
+        }
+        for (id, why) in &failed {
+            eprintln!("forkd: clone {id} failed: {why}");
+        }
+        if !failed.is_empty() && exit == VmExit::Guest(0) {
+            return Ok(ExitCode::FAILURE);
         }
         return Ok(exit_code(&exit));
     };

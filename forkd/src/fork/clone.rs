@@ -1,0 +1,204 @@
+//! Clone side: a VM built from a fork descriptor, whose memory faults in
+//! from a page source.
+
+use crate::fork::descriptor::ForkDescriptor;
+use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Presence};
+use crate::fork::identity::CloneIdentity;
+use crate::fork::{ForkError, ForkRequest, ForkService};
+use crate::vmm::devices::{Console, Devices};
+use crate::vmm::kvm::KvmContext;
+use crate::vmm::memory;
+use crate::vmm::vm::{register_memory, Vm};
+use guest_agent::abi::{self, HypercallPage};
+use kvm_bindings::CpuId;
+use memserver::{PageSource, PAGE_SIZE};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use userfaultfd::UffdBuilder;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+#[derive(Debug, Clone)]
+pub struct CloneOptions {
+    pub echo: bool,
+    pub name: String,
+    /// Use the avoidance heuristics (zero-fill pages the guest will
+    /// overwrite) instead of fetching every page.
+    pub avoidance: bool,
+    /// Pages per fetch at most (read-ahead window).
+    pub readahead: u64,
+}
+
+/// A clone's SnowFlock calls: `sf_exit` ends it, `will_overwrite` maps
+/// zero pages; clones do not fork again (refused).
+pub struct CloneService {
+    memory: Arc<CloneMemory>,
+    declared: AtomicU64,
+    avoidance: bool,
+}
+
+impl CloneService {
+    pub fn pages_declared(&self) -> u64 {
+        self.declared.load(Ordering::Relaxed)
+    }
+}
+
+impl ForkService for CloneService {
+    fn ticket(&self, _: u64) -> Result<(u64, u64), u32> {
+        Err(abi::STATUS_REFUSED)
+    }
+    fn fork(&self, _: ForkRequest) -> Result<(), u32> {
+        Err(abi::STATUS_REFUSED)
+    }
+    fn join(&self, _: u64) -> Result<u64, u32> {
+        Err(abi::STATUS_REFUSED)
+    }
+    fn kill(&self, _: u64) -> Result<(), u32> {
+        Err(abi::STATUS_REFUSED)
+    }
+    fn will_overwrite(&self, gpa: u64, len: u64) -> Result<(), u32> {
+        if !self.avoidance {
+            return Ok(());
+        }
+        let page = PAGE_SIZE as u64;
+        let end = gpa.checked_add(len).ok_or(abi::STATUS_BAD_ARGS)?;
+        if end > self.memory.len {
+            return Err(abi::STATUS_BAD_ARGS);
+        }
+        // Only whole pages: a partly overwritten page still needs its data.
+        for p in gpa.div_ceil(page)..end / page {
+            if !self.memory.presence.test(p) && self.memory.zero(p).is_ok() {
+                self.declared.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+    fn may_exit(&self) -> bool {
+        true
+    }
+}
+
+/// The descriptor page that holds the `sf_clone` call, answered for
+/// clone `clone_id`.
+fn answered_page(bytes: &[u8], clone_id: u64, identity: &CloneIdentity) -> [u8; PAGE_SIZE] {
+    let mut page = [0u8; PAGE_SIZE];
+    page.copy_from_slice(&bytes[..PAGE_SIZE]);
+    let mut head = [0u8; HypercallPage::SIZE];
+    head.copy_from_slice(&page[..HypercallPage::SIZE]);
+    let mut call = HypercallPage::from_bytes(&head);
+    call.status = abi::STATUS_OK;
+    call.ret = [clone_id, identity.mac_u64(), u32::from(identity.ip) as u64, 0];
+    page[..HypercallPage::SIZE].copy_from_slice(&call.to_bytes());
+    page
+}
+
+/// A started clone and its parts the family keeps an eye on.
+pub struct StartedClone {
+    pub vm: Vm,
+    pub service: Arc<CloneService>,
+    pub identity: CloneIdentity,
+}
+
+/// Builds clone `clone_id` from `desc` and starts its vCPU.
+pub fn start_clone(
+    desc: &ForkDescriptor,
+    clone_id: u64,
+    source: Arc<dyn PageSource>,
+    opts: &CloneOptions,
+) -> Result<StartedClone, ForkError> {
+    let started = Instant::now();
+    let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
+    let vm_fd = ctx
+        .kvm
+        .create_vm()
+        .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VM: {e}")))?;
+    let memory = memory::anonymous(desc.mem_bytes).map_err(|e| ForkError::Clone(e.to_string()))?;
+    register_memory(&vm_fd, &memory).map_err(|e| ForkError::Clone(e.to_string()))?;
+    let region = memory
+        .iter()
+        .next()
+        .ok_or_else(|| ForkError::Clone("no memory region".into()))?;
+    let (base, len) = (region.as_ptr() as usize, region.len());
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map_err(|e| ForkError::Uffd(format!("create: {e:?}")))?;
+    uffd.register(base as *mut libc::c_void, len as usize)
+        .map_err(|e| ForkError::Uffd(format!("register: {e:?}")))?;
+    let cmem = Arc::new(CloneMemory {
+        uffd: Arc::new(uffd),
+        base,
+        len,
+        presence: Arc::new(Presence::new(len / PAGE_SIZE as u64)),
+    });
+    let identity = CloneIdentity::new(desc.family, clone_id);
+    for p in &desc.pages {
+        if p.bytes.len() != PAGE_SIZE || p.gpa % PAGE_SIZE as u64 != 0 || p.gpa >= len {
+            return Err(ForkError::Clone(format!("bad descriptor page at {:#x}", p.gpa)));
+        }
+        let data = if p.gpa == desc.hypercall_page {
+            answered_page(&p.bytes, clone_id, &identity)
+        } else {
+            let mut d = [0u8; PAGE_SIZE];
+            d.copy_from_slice(&p.bytes);
+            d
+        };
+        cmem.install(p.gpa / PAGE_SIZE as u64, &data)
+            .map_err(ForkError::Uffd)?;
+    }
+    let service = Arc::new(CloneService {
+        memory: cmem.clone(),
+        declared: AtomicU64::new(0),
+        avoidance: opts.avoidance,
+    });
+    let console = Console::new(opts.echo, Some(&opts.name));
+    let devices = Arc::new(Mutex::new(Devices::restore(
+        memory.clone(),
+        console.clone(),
+        &desc.devices,
+        Some(service.clone()),
+    )));
+    let mut vm = Vm::assemble(
+        vm_fd,
+        memory,
+        devices,
+        console,
+        false,
+        format!("clone {clone_id} of family {}", desc.family),
+        String::new(),
+        started,
+    );
+    let handler = FaultHandler::spawn(
+        FaultHandlerConfig {
+            memory: cmem,
+            source,
+            avoidance: if opts.avoidance {
+                desc.alloc.clone()
+            } else {
+                None
+            },
+            readahead: opts.readahead,
+        },
+        &opts.name,
+    )
+    .map_err(|e| ForkError::Clone(format!("fault handler thread: {e}")))?;
+    vm.set_clone_parts(handler, service.clone());
+    let fd = vm
+        .vm_fd()
+        .create_vcpu(desc.vcpu.id as u64)
+        .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VCPU: {e}")))?;
+    desc.vcpu
+        .restore(ctx, &fd)
+        .map_err(|e| ForkError::Clone(e.to_string()))?;
+    let cpuid = CpuId::from_entries(&desc.vcpu.cpuid)
+        .map_err(|e| ForkError::Clone(format!("CPUID: {e:?}")))?;
+    vm.spawn_vcpu(desc.vcpu.id, fd, cpuid)
+        .map_err(|e| ForkError::Clone(e.to_string()))?;
+    Ok(StartedClone {
+        vm,
+        service,
+        identity,
+    })
+}

@@ -1,0 +1,328 @@
+//! A clone's userfaultfd fault handler. Guest memory is empty anonymous
+//! memory registered with userfaultfd (MISSING); every first touch of a
+//! page — by a vCPU through KVM or by the VMM — stops the toucher and sends
+//! us an event. We resolve it with UFFDIO_ZEROPAGE when the avoidance
+//! heuristics say the guest will overwrite the page, and otherwise with
+//! UFFDIO_COPY of the page (and a read-ahead window of following missing
+//! pages) fetched from the [`PageSource`]. Two vCPUs faulting on one page
+//! are served once: the second event finds the page present and only wakes.
+
+use crate::fork::descriptor::AllocAtFork;
+use memserver::{PageSource, PAGE_SIZE};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use userfaultfd::{Event, Uffd};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Fault latencies kept per clone (for median / p99).
+const MAX_SAMPLES: usize = 100_000;
+
+/// Which pages of the clone's memory are present (installed by us).
+pub struct Presence {
+    words: Vec<AtomicU64>,
+}
+
+impl Presence {
+    pub fn new(pages: u64) -> Self {
+        Presence {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn test(&self, page: u64) -> bool {
+        self.words
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    pub fn set(&self, page: u64) {
+        if let Some(w) = self.words.get((page / 64) as usize) {
+            w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+}
+
+/// Counters of one clone's faults.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStats {
+    pub faults: u64,
+    pub pages_fetched: u64,
+    /// Zero-filled because the guest allocator handed them out after the
+    /// fork (heuristic a).
+    pub pages_avoided: u64,
+    /// Zero-filled because the guest declared it will overwrite them
+    /// (heuristic b).
+    pub pages_declared: u64,
+    pub fetch_requests: u64,
+    /// Service time of each fault that needed a fetch, in µs.
+    pub fetch_latency_us: Vec<u32>,
+}
+
+/// A clone's memory, as the handler sees it.
+pub struct CloneMemory {
+    pub uffd: Arc<Uffd>,
+    /// Host address of guest-physical 0, and the size.
+    pub base: usize,
+    pub len: u64,
+    pub presence: Arc<Presence>,
+}
+
+impl CloneMemory {
+    fn host(&self, page: u64) -> *mut libc::c_void {
+        (self.base + (page * PAGE) as usize) as *mut libc::c_void
+    }
+
+    fn pages(&self) -> u64 {
+        self.len / PAGE
+    }
+
+    /// Installs `data` as page `page`; a page someone else installed
+    /// first is left alone (EEXIST).
+    pub fn install(&self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), String> {
+        // SAFETY: `host(page)` is a page-aligned address inside the clone's
+        // registered region (page < pages()), and `data` is a full page.
+        let r = unsafe {
+            self.uffd
+                .copy(data.as_ptr().cast(), self.host(page), PAGE_SIZE, true)
+        };
+        match r {
+            Ok(_) => {
+                self.presence.set(page);
+                Ok(())
+            }
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                self.presence.set(page);
+                Ok(())
+            }
+            Err(e) => Err(format!("UFFDIO_COPY of page {page}: {e:?}")),
+        }
+    }
+
+    /// Maps the zero page at `page` (if it is not present yet).
+    pub fn zero(&self, page: u64) -> Result<(), String> {
+        // SAFETY: as in `install`: an aligned page inside the region.
+        let r = unsafe { self.uffd.zeropage(self.host(page), PAGE_SIZE, true) };
+        match r {
+            Ok(_) => {
+                self.presence.set(page);
+                Ok(())
+            }
+            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                self.presence.set(page);
+                Ok(())
+            }
+            Err(e) => Err(format!("UFFDIO_ZEROPAGE of page {page}: {e:?}")),
+        }
+    }
+
+    /// Reads a u64 of guest memory, only if its page is present (a read
+    /// of a missing page from this thread would wait for this thread).
+    fn read_present_u64(&self, gpa: u64) -> Option<u64> {
+        if gpa + 8 > self.len || !self.presence.test(gpa / PAGE) || gpa % 8 != 0 {
+            return None;
+        }
+        // SAFETY: the page is present in our own mapping, in bounds and the
+        // address is 8-byte aligned; the guest may write it concurrently,
+        // which a volatile read tolerates (we want any recent value).
+        Some(unsafe { ((self.base + gpa as usize) as *const u64).read_volatile() })
+    }
+}
+
+/// Heuristic (a): the page was handed out by the guest allocator after
+/// the fork (its bit is set now, and was clear at the fork).
+fn allocated_after_fork(mem: &CloneMemory, alloc: &AllocAtFork, page: u64) -> bool {
+    if page >= alloc.bitmap_bytes * 8 {
+        return false;
+    }
+    let word_gpa = alloc.bitmap_gpa + (page / 64) * 8;
+    let now = mem
+        .read_present_u64(word_gpa)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0);
+    now && !alloc.was_allocated(page)
+}
+
+pub struct FaultHandlerConfig {
+    pub memory: Arc<CloneMemory>,
+    pub source: Arc<dyn PageSource>,
+    /// `None`: heuristics off, every missing page is fetched.
+    pub avoidance: Option<AllocAtFork>,
+    /// Pages fetched per request at most (1 = no read-ahead).
+    pub readahead: u64,
+}
+
+pub struct FaultHandler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Mutex<FaultStats>>,
+    error: Arc<Mutex<Option<String>>>,
+    memory: Arc<CloneMemory>,
+}
+
+impl FaultHandler {
+    pub fn spawn(cfg: FaultHandlerConfig, name: &str) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(FaultStats::default()));
+        let error = Arc::new(Mutex::new(None));
+        let memory = cfg.memory.clone();
+        let (s, st, er) = (stop.clone(), stats.clone(), error.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("uffd-{name}"))
+            .spawn(move || handler_loop(cfg, s, st, er))?;
+        Ok(FaultHandler {
+            stop,
+            thread: Some(thread),
+            stats,
+            error,
+            memory,
+        })
+    }
+
+    pub fn stats(&self) -> FaultStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Why the handler gave up serving (e.g. the memory server is gone).
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn memory(&self) -> &Arc<CloneMemory> {
+        &self.memory
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn handler_loop(
+    cfg: FaultHandlerConfig,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<FaultStats>>,
+    error: Arc<Mutex<Option<String>>>,
+) {
+    let mem = &cfg.memory;
+    let fd = mem.uffd.as_raw_fd();
+    let mut failed = false;
+    while !stop.load(Ordering::Acquire) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if n <= 0 {
+            continue;
+        }
+        loop {
+            let event = match mem.uffd.read_event() {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(e) => {
+                    set_error(&error, format!("reading userfaultfd events: {e:?}"));
+                    return;
+                }
+            };
+            let Event::Pagefault { addr, .. } = event else {
+                continue;
+            };
+            let offset = (addr as usize).wrapping_sub(mem.base) as u64;
+            if offset >= mem.len {
+                continue;
+            }
+            let page = offset / PAGE;
+            if failed {
+                // Leave the faulting vCPU waiting; the VM is being stopped.
+                continue;
+            }
+            if let Err(e) = serve(&cfg, page, &stats) {
+                set_error(&error, e);
+                failed = true;
+            }
+        }
+    }
+}
+
+fn set_error(slot: &Mutex<Option<String>>, e: String) {
+    let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if s.is_none() {
+        tracing::warn!("clone fault handler: {e}");
+        *s = Some(e);
+    }
+}
+
+fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Result<(), String> {
+    let mem = &cfg.memory;
+    let lock = || stats.lock().unwrap_or_else(|e| e.into_inner());
+    lock().faults += 1;
+    if mem.presence.test(page) {
+        let _ = mem.uffd.wake(mem.host(page), PAGE_SIZE);
+        return Ok(());
+    }
+    let avoid = |p: u64| {
+        cfg.avoidance
+            .as_ref()
+            .is_some_and(|a| allocated_after_fork(mem, a, p))
+    };
+    if avoid(page) {
+        mem.zero(page)?;
+        lock().pages_avoided += 1;
+        return Ok(());
+    }
+    let mut count = 1;
+    while count < cfg.readahead.max(1)
+        && page + count < mem.pages()
+        && !mem.presence.test(page + count)
+        && !avoid(page + count)
+    {
+        count += 1;
+    }
+    let t = Instant::now();
+    let mut installed = 0u64;
+    let mut install_error = None;
+    cfg.source
+        .read_pages(page, count, &mut |p, data| {
+            if p >= page && p < page + count && install_error.is_none() {
+                match mem.install(p, data) {
+                    Ok(()) => installed += 1,
+                    Err(e) => install_error = Some(e),
+                }
+            }
+        })
+        .map_err(|e| format!("fetching page {page} (+{}): {e}", count - 1))?;
+    if let Some(e) = install_error {
+        return Err(e);
+    }
+    if !mem.presence.test(page) {
+        return Err(format!("the page source did not deliver page {page}"));
+    }
+    let mut s = lock();
+    s.pages_fetched += installed;
+    s.fetch_requests += 1;
+    if s.fetch_latency_us.len() < MAX_SAMPLES {
+        s.fetch_latency_us
+            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    Ok(())
+}
+

@@ -1,0 +1,404 @@
+//! Parent side: the [`ForkHub`] answers a VM's SnowFlock calls. At
+//! `sf_clone` it freezes the parent's memory (copy-before-write, see
+//! `memserver::image`), builds the descriptor, registers the frozen image
+//! with the memory server and returns, so the parent resumes; a launcher
+//! thread starts the clones, each watched by a reaper thread. When the last
+//! clone of a family has ended, the frozen image is released.
+
+use crate::fork::clone::{start_clone, CloneOptions};
+use crate::fork::descriptor::ForkDescriptor;
+use crate::fork::fault::FaultStats;
+use crate::fork::identity::CloneIdentity;
+use crate::fork::{ForkError, ForkRequest, ForkService};
+use crate::vmm::memory::GuestMemory;
+use crate::vmm::{VmError, VmExit};
+use guest_agent::abi;
+use memserver::client::{ClientOptions, PageClient};
+use memserver::image::FrozenImage;
+use memserver::server::MemServer;
+use memserver::PageSource;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Family ids are unique per process (one memory server serves them all).
+static NEXT_FAMILY: AtomicU64 = AtomicU64::new(1);
+const REAP_SLICE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone)]
+pub struct ForkOptions {
+    /// Most clones one ticket may grant.
+    pub max_clones: u64,
+    /// Print clone consoles to stdout, lines prefixed `[<prefix>clone-I]`.
+    pub echo: bool,
+    pub name_prefix: String,
+    pub avoidance: bool,
+    pub readahead: u64,
+}
+
+impl Default for ForkOptions {
+    fn default() -> Self {
+        ForkOptions {
+            max_clones: 64,
+            echo: false,
+            name_prefix: String::new(),
+            avoidance: true,
+            readahead: 32,
+        }
+    }
+}
+
+/// How one clone went.
+#[derive(Debug, Clone)]
+pub struct CloneReport {
+    pub clone_id: u64,
+    pub identity: CloneIdentity,
+    /// `sf_clone` on the parent → the clone's first KVM_RUN.
+    pub start_latency: Option<Duration>,
+    pub exit: VmExit,
+    pub last_line: Option<String>,
+    pub faults: FaultStats,
+    pub pages_declared: u64,
+}
+
+/// How one fork went.
+#[derive(Debug, Clone, Default)]
+pub struct FamilyReport {
+    pub family: u64,
+    pub clones_granted: u64,
+    pub descriptor_bytes: u64,
+    pub descriptor_pages: u64,
+    /// `sf_clone` → parent may resume (freeze, descriptor, registration).
+    pub parent_stopped: Duration,
+    pub freeze: Duration,
+    pub clones: Vec<CloneReport>,
+    /// Clones that could not be started, with why.
+    pub start_failures: Vec<(u64, String)>,
+}
+
+pub struct Family {
+    id: u64,
+    image: Arc<FrozenImage>,
+    /// Keeps the parent's mapping alive as long as the image reads it.
+    _memory: GuestMemory,
+    memserver: Arc<MemServer>,
+    running: AtomicU64,
+    kill: AtomicBool,
+    released: AtomicBool,
+    report: Mutex<FamilyReport>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Family {
+    pub fn report(&self) -> FamilyReport {
+        lock(&self.report).clone()
+    }
+
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn clone_ended(&self) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.release();
+        }
+    }
+
+    /// Drops the frozen image once no clone needs it.
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            self.memserver.remove_family(self.id);
+            self.image.release();
+        }
+    }
+
+    fn join_threads(&self) {
+        loop {
+            let t = lock(&self.threads).pop();
+            match t {
+                Some(t) => {
+                    let _ = t.join();
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+enum Ticket {
+    Reserved(u64),
+    Forked(Arc<Family>),
+}
+
+#[derive(Default)]
+struct HubInner {
+    next_ticket: u64,
+    tickets: HashMap<u64, Ticket>,
+}
+
+/// The fork service of a parent VM.
+pub struct ForkHub {
+    opts: ForkOptions,
+    memserver: Arc<MemServer>,
+    inner: Mutex<HubInner>,
+    families: Mutex<Vec<Arc<Family>>>,
+}
+
+impl ForkHub {
+    pub fn new(opts: ForkOptions, memserver: Arc<MemServer>) -> Arc<ForkHub> {
+        Arc::new(ForkHub {
+            opts,
+            memserver,
+            inner: Mutex::new(HubInner::default()),
+            families: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn families(&self) -> Vec<Arc<Family>> {
+        lock(&self.families).clone()
+    }
+
+    /// Waits (bounded) until every clone of every family has ended.
+    pub fn wait_clones(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            if self.families().iter().all(|f| f.running() == 0) {
+                for f in self.families() {
+                    f.join_threads();
+                }
+                return true;
+            }
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn do_fork(&self, req: ForkRequest, granted: u64) -> Result<Arc<Family>, ForkError> {
+        let id = NEXT_FAMILY.fetch_add(1, Ordering::Relaxed);
+        let region = req
+            .memory
+            .iter()
+            .next()
+            .ok_or_else(|| ForkError::Freeze("no memory region".into()))?;
+        let t = Instant::now();
+        // SAFETY: the region is the parent's private anonymous guest memory
+        // mapping (page aligned); the GuestMemory clone stored in the family
+        // keeps it mapped for as long as the image lives, and forkd registers
+        // parent memory with no other userfaultfd.
+        let image = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
+            .map_err(|e| ForkError::Freeze(e.to_string()))?;
+        let freeze = t.elapsed();
+        let desc = ForkDescriptor::build(id, &req.memory, req.vcpu, req.devices, req.page_gpa)?;
+        let encoded = desc.encode()?;
+        self.memserver
+            .add_family(id, image.clone() as Arc<dyn PageSource>)
+            .map_err(|e| ForkError::MemServer(e.to_string()))?;
+        let family = Arc::new(Family {
+            id,
+            image,
+            _memory: req.memory.clone(),
+            memserver: self.memserver.clone(),
+            running: AtomicU64::new(granted),
+            kill: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            report: Mutex::new(FamilyReport {
+                family: id,
+                clones_granted: granted,
+                descriptor_bytes: encoded.len() as u64,
+                descriptor_pages: desc.pages.len() as u64,
+                freeze,
+                ..Default::default()
+            }),
+            threads: Mutex::new(Vec::new()),
+        });
+        let launcher = {
+            let family = family.clone();
+            let opts = self.opts.clone();
+            let server = self.memserver.local_addr();
+            let requested_at = req.requested_at;
+            std::thread::Builder::new()
+                .name(format!("fork-{id}"))
+                .spawn(move || launch(family, encoded, granted, opts, server, requested_at))
+                .map_err(|e| ForkError::Clone(format!("launcher thread: {e}")))?
+        };
+        lock(&family.threads).push(launcher);
+        lock(&family.report).parent_stopped = req.requested_at.elapsed();
+        Ok(family)
+    }
+}
+
+/// Starts the clones of a family, one reaper thread each.
+fn launch(
+    family: Arc<Family>,
+    descriptor: Vec<u8>,
+    granted: u64,
+    opts: ForkOptions,
+    server: std::net::SocketAddr,
+    requested_at: Instant,
+) {
+    for clone_id in 1..=granted {
+        if family.kill.load(Ordering::Acquire) {
+            lock(&family.report)
+                .start_failures
+                .push((clone_id, "killed before start".into()));
+            family.clone_ended();
+            continue;
+        }
+        let started = ForkDescriptor::decode(&descriptor)
+            .map_err(ForkError::from)
+            .and_then(|desc| {
+                let client = PageClient::new(server, family.id, ClientOptions::default())
+                    .map_err(|e| ForkError::MemServer(e.to_string()))?;
+                let copts = CloneOptions {
+                    echo: opts.echo,
+                    name: format!("{}clone-{clone_id}", opts.name_prefix),
+                    avoidance: opts.avoidance,
+                    readahead: opts.readahead,
+                };
+                start_clone(&desc, clone_id, Arc::new(client), &copts)
+            });
+        match started {
+            Ok(c) => {
+                let f = family.clone();
+                let reaper = std::thread::Builder::new()
+                    .name(format!("clone-{clone_id}"))
+                    .spawn(move || reap(f, c, requested_at));
+                match reaper {
+                    Ok(t) => lock(&family.threads).push(t),
+                    Err(e) => {
+                        lock(&family.report)
+                            .start_failures
+                            .push((clone_id, format!("reaper thread: {e}")));
+                        family.clone_ended();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("clone {clone_id} of family {}: {e}", family.id);
+                lock(&family.report)
+                    .start_failures
+                    .push((clone_id, e.to_string()));
+                family.clone_ended();
+            }
+        }
+    }
+}
+
+/// Watches one clone until it ends (or the family is killed).
+fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_at: Instant) {
+    let mut vm = clone.vm;
+    let exit = loop {
+        if family.kill.load(Ordering::Acquire) {
+            vm.kill();
+            break VmExit::Stopped;
+        }
+        match vm.wait(Some(REAP_SLICE)) {
+            Ok(e) => break e,
+            Err(VmError::WaitTimeout(_)) => continue,
+            Err(e) => break VmExit::Failed(e.to_string()),
+        }
+    };
+    let lines = vm.console().lines();
+    let report = CloneReport {
+        clone_id: clone.identity.clone_id,
+        identity: clone.identity,
+        start_latency: vm
+            .times
+            .first_run
+            .get()
+            .map(|t| t.saturating_duration_since(requested_at)),
+        exit,
+        last_line: lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("zone: done"))
+            .or(lines.last())
+            .cloned(),
+        faults: vm.fault_handler().map(|h| h.stats()).unwrap_or_default(),
+        pages_declared: clone.service.pages_declared(),
+    };
+    drop(vm);
+    lock(&family.report).clones.push(report);
+    family.clone_ended();
+}
+
+impl ForkService for ForkHub {
+    fn ticket(&self, wanted: u64) -> Result<(u64, u64), u32> {
+        let granted = wanted.min(self.opts.max_clones);
+        if granted == 0 {
+            return Err(abi::STATUS_BAD_ARGS);
+        }
+        let mut inner = lock(&self.inner);
+        inner.next_ticket += 1;
+        let t = inner.next_ticket;
+        inner.tickets.insert(t, Ticket::Reserved(granted));
+        Ok((t, granted))
+    }
+
+    fn fork(&self, req: ForkRequest) -> Result<(), u32> {
+        let granted = match lock(&self.inner).tickets.get(&req.ticket) {
+            Some(Ticket::Reserved(n)) => *n,
+            _ => return Err(abi::STATUS_REFUSED),
+        };
+        let ticket = req.ticket;
+        match self.do_fork(req, granted) {
+            Ok(family) => {
+                lock(&self.inner)
+                    .tickets
+                    .insert(ticket, Ticket::Forked(family.clone()));
+                lock(&self.families).push(family);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("fork failed: {e}");
+                eprintln!("forkd: fork failed: {e}");
+                Err(abi::STATUS_REFUSED)
+            }
+        }
+    }
+
+    fn join(&self, ticket: u64) -> Result<u64, u32> {
+        match lock(&self.inner).tickets.get(&ticket) {
+            Some(Ticket::Forked(f)) => Ok(f.running()),
+            Some(Ticket::Reserved(_)) => Ok(0),
+            None => Err(abi::STATUS_REFUSED),
+        }
+    }
+
+    fn kill(&self, ticket: u64) -> Result<(), u32> {
+        match lock(&self.inner).tickets.get(&ticket) {
+            Some(Ticket::Forked(f)) => {
+                f.kill.store(true, Ordering::Release);
+                Ok(())
+            }
+            Some(Ticket::Reserved(_)) => Ok(()),
+            None => Err(abi::STATUS_REFUSED),
+        }
+    }
+
+    fn will_overwrite(&self, _gpa: u64, _len: u64) -> Result<(), u32> {
+        // The parent's memory is all there; nothing to avoid.
+        Ok(())
+    }
+
+    fn may_exit(&self) -> bool {
+        false
+    }
+
+    fn shutdown(&self) {
+        for f in self.families() {
+            f.kill.store(true, Ordering::Release);
+            f.join_threads();
+            f.release();
+        }
+    }
+}
