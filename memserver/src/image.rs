@@ -68,6 +68,8 @@ const RELEASED: u8 = 1;
 const FAILED: u8 = 2;
 
 type Page = [u8; PAGE_SIZE];
+/// One lock stripe's copies, by page index.
+type Copies = HashMap<u64, Box<Page>>;
 
 /// Why a freeze failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +126,7 @@ struct Shared {
     state: AtomicU8,
     /// Protection is set and the range registered (cleared by the one disarm).
     armed: AtomicBool,
-    stripes: Box<[Mutex<HashMap<u64, Box<Page>>>]>,
+    stripes: Box<[Mutex<Copies>]>,
     /// Page ranges `[first, end)` discarded after the freeze.
     discarded: RwLock<Vec<(u64, u64)>>,
     pages_copied: AtomicU64,
@@ -140,7 +142,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn stripe(&self, index: u64) -> MutexGuard<'_, HashMap<u64, Box<Page>>> {
+    fn stripe(&self, index: u64) -> MutexGuard<'_, Copies> {
         lock(&self.stripes[index as usize % STRIPES])
     }
 
@@ -212,18 +214,22 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
         let (nfds, timeout) = if shared.stalled() { (1, 5) } else { (2, -1) };
         // SAFETY: `fds` is a live array of at least `nfds` pollfds.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
-        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        if fds[0].revents != 0 {
+        let result = if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            Err(format!("poll: {e}"))
+        } else if fds[0].revents != 0 {
             return;
-        }
-        if r == 0 {
+        } else if r == 0 || shared.stalled() {
             continue;
-        }
-        let result: Result<(), _> = match uffd.read_events(&mut events) {
-            Ok(iter) => iter.map(|ev| handle_event(shared, uffd, ev?)).collect(),
-            Err(e) => Err(e),
+        } else {
+            match uffd.read_events(&mut events) {
+                Ok(mut iter) => iter.try_for_each(|ev| handle_event(shared, uffd, ev?)),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| e.to_string())
         };
         if let Err(e) = result {
             if shared.state.load(SeqCst) == LIVE {
@@ -334,9 +340,9 @@ impl FrozenImage {
         let started = Instant::now();
         let base = addr as usize;
         if base == 0
-            || base % PAGE_SIZE != 0
+            || !base.is_multiple_of(PAGE_SIZE)
             || len == 0
-            || len % PAGE_SIZE != 0
+            || !len.is_multiple_of(PAGE_SIZE)
             || base.checked_add(len).is_none()
         {
             return Err(ImageError::Misaligned { addr: base, len });

@@ -329,6 +329,12 @@ impl MemServer {
         }
     }
 
+    /// Tells the threads to stop serving (they do within about one poll
+    /// interval) without waiting for them; for holders of a shared server.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+
     /// Stops the threads and waits for them (within about one poll
     /// interval plus the request being served). Idempotent.
     pub fn shutdown(&mut self) {

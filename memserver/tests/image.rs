@@ -45,7 +45,12 @@ impl Mapping {
         };
         // SAFETY: [base, base+len) lies inside our mapping.
         assert_eq!(unsafe { libc::madvise(base as *mut _, len, advice) }, 0);
-        Mapping { raw, raw_len, base, len }
+        Mapping {
+            raw,
+            raw_len,
+            base,
+            len,
+        }
     }
 
     fn pages(&self) -> usize {
@@ -68,7 +73,11 @@ impl Mapping {
 
     fn write_word(&self, i: usize, w: usize, value: u64) {
         // SAFETY: word w (< 512) of page i of our mapping.
-        unsafe { self.page_ptr(i).add(w % (PAGE_SIZE / 8)).write_volatile(value) };
+        unsafe {
+            self.page_ptr(i)
+                .add(w % (PAGE_SIZE / 8))
+                .write_volatile(value)
+        };
     }
 
     fn freeze(&self) -> Arc<FrozenImage> {
@@ -152,8 +161,10 @@ fn overwrite_everything(m: &Arc<Mapping>) {
 #[test]
 fn writes_after_freeze_keep_frozen_contents() {
     let m = Arc::new(Mapping::new(64 * MIB, Thp::NoHuge));
-    let touched = |i: usize| i % 3 != 0;
-    (0..m.pages()).filter(|&i| touched(i)).for_each(|i| m.fill(i, 0));
+    let touched = |i: usize| !i.is_multiple_of(3);
+    (0..m.pages())
+        .filter(|&i| touched(i))
+        .for_each(|i| m.fill(i, 0));
     let n_touched = (0..m.pages()).filter(|&i| touched(i)).count() as u64;
     let image = m.freeze();
     let s = image.stats();
@@ -168,6 +179,7 @@ fn writes_after_freeze_keep_frozen_contents() {
     assert_eq!(s.bytes_held, n_touched * PAGE_SIZE as u64);
     assert!(s.wp_faults >= s.pages_copied);
     // The live memory moved on.
+    // SAFETY: page 3 of our mapping.
     assert_eq!(unsafe { m.page_ptr(3).read_volatile() }, word(3, 1, 0));
     drop(image);
 }
@@ -175,7 +187,9 @@ fn writes_after_freeze_keep_frozen_contents() {
 fn hammer_while_reading(thp: Thp) {
     let m = Arc::new(Mapping::new(16 * MIB, thp));
     let touched = |i: usize| i % 7 != 3;
-    (0..m.pages()).filter(|&i| touched(i)).for_each(|i| m.fill(i, 0));
+    (0..m.pages())
+        .filter(|&i| touched(i))
+        .for_each(|i| m.fill(i, 0));
     let image = m.freeze();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -226,7 +240,9 @@ fn thp_backed_regions() {
         let m = Arc::new(Mapping::new(16 * MIB, thp));
         // Touch one page in four: a THP region still gets whole huge pages.
         let touched = |i: usize| i % 4 == 1;
-        (0..m.pages()).filter(|&i| touched(i)).for_each(|i| m.fill(i, 0));
+        (0..m.pages())
+            .filter(|&i| touched(i))
+            .for_each(|i| m.fill(i, 0));
         let huge_before = m.anon_huge_kb();
         let image = m.freeze();
         let s = image.stats();
@@ -235,7 +251,11 @@ fn thp_backed_regions() {
         let after = image.stats();
         eprintln!(
             "{}: AnonHugePages {huge_before} kB before, {} kB after; populated {} of {}, copied {}",
-            if matches!(thp, Thp::Huge) { "MADV_HUGEPAGE" } else { "MADV_NOHUGEPAGE" },
+            if matches!(thp, Thp::Huge) {
+                "MADV_HUGEPAGE"
+            } else {
+                "MADV_NOHUGEPAGE"
+            },
             m.anon_huge_kb(),
             s.pages_populated_at_freeze,
             s.pages,
@@ -264,13 +284,25 @@ fn kernel_writes_are_caught() {
     let junk = [0xeeu8; PAGE_SIZE];
     // SAFETY: writes a live buffer to our pipe, then reads it into page 5.
     unsafe {
-        assert_eq!(libc::write(fds[1], junk.as_ptr().cast(), PAGE_SIZE), PAGE_SIZE as isize);
-        assert_eq!(libc::read(fds[0], m.page_ptr(5).cast(), PAGE_SIZE), PAGE_SIZE as isize);
+        assert_eq!(
+            libc::write(fds[1], junk.as_ptr().cast(), PAGE_SIZE),
+            PAGE_SIZE as isize
+        );
+        assert_eq!(
+            libc::read(fds[0], m.page_ptr(5).cast(), PAGE_SIZE),
+            PAGE_SIZE as isize
+        );
         libc::close(fds[0]);
         libc::close(fds[1]);
     }
-    let local = libc::iovec { iov_base: junk.as_ptr() as *mut _, iov_len: PAGE_SIZE };
-    let remote = libc::iovec { iov_base: m.page_ptr(9).cast(), iov_len: PAGE_SIZE };
+    let local = libc::iovec {
+        iov_base: junk.as_ptr() as *mut _,
+        iov_len: PAGE_SIZE,
+    };
+    let remote = libc::iovec {
+        iov_base: m.page_ptr(9).cast(),
+        iov_len: PAGE_SIZE,
+    };
     // SAFETY: both iovecs describe live memory of this process.
     let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
     assert_eq!(n, PAGE_SIZE as isize);
@@ -299,7 +331,8 @@ fn release_unblocks_writers_and_ends_reads() {
     std::thread::sleep(Duration::from_millis(20));
     image.release();
     let released_at = image.stats();
-    rx.recv_timeout(Duration::from_secs(10)).expect("writer left blocked after release");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("writer left blocked after release");
     writer.join().unwrap();
     let mut buf = [0u8; PAGE_SIZE];
     let unavailable = Err(SourceError::Unavailable("image released".into()));
@@ -307,7 +340,10 @@ fn release_unblocks_writers_and_ends_reads() {
     assert_eq!(image.read_page(m.pages() as u64 - 1, &mut buf), unavailable);
     image.release(); // idempotent
     assert_eq!(image.stats().bytes_held, 0);
-    eprintln!("release mid-write: {} pages had been copied", released_at.pages_copied);
+    eprintln!(
+        "release mid-write: {} pages had been copied",
+        released_at.pages_copied
+    );
 
     // Drop without release is clean: the memory is writable afterwards.
     let image = m.freeze();
@@ -320,7 +356,30 @@ fn release_unblocks_writers_and_ends_reads() {
         (0..m2.pages()).for_each(|i| m2.fill(i, 4));
         tx.send(()).unwrap();
     });
-    rx.recv_timeout(Duration::from_secs(10)).expect("writer blocked after drop");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("writer blocked after drop");
+}
+
+#[test]
+fn discarded_pages_are_unavailable_not_wrong() {
+    let m = Mapping::new(MIB, Thp::NoHuge);
+    (0..m.pages()).for_each(|i| m.fill(i, 0));
+    let image = m.freeze();
+    m.fill(1, 1); // copied aside first
+                  // SAFETY: pages 1..3 of our mapping; breaks the freeze contract on purpose.
+    let r = unsafe { libc::madvise(m.page_ptr(1).cast(), 2 * PAGE_SIZE, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0);
+    m.fill(2, 1); // no fault any more: the protection went with the page
+    let mut buf = [0u8; PAGE_SIZE];
+    image.read_page(1, &mut buf).unwrap();
+    assert!(buf == expected(1, Some(0)));
+    assert!(matches!(
+        image.read_page(2, &mut buf),
+        Err(SourceError::Unavailable(_))
+    ));
+    image.read_page(3, &mut buf).unwrap();
+    assert!(buf == expected(3, Some(0)));
+    assert_eq!(image.stats().discard_events, 1);
 }
 
 #[test]
@@ -335,13 +394,19 @@ fn bad_input_is_an_error() {
     ] {
         // SAFETY: freeze refuses these before touching memory.
         let r = unsafe { FrozenImage::freeze(addr as *mut u8, len) };
-        assert!(matches!(r, Err(ImageError::Misaligned { .. })), "{addr:#x}+{len:#x}: {r:?}");
+        assert!(
+            matches!(r, Err(ImageError::Misaligned { .. })),
+            "{addr:#x}+{len:#x}: {r:?}"
+        );
     }
     let image = m.freeze();
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(
         image.read_page(m.pages() as u64, &mut buf),
-        Err(SourceError::OutOfRange { index: m.pages() as u64, pages: m.pages() as u64 })
+        Err(SourceError::OutOfRange {
+            index: m.pages() as u64,
+            pages: m.pages() as u64
+        })
     );
 }
 
@@ -349,7 +414,11 @@ fn bad_input_is_an_error() {
 #[test]
 fn bench_freeze_and_first_writes() {
     for thp in [Thp::NoHuge, Thp::Huge] {
-        let name = if matches!(thp, Thp::Huge) { "THP" } else { "4K" };
+        let name = if matches!(thp, Thp::Huge) {
+            "THP"
+        } else {
+            "4K"
+        };
         let m = Mapping::new(64 * MIB, thp);
         (0..m.pages()).for_each(|i| m.fill(i, 0));
         let image = m.freeze();
@@ -369,7 +438,10 @@ fn bench_freeze_and_first_writes() {
         for i in 0..n {
             m.write_word(i * 3, 1, 1);
         }
-        eprintln!("bench {name}: second write: {:?} per page", started.elapsed() / n as u32);
+        eprintln!(
+            "bench {name}: second write: {:?} per page",
+            started.elapsed() / n as u32
+        );
         let mut buf = [0u8; PAGE_SIZE];
         let started = Instant::now();
         for i in 0..m.pages() {
@@ -384,10 +456,16 @@ fn bench_freeze_and_first_writes() {
         eprintln!("bench {name}: release: {:?}", started.elapsed());
     }
     for thp in [Thp::NoHuge, Thp::Huge] {
-        let name = if matches!(thp, Thp::Huge) { "THP" } else { "4K" };
+        let name = if matches!(thp, Thp::Huge) {
+            "THP"
+        } else {
+            "4K"
+        };
         let m = Mapping::new(1024 * MIB, thp);
         // 64 MiB touched: every 16th page (THP turns these into whole 2 MiB pages).
-        (0..m.pages()).step_by(16).for_each(|i| m.write_word(i, 0, 1));
+        (0..m.pages())
+            .step_by(16)
+            .for_each(|i| m.write_word(i, 0, 1));
         let image = m.freeze();
         let s = image.stats();
         eprintln!(

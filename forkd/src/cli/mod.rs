@@ -3,15 +3,15 @@
 use crate::fork::parent::{ForkHub, ForkOptions};
 use crate::fork::ForkService;
 use crate::guest::default_guest;
-use memserver::server::{MemServer, ServerLimits};
-use std::net::SocketAddr;
-use std::sync::Arc;
 use crate::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use memserver::server::{MemServer, ServerLimits};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod fork_summary;

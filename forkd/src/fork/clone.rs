@@ -87,7 +87,12 @@ fn answered_page(bytes: &[u8], clone_id: u64, identity: &CloneIdentity) -> [u8; 
     head.copy_from_slice(&page[..HypercallPage::SIZE]);
     let mut call = HypercallPage::from_bytes(&head);
     call.status = abi::STATUS_OK;
-    call.ret = [clone_id, identity.mac_u64(), u32::from(identity.ip) as u64, 0];
+    call.ret = [
+        clone_id,
+        identity.mac_u64(),
+        u32::from(identity.ip) as u64,
+        0,
+    ];
     page[..HypercallPage::SIZE].copy_from_slice(&call.to_bytes());
     page
 }
@@ -135,8 +140,11 @@ pub fn start_clone(
     });
     let identity = CloneIdentity::new(desc.family, clone_id);
     for p in &desc.pages {
-        if p.bytes.len() != PAGE_SIZE || p.gpa % PAGE_SIZE as u64 != 0 || p.gpa >= len {
-            return Err(ForkError::Clone(format!("bad descriptor page at {:#x}", p.gpa)));
+        if p.bytes.len() != PAGE_SIZE || !p.gpa.is_multiple_of(PAGE_SIZE as u64) || p.gpa >= len {
+            return Err(ForkError::Clone(format!(
+                "bad descriptor page at {:#x}",
+                p.gpa
+            )));
         }
         let data = if p.gpa == desc.hypercall_page {
             answered_page(&p.bytes, clone_id, &identity)

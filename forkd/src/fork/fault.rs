@@ -128,7 +128,7 @@ impl CloneMemory {
     /// Reads a u64 of guest memory, only if its page is present (a read
     /// of a missing page from this thread would wait for this thread).
     fn read_present_u64(&self, gpa: u64) -> Option<u64> {
-        if gpa + 8 > self.len || !self.presence.test(gpa / PAGE) || gpa % 8 != 0 {
+        if gpa + 8 > self.len || !self.presence.test(gpa / PAGE) || !gpa.is_multiple_of(8) {
             return None;
         }
         // SAFETY: the page is present in our own mapping, in bounds and the
@@ -325,4 +325,3 @@ fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Resu
     }
     Ok(())
 }
-

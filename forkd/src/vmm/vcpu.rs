@@ -11,9 +11,9 @@
 
 use crate::fork::ForkRequest;
 use crate::vmm::cpu_state::{CpuStateError, VcpuState};
-use guest_agent::abi;
 use crate::vmm::devices::{Devices, PioAction};
 use crate::vmm::kvm::KvmContext;
+use guest_agent::abi;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
@@ -299,7 +299,11 @@ fn fork_from_vcpu(setup: &mut VcpuSetup, page_gpa: u64, ticket: u64) -> u32 {
     }
     let (service, devices, memory) = {
         let d = setup.devices.lock().unwrap_or_else(|e| e.into_inner());
-        (d.hypercall.fork_service(), d.save(), d.hypercall.memory().clone())
+        (
+            d.hypercall.fork_service(),
+            d.save(),
+            d.hypercall.memory().clone(),
+        )
     };
     let Some(service) = service else {
         return abi::STATUS_UNKNOWN_OP;

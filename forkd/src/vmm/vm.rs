@@ -400,11 +400,7 @@ impl Vm {
     }
 
     /// A clone's fault handler and its fork service (for `sf_exit`).
-    pub(crate) fn set_clone_parts(
-        &mut self,
-        handler: FaultHandler,
-        service: Arc<dyn ForkService>,
-    ) {
+    pub(crate) fn set_clone_parts(&mut self, handler: FaultHandler, service: Arc<dyn ForkService>) {
         self.fault_handler = Some(handler);
         self.fork_service = Some(service);
     }

@@ -4,10 +4,10 @@
 
 use super::console::Console;
 use crate::fork::ForkService;
-use std::sync::Arc;
 use crate::vmm::memory::GuestMemory;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// What the guest told us in `OP_HELLO`.
@@ -137,11 +137,17 @@ impl HypercallDevice {
     /// Answers a call the vCPU thread carried out (`sf_clone`).
     pub fn complete(&mut self, page_gpa: u64, status: u32, ret: [u64; 4]) {
         let mut raw = [0u8; HypercallPage::SIZE];
-        if self.memory.read_slice(&mut raw, GuestAddress(page_gpa)).is_ok() {
+        if self
+            .memory
+            .read_slice(&mut raw, GuestAddress(page_gpa))
+            .is_ok()
+        {
             let mut page = HypercallPage::from_bytes(&raw);
             page.status = status;
             page.ret = ret;
-            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(page_gpa));
+            let _ = self
+                .memory
+                .write_slice(&page.to_bytes(), GuestAddress(page_gpa));
         }
     }
 
@@ -228,7 +234,10 @@ mod tests {
         page.args[abi::HELLO_BITMAP_BYTES] = 4096;
         mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
             .unwrap();
-        assert_eq!(dev.doorbell(&0x3000u32.to_le_bytes()), HypercallAction::Done);
+        assert_eq!(
+            dev.doorbell(&0x3000u32.to_le_bytes()),
+            HypercallAction::Done
+        );
         let mut raw = [0u8; HypercallPage::SIZE];
         mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
         assert_eq!(HypercallPage::from_bytes(&raw).status, abi::STATUS_OK);

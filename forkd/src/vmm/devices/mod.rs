@@ -8,9 +8,9 @@ pub mod serial;
 
 use crate::fork::ForkService;
 use crate::vmm::memory::GuestMemory;
-use std::sync::Arc;
 use guest_agent::abi::{EXIT_PORT, HYPERCALL_PORT, SERIAL_PORT_BASE, SERIAL_PORT_COUNT};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 pub use console::{Console, ConsoleLog};
 pub use hypercall::{GuestInfo, HypercallAction, HypercallDevice};
@@ -24,7 +24,10 @@ pub enum PioAction {
     /// `sf_exit` in a clone).
     Exit(u8),
     /// The guest called `sf_clone`.
-    Fork { page_gpa: u64, ticket: u64 },
+    Fork {
+        page_gpa: u64,
+        ticket: u64,
+    },
 }
 
 /// Device state that goes into a snapshot.
@@ -44,11 +47,7 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(
-        memory: GuestMemory,
-        console: Console,
-        fork: Option<Arc<dyn ForkService>>,
-    ) -> Self {
+    pub fn new(memory: GuestMemory, console: Console, fork: Option<Arc<dyn ForkService>>) -> Self {
         Devices {
             hypercall: HypercallDevice::new(memory, console.clone(), fork),
             serial: SerialDevice::new(console),

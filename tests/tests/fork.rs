@@ -1,0 +1,186 @@
+//! VM fork: every clone I ends with the checksum QEMU prints for the
+//! straight-line run `as_clone=I`, the parent with `as_clone=0`.
+
+use forkd::fork::parent::{ForkHub, ForkOptions};
+use forkd::vmm::{Vm, VmExit};
+use memserver::server::{MemServer, ServerLimits};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tests::{config, finish, forkd, qemu_done_line, require_kvm, stdout_lines};
+
+const MEM: u64 = 512;
+
+struct ForkRun {
+    parent: String,
+    /// (clone id, its `zone: done` line without the prefix).
+    clones: Vec<(u64, String)>,
+    fork: serde_json::Value,
+}
+
+fn fork_run(cmdline: &str, extra: &[&str]) -> ForkRun {
+    let mut args = vec!["run", "--cmdline", cmdline, "--json", "--timeout-s", "120"];
+    args.extend_from_slice(extra);
+    let out = forkd(&args);
+    assert!(out.status.success(), "{out:?}");
+    let lines = stdout_lines(&out);
+    let parent = lines
+        .iter()
+        .find(|l| l.starts_with("zone: done clone=0"))
+        .unwrap_or_else(|| panic!("no parent done line in {lines:?}"))
+        .clone();
+    let mut clones: Vec<(u64, String)> = lines
+        .iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("[clone-")?;
+            let (id, line) = rest.split_once("] ")?;
+            line.starts_with("zone: done")
+                .then(|| (id.parse().ok(), line.to_string()))
+                .and_then(|(id, line)| Some((id?, line)))
+        })
+        .collect();
+    clones.sort();
+    let summary: serde_json::Value =
+        serde_json::from_str(lines.last().expect("summary")).expect("JSON summary");
+    ForkRun {
+        parent,
+        clones,
+        fork: summary["fork"].clone(),
+    }
+}
+
+fn matches_qemu(cmdline: &str, clones: u64) -> ForkRun {
+    let run = fork_run(cmdline, &[]);
+    assert_eq!(
+        run.parent,
+        qemu_done_line(&format!("{cmdline} as_clone=0"), MEM),
+        "parent of '{cmdline}'"
+    );
+    assert_eq!(
+        run.clones.len() as u64,
+        clones,
+        "clone lines: {:?}",
+        run.clones
+    );
+    for (id, line) in &run.clones {
+        assert_eq!(
+            line,
+            &qemu_done_line(&format!("{cmdline} as_clone={id}"), MEM),
+            "clone {id} of '{cmdline}'"
+        );
+    }
+    assert_eq!(run.fork["clones"], clones);
+    let desc = run.fork["descriptor_bytes"].as_u64().unwrap();
+    assert!(desc > 0 && desc < 1 << 20, "descriptor of {desc} bytes");
+    run
+}
+
+#[test]
+fn one_clone() {
+    matches_qemu(
+        "ticks=12 seed=31 state_mib=16 dirty_pages=20 fork_at=4 clones=1",
+        1,
+    );
+}
+
+#[test]
+fn four_clones() {
+    matches_qemu(
+        "ticks=12 seed=32 state_mib=16 alloc_mib=2 dirty_pages=20 fork_at=6 clones=4",
+        4,
+    );
+}
+
+#[test]
+fn sixteen_clones() {
+    matches_qemu(
+        "ticks=8 seed=33 state_mib=8 dirty_pages=10 fork_at=3 clones=16",
+        16,
+    );
+}
+
+#[test]
+fn fork_at_the_first_and_after_the_last_tick() {
+    matches_qemu("ticks=6 seed=34 state_mib=4 fork_at=0 clones=2", 2);
+    matches_qemu("ticks=6 seed=35 state_mib=4 fork_at=6 clones=2", 2);
+}
+
+#[test]
+fn avoidance_heuristics_on_and_off() {
+    let cmdline = "ticks=10 seed=36 state_mib=8 alloc_mib=4 fork_at=3 clones=2";
+    let on = matches_qemu(cmdline, 2);
+    let avoided = on.fork["pages_avoided"].as_u64().unwrap();
+    assert!(avoided > 0, "no pages avoided: {}", on.fork);
+    let off = fork_run(cmdline, &["--no-avoidance"]);
+    assert_eq!(off.parent, on.parent);
+    assert_eq!(off.clones, on.clones, "checksums with heuristics off");
+    assert_eq!(off.fork["pages_avoided"], 0);
+    assert!(
+        off.fork["pages_fetched"].as_u64().unwrap() > on.fork["pages_fetched"].as_u64().unwrap(),
+        "heuristics off should fetch more: on {} / off {}",
+        on.fork,
+        off.fork
+    );
+}
+
+#[test]
+fn memserver_gone_mid_run_stops_clones_not_the_parent() {
+    require_kvm();
+    let cmdline = "ticks=40 seed=37 state_mib=64 tick_us=20000 fork_at=2 clones=2";
+    let server = Arc::new(
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+        .expect("memory server"),
+    );
+    // One page per fetch: the clones need seconds to fault 64 MiB in, so
+    // stopping the server 300 ms after the fork catches them mid-run.
+    let hub = ForkHub::new(
+        ForkOptions {
+            readahead: 1,
+            ..Default::default()
+        },
+        server.clone(),
+    );
+    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
+    let t = Instant::now();
+    while hub.families().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest never forked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.stop();
+    let stopped = Instant::now();
+    assert!(
+        hub.wait_clones(Duration::from_secs(30)),
+        "clones still running"
+    );
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "clones took {took:?} to stop"
+    );
+    let report = hub.families()[0].report();
+    let mut ended = 0;
+    for c in &report.clones {
+        match &c.exit {
+            VmExit::Failed(why) => assert!(why.contains("did not answer"), "{why}"),
+            other => panic!("clone {} ended {other:?}, expected a failure", c.clone_id),
+        }
+        ended += 1;
+    }
+    for (id, why) in &report.start_failures {
+        assert!(why.contains("memory server"), "clone {id}: {why}");
+        ended += 1;
+    }
+    assert_eq!(ended, 2);
+    // The parent is unharmed and finishes with its straight-line checksum.
+    assert_eq!(
+        finish(&mut parent),
+        qemu_done_line(&format!("{cmdline} as_clone=0"), MEM)
+    );
+}
