@@ -93,6 +93,10 @@ impl Platform for GuestPlatform {
         Ok(id)
     }
 
+    fn will_overwrite(&mut self, buf: &[u64]) {
+        sf::will_overwrite(buf.as_ptr() as u64, core::mem::size_of_val(buf) as u64);
+    }
+
     fn pace(&mut self, tick: u64, tick_us: u64) {
         let due = self.tsc_start + tick * tick_us * self.tsc_per_us;
         while io::rdtsc() < due {
@@ -138,6 +142,10 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
             ),
         )
     };
+    let inbox_bytes = (zone::INBOX_WORDS * 8) as u64;
+    let Some(inbox_gpa) = alloc.alloc(inbox_bytes / PAGE_SIZE) else {
+        fail(EXIT_BAD_CMDLINE, format_args!("no guest RAM left for the client inbox"))
+    };
     let (heap_lo, heap_hi) = alloc.heap();
     let mut args = [0u64; 8];
     args[abi::HELLO_ABI_VERSION] = abi::ABI_VERSION;
@@ -163,13 +171,17 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     let state = unsafe {
         core::slice::from_raw_parts_mut(state_gpa as *mut u64, (state_bytes / 8) as usize)
     };
+    // SAFETY: as for the state: pages handed out for the inbox alone.
+    let inbox = unsafe {
+        core::slice::from_raw_parts_mut(inbox_gpa as *mut u64, zone::INBOX_WORDS)
+    };
     let mut platform = GuestPlatform {
         alloc,
         tsc_start: io::rdtsc(),
         tsc_per_us: tsc_per_us(),
         ticket: None,
     };
-    match zone::run(&cfg, state, &mut platform) {
+    match zone::run(&cfg, state, inbox, &mut platform) {
         Ok(o) => {
             if let (Some(t), 0) = (&platform.ticket, o.clone_id) {
                 if let Err(e) = sf::sf_join(t, platform.tsc_per_us, JOIN_POLL_US) {

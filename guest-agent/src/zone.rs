@@ -3,7 +3,10 @@
 //! The zone state is an array of entities (4 words each: position, velocity,
 //! hit points and score, id and flags) on a 65536×65536 wrap-around grid.
 //! Every tick: clients send [`UPDATES_PER_TICK`] updates (velocity and hit
-//! point changes for random entities); the entities of `dirty_pages` random
+//! point changes for random entities), which arrive in an inbox buffer of
+//! [`INBOX_WORDS`] words that is fully overwritten every tick (after a fork
+//! the zone declares it to the VMM, which then need not fetch it: avoidance
+//! heuristic b); the entities of `dirty_pages` random
 //! state pages move; an interest-management scan reads the whole state; and
 //! `alloc_mib` of fresh buffers are allocated, fully overwritten, read back
 //! and freed. The checksum depends only on the configuration and the clone
@@ -15,6 +18,8 @@ use core::fmt;
 
 /// Client updates applied per tick.
 pub const UPDATES_PER_TICK: u64 = 256;
+/// The client inbox: 64 KiB, refilled every tick.
+pub const INBOX_WORDS: usize = 8192;
 /// Words per entity.
 const ENTITY_WORDS: usize = 4;
 /// Words per 4 KiB page.
@@ -71,6 +76,8 @@ pub trait Platform {
     fn fork(&mut self, clones: u64) -> Result<u64, ZoneError>;
     /// Waits until tick `tick` is due when ticks last `tick_us` each.
     fn pace(&mut self, tick: u64, tick_us: u64);
+    /// Tells the VMM `buf` will be fully overwritten before it is read.
+    fn will_overwrite(&mut self, _buf: &[u64]) {}
 }
 
 /// The result the guest prints on its last console line.
@@ -111,7 +118,10 @@ fn move_entity(e: &mut [u64]) {
 struct Zone<'s> {
     cfg: ZoneConfig,
     state: &'s mut [u64],
+    inbox: &'s mut [u64],
     salt: u64,
+    /// Declare the inbox before its next refill (after a fork).
+    declare_inbox: bool,
 }
 
 impl Zone<'_> {
@@ -133,9 +143,16 @@ impl Zone<'_> {
         let base = self.cfg.seed ^ mix64(t ^ TICK_STREAM) ^ self.salt;
         let mut rng = Rng::new(mix64(base));
         let n = self.entities();
-        for _ in 0..UPDATES_PER_TICK {
-            let i = rng.below(n) as usize * ENTITY_WORDS;
-            let r = rng.next();
+        if self.declare_inbox {
+            platform.will_overwrite(self.inbox);
+            self.declare_inbox = false;
+        }
+        for w in self.inbox.iter_mut() {
+            *w = rng.next();
+        }
+        for k in 0..UPDATES_PER_TICK as usize {
+            let (target, r) = (self.inbox[2 * k], self.inbox[2 * k + 1]);
+            let i = ((target as u128 * n as u128) >> 64) as usize * ENTITY_WORDS;
             self.state[i + 1] = velocity(r);
             self.state[i + 2] ^= r >> 48;
         }
@@ -148,6 +165,7 @@ impl Zone<'_> {
         }
         let mut fold = Fold::default();
         fold.add_words(self.state);
+        fold.add_words(self.inbox);
         if self.cfg.alloc_mib > 0 {
             let words = (self.cfg.alloc_mib << 20) as usize / 8;
             let mut srng = Rng::new(mix64(base ^ SCRATCH_STREAM));
@@ -166,21 +184,25 @@ impl Zone<'_> {
     }
 }
 
-/// Runs the zone described by `cfg` on `state` (its `state_mib` MiB,
-/// contents irrelevant: it is initialised here).
+/// Runs the zone described by `cfg` on `state` (its `state_mib` MiB) and
+/// `inbox` ([`INBOX_WORDS`] words); contents irrelevant, both are
+/// initialised here.
 pub fn run(
     cfg: &ZoneConfig,
     state: &mut [u64],
+    inbox: &mut [u64],
     platform: &mut dyn Platform,
 ) -> Result<Outcome, ZoneError> {
-    if state.len() < PAGE_WORDS {
+    if state.len() < PAGE_WORDS || inbox.len() < 2 * UPDATES_PER_TICK as usize {
         return Err(ZoneError::StateTooSmall);
     }
     init_state(state, cfg.seed);
     let mut zone = Zone {
         cfg: cfg.clone(),
         state,
+        inbox,
         salt: 0,
+        declare_inbox: false,
     };
     let mut clone_id = 0;
     let mut acc = mix64(cfg.seed);
@@ -191,6 +213,7 @@ pub fn run(
                 None => platform.fork(cfg.clones.unwrap_or(1))?,
             };
             zone.become_clone(clone_id);
+            zone.declare_inbox = true;
         }
         if t == cfg.ticks {
             break;
@@ -237,7 +260,8 @@ mod tests {
     fn run_cmdline(c: &str) -> Result<Outcome, ZoneError> {
         let cfg = parse(c).unwrap();
         let mut state = vec![0u64; (cfg.state_mib << 20) as usize / 8];
-        run(&cfg, &mut state, &mut HostPlatform)
+        let mut inbox = vec![0u64; INBOX_WORDS];
+        run(&cfg, &mut state, &mut inbox, &mut HostPlatform)
     }
 
     #[test]

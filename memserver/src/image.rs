@@ -32,12 +32,19 @@
 //! failure set the state first, then take and drop every stripe lock (draining
 //! readers that are mid-copy), and only then remove the protection.
 //!
+//! **Discarded pages.** Discarding a page of the range (`MADV_DONTNEED`, or
+//! reclaim after `MADV_FREE`) drops its pte and with it the protection: a
+//! later write would not fault. The uffd-wp bit never comes back once lost
+//! (we write-protect only at the freeze; swap, migration and THP splits keep
+//! it). So every copy from the live mapping (reader or handler) re-reads the
+//! page's pagemap entry *after* copying: bit still set means the page was
+//! protected from the freeze to the check, so the bytes copied are the frozen
+//! ones; bit gone means the page was discarded, and the read answers
+//! `Unavailable` instead of wrong data (about 1 µs per live read).
+//!
 //! **Limits** (part of the freeze contract): writes that bypass page tables
-//! (DMA into pages pinned before the freeze: VFIO, vhost) are not seen.
-//! Discarding pages of the range (`MADV_DONTNEED`/`MADV_FREE`) drops their
-//! protection; the image learns of it (`UFFD_EVENT_REMOVE`) and answers
-//! `Unavailable` for discarded pages not yet copied, except for a read racing
-//! the discard itself. Do not discard guest memory while an image lives.
+//! (DMA into pages pinned before the freeze: VFIO, vhost) are not seen; a
+//! discard *during* the freeze call reads back as zeros.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -46,7 +53,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -111,8 +118,8 @@ pub struct ImageStats {
     pub bytes_held: u64,
     /// Write-protect fault events handled (>= `pages_copied`).
     pub wp_faults: u64,
-    /// `UFFD_EVENT_REMOVE` events (pages discarded by the parent).
-    pub discard_events: u64,
+    /// Reads or faults that found a page discarded after the freeze.
+    pub lost_page_reads: u64,
     /// Register + write-protect: the part the parent must be paused for.
     pub protect_duration: Duration,
     /// The whole freeze, including the pagemap classification.
@@ -127,12 +134,12 @@ struct Shared {
     /// Protection is set and the range registered (cleared by the one disarm).
     armed: AtomicBool,
     stripes: Box<[Mutex<Copies>]>,
-    /// Page ranges `[first, end)` discarded after the freeze.
-    discarded: RwLock<Vec<(u64, u64)>>,
+    /// `/proc/self/pagemap`, to check that a page is still protected.
+    pagemap: File,
     pages_copied: AtomicU64,
     bytes_held: AtomicU64,
     wp_faults: AtomicU64,
-    discard_events: AtomicU64,
+    lost_page_reads: AtomicU64,
     #[cfg(test)]
     stall: AtomicBool,
 }
@@ -172,6 +179,18 @@ impl Shared {
                 tracing::warn!("frozen image: unregistering failed: {e}");
             }
         }
+    }
+
+    /// Whether page `index` still carries its uffd-wp bit (see module docs).
+    fn still_protected(&self, index: u64) -> io::Result<bool> {
+        let mut bytes = [0u8; 8];
+        let vpn = self.base / PAGE_SIZE + index as usize;
+        self.pagemap.read_exact_at(&mut bytes, vpn as u64 * 8)?;
+        let kept = u64::from_ne_bytes(bytes) & PM_UFFD_WP != 0;
+        if !kept {
+            self.lost_page_reads.fetch_add(1, SeqCst);
+        }
+        Ok(kept)
     }
 
     fn stalled(&self) -> bool {
@@ -226,10 +245,12 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
             continue;
         } else {
             match uffd.read_events(&mut events) {
-                Ok(mut iter) => iter.try_for_each(|ev| handle_event(shared, uffd, ev?)),
-                Err(e) => Err(e),
+                Ok(mut iter) => iter.try_for_each(|ev| {
+                    let ev = ev.map_err(|e| e.to_string())?;
+                    handle_event(shared, uffd, ev)
+                }),
+                Err(e) => Err(e.to_string()),
             }
-            .map_err(|e| e.to_string())
         };
         if let Err(e) = result {
             if shared.state.load(SeqCst) == LIVE {
@@ -241,7 +262,8 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
     }
 }
 
-fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), userfaultfd::Error> {
+fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String> {
+    let unprotect = |page| unprotect(uffd, page, PAGE_SIZE).map_err(|e| e.to_string());
     match event {
         Event::Pagefault { kind, addr, .. } => {
             let page = addr as usize & !(PAGE_SIZE - 1);
@@ -249,7 +271,9 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), userfa
                 || !(shared.base..shared.base + shared.len).contains(&page)
             {
                 // Not registered for these; never leave a thread waiting.
-                return uffd.wake(page as *mut c_void, PAGE_SIZE);
+                return uffd
+                    .wake(page as *mut c_void, PAGE_SIZE)
+                    .map_err(|e| e.to_string());
             }
             shared.wp_faults.fetch_add(1, SeqCst);
             let index = ((page - shared.base) / PAGE_SIZE) as u64;
@@ -269,29 +293,16 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), userfa
                             PAGE_SIZE,
                         )
                     };
-                    stripe.insert(index, copy);
-                    shared.pages_copied.fetch_add(1, SeqCst);
-                    shared.bytes_held.fetch_add(PAGE_SIZE as u64, SeqCst);
+                    // A page discarded meanwhile gets no copy: readers see it lost.
+                    if shared.still_protected(index).map_err(|e| e.to_string())? {
+                        stripe.insert(index, copy);
+                        shared.pages_copied.fetch_add(1, SeqCst);
+                        shared.bytes_held.fetch_add(PAGE_SIZE as u64, SeqCst);
+                    }
                 }
             }
             // Only after the copy is visible to readers (lock released).
-            unprotect(uffd, page, PAGE_SIZE)
-        }
-        Event::Remove { start, end } => {
-            let first = (start as usize).max(shared.base) - shared.base;
-            let end = (end as usize)
-                .min(shared.base + shared.len)
-                .saturating_sub(shared.base);
-            if end > first {
-                let range = ((first / PAGE_SIZE) as u64, end.div_ceil(PAGE_SIZE) as u64);
-                shared
-                    .discarded
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(range);
-            }
-            shared.discard_events.fetch_add(1, SeqCst);
-            Ok(())
+            unprotect(page)
         }
         _ => Ok(()),
     }
@@ -353,7 +364,7 @@ impl FrozenImage {
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
-            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP | FeatureFlags::EVENT_REMOVE)
+            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
             .create()
             .map_err(|e| uffd_error("create", e))?;
         if !pagemap_reports_wp(&uffd)? {
@@ -375,11 +386,11 @@ impl FrozenImage {
             state: AtomicU8::new(LIVE),
             armed: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
-            discarded: RwLock::default(),
+            pagemap: File::open("/proc/self/pagemap").map_err(ImageError::Pagemap)?,
             pages_copied: AtomicU64::new(0),
             bytes_held: AtomicU64::new(0),
             wp_faults: AtomicU64::new(0),
-            discard_events: AtomicU64::new(0),
+            lost_page_reads: AtomicU64::new(0),
             #[cfg(test)]
             stall: AtomicBool::new(false),
         });
@@ -429,7 +440,7 @@ impl FrozenImage {
             pages_copied: s.pages_copied.load(SeqCst),
             bytes_held: s.bytes_held.load(SeqCst),
             wp_faults: s.wp_faults.load(SeqCst),
-            discard_events: s.discard_events.load(SeqCst),
+            lost_page_reads: s.lost_page_reads.load(SeqCst),
             protect_duration: self.protect_duration,
             freeze_duration: self.freeze_duration,
         }
@@ -496,25 +507,20 @@ impl PageSource for FrozenImage {
             buf.copy_from_slice(&copy[..]);
             return Ok(());
         }
-        let discarded = shared
-            .discarded
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if discarded
-            .iter()
-            .any(|&(first, end)| (first..end).contains(&index))
-        {
-            return Err(SourceError::Unavailable(format!(
-                "page {index} was discarded after the freeze"
-            )));
-        }
         let page = shared.base + index as usize * PAGE_SIZE;
         // SAFETY: `page` is in the frozen range, mapped while the image is
         // LIVE (checked above under the lock). No copy exists and we hold the
         // stripe lock, so the handler has not removed the page's protection:
-        // writers are blocked and the bytes are the frozen ones.
+        // unless the page was discarded (checked next), writers are blocked
+        // and the bytes are the frozen ones.
         unsafe { std::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
-        Ok(())
+        match shared.still_protected(index) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SourceError::Unavailable(format!(
+                "page {index} was discarded after the freeze"
+            ))),
+            Err(e) => Err(SourceError::Unavailable(format!("pagemap: {e}"))),
+        }
     }
 }
 
@@ -533,7 +539,6 @@ fn read_pagemap(file: &File, vpn: usize, bytes: &mut [u8], out: &mut Vec<u64>) -
 
 /// Returns the populated-at-freeze bitmap and its population count.
 fn classify(shared: &Shared, base: usize, pages: usize) -> Result<(Vec<u64>, u64), ImageError> {
-    let pagemap = File::open("/proc/self/pagemap").map_err(ImageError::Pagemap)?;
     let mut bits = vec![0u64; pages.div_ceil(64)];
     let mut count = 0;
     let mut bytes = vec![0u8; PAGEMAP_CHUNK.min(pages) * 8];
@@ -542,7 +547,7 @@ fn classify(shared: &Shared, base: usize, pages: usize) -> Result<(Vec<u64>, u64
     while done < pages {
         let n = (pages - done).min(PAGEMAP_CHUNK);
         read_pagemap(
-            &pagemap,
+            &shared.pagemap,
             base / PAGE_SIZE + done,
             &mut bytes[..n * 8],
             &mut entries,

@@ -379,7 +379,7 @@ fn discarded_pages_are_unavailable_not_wrong() {
     ));
     image.read_page(3, &mut buf).unwrap();
     assert!(buf == expected(3, Some(0)));
-    assert_eq!(image.stats().discard_events, 1);
+    assert_eq!(image.stats().lost_page_reads, 1);
 }
 
 #[test]

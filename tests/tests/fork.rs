@@ -111,10 +111,13 @@ fn avoidance_heuristics_on_and_off() {
     let on = matches_qemu(cmdline, 2);
     let avoided = on.fork["pages_avoided"].as_u64().unwrap();
     assert!(avoided > 0, "no pages avoided: {}", on.fork);
+    // Heuristic b: each clone's client inbox (16 pages) is declared.
+    assert_eq!(on.fork["pages_declared"], 32, "{}", on.fork);
     let off = fork_run(cmdline, &["--no-avoidance"]);
     assert_eq!(off.parent, on.parent);
     assert_eq!(off.clones, on.clones, "checksums with heuristics off");
     assert_eq!(off.fork["pages_avoided"], 0);
+    assert_eq!(off.fork["pages_declared"], 0);
     assert!(
         off.fork["pages_fetched"].as_u64().unwrap() > on.fork["pages_fetched"].as_u64().unwrap(),
         "heuristics off should fetch more: on {} / off {}",
