@@ -33,6 +33,16 @@ pub const HELLO_HEAP_START: usize = 3;
 pub const HELLO_HEAP_END: usize = 4;
 pub const HELLO_STATE_GPA: usize = 5;
 pub const HELLO_STATE_BYTES: usize = 6;
+/// Guest-physical address of the guest's [`AgentPage`].
+pub const HELLO_AGENT_GPA: usize = 7;
+
+/// A page the guest reads every tick and the VMM writes: how it learns of
+/// a fork the host started (the VMM bumps `fork_epoch` and sets `clone_id`
+/// in the parent and in each clone's copy). Words, little endian.
+pub const AGENT_MAGIC: u64 = 0x544e_4547_4144_4b46; // "FKDAGENT"
+pub const AGENT_WORD_MAGIC: usize = 0;
+pub const AGENT_WORD_EPOCH: usize = 1;
+pub const AGENT_WORD_CLONE_ID: usize = 2;
 
 /// Console output: `args[0]` is the guest-physical address of `args[1]`
 /// bytes (at most [`CONSOLE_MAX`]) to print. A zero-length call probes

@@ -15,6 +15,17 @@ const JOIN_POLL_US: u64 = 1000;
 const MAPPED_END: u64 = 4 << 30;
 const BITMAP_WORDS: usize = (MAPPED_END / PAGE_SIZE / 64) as usize;
 
+/// The agent page (see `abi::AgentPage` words): written by the VMM.
+#[repr(C, align(4096))]
+struct AgentPage([u64; 512]);
+static mut AGENT: AgentPage = AgentPage([0; 512]);
+
+fn agent_word(i: usize) -> u64 {
+    // SAFETY: AGENT is a static page; the VMM may change it between reads,
+    // hence the volatile read; i < 512 at every call site.
+    unsafe { core::ptr::addr_of!(AGENT.0[i]).read_volatile() }
+}
+
 /// Allocation bitmap: one bit per 4 KiB page of the first 4 GiB (128 KiB).
 static mut ALLOC_BITMAP: [u64; BITMAP_WORDS] = [0; BITMAP_WORDS];
 
@@ -60,6 +71,8 @@ struct GuestPlatform {
     tsc_per_us: u64,
     /// The ticket of the fork this zone did, if any.
     ticket: Option<sf::Ticket>,
+    /// The agent page's fork epoch when last looked at.
+    fork_epoch: u64,
 }
 
 impl Platform for GuestPlatform {
@@ -91,6 +104,22 @@ impl Platform for GuestPlatform {
         let id = sf::sf_clone(&ticket).map_err(refused)?;
         self.ticket = Some(ticket);
         Ok(id)
+    }
+
+    fn host_fork(&mut self) -> Option<u64> {
+        let epoch = agent_word(abi::AGENT_WORD_EPOCH);
+        if epoch == self.fork_epoch {
+            return None;
+        }
+        self.fork_epoch = epoch;
+        Some(agent_word(abi::AGENT_WORD_CLONE_ID))
+    }
+
+    fn note_host_fork(&mut self, tick: u64, clone_id: u64) {
+        let _ = writeln!(
+            Console,
+            "zone: forked by the host before tick {tick}: clone={clone_id}"
+        );
     }
 
     fn will_overwrite(&mut self, buf: &[u64]) {
@@ -144,7 +173,10 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     };
     let inbox_bytes = (zone::INBOX_WORDS * 8) as u64;
     let Some(inbox_gpa) = alloc.alloc(inbox_bytes / PAGE_SIZE) else {
-        fail(EXIT_BAD_CMDLINE, format_args!("no guest RAM left for the client inbox"))
+        fail(
+            EXIT_BAD_CMDLINE,
+            format_args!("no guest RAM left for the client inbox"),
+        )
     };
     let (heap_lo, heap_hi) = alloc.heap();
     let mut args = [0u64; 8];
@@ -155,6 +187,12 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     args[abi::HELLO_HEAP_END] = heap_hi;
     args[abi::HELLO_STATE_GPA] = state_gpa;
     args[abi::HELLO_STATE_BYTES] = state_bytes;
+    // SAFETY: only the address is taken, and the magic written before the
+    // VMM learns where the page is.
+    unsafe {
+        core::ptr::addr_of_mut!(AGENT.0[abi::AGENT_WORD_MAGIC]).write_volatile(abi::AGENT_MAGIC);
+    }
+    args[abi::HELLO_AGENT_GPA] = core::ptr::addr_of!(AGENT) as u64;
     let vmm = match hypercall::call(OP_HELLO, args) {
         Some(_) => "forkd",
         None => "none",
@@ -172,14 +210,14 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         core::slice::from_raw_parts_mut(state_gpa as *mut u64, (state_bytes / 8) as usize)
     };
     // SAFETY: as for the state: pages handed out for the inbox alone.
-    let inbox = unsafe {
-        core::slice::from_raw_parts_mut(inbox_gpa as *mut u64, zone::INBOX_WORDS)
-    };
+    let inbox =
+        unsafe { core::slice::from_raw_parts_mut(inbox_gpa as *mut u64, zone::INBOX_WORDS) };
     let mut platform = GuestPlatform {
         alloc,
         tsc_start: io::rdtsc(),
         tsc_per_us: tsc_per_us(),
         ticket: None,
+        fork_epoch: 0,
     };
     match zone::run(&cfg, state, inbox, &mut platform) {
         Ok(o) => {

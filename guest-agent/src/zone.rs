@@ -78,6 +78,12 @@ pub trait Platform {
     fn pace(&mut self, tick: u64, tick_us: u64);
     /// Tells the VMM `buf` will be fully overwritten before it is read.
     fn will_overwrite(&mut self, _buf: &[u64]) {}
+    /// If the host forked this VM since the last call: this VM's clone id.
+    fn host_fork(&mut self) -> Option<u64> {
+        None
+    }
+    /// Reports that the zone forked (by the host) before tick `tick`.
+    fn note_host_fork(&mut self, _tick: u64, _clone_id: u64) {}
 }
 
 /// The result the guest prints on its last console line.
@@ -207,6 +213,14 @@ pub fn run(
     let mut clone_id = 0;
     let mut acc = mix64(cfg.seed);
     for t in 0..=cfg.ticks {
+        // A fork the host started lands at a tick boundary, in the parent
+        // and in every clone alike: as if `fork_at=t` had been asked for.
+        if let Some(id) = platform.host_fork() {
+            clone_id = id;
+            zone.become_clone(id);
+            zone.declare_inbox = true;
+            platform.note_host_fork(t, id);
+        }
         if cfg.fork_at == Some(t) {
             clone_id = match cfg.as_clone {
                 Some(i) => i,

@@ -202,7 +202,7 @@ impl Shared {
 }
 
 /// Removes write protection (waking blocked writers), retrying while the
-/// kernel reports EAGAIN (the address space is changing under a REMOVE event).
+/// kernel reports EAGAIN (the address space is changing).
 fn unprotect(uffd: &Uffd, start: usize, len: usize) -> Result<(), userfaultfd::Error> {
     loop {
         match uffd.remove_write_protection(start as *mut c_void, len, true) {

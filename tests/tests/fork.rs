@@ -187,3 +187,86 @@ fn memserver_gone_mid_run_stops_clones_not_the_parent() {
         qemu_done_line(&format!("{cmdline} as_clone=0"), MEM)
     );
 }
+
+#[test]
+fn host_initiated_fork_matches_qemu() {
+    require_kvm();
+    // About 300 ms of guest time, so the host forks it mid-run.
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let server = Arc::new(
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+        .expect("memory server"),
+    );
+    let hub = ForkHub::new(ForkOptions::default(), server.clone());
+    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
+    let t = Instant::now();
+    while !parent
+        .console()
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("zone: start"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "guest never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(60));
+    let family = parent.fork(3).expect("host fork");
+    let parent_done = finish(&mut parent);
+    assert!(
+        hub.wait_clones(Duration::from_secs(60)),
+        "clones still running"
+    );
+    let lines = parent.console().lines();
+    let tick: u64 = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"));
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=3 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(parent_done, oracle(0));
+    let report = family.report();
+    assert_eq!(report.clones.len(), 3, "{:?}", report.start_failures);
+    for c in &report.clones {
+        assert_eq!(c.exit, VmExit::Guest(0), "clone {}", c.clone_id);
+        assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
+    }
+}
+
+#[test]
+fn host_fork_is_refused_clearly() {
+    require_kvm();
+    let server = Arc::new(
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+        .expect("memory server"),
+    );
+    let hub = ForkHub::new(ForkOptions::default(), server);
+    let mut vm = Vm::boot_with(
+        &config("ticks=400 state_mib=4 tick_us=1000", MEM),
+        Some(hub),
+    )
+    .expect("boot");
+    let err = vm.fork(0).expect_err("zero clones");
+    assert!(err.to_string().contains("clones"), "{err}");
+    let err = vm.fork(1000).expect_err("too many clones");
+    assert!(err.to_string().contains("clones"), "{err}");
+    vm.kill();
+    assert!(matches!(vm.fork(1), Err(forkd::vmm::VmError::Exited)));
+    let mut plain = tests::boot("ticks=400 state_mib=4 tick_us=1000", MEM);
+    let err = plain.fork(1).expect_err("no fork service");
+    assert!(err.to_string().contains("no fork service"), "{err}");
+}

@@ -4,7 +4,7 @@
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Presence};
 use crate::fork::identity::CloneIdentity;
-use crate::fork::{ForkError, ForkRequest, ForkService};
+use crate::fork::{Answer, ForkError, ForkRequest, ForkService};
 use crate::vmm::devices::{Console, Devices};
 use crate::vmm::kvm::KvmContext;
 use crate::vmm::memory;
@@ -78,11 +78,23 @@ impl ForkService for CloneService {
     }
 }
 
-/// The descriptor page that holds the `sf_clone` call, answered for
+/// The descriptor page that tells the clone who it is, answered for
 /// clone `clone_id`.
-fn answered_page(bytes: &[u8], clone_id: u64, identity: &CloneIdentity) -> [u8; PAGE_SIZE] {
+fn answered_page(
+    bytes: &[u8],
+    answer: Answer,
+    clone_id: u64,
+    identity: &CloneIdentity,
+) -> [u8; PAGE_SIZE] {
     let mut page = [0u8; PAGE_SIZE];
     page.copy_from_slice(&bytes[..PAGE_SIZE]);
+    if let Answer::Agent { epoch } = answer {
+        let mut put =
+            |word: usize, v: u64| page[word * 8..word * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        put(abi::AGENT_WORD_EPOCH, epoch);
+        put(abi::AGENT_WORD_CLONE_ID, clone_id);
+        return page;
+    }
     let mut head = [0u8; HypercallPage::SIZE];
     head.copy_from_slice(&page[..HypercallPage::SIZE]);
     let mut call = HypercallPage::from_bytes(&head);
@@ -146,8 +158,8 @@ pub fn start_clone(
                 p.gpa
             )));
         }
-        let data = if p.gpa == desc.hypercall_page {
-            answered_page(&p.bytes, clone_id, &identity)
+        let data = if p.gpa == desc.answer_page {
+            answered_page(&p.bytes, desc.answer, clone_id, &identity)
         } else {
             let mut d = [0u8; PAGE_SIZE];
             d.copy_from_slice(&p.bytes);

@@ -4,6 +4,7 @@
 //! plus which pages the guest allocator had handed out at the fork (for
 //! the avoidance heuristics). Everything else faults in on demand.
 
+use crate::fork::Answer;
 use crate::vmm::cpu_state::VcpuState;
 use crate::vmm::devices::{DevicesState, GuestInfo};
 use crate::vmm::memory::GuestMemory;
@@ -60,9 +61,9 @@ pub struct ForkDescriptor {
     pub mem_bytes: u64,
     pub vcpu: VcpuState,
     pub devices: DevicesState,
-    /// The page the guest rang `sf_clone` with; each clone's copy says
-    /// which clone it is.
-    pub hypercall_page: u64,
+    /// The page that tells each clone which clone it is, and how.
+    pub answer_page: u64,
+    pub answer: Answer,
     pub pages: Vec<DescriptorPage>,
     pub alloc: Option<AllocAtFork>,
 }
@@ -74,7 +75,8 @@ impl ForkDescriptor {
         memory: &GuestMemory,
         vcpu: VcpuState,
         devices: DevicesState,
-        hypercall_page: u64,
+        answer_page: u64,
+        answer: Answer,
     ) -> Result<Self, DescriptorError> {
         let mem_bytes = memory.last_addr().0 + 1;
         let mut wanted = BTreeSet::new();
@@ -93,7 +95,7 @@ impl ForkDescriptor {
         let rsp = vcpu.regs.rsp & !(PAGE - 1);
         wanted.insert(rsp);
         wanted.insert(rsp.saturating_sub(PAGE));
-        wanted.insert(hypercall_page);
+        wanted.insert(answer_page & !(PAGE - 1));
         let mut pages = Vec::with_capacity(wanted.len());
         for gpa in wanted.into_iter().filter(|g| *g < mem_bytes) {
             let mut bytes = vec![0u8; PAGE as usize];
@@ -112,7 +114,8 @@ impl ForkDescriptor {
             mem_bytes,
             vcpu,
             devices,
-            hypercall_page,
+            answer_page,
+            answer,
             pages,
             alloc,
         })

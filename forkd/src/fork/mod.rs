@@ -32,13 +32,27 @@ pub enum ForkError {
     Freeze(String),
     #[error("memory server: {0}")]
     MemServer(String),
+    #[error("cannot fork: {0}")]
+    Refused(String),
 }
 
-/// Everything the parent's vCPU thread hands over at `sf_clone`.
+/// How each clone learns it is a clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Answer {
+    /// The guest called `sf_clone`: its hypercall page at `page_gpa`
+    /// returns the clone id.
+    SfClone,
+    /// The host forked the VM: the guest's agent page at `page_gpa` gets
+    /// this fork epoch and the clone id.
+    Agent { epoch: u64 },
+}
+
+/// Everything the parent hands over to fork.
 pub struct ForkRequest {
     pub ticket: u64,
-    /// The hypercall page the guest rang with (answered per clone).
+    /// The page answered per clone (see [`Answer`]).
     pub page_gpa: u64,
+    pub answer: Answer,
     /// The parent's vCPU, stopped just after the doorbell `out`.
     pub vcpu: VcpuState,
     pub devices: DevicesState,
@@ -63,4 +77,8 @@ pub trait ForkService: Send + Sync {
     fn may_exit(&self) -> bool;
     /// The VM is going away: stop whatever still uses its memory.
     fn shutdown(&self) {}
+    /// The parent-side hub, for host-initiated forks.
+    fn as_hub(&self) -> Option<&parent::ForkHub> {
+        None
+    }
 }

@@ -96,7 +96,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Family")
+            .field("id", &self.id)
+            .field("running", &self.running())
+            .finish()
+    }
+}
+
 impl Family {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn report(&self) -> FamilyReport {
         lock(&self.report).clone()
     }
@@ -161,6 +174,10 @@ impl ForkHub {
         })
     }
 
+    pub fn max_clones(&self) -> u64 {
+        self.opts.max_clones
+    }
+
     pub fn families(&self) -> Vec<Arc<Family>> {
         lock(&self.families).clone()
     }
@@ -182,6 +199,20 @@ impl ForkHub {
         }
     }
 
+    /// Forks a paused VM into `clones` clones (host-initiated). The caller
+    /// resumes the parent afterwards.
+    pub fn fork_paused(&self, req: ForkRequest, clones: u64) -> Result<Arc<Family>, ForkError> {
+        if clones == 0 || clones > self.opts.max_clones {
+            return Err(ForkError::Refused(format!(
+                "{clones} clones requested; 1..={} allowed",
+                self.opts.max_clones
+            )));
+        }
+        let family = self.do_fork(req, clones)?;
+        lock(&self.families).push(family.clone());
+        Ok(family)
+    }
+
     fn do_fork(&self, req: ForkRequest, granted: u64) -> Result<Arc<Family>, ForkError> {
         let id = NEXT_FAMILY.fetch_add(1, Ordering::Relaxed);
         let region = req
@@ -197,7 +228,14 @@ impl ForkHub {
         let image = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
             .map_err(|e| ForkError::Freeze(e.to_string()))?;
         let freeze = t.elapsed();
-        let desc = ForkDescriptor::build(id, &req.memory, req.vcpu, req.devices, req.page_gpa)?;
+        let desc = ForkDescriptor::build(
+            id,
+            &req.memory,
+            req.vcpu,
+            req.devices,
+            req.page_gpa,
+            req.answer,
+        )?;
         let encoded = desc.encode()?;
         self.memserver
             .add_family(id, image.clone() as Arc<dyn PageSource>)
@@ -392,6 +430,10 @@ impl ForkService for ForkHub {
 
     fn may_exit(&self) -> bool {
         false
+    }
+
+    fn as_hub(&self) -> Option<&ForkHub> {
+        Some(self)
     }
 
     fn shutdown(&self) {

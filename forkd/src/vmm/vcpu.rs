@@ -9,7 +9,7 @@
 //! with `immediate_exit` set, so that an I/O exit it just handled is
 //! completed and the saved state is consistent (KVM API doc, KVM_RUN).
 
-use crate::fork::ForkRequest;
+use crate::fork::{Answer, ForkRequest};
 use crate::vmm::cpu_state::{CpuStateError, VcpuState};
 use crate::vmm::devices::{Devices, PioAction};
 use crate::vmm::kvm::KvmContext;
@@ -321,6 +321,7 @@ fn fork_from_vcpu(setup: &mut VcpuSetup, page_gpa: u64, ticket: u64) -> u32 {
     match service.fork(ForkRequest {
         ticket,
         page_gpa,
+        answer: Answer::SfClone,
         vcpu,
         devices,
         memory,

@@ -2,7 +2,8 @@
 //! pause/resume, snapshot and restore.
 
 use crate::fork::fault::FaultHandler;
-use crate::fork::ForkService;
+use crate::fork::parent::Family;
+use crate::fork::{Answer, ForkRequest, ForkService};
 use crate::vmm::boot::{self, BootError};
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
@@ -10,13 +11,14 @@ use crate::vmm::kvm::{KvmContext, KvmError};
 use crate::vmm::memory::{self, GuestMemory, MemoryError};
 use crate::vmm::persist::{self, PersistError, VmState};
 use crate::vmm::vcpu::{VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuRunState, VcpuSetup};
+use guest_agent::abi;
 use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, CpuId};
 use kvm_ioctls::VmFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const MAX_VCPUS: u8 = 32;
 /// `wait` checks a clone's fault handler this often.
@@ -51,6 +53,8 @@ pub enum VmError {
     MemoryWrite(std::io::Error),
     #[error("the guest did not finish within {0:?}")]
     WaitTimeout(Duration),
+    #[error("cannot fork: {0}")]
+    Fork(String),
 }
 
 fn ioctl<T>(op: &'static str, r: Result<T, vmm_sys_util::errno::Error>) -> Result<T, VmError> {
@@ -482,6 +486,78 @@ impl Vm {
             v.resume().map_err(|_| VmError::Exited)?;
         }
         Ok(())
+    }
+
+    /// Forks the running VM into `clones` clones, started by the host: the
+    /// VM pauses, its memory is frozen, the clones start from the
+    /// descriptor and the parent resumes. The guest learns of the fork at
+    /// its next tick boundary through its agent page (clone id 0 in the
+    /// parent, 1..=clones in the clones).
+    pub fn fork(&mut self, clones: u64) -> Result<Arc<Family>, VmError> {
+        let requested_at = Instant::now();
+        if self.exit.is_some() {
+            return Err(VmError::Exited);
+        }
+        let service = self
+            .fork_service
+            .clone()
+            .ok_or_else(|| VmError::Fork("this VM has no fork service".into()))?;
+        let hub = service
+            .as_hub()
+            .ok_or_else(|| VmError::Fork("a clone cannot fork again".into()))?;
+        if clones == 0 || clones > hub.max_clones() {
+            return Err(VmError::Fork(format!(
+                "{clones} clones requested; 1..={} allowed",
+                hub.max_clones()
+            )));
+        }
+        if self.vcpu_count != 1 {
+            return Err(VmError::Fork("only single-vCPU VMs fork".into()));
+        }
+        let agent = self
+            .guest_info()
+            .map(|g| g.agent_gpa)
+            .filter(|a| *a != 0)
+            .ok_or_else(|| VmError::Fork("the guest agent has not started yet".into()))?;
+        let word = |w: usize| GuestAddress(agent + 8 * w as u64);
+        self.pause()?;
+        let forked = (|| -> Result<Arc<Family>, VmError> {
+            let vcpu = self.vcpus[0].save()?;
+            let devices = self
+                .devices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save();
+            let epoch = self
+                .memory
+                .read_obj::<u64>(word(abi::AGENT_WORD_EPOCH))
+                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?
+                .wrapping_add(1);
+            let family = hub
+                .fork_paused(
+                    ForkRequest {
+                        ticket: 0,
+                        page_gpa: agent,
+                        answer: Answer::Agent { epoch },
+                        vcpu,
+                        devices,
+                        memory: self.memory.clone(),
+                        requested_at,
+                    },
+                    clones,
+                )
+                .map_err(|e| VmError::Fork(e.to_string()))?;
+            // The parent is clone 0 of the same fork.
+            self.memory
+                .write_obj(0u64, word(abi::AGENT_WORD_CLONE_ID))
+                .and_then(|()| self.memory.write_obj(epoch, word(abi::AGENT_WORD_EPOCH)))
+                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?;
+            Ok(family)
+        })();
+        let resumed = self.resume();
+        let family = forked?;
+        resumed?;
+        Ok(family)
     }
 
     /// Writes a snapshot of the paused VM into `dir` (created if needed).

@@ -21,6 +21,8 @@ pub struct GuestInfo {
     pub heap_end: u64,
     pub state_gpa: u64,
     pub state_bytes: u64,
+    /// The guest's agent page (0: none), see `abi::AGENT_WORD_*`.
+    pub agent_gpa: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -163,10 +165,13 @@ impl HypercallDevice {
                     heap_end: a[abi::HELLO_HEAP_END],
                     state_gpa: a[abi::HELLO_STATE_GPA],
                     state_bytes: a[abi::HELLO_STATE_BYTES],
+                    agent_gpa: a[abi::HELLO_AGENT_GPA],
                 };
                 if info.abi_version != abi::ABI_VERSION
                     || !self.in_memory(info.bitmap_gpa, info.bitmap_bytes)
                     || !self.in_memory(info.state_gpa, info.state_bytes)
+                    || !info.agent_gpa.is_multiple_of(abi::PAGE_SIZE)
+                    || (info.agent_gpa != 0 && !self.in_memory(info.agent_gpa, abi::PAGE_SIZE))
                 {
                     return abi::STATUS_BAD_ARGS;
                 }
