@@ -116,6 +116,30 @@ pub struct StartedClone {
     pub identity: CloneIdentity,
 }
 
+/// A clone whose VM is built and loaded but whose vCPU has not run yet.
+pub struct PreparedClone {
+    vm: Vm,
+    fd: kvm_ioctls::VcpuFd,
+    vcpu_id: u8,
+    cpuid: CpuId,
+    service: Arc<CloneService>,
+    identity: CloneIdentity,
+}
+
+impl PreparedClone {
+    /// Starts the clone's vCPU.
+    pub fn start(self) -> Result<StartedClone, ForkError> {
+        let mut vm = self.vm;
+        vm.spawn_vcpu(self.vcpu_id, self.fd, self.cpuid)
+            .map_err(|e| ForkError::Clone(e.to_string()))?;
+        Ok(StartedClone {
+            vm,
+            service: self.service,
+            identity: self.identity,
+        })
+    }
+}
+
 /// Builds clone `clone_id` from `desc` and starts its vCPU.
 pub fn start_clone(
     desc: &ForkDescriptor,
@@ -123,6 +147,17 @@ pub fn start_clone(
     source: Arc<dyn PageSource>,
     opts: &CloneOptions,
 ) -> Result<StartedClone, ForkError> {
+    prepare_clone(desc, clone_id, source, opts)?.start()
+}
+
+/// Builds clone `clone_id` from `desc`: VM, memory registered with
+/// userfaultfd, descriptor pages, devices, fault handler, vCPU state.
+pub fn prepare_clone(
+    desc: &ForkDescriptor,
+    clone_id: u64,
+    source: Arc<dyn PageSource>,
+    opts: &CloneOptions,
+) -> Result<PreparedClone, ForkError> {
     let started = Instant::now();
     let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
     let vm_fd = ctx
@@ -214,10 +249,11 @@ pub fn start_clone(
         .map_err(|e| ForkError::Clone(e.to_string()))?;
     let cpuid = CpuId::from_entries(&desc.vcpu.cpuid)
         .map_err(|e| ForkError::Clone(format!("CPUID: {e:?}")))?;
-    vm.spawn_vcpu(desc.vcpu.id, fd, cpuid)
-        .map_err(|e| ForkError::Clone(e.to_string()))?;
-    Ok(StartedClone {
+    Ok(PreparedClone {
         vm,
+        fd,
+        vcpu_id: desc.vcpu.id,
+        cpuid,
         service,
         identity,
     })

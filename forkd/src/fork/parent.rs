@@ -5,7 +5,7 @@
 //! thread starts the clones, each watched by a reaper thread. When the last
 //! clone of a family has ended, the frozen image is released.
 
-use crate::fork::clone::{start_clone, CloneOptions};
+use crate::fork::clone::{prepare_clone, CloneOptions};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
@@ -274,7 +274,10 @@ impl ForkHub {
     }
 }
 
-/// Starts the clones of a family, one reaper thread each.
+/// Starts the clones of a family, one reaper thread each. All clones are
+/// built first and only then started: a running clone faulting its memory
+/// in would otherwise slow the building of the next ones (they share the
+/// process's address space and the 2 cores).
 fn launch(
     family: Arc<Family>,
     descriptor: Vec<u8>,
@@ -283,15 +286,18 @@ fn launch(
     server: std::net::SocketAddr,
     requested_at: Instant,
 ) {
+    let fail = |clone_id: u64, why: String| {
+        tracing::warn!("clone {clone_id} of family {}: {why}", family.id);
+        lock(&family.report).start_failures.push((clone_id, why));
+        family.clone_ended();
+    };
+    let mut prepared = Vec::new();
     for clone_id in 1..=granted {
         if family.kill.load(Ordering::Acquire) {
-            lock(&family.report)
-                .start_failures
-                .push((clone_id, "killed before start".into()));
-            family.clone_ended();
+            fail(clone_id, "killed before start".into());
             continue;
         }
-        let started = ForkDescriptor::decode(&descriptor)
+        let built = ForkDescriptor::decode(&descriptor)
             .map_err(ForkError::from)
             .and_then(|desc| {
                 let client = PageClient::new(server, family.id, ClientOptions::default())
@@ -302,31 +308,33 @@ fn launch(
                     avoidance: opts.avoidance,
                     readahead: opts.readahead,
                 };
-                start_clone(&desc, clone_id, Arc::new(client), &copts)
+                prepare_clone(&desc, clone_id, Arc::new(client), &copts)
             });
-        match started {
-            Ok(c) => {
-                let f = family.clone();
-                let reaper = std::thread::Builder::new()
-                    .name(format!("clone-{clone_id}"))
-                    .spawn(move || reap(f, c, requested_at));
-                match reaper {
-                    Ok(t) => lock(&family.threads).push(t),
-                    Err(e) => {
-                        lock(&family.report)
-                            .start_failures
-                            .push((clone_id, format!("reaper thread: {e}")));
-                        family.clone_ended();
-                    }
-                }
-            }
+        match built {
+            Ok(p) => prepared.push((clone_id, p)),
+            Err(e) => fail(clone_id, e.to_string()),
+        }
+    }
+    for (clone_id, p) in prepared {
+        if family.kill.load(Ordering::Acquire) {
+            fail(clone_id, "killed before start".into());
+            continue;
+        }
+        let started = match p.start() {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!("clone {clone_id} of family {}: {e}", family.id);
-                lock(&family.report)
-                    .start_failures
-                    .push((clone_id, e.to_string()));
-                family.clone_ended();
+                fail(clone_id, e.to_string());
+                continue;
             }
+        };
+        let f = family.clone();
+        let reaper = std::thread::Builder::new()
+            .name(format!("clone-{clone_id}"))
+            .spawn(move || reap(f, started, requested_at));
+        match reaper {
+            Ok(t) => lock(&family.threads).push(t),
+            // The clone (moved into the failed closure) is dropped: stopped.
+            Err(e) => fail(clone_id, format!("reaper thread: {e}")),
         }
     }
 }
