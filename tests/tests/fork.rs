@@ -270,3 +270,60 @@ fn host_fork_is_refused_clearly() {
     let err = plain.fork(1).expect_err("no fork service");
     assert!(err.to_string().contains("no fork service"), "{err}");
 }
+
+/// Direct isolation: after a host fork, the test itself scribbles over the
+/// parent's zone state. The parent's result changes (the write landed);
+/// every clone's does not (they see memory as of the fork instant).
+#[test]
+fn parent_writes_after_the_fork_are_invisible_to_clones() {
+    require_kvm();
+    let cmdline = "ticks=60 seed=39 state_mib=8 tick_us=5000";
+    let server = Arc::new(
+        MemServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), ServerLimits::default())
+            .expect("memory server"),
+    );
+    let hub = ForkHub::new(ForkOptions::default(), server);
+    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
+    let t = Instant::now();
+    while !parent
+        .console()
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("zone: start"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "guest never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(40));
+    let family = parent.fork(2).expect("host fork");
+    let state = parent.guest_info().expect("guest info").state_gpa;
+    parent.pause().expect("pause");
+    let junk = vec![0xa5u8; 64 << 10];
+    vm_memory::Bytes::write_slice(parent.memory(), &junk, vm_memory::GuestAddress(state))
+        .expect("scribble");
+    parent.resume().expect("resume");
+    let parent_done = finish(&mut parent);
+    assert!(hub.wait_clones(Duration::from_secs(60)), "clones still running");
+    let lines = parent.console().lines();
+    let tick: u64 = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"));
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_ne!(parent_done, oracle(0), "the scribble did not reach the parent");
+    let report = family.report();
+    assert_eq!(report.clones.len(), 2, "{:?}", report.start_failures);
+    for c in &report.clones {
+        assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
+    }
+}
