@@ -11,6 +11,48 @@ use tests::{config, finish, forkd, qemu_done_line, require_kvm, stdout_lines};
 
 const MEM: u64 = 512;
 
+fn memserver() -> Arc<MemServer> {
+    Arc::new(
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+        .expect("memory server"),
+    )
+}
+
+/// Boots `cmdline` with a fork hub and waits until the zone runs.
+fn boot_forkable(cmdline: &str) -> (Vm, Arc<ForkHub>) {
+    require_kvm();
+    let hub = ForkHub::new(ForkOptions::default(), memserver());
+    let vm = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
+    let t = Instant::now();
+    while !vm
+        .console()
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("zone: start"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "guest never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (vm, hub)
+}
+
+/// The tick at which the parent saw a host-initiated fork.
+fn host_fork_tick(parent: &Vm) -> u64 {
+    let lines = parent.console().lines();
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
+}
+
 struct ForkRun {
     parent: String,
     /// (clone id, its `zone: done` line without the prefix).
@@ -190,28 +232,9 @@ fn memserver_gone_mid_run_stops_clones_not_the_parent() {
 
 #[test]
 fn host_initiated_fork_matches_qemu() {
-    require_kvm();
     // About 300 ms of guest time, so the host forks it mid-run.
     let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
-    let server = Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .expect("memory server"),
-    );
-    let hub = ForkHub::new(ForkOptions::default(), server.clone());
-    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
-    let t = Instant::now();
-    while !parent
-        .console()
-        .lines()
-        .iter()
-        .any(|l| l.starts_with("zone: start"))
-    {
-        assert!(t.elapsed() < Duration::from_secs(30), "guest never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let (mut parent, hub) = boot_forkable(cmdline);
     std::thread::sleep(Duration::from_millis(60));
     let family = parent.fork(3).expect("host fork");
     let parent_done = finish(&mut parent);
@@ -219,16 +242,7 @@ fn host_initiated_fork_matches_qemu() {
         hub.wait_clones(Duration::from_secs(60)),
         "clones still running"
     );
-    let lines = parent.console().lines();
-    let tick: u64 = lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("zone: forked by the host before tick ")?
-                .strip_suffix(": clone=0")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"));
+    let tick = host_fork_tick(&parent);
     let oracle = |i: u64| {
         qemu_done_line(
             &format!("{cmdline} fork_at={tick} clones=3 as_clone={i}"),
@@ -278,22 +292,7 @@ fn host_fork_is_refused_clearly() {
 fn parent_writes_after_the_fork_are_invisible_to_clones() {
     require_kvm();
     let cmdline = "ticks=60 seed=39 state_mib=8 tick_us=5000";
-    let server = Arc::new(
-        MemServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), ServerLimits::default())
-            .expect("memory server"),
-    );
-    let hub = ForkHub::new(ForkOptions::default(), server);
-    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
-    let t = Instant::now();
-    while !parent
-        .console()
-        .lines()
-        .iter()
-        .any(|l| l.starts_with("zone: start"))
-    {
-        assert!(t.elapsed() < Duration::from_secs(30), "guest never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let (mut parent, hub) = boot_forkable(cmdline);
     std::thread::sleep(Duration::from_millis(40));
     let family = parent.fork(2).expect("host fork");
     let state = parent.guest_info().expect("guest info").state_gpa;
@@ -303,24 +302,22 @@ fn parent_writes_after_the_fork_are_invisible_to_clones() {
         .expect("scribble");
     parent.resume().expect("resume");
     let parent_done = finish(&mut parent);
-    assert!(hub.wait_clones(Duration::from_secs(60)), "clones still running");
-    let lines = parent.console().lines();
-    let tick: u64 = lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("zone: forked by the host before tick ")?
-                .strip_suffix(": clone=0")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"));
+    assert!(
+        hub.wait_clones(Duration::from_secs(60)),
+        "clones still running"
+    );
+    let tick = host_fork_tick(&parent);
     let oracle = |i: u64| {
         qemu_done_line(
             &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
             MEM,
         )
     };
-    assert_ne!(parent_done, oracle(0), "the scribble did not reach the parent");
+    assert_ne!(
+        parent_done,
+        oracle(0),
+        "the scribble did not reach the parent"
+    );
     let report = family.report();
     assert_eq!(report.clones.len(), 2, "{:?}", report.start_failures);
     for c in &report.clones {
