@@ -325,3 +325,96 @@ fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::memory;
+    use memserver::SourceError;
+    use userfaultfd::UffdBuilder;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    /// Pages whose bytes say which page they are.
+    struct Pattern(u64);
+
+    impl PageSource for Pattern {
+        fn pages(&self) -> u64 {
+            self.0
+        }
+        fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
+            if index >= self.0 {
+                return Err(SourceError::OutOfRange {
+                    index,
+                    pages: self.0,
+                });
+            }
+            for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+                chunk.copy_from_slice(&(index * 1000 + i as u64).to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+
+    /// Threads racing on the same missing pages (as two vCPUs would) all
+    /// read the right bytes, and every page is fetched once.
+    #[test]
+    fn concurrent_faults_on_the_same_pages_are_served_once() {
+        const PAGES: u64 = 1024;
+        let mem = memory::anonymous(PAGES * PAGE).unwrap();
+        let region = mem.iter().next().unwrap();
+        let (base, len) = (region.as_ptr() as usize, region.len());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .expect("userfaultfd (are you root?)");
+        uffd.register(base as *mut libc::c_void, len as usize)
+            .unwrap();
+        let cmem = Arc::new(CloneMemory {
+            uffd: Arc::new(uffd),
+            base,
+            len,
+            presence: Arc::new(Presence::new(PAGES)),
+        });
+        let handler = FaultHandler::spawn(
+            FaultHandlerConfig {
+                memory: cmem,
+                source: Arc::new(Pattern(PAGES)),
+                avoidance: None,
+                readahead: 4,
+            },
+            "test",
+        )
+        .unwrap();
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut bad = 0;
+                    for p in 0..PAGES {
+                        let word = 7;
+                        // SAFETY: inside the live mapping owned by `mem`,
+                        // which outlives the threads (joined below).
+                        let v = unsafe {
+                            ((base + (p * PAGE) as usize + word * 8) as *const u64).read_volatile()
+                        };
+                        if v != p * 1000 + word as u64 {
+                            bad += 1;
+                        }
+                    }
+                    bad
+                })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.join().unwrap(), 0, "a reader saw wrong bytes");
+        }
+        let stats = handler.stats();
+        assert_eq!(stats.pages_fetched, PAGES, "{stats:?}");
+        assert!(stats.faults >= PAGES / 4, "{stats:?}");
+        assert_eq!(handler.memory().presence.count(), PAGES);
+        assert!(handler.error().is_none());
+        drop(handler);
+        drop(mem);
+    }
+}
