@@ -1,7 +1,11 @@
 //! forkd-bench: measures and prints forkd's boot, pause, snapshot/restore
-//! figures and QEMU's boot of the same guest for comparison. It prints
+//! and VM fork figures, and QEMU's boot and restore of the same guest for
+//! comparison. It prints
 //! figures only; it asserts nothing about them.
 
+mod fork;
+mod fork_faults;
+mod fork_qemu;
 mod qemu;
 mod stats;
 mod vms;
@@ -18,20 +22,45 @@ enum Only {
     Snapshot,
     /// QEMU runs; also runs the forkd boot runs the ratio needs.
     Qemu,
+    /// VM fork: clone start, fork time, descriptor, avoidance, read-ahead,
+    /// clone run time, and QEMU -incoming restore of the same guest.
+    Fork,
+}
+
+/// One part of the fork figures (`--only fork`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ForkPart {
+    /// Clone start and fork time for 1..32 clones; descriptor size.
+    Sweep,
+    /// Pages fetched and avoided, heuristics on and off.
+    Avoidance,
+    /// Fault service time for read-ahead 1 and 32.
+    Readahead,
+    /// Clone run time against a resident VM.
+    Runtime,
+    /// QEMU -incoming restore against forkd (uses the sweep's 1-clone
+    /// start for one ratio).
+    Qemu,
 }
 
 #[derive(Parser, Debug)]
 #[command(
     name = "forkd-bench",
-    about = "Measure forkd (and QEMU) boot, pause, snapshot and restore"
+    about = "Measure forkd (and QEMU) boot, pause, snapshot, restore and VM fork"
 )]
 struct Args {
     /// Runs per boot figure (default: 20 forkd boots, 10 QEMU boots).
     #[arg(long)]
     runs: Option<usize>,
-    /// Restores per snapshot size.
+    /// Restores per snapshot size (and QEMU -incoming restores).
     #[arg(long, default_value_t = 5)]
     restores: usize,
+    /// Fork runs per fork setup (each clone count, avoidance, read-ahead).
+    #[arg(long, default_value_t = 3)]
+    fork_runs: usize,
+    /// With `--only fork`: run only this part of the fork figures.
+    #[arg(long, value_enum)]
+    fork_part: Option<ForkPart>,
     /// Pause/resume cycles for the pause figure.
     #[arg(long, default_value_t = 100)]
     pause_cycles: usize,
@@ -75,6 +104,25 @@ fn run(args: Args, guest: &Path, report: &mut Report) -> Result<()> {
     if want(Only::Qemu) {
         let forkd = forkd_bin(args.forkd_bin.clone());
         qemu::qemu(report, guest, qemu_runs, forkd.as_deref())?;
+    }
+    if want(Only::Fork) {
+        let runs = args.fork_runs.max(1);
+        let part = |p: ForkPart| args.fork_part.is_none_or(|x| x == p);
+        if part(ForkPart::Sweep) {
+            fork::sweep(report, guest, runs)?;
+        }
+        if part(ForkPart::Avoidance) {
+            fork_faults::avoidance(report, guest, runs)?;
+        }
+        if part(ForkPart::Readahead) {
+            fork_faults::readahead(report, guest, runs)?;
+        }
+        if part(ForkPart::Runtime) {
+            fork_faults::runtime(report, guest, runs)?;
+        }
+        if part(ForkPart::Qemu) {
+            fork_qemu::compare(report, guest, args.restores.max(1))?;
+        }
     }
     Ok(())
 }

@@ -140,7 +140,7 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
 }
 
 /// Boots a long paced guest and waits until it is running its ticks.
-fn boot_running(guest: &Path, mem_mib: u64, cmdline: &str) -> Result<Vm> {
+pub fn boot_running(guest: &Path, mem_mib: u64, cmdline: &str) -> Result<Vm> {
     let mut vm = Vm::boot(&config(guest, mem_mib, cmdline))
         .with_context(|| format!("cannot boot `{cmdline}`"))?;
     let ready = wait_for_line(&mut vm, "zone: start", Duration::from_secs(10))
@@ -229,7 +229,7 @@ pub fn snapshot(report: &mut Report, guest: &Path, state_mib: u64, restores: usi
 
 /// Restores `dir` `restores` times; the time to the first KVM_RUN of each,
 /// killing each restored VM right after.
-fn restore_runs(dir: &Path, restores: usize, memory: RestoreMemory) -> Result<Vec<f64>> {
+pub fn restore_runs(dir: &Path, restores: usize, memory: RestoreMemory) -> Result<Vec<f64>> {
     let opts = RestoreOptions {
         memory,
         ..RestoreOptions::default()

@@ -1,0 +1,319 @@
+//! Figure 6: QEMU restoring the zone guest from a saved state
+//! (`migrate "exec:cat > FILE"` of a stopped VM, then `-incoming "exec:cat
+//! FILE"`), against forkd's clone start and forkd's lazy snapshot restore of
+//! the same guest. QEMU is driven over QMP on a Unix socket in a temporary
+//! directory; every QEMU started here is quit or killed, and reaped.
+
+use crate::fork::clone_start_name;
+use crate::qemu::{find_in_path, QEMU};
+use crate::stats::{ms, Report};
+use crate::vms;
+use anyhow::{bail, ensure, Context, Result};
+use forkd::vmm::RestoreMemory;
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub const CMDLINE: &str = "ticks=100000 tick_us=1000 state_mib=16";
+const MEM_MIB: u64 = 512;
+/// The guest runs this long before it is saved (QEMU and forkd alike).
+const SAVE_AFTER: Duration = Duration::from_millis(300);
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A QEMU process that is killed and reaped when dropped.
+struct Qemu {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Qemu {
+    fn spawn(qemu: &Path, guest: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<Qemu> {
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = Command::new(qemu)
+            .args([
+                "-M",
+                "microvm",
+                "-enable-kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+            ])
+            .args(["-m", &MEM_MIB.to_string(), "-nographic", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
+            .arg(guest)
+            .args(["-append", CMDLINE, "-qmp"])
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                sock(dir, name).display()
+            ))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).context("QEMU stderr file")?)
+            .spawn()
+            .with_context(|| format!("cannot spawn {}", qemu.display()))?;
+        Ok(Qemu { child, stderr })
+    }
+
+    fn stderr_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let tail: Vec<&str> = s.lines().rev().take(3).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Asks QEMU to quit, then waits (bounded) and kills it if needed.
+    fn quit(mut self, qmp: Option<&mut Qmp>) {
+        if let Some(q) = qmp {
+            let _ = q.execute("quit", None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn sock(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.qmp"))
+}
+
+/// A QMP connection (capabilities negotiated).
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying every 200 µs while QEMU starts up) and reads
+    /// the greeting; returns when the greeting arrived too.
+    fn connect(q: &mut Qemu, path: &Path) -> Result<(Qmp, Instant)> {
+        let deadline = Instant::now() + LIMIT;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Some(st) = q.child.try_wait()? {
+                        bail!("QEMU exited ({st}) before QMP was up: {}", q.stderr_tail());
+                    }
+                    if Instant::now() >= deadline {
+                        bail!("no QMP socket within {LIMIT:?}: {e}");
+                    }
+                    sleep(Duration::from_micros(200));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
+        let greeting = qmp.read()?;
+        let at = Instant::now();
+        ensure!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", None)?;
+        Ok((qmp, at))
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).context("reading QMP")?;
+        ensure!(n > 0, "QMP connection closed");
+        serde_json::from_str(&line).with_context(|| format!("bad QMP line {line:?}"))
+    }
+
+    /// Runs a command; events in between are skipped.
+    fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value> {
+        let mut msg = json!({ "execute": cmd });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        writeln!(self.writer, "{msg}").context("writing QMP")?;
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {cmd}: {e}");
+            }
+            return Ok(v.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+
+    fn status(&mut self) -> Result<String> {
+        let r = self.execute("query-status", None)?;
+        Ok(r["status"].as_str().unwrap_or("?").to_string())
+    }
+}
+
+/// Boots the guest under QEMU, stops it after [`SAVE_AFTER`] and saves it
+/// with `migrate "exec:cat > FILE"`; returns the file and the migration's
+/// own figures (total-time in ms).
+fn qemu_save(qemu: &Path, guest: &Path, dir: &Path) -> Result<(PathBuf, Value)> {
+    let t0 = Instant::now();
+    let mut q = Qemu::spawn(qemu, guest, dir, "save", &[])?;
+    let (mut qmp, _) = Qmp::connect(&mut q, &sock(dir, "save"))?;
+    sleep(SAVE_AFTER.saturating_sub(t0.elapsed()));
+    let status = qmp.status()?;
+    ensure!(
+        status == "running",
+        "QEMU guest is {status:?} before the save"
+    );
+    qmp.execute("stop", None)?;
+    let file = dir.join("state");
+    let uri = format!("exec:cat > {}", file.display());
+    qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+    let deadline = Instant::now() + LIMIT;
+    let info = loop {
+        let r = qmp.execute("query-migrate", None)?;
+        match r["status"].as_str() {
+            Some("completed") => break r,
+            Some("failed") | Some("cancelled") => {
+                bail!(
+                    "QEMU migrate to file failed: {r}; stderr: {}",
+                    q.stderr_tail()
+                )
+            }
+            _ if Instant::now() >= deadline => bail!("QEMU migrate not done in {LIMIT:?}: {r}"),
+            _ => sleep(Duration::from_millis(2)),
+        }
+    };
+    q.quit(Some(&mut qmp));
+    Ok((file, info))
+}
+
+/// One QEMU restore: spawn → QMP greeting, → state loaded (status leaves
+/// `inmigrate`), → running (after `cont` if the saved run state was
+/// paused); checks the guest is still running 50 ms later.
+fn qemu_restore(qemu: &Path, guest: &Path, dir: &Path, state: &Path, i: usize) -> Result<[f64; 4]> {
+    let name = format!("restore{i}");
+    let incoming = format!("exec:cat {}", state.display());
+    let t0 = Instant::now();
+    let mut q = Qemu::spawn(qemu, guest, dir, &name, &["-incoming", &incoming])?;
+    let (mut qmp, greeted) = Qmp::connect(&mut q, &sock(dir, &name))?;
+    let deadline = Instant::now() + LIMIT;
+    let (status, loaded) = loop {
+        let s = qmp.status()?;
+        if s != "inmigrate" {
+            break (s, Instant::now());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "QEMU still inmigrate after {LIMIT:?}"
+        );
+        sleep(Duration::from_micros(500));
+    };
+    let running = match status.as_str() {
+        "running" => loaded,
+        "paused" => {
+            qmp.execute("cont", None)?;
+            let s = qmp.status()?;
+            ensure!(s == "running", "QEMU is {s:?} after cont");
+            Instant::now()
+        }
+        s => bail!(
+            "QEMU is {s:?} after loading the state; stderr: {}",
+            q.stderr_tail()
+        ),
+    };
+    sleep(Duration::from_millis(50));
+    let s = qmp.status()?;
+    ensure!(
+        s == "running",
+        "the restored QEMU guest is {s:?} 50 ms after resuming"
+    );
+    q.quit(Some(&mut qmp));
+    Ok([
+        ms(greeted - t0),
+        ms(loaded - t0),
+        ms(running - t0),
+        ms(running - greeted),
+    ])
+}
+
+/// forkd: the same guest and run time, paused, snapshotted, and restored
+/// lazily `restores` times (restore call → first KVM_RUN).
+fn forkd_restore(guest: &Path, dir: &Path, restores: usize) -> Result<Vec<f64>> {
+    let mut vm = vms::boot_running(guest, MEM_MIB, CMDLINE)?;
+    sleep(SAVE_AFTER.saturating_sub(vm.times.started.elapsed()));
+    let snap = dir.join("forkd-snap");
+    let saved = vm
+        .pause()
+        .context("pause before snapshot")
+        .and_then(|_| vm.snapshot(&snap).context("snapshot"));
+    vm.kill();
+    drop(vm);
+    saved?;
+    vms::restore_runs(&snap, restores, RestoreMemory::Lazy)
+}
+
+pub fn compare(report: &mut Report, guest: &Path, restores: usize) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("forkd-bench-qemu")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let dir = tmp.path();
+    eprintln!("fork: forkd lazy restore of `{CMDLINE}` ({MEM_MIB} MiB), {restores} restores");
+    let lazy = forkd_restore(guest, dir, restores)?;
+    let lazy = report.add("forkd lazy restore→1st run, same guest", "ms", &lazy);
+    let Some(qemu) = find_in_path(QEMU) else {
+        report.skip(format!("{QEMU} not found: no QEMU restore figures"));
+        return Ok(());
+    };
+    eprintln!("fork: QEMU save and {restores} -incoming restores of `{CMDLINE}`");
+    let (state, info) = match qemu_save(&qemu, guest, dir) {
+        Ok(x) => x,
+        Err(e) => {
+            report.skip(format!("QEMU save failed: {e:#}"));
+            return Ok(());
+        }
+    };
+    let bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+    report.add(
+        "qemu saved state file",
+        "MiB",
+        &[bytes as f64 / (1u64 << 20) as f64],
+    );
+    if let Some(t) = info["total-time"].as_f64() {
+        report.add("qemu migrate to file (stopped VM)", "ms", &[t]);
+    }
+    let mut rows: [Vec<f64>; 4] = Default::default();
+    for i in 0..restores {
+        let r = qemu_restore(&qemu, guest, dir, &state, i)
+            .with_context(|| format!("QEMU restore {i}"))?;
+        for (row, v) in rows.iter_mut().zip(r) {
+            row.push(v);
+        }
+    }
+    report.add("qemu -incoming: spawn→QMP greeting", "ms", &rows[0]);
+    report.add("qemu -incoming: spawn→state loaded", "ms", &rows[1]);
+    let running = report.add("qemu -incoming: spawn→running", "ms", &rows[2]);
+    report.add("qemu -incoming: QMP greeting→running", "ms", &rows[3]);
+    let clone = report.median(&clone_start_name(1));
+    if let (Some(q), Some(c)) = (running, clone) {
+        report.add("ratio qemu restore/forkd clone start", "x", &[q / c]);
+    }
+    if let (Some(q), Some(l)) = (running, lazy) {
+        report.add("ratio qemu restore/forkd lazy restore", "x", &[q / l]);
+    }
+    Ok(())
+}
