@@ -9,8 +9,9 @@ use crate::{boot, cmdline, hypercall, io, pvh, sf};
 use core::fmt::Write;
 
 const TWO_MIB: u64 = 2 << 20;
-/// How often the parent asks whether its clones are done.
-const JOIN_POLL_US: u64 = 1000;
+/// Pause between the parent's `sf_join` calls (forkd itself waits up to
+/// a few ms inside each call, so this spin stays short).
+const JOIN_POLL_US: u64 = 50;
 /// The boot page tables map the first 4 GiB.
 const MAPPED_END: u64 = 4 << 30;
 const BITMAP_WORDS: usize = (MAPPED_END / PAGE_SIZE / 64) as usize;

@@ -66,10 +66,21 @@ impl ForkService for CloneService {
             return Err(abi::STATUS_BAD_ARGS);
         }
         // Only whole pages: a partly overwritten page still needs its data.
-        for p in gpa.div_ceil(page)..end / page {
-            if !self.memory.presence.test(p) && self.memory.zero(p).is_ok() {
-                self.declared.fetch_add(1, Ordering::Relaxed);
+        let (first, last) = (gpa.div_ceil(page), end / page);
+        let mut p = first;
+        while p < last {
+            if self.memory.presence.test(p) {
+                p += 1;
+                continue;
             }
+            let mut n = 1;
+            while p + n < last && !self.memory.presence.test(p + n) {
+                n += 1;
+            }
+            if self.memory.zero_range(p, n).is_ok() {
+                self.declared.fetch_add(n, Ordering::Relaxed);
+            }
+            p += n;
         }
         Ok(())
     }

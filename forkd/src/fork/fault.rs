@@ -19,6 +19,8 @@ use userfaultfd::{Event, Uffd};
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Fault latencies kept per clone (for median / p99).
 const MAX_SAMPLES: usize = 100_000;
+/// Pages zero-filled in one go at most.
+const ZERO_RUN: usize = 64;
 
 /// Which pages of the clone's memory are present (installed by us).
 pub struct Presence {
@@ -108,21 +110,46 @@ impl CloneMemory {
         }
     }
 
-    /// Maps the zero page at `page` (if it is not present yet).
-    pub fn zero(&self, page: u64) -> Result<(), String> {
-        // SAFETY: as in `install`: an aligned page inside the region.
-        let r = unsafe { self.uffd.zeropage(self.host(page), PAGE_SIZE, true) };
-        match r {
-            Ok(_) => {
-                self.presence.set(page);
-                Ok(())
+    /// Installs zero-filled pages `first..first + count` (those missing).
+    /// UFFDIO_COPY of zeros rather than UFFDIO_ZEROPAGE: the shared zero
+    /// page would cost the guest a second (copy-on-write) fault on its first
+    /// write, and these are pages the guest is about to write.
+    pub fn zero_range(&self, first: u64, count: u64) -> Result<(), String> {
+        static ZEROS: [u8; ZERO_RUN * PAGE_SIZE] = [0; ZERO_RUN * PAGE_SIZE];
+        let mut p = first;
+        let end = (first + count).min(self.pages());
+        while p < end {
+            let n = (end - p).min(ZERO_RUN as u64);
+            // SAFETY: `host(p)` .. + n pages lies inside the registered
+            // region (p + n <= pages()), and ZEROS holds n pages.
+            let r = unsafe {
+                self.uffd.copy(
+                    ZEROS.as_ptr().cast(),
+                    self.host(p),
+                    n as usize * PAGE_SIZE,
+                    true,
+                )
+            };
+            match r {
+                Ok(_) => (p..p + n).for_each(|q| self.presence.set(q)),
+                // Someone installed one of them meanwhile: go page by page.
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    for q in p..p + n {
+                        if !self.presence.test(q) {
+                            self.install(q, &[0u8; PAGE_SIZE])?;
+                        }
+                    }
+                }
+                Err(userfaultfd::Error::PartiallyCopied(bytes)) => {
+                    (p..p + (bytes / PAGE_SIZE) as u64).for_each(|q| self.presence.set(q));
+                    p += (bytes / PAGE_SIZE) as u64;
+                    continue;
+                }
+                Err(e) => return Err(format!("zero-filling pages {p}..{}: {e:?}", p + n)),
             }
-            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-                self.presence.set(page);
-                Ok(())
-            }
-            Err(e) => Err(format!("UFFDIO_ZEROPAGE of page {page}: {e:?}")),
+            p += n;
         }
+        Ok(())
     }
 
     /// Reads a u64 of guest memory, only if its page is present (a read
@@ -285,8 +312,17 @@ fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Resu
             .is_some_and(|a| allocated_after_fork(mem, a, p))
     };
     if avoid(page) {
-        mem.zero(page)?;
-        lock().pages_avoided += 1;
+        // The allocator hands out runs of pages: fill the run at once.
+        let mut count = 1;
+        while count < ZERO_RUN as u64
+            && page + count < mem.pages()
+            && !mem.presence.test(page + count)
+            && avoid(page + count)
+        {
+            count += 1;
+        }
+        mem.zero_range(page, count)?;
+        lock().pages_avoided += count;
         return Ok(());
     }
     let mut count = 1;

@@ -69,6 +69,12 @@ pub trait ForkService: Send + Sync {
     fn fork(&self, req: ForkRequest) -> Result<(), u32>;
     /// `sf_join(ticket)` → clones still running.
     fn join(&self, ticket: u64) -> Result<u64, u32>;
+    /// Like `join`, but waits up to `max` for the clones to end first, so
+    /// the guest's join loop does not spin a host core. Runs on the vCPU
+    /// thread, with no device lock held.
+    fn join_wait(&self, ticket: u64, _max: std::time::Duration) -> Result<u64, u32> {
+        self.join(ticket)
+    }
     /// `sf_kill(ticket)`.
     fn kill(&self, ticket: u64) -> Result<(), u32>;
     /// The guest will overwrite `[gpa, gpa + len)` before reading it.

@@ -19,7 +19,7 @@ use memserver::server::MemServer;
 use memserver::PageSource;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -90,6 +90,8 @@ pub struct Family {
     released: AtomicBool,
     report: Mutex<FamilyReport>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Signalled whenever a clone ends.
+    ended: (Mutex<()>, Condvar),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +123,25 @@ impl Family {
     fn clone_ended(&self) {
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.release();
+        }
+        let _guard = lock(&self.ended.0);
+        self.ended.1.notify_all();
+    }
+
+    /// Waits up to `max` for every clone to end; returns how many run.
+    pub fn wait_running(&self, max: Duration) -> u64 {
+        let deadline = Instant::now() + max;
+        let mut guard = lock(&self.ended.0);
+        loop {
+            let left = self.running();
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            guard = match self.ended.1.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
         }
     }
 
@@ -257,6 +278,7 @@ impl ForkHub {
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
+            ended: (Mutex::new(()), Condvar::new()),
         });
         let launcher = {
             let family = family.clone();
@@ -418,6 +440,15 @@ impl ForkService for ForkHub {
             Some(Ticket::Reserved(_)) => Ok(0),
             None => Err(abi::STATUS_REFUSED),
         }
+    }
+
+    fn join_wait(&self, ticket: u64, max: Duration) -> Result<u64, u32> {
+        let family = match lock(&self.inner).tickets.get(&ticket) {
+            Some(Ticket::Forked(f)) => f.clone(),
+            Some(Ticket::Reserved(_)) => return Ok(0),
+            None => return Err(abi::STATUS_REFUSED),
+        };
+        Ok(family.wait_running(max))
     }
 
     fn kill(&self, ticket: u64) -> Result<(), u32> {

@@ -25,6 +25,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// How long a vCPU may take to answer a command before we call it stuck.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an `sf_join` call sleeps in the VMM before answering (so a
+/// pause waits at most this long).
+const JOIN_WAIT: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuRunState {
@@ -365,6 +368,25 @@ fn run_loop(
                             .unwrap_or_else(|e| e.into_inner())
                             .hypercall
                             .complete(page_gpa, status, [0; 4]);
+                    }
+                    PioAction::Join { page_gpa, ticket } => {
+                        let service = setup
+                            .devices
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .hypercall
+                            .fork_service();
+                        let (status, left) = match service.map(|s| s.join_wait(ticket, JOIN_WAIT)) {
+                            Some(Ok(left)) => (abi::STATUS_OK, left),
+                            Some(Err(status)) => (status, 0),
+                            None => (abi::STATUS_UNKNOWN_OP, 0),
+                        };
+                        setup
+                            .devices
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .hypercall
+                            .complete(page_gpa, status, [left, 0, 0, 0]);
                     }
                 }
             }

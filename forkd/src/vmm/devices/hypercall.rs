@@ -49,6 +49,9 @@ pub enum HypercallAction {
     Fork { page_gpa: u64, ticket: u64 },
     /// `sf_exit` in a clone: end the VM with this status.
     Exit(u8),
+    /// `sf_join`: the vCPU thread waits a little for the clones, then
+    /// answers with `complete`.
+    Join { page_gpa: u64, ticket: u64 },
 }
 
 impl HypercallDevice {
@@ -126,6 +129,12 @@ impl HypercallDevice {
                 }
                 abi::OP_SF_EXIT if fork.may_exit() => {
                     return HypercallAction::Exit(page.args[0].min(255) as u8)
+                }
+                abi::OP_SF_JOIN if !fork.may_exit() => {
+                    return HypercallAction::Join {
+                        page_gpa: gpa,
+                        ticket: page.args[0],
+                    }
                 }
                 _ => {}
             }

@@ -28,6 +28,11 @@ pub enum PioAction {
         page_gpa: u64,
         ticket: u64,
     },
+    /// The guest called `sf_join`.
+    Join {
+        page_gpa: u64,
+        ticket: u64,
+    },
 }
 
 /// Device state that goes into a snapshot.
@@ -90,6 +95,9 @@ impl Devices {
                 HypercallAction::Exit(status) => return PioAction::Exit(status),
                 HypercallAction::Fork { page_gpa, ticket } => {
                     return PioAction::Fork { page_gpa, ticket }
+                }
+                HypercallAction::Join { page_gpa, ticket } => {
+                    return PioAction::Join { page_gpa, ticket }
                 }
             },
             _ => self.unhandled_pio += 1,
