@@ -1,5 +1,6 @@
 //! forkd: the VM fork service's VMM and its command-line front end.
 
+pub mod api;
 pub mod cli;
 pub mod fork;
 pub mod guest;

@@ -1,4 +1,4 @@
-//! The `forkd` command line: `guest-path`, `run` and `restore`.
+//! The `forkd` command line: `guest-path`, `run`, `restore` and `serve`.
 
 use crate::fork::parent::{ForkHub, ForkOptions};
 use crate::fork::ForkService;
@@ -35,6 +35,8 @@ pub enum Command {
     Run(RunArgs),
     /// Restore a snapshot and run the guest to the end.
     Restore(RestoreArgs),
+    /// Serve the host fork API (JSON over HTTP) until SIGINT/SIGTERM.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +95,26 @@ pub struct RestoreArgs {
     pub memory: MemoryMode,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Unix socket to listen on [default: $XDG_RUNTIME_DIR/forkd.sock, else
+    /// /tmp/forkd-<uid>.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Also listen on TCP: PORT (127.0.0.1) or IP:PORT.
+    #[arg(long, value_parser = crate::api::parse_tcp)]
+    pub tcp: Option<SocketAddr>,
+    /// Allow --tcp on a non-loopback address (the API has no authentication).
+    #[arg(long, requires = "tcp")]
+    pub tcp_allow_remote: bool,
+    /// Most VMs registered at once (exited ones count until deleted).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_vms: u64,
+    /// Most clones one fork may ask for.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_clones: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -276,6 +298,17 @@ pub fn main() -> ExitCode {
         }
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
+        Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
+            socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
+            tcp: a.tcp,
+            tcp_allow_remote: a.tcp_allow_remote,
+            limits: crate::api::Limits {
+                max_vms: a.max_vms as usize,
+                max_clones: a.max_clones,
+            },
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(anyhow::Error::from),
     };
     result.unwrap_or_else(|e| {
         eprintln!("forkd: error: {e:#}");

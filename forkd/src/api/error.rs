@@ -1,0 +1,62 @@
+//! API errors: each one knows its HTTP status and becomes `{"error": "..."}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::types::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, missing / wrong-typed / unknown fields, bad sizes.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no VM with id '{0}'")]
+    NoSuchVm(String),
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The VM is in a state that does not allow the request.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{requested} clones requested; 1..={max} allowed")]
+    BadClones { requested: u64, max: u64 },
+    #[error("the VM limit ({0}) is reached; DELETE a VM first")]
+    TooManyVms(usize),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoSuchVm(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::BadClones { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyVms(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!("api: {self}");
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,140 @@
+//! Routes and handlers. Bodies are parsed here (so every rejection is a
+//! JSON error); the work that blocks (boot, fork, kill) runs on tokio's
+//! blocking pool.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::registry::Registry;
+use super::types::{parse_vm_id, vm_id, CreateVm, Created, ForkVm, VmList, VmState};
+
+type Reg = State<Arc<Registry>>;
+
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{id}", get(show).delete(remove))
+        .route("/v1/vms/{id}/fork", axum::routing::post(fork))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(registry)
+}
+
+/// Runs blocking registry work off the async executor.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("request worker failed: {e}")))?
+}
+
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "the request body is empty; a JSON object is expected".into(),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+}
+
+fn vm_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    parse_vm_id(&id).ok_or(ApiError::NoSuchVm(id))
+}
+
+/// The API's description, `forkd/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn list(State(reg): Reg) -> Json<VmList> {
+    Json(VmList { vms: reg.list() })
+}
+
+async fn create(
+    State(reg): Reg,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CreateVm = parse_body(body)?;
+    let id = blocking(move || reg.create(req)).await?;
+    let id = vm_id(id);
+    let location = HeaderValue::from_str(&format!("/v1/vms/{id}"))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let created = Created {
+        id,
+        state: VmState::Running,
+    };
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(created),
+    )
+        .into_response())
+}
+
+async fn show(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    Ok(Json(reg.detail(id)?).into_response())
+}
+
+async fn console(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    Ok(Json(reg.console(id)?).into_response())
+}
+
+async fn fork(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    let req: ForkVm = parse_body(body)?;
+    let forked = blocking(move || reg.fork(id, req.clones)).await?;
+    Ok(Json(forked).into_response())
+}
+
+async fn remove(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = vm_path(path)?;
+    blocking(move || reg.remove(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

@@ -1,0 +1,268 @@
+//! `forkd serve`: the host fork API, JSON over HTTP/1.1 on a Unix socket
+//! (always) and on TCP (optional, loopback unless asked otherwise). The
+//! routes are described by `forkd/api/openapi.json`:
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/vms` | boot a VM → 201 `{id, state}` |
+//! | `GET /v1/vms` | every VM, exited ones included until deleted |
+//! | `GET /v1/vms/{id}` | state, exit, console tail, fork families and clones |
+//! | `GET /v1/vms/{id}/console` | the console lines kept |
+//! | `POST /v1/vms/{id}/fork` | host-initiated fork → `{family, clones}` |
+//! | `DELETE /v1/vms/{id}` | kill the VM and its clones → 204 |
+//!
+//! Errors are `{"error": "..."}` with 400/404/405/409/422/429/500/503.
+//! The server has no authentication: the Unix socket is made 0600 and TCP
+//! binds to loopback unless `--tcp-allow-remote` is given.
+
+pub mod error;
+pub mod http;
+pub mod registry;
+pub mod types;
+
+use std::future::IntoFuture;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use memserver::server::{MemServer, ServerLimits};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinSet;
+
+pub use error::ApiError;
+pub use registry::{Limits, Registry};
+
+/// In-flight requests get this long to finish after SIGINT/SIGTERM.
+const DRAIN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+    /// Allow a non-loopback TCP address (the API has no authentication).
+    pub tcp_allow_remote: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another server answers on {0}; stop it or pass another --socket")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("{0} is not a loopback address; the API has no authentication (pass --tcp-allow-remote to listen there anyway)")]
+    RemoteTcp(SocketAddr),
+    #[error("cannot listen on tcp {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot start the memory server: {0}")]
+    MemServer(String),
+    #[error("{what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("the server stopped unexpectedly: {0}")]
+    Stopped(String),
+}
+
+/// `$XDG_RUNTIME_DIR/forkd.sock`, else `/tmp/forkd-<uid>.sock`.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("forkd.sock"),
+        _ => {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/forkd-{uid}.sock"))
+        }
+    }
+}
+
+/// `PORT` (on 127.0.0.1) or `IP:PORT`.
+pub fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("'{s}': expected PORT or IP:PORT (e.g. 127.0.0.1:8080)"))
+}
+
+/// Makes `path` free for a new socket: a stale socket (nobody answers) is
+/// removed; a live one or a non-socket file is an error.
+fn claim_socket(path: &Path) -> Result<(), ServeError> {
+    let sock_err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(sock_err(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_owned()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::InUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(sock_err)
+        }
+        Err(e) => Err(sock_err(e)),
+    }
+}
+
+/// The socket file we created; removed on drop if it is still ours.
+struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct Listeners {
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    /// For the "listening" line.
+    path: PathBuf,
+}
+
+async fn listen(cfg: &ServeConfig) -> Result<(Listeners, SocketFile), ServeError> {
+    claim_socket(&cfg.socket)?;
+    let sock_err = |source| ServeError::Socket {
+        path: cfg.socket.clone(),
+        source,
+    };
+    let unix = UnixListener::bind(&cfg.socket).map_err(sock_err)?;
+    let ino = std::fs::symlink_metadata(&cfg.socket)
+        .map_err(sock_err)?
+        .ino();
+    let file = SocketFile {
+        path: cfg.socket.clone(),
+        ino,
+    };
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(sock_err)?;
+    let tcp = match cfg.tcp {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Tcp { addr, source })?,
+        ),
+        None => None,
+    };
+    let path = cfg.socket.clone();
+    Ok((Listeners { unix, tcp, path }, file))
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+/// Installs the SIGTERM/SIGINT handlers (inside the runtime's context).
+fn signals() -> Result<Signals, ServeError> {
+    let setup = |what| move |source| ServeError::Setup { what, source };
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).map_err(setup("SIGTERM handler"))?,
+        int: signal(SignalKind::interrupt()).map_err(setup("SIGINT handler"))?,
+    })
+}
+
+/// Serves until SIGINT/SIGTERM, then drains requests (bounded).
+async fn run(l: Listeners, mut sig: Signals, registry: Arc<Registry>) -> Result<(), ServeError> {
+    let setup = |what| move |source| ServeError::Setup { what, source };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
+        let _ = rx.changed().await;
+    };
+    let app = http::router(registry);
+    let mut where_ = format!("unix:{}", l.path.display());
+    let mut servers = JoinSet::new();
+    servers.spawn(
+        axum::serve(l.unix, app.clone())
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    if let Some(tcp) = l.tcp {
+        let addr = tcp.local_addr().map_err(setup("tcp address"))?;
+        where_.push_str(&format!(" tcp:{addr}"));
+        servers.spawn(
+            axum::serve(tcp, app)
+                .with_graceful_shutdown(stopped(stop_rx))
+                .into_future(),
+        );
+    }
+    eprintln!("forkd: listening on {where_}");
+    let result = tokio::select! {
+        _ = sig.term.recv() => Ok(()),
+        _ = sig.int.recv() => Ok(()),
+        ended = servers.join_next() => Err(ServeError::Stopped(match ended {
+            Some(Ok(Ok(()))) | None => "a listener closed".into(),
+            Some(Ok(Err(e))) => e.to_string(),
+            Some(Err(e)) => e.to_string(),
+        })),
+    };
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(DRAIN, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        servers.abort_all();
+    }
+    result
+}
+
+/// Runs the API until SIGINT/SIGTERM; then kills every VM and its clones
+/// and removes the socket file.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    if let Some(addr) = cfg.tcp {
+        if !addr.ip().is_loopback() && !cfg.tcp_allow_remote {
+            return Err(ServeError::RemoteTcp(addr));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("forkd-api")
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Setup {
+            what: "tokio runtime",
+            source,
+        })?;
+    // Before the socket exists, so a signal never leaves it behind.
+    let sig = {
+        let _ctx = rt.enter();
+        signals()?
+    };
+    let (listeners, file) = rt.block_on(listen(&cfg))?;
+    let memserver = MemServer::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        ServerLimits::default(),
+    )
+    .map_err(|e| ServeError::MemServer(e.to_string()))?;
+    let registry = Registry::new(Arc::new(memserver), cfg.limits);
+    let reaper = registry
+        .start_reaper()
+        .map_err(|source| ServeError::Setup {
+            what: "reaper thread",
+            source,
+        })?;
+    let served = rt.block_on(run(listeners, sig, registry.clone()));
+    registry.shutdown();
+    let _ = reaper.join();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    drop(file);
+    served
+}

@@ -1,0 +1,427 @@
+//! The VMs `forkd serve` runs: one [`ForkHub`] per VM, all sharing the
+//! daemon's memory server; a reaper thread notices VMs that ended. Every
+//! method may block (VM boot, fork, kill): call them off the async executor.
+//!
+//! Locking: an entry's `vm` mutex is held by boot-time insertion, fork and
+//! removal only; status reads (`detail`, `list`, `console`) never take it,
+//! they read the console handle, the recorded exit and the fork hub, so a
+//! slow fork never stalls a GET. The reaper only `try_lock`s.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use memserver::server::MemServer;
+
+use super::error::ApiError;
+use super::types::{
+    vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, Forked,
+    StartFailure, VmDetail, VmState, VmSummary, MAX_NAME,
+};
+use crate::fork::parent::{Family, ForkHub, ForkOptions};
+use crate::fork::ForkService;
+use crate::guest::default_guest;
+use crate::vmm::devices::Console;
+use crate::vmm::memory::{check_size, MemoryError};
+use crate::vmm::vm::MAX_VCPUS;
+use crate::vmm::{Vm, VmConfig, VmError, VmExit};
+
+/// How often the reaper looks for VMs that ended.
+const REAP_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// VMs registered at once, exited ones included (until DELETE).
+    pub max_vms: usize,
+    /// Clones one fork may ask for.
+    pub max_clones: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Entry {
+    id: u64,
+    name: Option<String>,
+    cmdline: String,
+    mem_mib: u64,
+    vcpus: u64,
+    guest: PathBuf,
+    console: Console,
+    hub: Arc<ForkHub>,
+    /// Set once the VM has ended (by the reaper, a fork that found it
+    /// ended, or removal).
+    exit: Mutex<Option<VmExit>>,
+    /// `None` once removed.
+    vm: Mutex<Option<Vm>>,
+}
+
+impl Entry {
+    fn record_exit(&self, vm: &mut Vm) -> Option<VmExit> {
+        let exit = vm.poll_exit();
+        if let Some(e) = &exit {
+            lock(&self.exit).get_or_insert_with(|| e.clone());
+        }
+        exit
+    }
+
+    fn summary(&self) -> VmSummary {
+        let exit = lock(&self.exit).clone();
+        let (last_line, console_lines) = {
+            let log = self.console.log();
+            (
+                log.last_line().map(str::to_owned),
+                log.lines.len() as u64 + log.dropped_lines,
+            )
+        };
+        VmSummary {
+            id: vm_id(self.id),
+            name: self.name.clone(),
+            state: if exit.is_some() {
+                VmState::Exited
+            } else {
+                VmState::Running
+            },
+            exit: exit.as_ref().map(ExitInfo::from),
+            last_line,
+            console_lines,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    vms: BTreeMap<u64, Arc<Entry>>,
+    /// Slots reserved by boots in progress.
+    booting: usize,
+}
+
+pub struct Registry {
+    memserver: Arc<MemServer>,
+    limits: Limits,
+    inner: Mutex<Inner>,
+    closed: AtomicBool,
+}
+
+/// A VM slot held while its VM boots; given back on drop unless the VM
+/// took it.
+struct Slot<'a> {
+    reg: &'a Registry,
+    held: bool,
+}
+
+impl Slot<'_> {
+    /// The VM is registered: its entry now counts instead of the slot.
+    fn fill(mut self, inner: &mut Inner) {
+        inner.booting -= 1;
+        self.held = false;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            lock(&self.reg.inner).booting -= 1;
+        }
+    }
+}
+
+/// Checks a create request before anything is booted.
+fn validate(req: &CreateVm) -> Result<(), ApiError> {
+    check_size(req.mem_mib).map_err(|e| ApiError::BadRequest(format!("mem_mib: {e}")))?;
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS as u64 {
+        return Err(ApiError::BadRequest(format!(
+            "vcpus: {} requested; 1..={MAX_VCPUS} supported",
+            req.vcpus
+        )));
+    }
+    if let Some(name) = &req.name {
+        if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "name: 1..={MAX_NAME} bytes without control characters"
+            )));
+        }
+    }
+    if let Some(g) = &req.guest {
+        if !g.is_file() {
+            return Err(ApiError::BadRequest(format!(
+                "guest: {} is not a file",
+                g.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn boot_error(e: VmError) -> ApiError {
+    let msg = format!("cannot boot the guest: {e}");
+    match e {
+        VmError::Boot(_) | VmError::BadVcpus(_) | VmError::Memory(MemoryError::BadSize(_)) => {
+            ApiError::BadRequest(msg)
+        }
+        _ => ApiError::Internal(msg),
+    }
+}
+
+fn family_info(f: &Family) -> FamilyInfo {
+    let report = f.report();
+    let clones = (1..=report.clones_granted)
+        .map(|i| {
+            if let Some(c) = report.clones.iter().find(|c| c.clone_id == i) {
+                let mut info = CloneInfo::new(report.family, i, CloneState::Exited);
+                info.exit = Some(ExitInfo::from(&c.exit));
+                info.last_line = c.last_line.clone();
+                info
+            } else if let Some((_, why)) = report.start_failures.iter().find(|(id, _)| *id == i) {
+                let mut info = CloneInfo::new(report.family, i, CloneState::Failed);
+                info.error = Some(why.clone());
+                info
+            } else {
+                CloneInfo::new(report.family, i, CloneState::Running)
+            }
+        })
+        .collect();
+    FamilyInfo {
+        family: report.family,
+        clones_granted: report.clones_granted,
+        running: f.running(),
+        clones,
+        start_failures: report
+            .start_failures
+            .iter()
+            .map(|(clone_id, error)| StartFailure {
+                clone_id: *clone_id,
+                error: error.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl Registry {
+    pub fn new(memserver: Arc<MemServer>, limits: Limits) -> Arc<Registry> {
+        Arc::new(Registry {
+            memserver,
+            limits,
+            inner: Mutex::new(Inner::default()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn entry(&self, id: u64) -> Result<Arc<Entry>, ApiError> {
+        lock(&self.inner)
+            .vms
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))
+    }
+
+    fn reserve(&self) -> Result<Slot<'_>, ApiError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
+        let mut inner = lock(&self.inner);
+        if inner.vms.len() + inner.booting >= self.limits.max_vms {
+            return Err(ApiError::TooManyVms(self.limits.max_vms));
+        }
+        inner.booting += 1;
+        Ok(Slot {
+            reg: self,
+            held: true,
+        })
+    }
+
+    /// Boots a VM with its own fork hub; returns its id.
+    pub fn create(&self, req: CreateVm) -> Result<u64, ApiError> {
+        validate(&req)?;
+        let slot = self.reserve()?;
+        let guest = req.guest.clone().unwrap_or_else(default_guest);
+        let id = {
+            let mut inner = lock(&self.inner);
+            inner.next_id += 1;
+            inner.next_id
+        };
+        let hub = ForkHub::new(
+            ForkOptions {
+                max_clones: self.limits.max_clones,
+                echo: false,
+                name_prefix: format!("{}.", vm_id(id)),
+                ..ForkOptions::default()
+            },
+            self.memserver.clone(),
+        );
+        let cfg = VmConfig {
+            guest: guest.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            cmdline: req.cmdline.clone(),
+            echo: false,
+            name: req.name.clone(),
+        };
+        let vm = Vm::boot_with(&cfg, Some(hub.clone())).map_err(boot_error)?;
+        let entry = Arc::new(Entry {
+            id,
+            name: req.name,
+            cmdline: req.cmdline,
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            guest,
+            console: vm.console().clone(),
+            hub,
+            exit: Mutex::new(None),
+            vm: Mutex::new(Some(vm)),
+        });
+        {
+            let mut inner = lock(&self.inner);
+            // Checked under the lock `shutdown` drains under: a VM is
+            // either drained by it or never inserted.
+            if !self.closed.load(Ordering::Acquire) {
+                inner.vms.insert(id, entry.clone());
+                slot.fill(&mut inner);
+                return Ok(id);
+            }
+        }
+        drop(slot);
+        kill(&entry);
+        Err(ApiError::ShuttingDown)
+    }
+
+    pub fn list(&self) -> Vec<VmSummary> {
+        let entries: Vec<_> = lock(&self.inner).vms.values().cloned().collect();
+        entries.iter().map(|e| e.summary()).collect()
+    }
+
+    pub fn detail(&self, id: u64) -> Result<VmDetail, ApiError> {
+        let e = self.entry(id)?;
+        Ok(VmDetail {
+            summary: e.summary(),
+            cmdline: e.cmdline.clone(),
+            mem_mib: e.mem_mib,
+            vcpus: e.vcpus,
+            guest: e.guest.display().to_string(),
+            families: e.hub.families().iter().map(|f| family_info(f)).collect(),
+        })
+    }
+
+    pub fn console(&self, id: u64) -> Result<ConsoleLines, ApiError> {
+        let e = self.entry(id)?;
+        let log = e.console.log();
+        Ok(ConsoleLines {
+            lines: log.lines.clone(),
+            dropped_lines: log.dropped_lines,
+        })
+    }
+
+    /// Host-initiated fork of a running VM into `clones` clones.
+    pub fn fork(&self, id: u64, clones: u64) -> Result<Forked, ApiError> {
+        let entry = self.entry(id)?;
+        let max = self.limits.max_clones;
+        if clones == 0 || clones > max {
+            return Err(ApiError::BadClones {
+                requested: clones,
+                max,
+            });
+        }
+        let mut guard = lock(&entry.vm);
+        let vm = guard
+            .as_mut()
+            .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))?;
+        let exited =
+            |exit: &VmExit| ApiError::Conflict(format!("{} has exited ({exit})", vm_id(id)));
+        if let Some(exit) = entry.record_exit(vm) {
+            return Err(exited(&exit));
+        }
+        if entry.vcpus != 1 {
+            return Err(ApiError::Conflict(format!(
+                "{} has {} vCPUs; only single-vCPU VMs fork",
+                vm_id(id),
+                entry.vcpus
+            )));
+        }
+        if vm.guest_info().is_none_or(|g| g.agent_gpa == 0) {
+            return Err(ApiError::Conflict(format!(
+                "the guest agent of {} has not started yet; try again shortly",
+                vm_id(id)
+            )));
+        }
+        match vm.fork(clones) {
+            Ok(family) => Ok(Forked {
+                family: family.id(),
+                clones: (1..=clones).collect(),
+            }),
+            Err(VmError::Exited) => {
+                let exit = entry.record_exit(vm).unwrap_or(VmExit::Stopped);
+                Err(exited(&exit))
+            }
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
+    /// Kills a VM and its clones and forgets it.
+    pub fn remove(&self, id: u64) -> Result<(), ApiError> {
+        let entry = lock(&self.inner)
+            .vms
+            .remove(&id)
+            .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))?;
+        kill(&entry);
+        Ok(())
+    }
+
+    /// Refuses new VMs, kills every VM and its clones, stops the memory
+    /// server.
+    pub fn shutdown(&self) {
+        let entries: Vec<_> = {
+            let mut inner = lock(&self.inner);
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut inner.vms).into_values().collect()
+        };
+        for e in &entries {
+            kill(e);
+        }
+        self.memserver.stop();
+    }
+
+    /// Starts the reaper thread; it ends after [`Registry::shutdown`].
+    pub fn start_reaper(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let reg = self.clone();
+        std::thread::Builder::new()
+            .name("api-reaper".into())
+            .spawn(move || {
+                while !reg.closed.load(Ordering::Acquire) {
+                    let entries: Vec<_> = lock(&reg.inner).vms.values().cloned().collect();
+                    for e in entries {
+                        if lock(&e.exit).is_some() {
+                            continue;
+                        }
+                        // A VM busy forking is looked at next round.
+                        let mut guard = match e.vm.try_lock() {
+                            Ok(g) => g,
+                            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                            Err(TryLockError::WouldBlock) => continue,
+                        };
+                        if let Some(vm) = guard.as_mut() {
+                            e.record_exit(vm);
+                        }
+                    }
+                    std::thread::sleep(REAP_EVERY);
+                }
+            })
+    }
+}
+
+/// Stops the VM; dropping it shuts its fork hub down, which kills and
+/// joins the clones.
+fn kill(entry: &Entry) {
+    let vm = lock(&entry.vm).take();
+    if let Some(mut vm) = vm {
+        if entry.record_exit(&mut vm).is_none() {
+            vm.kill();
+        }
+        drop(vm);
+    }
+    entry.hub.shutdown();
+}

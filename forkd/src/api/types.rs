@@ -1,0 +1,217 @@
+//! Request and response bodies of the API (see `forkd/api/openapi.json`).
+//! Optional response fields are left out rather than `null`.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::fork::identity::CloneIdentity;
+use crate::vmm::VmExit;
+
+pub const DEFAULT_MEM_MIB: u64 = 512;
+pub const DEFAULT_VCPUS: u64 = 1;
+/// Longest `name` accepted.
+pub const MAX_NAME: usize = 64;
+
+fn default_mem() -> u64 {
+    DEFAULT_MEM_MIB
+}
+
+fn default_vcpus() -> u64 {
+    DEFAULT_VCPUS
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub cmdline: String,
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u64,
+    /// Guest PVH ELF; default: the zone guest built with forkd.
+    #[serde(default)]
+    pub guest: Option<PathBuf>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/vms/{id}/fork`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkVm {
+    pub clones: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneState {
+    Running,
+    Exited,
+    /// The clone could not be started.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub id: String,
+    pub state: VmState,
+}
+
+/// How a VM or clone ended: `code` as `forkd run` would exit (the guest's
+/// status, or 100+ for VMM-side endings), `reason` in words.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExitInfo {
+    pub code: i32,
+    pub reason: String,
+}
+
+impl From<&VmExit> for ExitInfo {
+    fn from(e: &VmExit) -> Self {
+        ExitInfo {
+            code: e.exit_code(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// One entry of `GET /v1/vms`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmSummary {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub state: VmState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_line: Option<String>,
+    /// Lines the guest printed so far (including any dropped from the log).
+    pub console_lines: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmList {
+    pub vms: Vec<VmSummary>,
+}
+
+/// `GET /v1/vms/{id}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmDetail {
+    #[serde(flatten)]
+    pub summary: VmSummary,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub guest: String,
+    pub families: Vec<FamilyInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FamilyInfo {
+    pub family: u64,
+    pub clones_granted: u64,
+    /// Clones still running (started or about to start).
+    pub running: u64,
+    pub clones: Vec<CloneInfo>,
+    pub start_failures: Vec<StartFailure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneInfo {
+    pub clone_id: u64,
+    pub state: CloneState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_line: Option<String>,
+    /// Why the clone could not start (state "failed").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub ip: String,
+    pub mac: String,
+}
+
+impl CloneInfo {
+    pub fn new(family: u64, clone_id: u64, state: CloneState) -> Self {
+        let identity = CloneIdentity::new(family, clone_id);
+        CloneInfo {
+            clone_id,
+            state,
+            exit: None,
+            last_line: None,
+            error: None,
+            ip: identity.ip.to_string(),
+            mac: identity.mac_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StartFailure {
+    pub clone_id: u64,
+    pub error: String,
+}
+
+/// `POST /v1/vms/{id}/fork`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Forked {
+    pub family: u64,
+    pub clones: Vec<u64>,
+}
+
+/// `GET /v1/vms/{id}/console`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsoleLines {
+    pub lines: Vec<String>,
+    /// Older lines dropped from the bounded log.
+    pub dropped_lines: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `vm-<n>` ↔ n.
+pub fn vm_id(n: u64) -> String {
+    format!("vm-{n}")
+}
+
+pub fn parse_vm_id(s: &str) -> Option<u64> {
+    let n = s.strip_prefix("vm-")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_round_trip() {
+        assert_eq!(parse_vm_id(&vm_id(17)), Some(17));
+        assert_eq!(parse_vm_id("vm-"), None);
+        assert_eq!(parse_vm_id("vm-+1"), None);
+        assert_eq!(parse_vm_id("17"), None);
+        assert_eq!(parse_vm_id("vm-99999999999999999999999"), None);
+    }
+
+    #[test]
+    fn create_rejects_unknown_fields_and_fills_defaults() {
+        let c: CreateVm = serde_json::from_str(r#"{"cmdline":"ticks=1"}"#).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus), (DEFAULT_MEM_MIB, DEFAULT_VCPUS));
+        let e = serde_json::from_str::<CreateVm>(r#"{"cmdline":"","memory":1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `memory`"), "{e}");
+        assert!(serde_json::from_str::<ForkVm>(r#"{"clones":-1}"#).is_err());
+    }
+}

@@ -1,0 +1,360 @@
+//! `forkd serve`: the host fork API over its Unix socket (and TCP), with a
+//! real server process and real KVM VMs. Clones forked through the API end
+//! with QEMU's straight-line checksum; every response is validated against
+//! `forkd/api/openapi.json`.
+
+#[path = "api/client.rs"]
+mod client;
+#[path = "api/schema.rs"]
+mod schema;
+
+use client::{Response, Server};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tests::{qemu_done_line, require_kvm};
+
+const MEM: u64 = 512;
+
+fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("forkd.sock")
+}
+
+/// GETs `path` until `done` holds for the body (bounded by `limit`).
+fn poll(
+    s: &Server,
+    path: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = s.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+        let v = r.json();
+        if done(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "{what} within {limit:?}; last: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn expect_error(r: &Response, status: u16, contains: &str) {
+    assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(&r.body));
+    let e = r.error();
+    assert!(
+        e.contains(contains),
+        "error {e:?} should mention {contains:?}"
+    );
+}
+
+fn create(s: &Server, body: &str) -> String {
+    let r = s.post("/v1/vms", body);
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let v = r.json();
+    let id = v["id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("vm-"), "{id}");
+    assert_eq!(v["state"], "running");
+    assert_eq!(r.header("location"), Some(format!("/v1/vms/{id}").as_str()));
+    id
+}
+
+/// Forks a VM whose guest has started; the agent announces itself just
+/// before "zone: start", so a 409 "try again shortly" is retried briefly.
+fn fork(s: &Server, vm: &str, clones: u64) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = s.post(&format!("{vm}/fork"), &format!(r#"{{"clones": {clones}}}"#));
+        if r.status == 409
+            && r.error().contains("try again")
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        assert_eq!(r.status, 200, "fork: {}", r.error());
+        let v = r.json();
+        assert_eq!(
+            v["clones"],
+            serde_json::json!((1..=clones).collect::<Vec<_>>())
+        );
+        return v;
+    }
+}
+
+fn started(v: &Value) -> bool {
+    v["console_lines"].as_u64() >= Some(2)
+}
+
+fn all_ended(v: &Value) -> bool {
+    v["state"] == "exited"
+        && v["families"].as_array().is_some_and(|fs| {
+            fs.iter().all(|f| {
+                f["running"] == 0
+                    && f["clones"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["state"] != "running"))
+            })
+        })
+}
+
+#[test]
+fn host_fork_through_the_api_matches_qemu() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&socket_in(&dir), &["--max-clones", "4"]);
+    // About 300 ms of guest time, so the fork lands mid-run.
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let id = create(
+        &s,
+        &format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}, "name": "zone-a"}}"#),
+    );
+    let vm = format!("/v1/vms/{id}");
+    poll(&s, &vm, Duration::from_secs(30), "the guest starts", |v| {
+        v["last_line"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("zone: start"))
+            || v["console_lines"].as_u64() >= Some(2)
+    });
+    let forked = fork(&s, &vm, 2);
+    assert_eq!(forked["clones"], serde_json::json!([1, 2]));
+    let family = forked["family"].as_u64().expect("family id");
+    let v = poll(&s, &vm, tests::WAIT, "the VM and its clones end", all_ended);
+    assert_eq!(v["name"], "zone-a");
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    let console = s.get(&format!("{vm}/console"));
+    assert_eq!(console.status, 200);
+    let lines: Vec<String> =
+        serde_json::from_value(console.json()["lines"].clone()).expect("lines");
+    assert_eq!(v["console_lines"], lines.len() as u64);
+    let tick: u64 = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"));
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let fams = v["families"].as_array().expect("families");
+    assert_eq!(fams.len(), 1, "{v}");
+    assert_eq!(fams[0]["family"], family);
+    assert_eq!(fams[0]["start_failures"], serde_json::json!([]));
+    let clones = fams[0]["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 2, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["clone_id"], i);
+        assert_eq!(c["state"], "exited", "{c}");
+        assert_eq!(c["exit"]["code"], 0, "{c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}");
+    }
+    assert_ne!(clones[0]["ip"], clones[1]["ip"]);
+    assert_ne!(clones[0]["mac"], clones[1]["mac"]);
+    let list = s.get("/v1/vms").json();
+    assert_eq!(list["vms"][0]["id"], id.as_str());
+    assert_eq!(list["vms"][0]["state"], "exited");
+    assert_eq!(s.call("DELETE", &vm, None).status, 204);
+    expect_error(&s.get(&vm), 404, "no VM");
+    expect_error(&s.call("DELETE", &vm, None), 404, "no VM");
+    assert_eq!(s.get("/v1/vms").json()["vms"], serde_json::json!([]));
+    s.stop();
+}
+
+#[test]
+fn api_errors_are_clear() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&socket_in(&dir), &["--max-vms", "2", "--max-clones", "4"]);
+    let bad_creates = [
+        (r#"{"cmdline": "ticks=1""#, "EOF"),
+        ("", "empty"),
+        ("[1, 2]", "invalid type"),
+        (
+            r#"{"cmdline": "ticks=1", "mem": 512}"#,
+            "unknown field `mem`",
+        ),
+        (r#"{"mem_mib": 512}"#, "missing field `cmdline`"),
+        (r#"{"cmdline": 7}"#, "invalid type"),
+        (r#"{"cmdline": "", "mem_mib": 4}"#, "mem_mib"),
+        (r#"{"cmdline": "", "mem_mib": -1}"#, "invalid value"),
+        (r#"{"cmdline": "", "vcpus": 0}"#, "vcpus"),
+        (r#"{"cmdline": "", "vcpus": 33}"#, "vcpus"),
+        (
+            r#"{"cmdline": "", "guest": "/nonexistent/guest.elf"}"#,
+            "not a file",
+        ),
+        (r#"{"cmdline": "", "name": ""}"#, "name"),
+    ];
+    for (body, why) in bad_creates {
+        let r = s.post("/v1/vms", body);
+        expect_error(&r, 400, why);
+    }
+    expect_error(&s.get("/v1/vms/vm-999"), 404, "no VM with id 'vm-999'");
+    expect_error(&s.get("/v1/vms/garbage"), 404, "no VM");
+    expect_error(
+        &s.post("/v1/vms/vm-999/fork", r#"{"clones": 1}"#),
+        404,
+        "no VM",
+    );
+    expect_error(&s.call("DELETE", "/v1/vms/vm-999", None), 404, "no VM");
+    expect_error(&s.get("/v2/vms"), 404, "no route");
+    expect_error(&s.call("PUT", "/v1/vms", Some("{}")), 405, "not allowed");
+
+    // A guest that ends at once.
+    let short = create(
+        &s,
+        r#"{"cmdline": "ticks=1 seed=1 state_mib=4", "mem_mib": 64}"#,
+    );
+    let path = format!("/v1/vms/{short}");
+    let v = poll(
+        &s,
+        &path,
+        Duration::from_secs(30),
+        "the short guest ends",
+        |v| v["state"] == "exited",
+    );
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert!(
+        v["last_line"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("zone: done")),
+        "{v}"
+    );
+    let fork_path = format!("{path}/fork");
+    expect_error(&s.post(&fork_path, r#"{"clones": 1}"#), 409, "exited");
+    expect_error(&s.post(&fork_path, r#"{"clones": 0}"#), 422, "1..=4");
+    expect_error(&s.post(&fork_path, r#"{"clones": 5}"#), 422, "1..=4");
+    expect_error(
+        &s.post(&fork_path, r#"{"clones": -1}"#),
+        400,
+        "invalid value",
+    );
+    expect_error(
+        &s.post(&fork_path, r#"{"clones": "2"}"#),
+        400,
+        "invalid type",
+    );
+    expect_error(
+        &s.post(&fork_path, r#"{"clones": 1, "x": 1}"#),
+        400,
+        "unknown field `x`",
+    );
+    expect_error(&s.post(&fork_path, "{}"), 400, "missing field `clones`");
+
+    // A guest that runs long; the limit counts exited VMs too.
+    let long = create(
+        &s,
+        r#"{"cmdline": "ticks=100000 state_mib=4 tick_us=1000", "mem_mib": 64}"#,
+    );
+    expect_error(&s.post("/v1/vms", r#"{"cmdline": ""}"#), 429, "limit (2)");
+    assert_eq!(
+        s.get("/v1/vms").json()["vms"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let long_path = format!("/v1/vms/{long}");
+    poll(
+        &s,
+        &long_path,
+        Duration::from_secs(30),
+        "the guest starts",
+        started,
+    );
+    fork(&s, &long_path, 2);
+    let v = s.get(&long_path).json();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["families"][0]["clones"][1]["state"], "running", "{v}");
+    // DELETE kills the VM and its running clones, promptly.
+    let t = Instant::now();
+    assert_eq!(s.call("DELETE", &long_path, None).status, 204);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "DELETE took {:?}",
+        t.elapsed()
+    );
+    expect_error(&s.get(&long_path), 404, "no VM");
+    // The slot is free again; SIGTERM kills this one and its clone.
+    let last = create(
+        &s,
+        r#"{"cmdline": "ticks=100000 state_mib=4 tick_us=1000", "mem_mib": 64}"#,
+    );
+    let last = format!("/v1/vms/{last}");
+    poll(
+        &s,
+        &last,
+        Duration::from_secs(30),
+        "the guest starts",
+        started,
+    );
+    fork(&s, &last, 1);
+    s.stop();
+}
+
+#[test]
+fn socket_and_tcp_are_guarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = socket_in(&dir);
+    let s = Server::start(&sock, &["--tcp", "0"]);
+    assert!(
+        s.banner.contains(&format!("unix:{}", sock.display())),
+        "{}",
+        s.banner
+    );
+    // A second server on a live socket refuses and leaves it alone.
+    match Server::try_start(&sock, &[]) {
+        Ok(_) => panic!("a second server started on a live socket"),
+        Err((status, stderr)) => {
+            assert!(!status.success());
+            assert!(stderr.contains("another server answers"), "{stderr}");
+        }
+    }
+    assert_eq!(s.get("/v1/vms").status, 200);
+    // TCP listens on loopback only, with the same API.
+    let tcp = s
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp address in {:?}", s.banner))
+        .to_owned();
+    assert!(tcp.starts_with("127.0.0.1:"), "{tcp}");
+    assert_eq!(Server::call_tcp(&tcp, "GET", "/v1/vms").status, 200);
+    // The served document is the one in the repository.
+    let served = s.get("/v1/openapi.json").json();
+    assert_eq!(&served, schema::spec().doc());
+    let status = s.stop_with(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket left behind after SIGINT");
+
+    // A stale socket (nobody listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("stale socket"));
+    assert!(sock.exists());
+    Server::start(&sock, &[]).stop();
+
+    // Something that is not a socket is never removed.
+    std::fs::write(&sock, b"keep me").expect("file");
+    let (status, stderr) = Server::try_start(&sock, &[]).err().expect("refused");
+    assert!(
+        !status.success() && stderr.contains("not a socket"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&sock).expect("file kept"), b"keep me");
+    std::fs::remove_file(&sock).expect("rm");
+
+    // A non-loopback TCP address needs --tcp-allow-remote.
+    let (status, stderr) = Server::try_start(&sock, &["--tcp", "0.0.0.0:0"])
+        .err()
+        .expect("refused");
+    assert!(
+        !status.success() && stderr.contains("not a loopback address"),
+        "{stderr}"
+    );
+    assert!(!sock.exists());
+}
