@@ -43,6 +43,9 @@ pub const AGENT_MAGIC: u64 = 0x544e_4547_4144_4b46; // "FKDAGENT"
 pub const AGENT_WORD_MAGIC: usize = 0;
 pub const AGENT_WORD_EPOCH: usize = 1;
 pub const AGENT_WORD_CLONE_ID: usize = 2;
+/// Set by the guest just before its last look at the epoch: a fork from
+/// then on would go unnoticed, so the VMM refuses it.
+pub const AGENT_WORD_FINISHED: usize = 3;
 
 /// Console output: `args[0]` is the guest-physical address of `args[1]`
 /// bytes (at most [`CONSOLE_MAX`]) to print. A zero-length call probes

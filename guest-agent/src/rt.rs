@@ -123,6 +123,14 @@ impl Platform for GuestPlatform {
         );
     }
 
+    fn finishing(&mut self) {
+        // SAFETY: a volatile store to the static agent page, which only this
+        // thread writes on the guest side.
+        unsafe {
+            core::ptr::addr_of_mut!(AGENT.0[abi::AGENT_WORD_FINISHED]).write_volatile(1);
+        }
+    }
+
     fn will_overwrite(&mut self, buf: &[u64]) {
         sf::will_overwrite(buf.as_ptr() as u64, core::mem::size_of_val(buf) as u64);
     }

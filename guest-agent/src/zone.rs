@@ -84,6 +84,8 @@ pub trait Platform {
     }
     /// Reports that the zone forked (by the host) before tick `tick`.
     fn note_host_fork(&mut self, _tick: u64, _clone_id: u64) {}
+    /// The zone is about to look for a host fork for the last time.
+    fn finishing(&mut self) {}
 }
 
 /// The result the guest prints on its last console line.
@@ -215,6 +217,9 @@ pub fn run(
     for t in 0..=cfg.ticks {
         // A fork the host started lands at a tick boundary, in the parent
         // and in every clone alike: as if `fork_at=t` had been asked for.
+        if t == cfg.ticks {
+            platform.finishing();
+        }
         if let Some(id) = platform.host_fork() {
             clone_id = id;
             zone.become_clone(id);

@@ -319,6 +319,7 @@ impl Registry {
     /// Host-initiated fork of a running VM into `clones` clones.
     pub fn fork(&self, id: u64, clones: u64) -> Result<Forked, ApiError> {
         let entry = self.entry(id)?;
+        // Input first: a bad count is 422 whatever state the VM is in.
         let max = self.limits.max_clones;
         if clones == 0 || clones > max {
             return Err(ApiError::BadClones {
@@ -335,19 +336,6 @@ impl Registry {
         if let Some(exit) = entry.record_exit(vm) {
             return Err(exited(&exit));
         }
-        if entry.vcpus != 1 {
-            return Err(ApiError::Conflict(format!(
-                "{} has {} vCPUs; only single-vCPU VMs fork",
-                vm_id(id),
-                entry.vcpus
-            )));
-        }
-        if vm.guest_info().is_none_or(|g| g.agent_gpa == 0) {
-            return Err(ApiError::Conflict(format!(
-                "the guest agent of {} has not started yet; try again shortly",
-                vm_id(id)
-            )));
-        }
         match vm.fork(clones) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
@@ -356,6 +344,12 @@ impl Registry {
             Err(VmError::Exited) => {
                 let exit = entry.record_exit(vm).unwrap_or(VmExit::Stopped);
                 Err(exited(&exit))
+            }
+            Err(VmError::BadClones { requested, max }) => {
+                Err(ApiError::BadClones { requested, max })
+            }
+            Err(VmError::ForkRefused(why)) => {
+                Err(ApiError::Conflict(format!("{}: {why}", vm_id(id))))
             }
             Err(e) => Err(ApiError::Internal(e.to_string())),
         }

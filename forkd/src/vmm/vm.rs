@@ -53,8 +53,15 @@ pub enum VmError {
     MemoryWrite(std::io::Error),
     #[error("the guest did not finish within {0:?}")]
     WaitTimeout(Duration),
+    /// The fork could not be done (freeze, memory server, descriptor).
     #[error("cannot fork: {0}")]
     Fork(String),
+    /// The VM is not in a state to fork (the request may work later, or
+    /// never for this VM).
+    #[error("cannot fork now: {0}")]
+    ForkRefused(String),
+    #[error("{requested} clones requested; 1..={max} allowed")]
+    BadClones { requested: u64, max: u64 },
 }
 
 fn ioctl<T>(op: &'static str, r: Result<T, vmm_sys_util::errno::Error>) -> Result<T, VmError> {
@@ -501,27 +508,45 @@ impl Vm {
         let service = self
             .fork_service
             .clone()
-            .ok_or_else(|| VmError::Fork("this VM has no fork service".into()))?;
+            .ok_or_else(|| VmError::ForkRefused("this VM has no fork service".into()))?;
         let hub = service
             .as_hub()
-            .ok_or_else(|| VmError::Fork("a clone cannot fork again".into()))?;
+            .ok_or_else(|| VmError::ForkRefused("a clone cannot fork again".into()))?;
         if clones == 0 || clones > hub.max_clones() {
-            return Err(VmError::Fork(format!(
-                "{clones} clones requested; 1..={} allowed",
-                hub.max_clones()
-            )));
+            return Err(VmError::BadClones {
+                requested: clones,
+                max: hub.max_clones(),
+            });
         }
         if self.vcpu_count != 1 {
-            return Err(VmError::Fork("only single-vCPU VMs fork".into()));
+            return Err(VmError::ForkRefused(format!(
+                "the VM has {} vCPUs; only single-vCPU VMs fork",
+                self.vcpu_count
+            )));
         }
         let agent = self
             .guest_info()
             .map(|g| g.agent_gpa)
             .filter(|a| *a != 0)
-            .ok_or_else(|| VmError::Fork("the guest agent has not started yet".into()))?;
+            .ok_or_else(|| {
+                VmError::ForkRefused(
+                    "the guest agent has not started yet; try again shortly".into(),
+                )
+            })?;
         let word = |w: usize| GuestAddress(agent + 8 * w as u64);
         self.pause()?;
         let forked = (|| -> Result<Arc<Family>, VmError> {
+            // Read while paused: past this mark the guest no longer looks.
+            if self
+                .memory
+                .read_obj::<u64>(word(abi::AGENT_WORD_FINISHED))
+                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?
+                != 0
+            {
+                return Err(VmError::ForkRefused(
+                    "the guest has finished its work and would not notice a fork".into(),
+                ));
+            }
             let vcpu = self.vcpus[0].save()?;
             let devices = self
                 .devices
