@@ -35,6 +35,8 @@ pub struct Setup {
     pub clones: u64,
     pub avoidance: bool,
     pub readahead: u64,
+    /// Background copy-out of the parent's pages after the freeze.
+    pub copy_out: bool,
 }
 
 impl Setup {
@@ -45,6 +47,7 @@ impl Setup {
             clones,
             avoidance: true,
             readahead: 32,
+            copy_out: true,
         }
     }
 }
@@ -92,6 +95,7 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
             max_clones: 64,
             echo: false,
             name_prefix: String::new(),
+            copy_out: s.copy_out,
         },
         server.clone(),
     );

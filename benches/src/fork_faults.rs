@@ -104,6 +104,14 @@ const NEIGHBOUR_CMDLINE: &str = "ticks=1000000000 state_mib=16 seed=3";
 /// same work in a fully resident VM (zone state initialised → exit), run
 /// alone and next to a busy VM (as the clone runs next to its parent).
 pub fn runtime(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
+    let cow = Setup {
+        copy_out: false,
+        ..Setup::new(RUNTIME_CMDLINE, 1)
+    };
+    eprintln!("fork: {runs} runs of `{}`, no copy-out", cow.cmdline);
+    let r = fork_runs(guest, &cow, runs)?;
+    let cow_ms = samples(&r, |x| ms(x.to_clones_ended.saturating_sub(x.last_start())));
+    report.add("clone run time, parent copy-on-write only", "ms", &cow_ms);
     let s = Setup::new(RUNTIME_CMDLINE, 1);
     eprintln!("fork: {runs} runs of `{}`", s.cmdline);
     let r = fork_runs(guest, &s, runs)?;

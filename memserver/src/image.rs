@@ -308,6 +308,67 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String
     }
 }
 
+/// Pages copied out per write-protect removal.
+const COPY_OUT_RUN: u64 = 64;
+
+/// Copies `index` aside if it has no copy yet (same rules as the fault
+/// handler: under the stripe lock, while protected). Returns false once the
+/// image is no longer live.
+fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
+    let mut stripe = shared.stripe(index);
+    if shared.state.load(SeqCst) != LIVE {
+        return Ok(false);
+    }
+    if let std::collections::hash_map::Entry::Vacant(slot) = stripe.entry(index) {
+        let page = shared.base + index as usize * PAGE_SIZE;
+        let mut copy = Box::new([0u8; PAGE_SIZE]);
+        // SAFETY: as in `handle_event`: the page is in the live, mapped,
+        // registered range, and without a copy it is still protected, so
+        // no writer can change it while we hold the stripe lock.
+        unsafe { std::ptr::copy_nonoverlapping(page as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
+        if shared.still_protected(index).map_err(|e| e.to_string())? {
+            slot.insert(copy);
+            shared.pages_copied.fetch_add(1, SeqCst);
+            shared.bytes_held.fetch_add(PAGE_SIZE as u64, SeqCst);
+        }
+    }
+    Ok(true)
+}
+
+/// The copy-out thread: runs of populated pages are copied aside, then
+/// their protection is removed in one call.
+fn copy_out(shared: &Shared, uffd: &Uffd, populated: &[u64]) {
+    let pages = (shared.len / PAGE_SIZE) as u64;
+    let is_populated = |i: u64| {
+        populated
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    };
+    let mut first = 0;
+    while first < pages {
+        let end = (first + COPY_OUT_RUN).min(pages);
+        let mut any = false;
+        for i in (first..end).filter(|&i| is_populated(i)) {
+            match copy_aside(shared, i) {
+                Ok(true) => any = true,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!("frozen image: copy-out stopped: {e}");
+                    return;
+                }
+            }
+        }
+        // Every populated page of the run has its copy: let writers in.
+        if any {
+            let start = shared.base + first as usize * PAGE_SIZE;
+            if unprotect(uffd, start, (end - first) as usize * PAGE_SIZE).is_err() {
+                return; // released (unregistered) meanwhile
+            }
+        }
+        first = end;
+    }
+}
+
 /// The handler thread, its stop eventfd and the userfaultfd.
 struct Control {
     uffd: Arc<Uffd>,
@@ -451,6 +512,30 @@ impl FrozenImage {
         self.populated
             .get(index as usize / 64)
             .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    /// Copies every page populated at the freeze aside in the background,
+    /// removing each page's write protection once it is copied, so that the
+    /// parent's later writes stop faulting (a write-protect fault under KVM
+    /// costs ~0.1 ms of the writer's time; the copy-out ~1–2 µs a page of a
+    /// background thread's). Costs memory: the image then holds a copy of
+    /// every populated page. Pages the parent writes first are copied by
+    /// the fault handler as before.
+    pub fn start_copy_out(&self) -> Result<(), ImageError> {
+        let control = lock(&self.control);
+        let Some(ctl) = control.as_ref() else {
+            return Ok(());
+        };
+        let (shared, uffd, populated) = (
+            self.shared.clone(),
+            ctl.uffd.clone(),
+            self.populated.clone(),
+        );
+        std::thread::Builder::new()
+            .name("memserver-copyout".into())
+            .spawn(move || copy_out(&shared, &uffd, &populated))
+            .map(|_| ())
+            .map_err(ImageError::Thread)
     }
 
     /// Stops copy-before-write: frees the copies, removes the protection

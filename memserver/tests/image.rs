@@ -184,6 +184,42 @@ fn writes_after_freeze_keep_frozen_contents() {
     drop(image);
 }
 
+/// Background copy-out: once it is done the writer takes no more
+/// write-protect faults, and the image still reads the frozen contents,
+/// also for pages written while the copy-out ran.
+#[test]
+fn copy_out_ends_write_faults() {
+    let m = Arc::new(Mapping::new(32 * MIB, Thp::NoHuge));
+    let touched = |i: usize| !i.is_multiple_of(5);
+    (0..m.pages())
+        .filter(|&i| touched(i))
+        .for_each(|i| m.fill(i, 0));
+    let n_touched = (0..m.pages()).filter(|&i| touched(i)).count() as u64;
+    let image = m.freeze();
+    image.start_copy_out().unwrap();
+    // Race the copy-out with a writer on the first pages.
+    (0..64).for_each(|i| m.write_word(i, 9, 0xdead));
+    let t = Instant::now();
+    while image.stats().pages_copied < n_touched {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "copy-out stalled: {:?}",
+            image.stats()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let faults = image.stats().wp_faults;
+    overwrite_everything(&m);
+    assert_eq!(
+        image.stats().wp_faults,
+        faults,
+        "writes faulted after copy-out"
+    );
+    check_all(&image, touched);
+    assert_eq!(image.stats().bytes_held, n_touched * PAGE_SIZE as u64);
+    image.release();
+}
+
 fn hammer_while_reading(thp: Thp) {
     let m = Arc::new(Mapping::new(16 * MIB, thp));
     let touched = |i: usize| i % 7 != 3;

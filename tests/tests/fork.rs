@@ -324,3 +324,41 @@ fn parent_writes_after_the_fork_are_invisible_to_clones() {
         assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
     }
 }
+
+/// `sf_kill` (here through the hub, the path the hypercall takes): the
+/// clones end, the parent's join returns and it finishes unharmed.
+#[test]
+fn killing_the_clones_lets_the_parent_finish() {
+    use forkd::fork::ForkService;
+    require_kvm();
+    let cmdline = "ticks=200 seed=41 state_mib=4 tick_us=5000 fork_at=2 clones=3";
+    let hub = ForkHub::new(ForkOptions::default(), memserver());
+    let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
+    let t = Instant::now();
+    while hub.families().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest never forked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    hub.kill(1).expect("kill ticket 1");
+    assert!(
+        hub.wait_clones(Duration::from_secs(30)),
+        "clones still running"
+    );
+    let report = hub.families()[0].report();
+    let killed = report
+        .clones
+        .iter()
+        .filter(|c| c.exit == VmExit::Stopped)
+        .count()
+        + report.start_failures.len();
+    assert_eq!(killed, 3, "{report:?}");
+    assert_eq!(
+        finish(&mut parent),
+        qemu_done_line(&format!("{cmdline} as_clone=0"), MEM)
+    );
+    assert_eq!(hub.kill(99), Err(guest_agent::abi::STATUS_REFUSED));
+}

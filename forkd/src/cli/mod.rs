@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Most clones one `sf_request_ticket` may grant.
     #[arg(long, default_value_t = 64)]
     pub max_clones: u64,
+    /// Keep the parent's frozen pages only as it writes them (no background
+    /// copy-out: less memory, more write-protect faults in the parent).
+    #[arg(long)]
+    pub no_copy_out: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -181,6 +185,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             avoidance: !a.no_avoidance,
             readahead: a.readahead,
+            copy_out: !a.no_copy_out,
         },
         memserver.clone(),
     );

@@ -37,6 +37,10 @@ pub struct ForkOptions {
     pub name_prefix: String,
     pub avoidance: bool,
     pub readahead: u64,
+    /// Copy the parent's populated pages aside in the background right
+    /// after the freeze, so its writes stop taking write-protect faults
+    /// (memory: a copy of the parent's touched pages while clones run).
+    pub copy_out: bool,
 }
 
 impl Default for ForkOptions {
@@ -47,6 +51,7 @@ impl Default for ForkOptions {
             name_prefix: String::new(),
             avoidance: true,
             readahead: 32,
+            copy_out: true,
         }
     }
 }
@@ -249,6 +254,11 @@ impl ForkHub {
         let image = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
             .map_err(|e| ForkError::Freeze(e.to_string()))?;
         let freeze = t.elapsed();
+        if self.opts.copy_out {
+            image
+                .start_copy_out()
+                .map_err(|e| ForkError::Freeze(e.to_string()))?;
+        }
         let desc = ForkDescriptor::build(
             id,
             &req.memory,
