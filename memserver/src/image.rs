@@ -338,6 +338,13 @@ fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
 /// The copy-out thread: runs of populated pages are copied aside, then
 /// their protection is removed in one call.
 fn copy_out(shared: &Shared, uffd: &Uffd, populated: &[u64]) {
+    // Background work: yield the cores to vCPUs and clone start-up first.
+    // SAFETY: setpriority on this thread's own id (Linux applies nice
+    // values per thread); no memory is involved.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 15);
+    }
     let pages = (shared.len / PAGE_SIZE) as u64;
     let is_populated = |i: u64| {
         populated
