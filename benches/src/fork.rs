@@ -37,6 +37,8 @@ pub struct Setup {
     pub readahead: u64,
     /// Background copy-out of the parent's pages after the freeze.
     pub copy_out: bool,
+    /// Clones prefetch the pages allocated at the fork.
+    pub prefetch: bool,
 }
 
 impl Setup {
@@ -48,6 +50,7 @@ impl Setup {
             avoidance: true,
             readahead: 32,
             copy_out: true,
+            prefetch: true,
         }
     }
 }
@@ -96,6 +99,7 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
             echo: false,
             name_prefix: String::new(),
             copy_out: s.copy_out,
+            prefetch: s.prefetch,
         },
         server.clone(),
     );

@@ -39,6 +39,7 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
     let mut starts: Vec<f64> = Vec::new();
     let mut lat: Vec<f64> = Vec::new();
     let (mut fetched, mut avoided, mut declared, mut faults) = (0u64, 0u64, 0u64, 0u64);
+    let mut prefetched = 0u64;
     let mut clones = Vec::new();
     for r in &reports {
         for c in &r.clones {
@@ -50,6 +51,7 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
             avoided += c.faults.pages_avoided;
             declared += c.pages_declared;
             faults += c.faults.faults;
+            prefetched += c.faults.pages_prefetched;
             clones.push(json!({
                 "clone": c.clone_id,
                 "ip": c.identity.ip.to_string(),
@@ -58,6 +60,7 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
                 "start_ms": c.start_latency.map(|d| round3(d.as_secs_f64() * 1e3)),
                 "pages_fetched": c.faults.pages_fetched,
                 "pages_avoided": c.faults.pages_avoided,
+                "pages_prefetched": c.faults.pages_prefetched,
                 "last_line": c.last_line,
             }));
         }
@@ -77,6 +80,7 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
         "pages_fetched": fetched,
         "pages_avoided": avoided,
         "pages_declared": declared,
+        "pages_prefetched": prefetched,
         "fetch_us_p50": percentile(&lat, 0.5),
         "fetch_us_p99": percentile(&lat, 0.99),
         "memserver_pages_sent": server.pages_sent,

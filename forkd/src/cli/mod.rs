@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// copy-out: less memory, more write-protect faults in the parent).
     #[arg(long)]
     pub no_copy_out: bool,
+    /// Clones fetch pages only when they fault (no background prefetch of
+    /// the pages the guest had allocated at the fork).
+    #[arg(long)]
+    pub no_prefetch: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -186,6 +190,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             avoidance: !a.no_avoidance,
             readahead: a.readahead,
             copy_out: !a.no_copy_out,
+            prefetch: !a.no_prefetch,
         },
         memserver.clone(),
     );

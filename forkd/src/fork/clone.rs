@@ -2,7 +2,7 @@
 //! from a page source.
 
 use crate::fork::descriptor::ForkDescriptor;
-use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Presence};
+use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Prefetch, Presence};
 use crate::fork::identity::CloneIdentity;
 use crate::fork::{Answer, ForkError, ForkRequest, ForkService};
 use crate::vmm::devices::{Console, Devices};
@@ -27,6 +27,13 @@ pub struct CloneOptions {
     pub avoidance: bool,
     /// Pages per fetch at most (read-ahead window).
     pub readahead: u64,
+}
+
+/// Where a clone's memory comes from: demand faults, and optionally a
+/// second source that prefetches the pages allocated at the fork.
+pub struct CloneSources {
+    pub demand: Arc<dyn PageSource>,
+    pub prefetch: Option<Arc<dyn PageSource>>,
 }
 
 /// A clone's SnowFlock calls: `sf_exit` ends it, `will_overwrite` maps
@@ -155,10 +162,10 @@ impl PreparedClone {
 pub fn start_clone(
     desc: &ForkDescriptor,
     clone_id: u64,
-    source: Arc<dyn PageSource>,
+    sources: CloneSources,
     opts: &CloneOptions,
 ) -> Result<StartedClone, ForkError> {
-    prepare_clone(desc, clone_id, source, opts)?.start()
+    prepare_clone(desc, clone_id, sources, opts)?.start()
 }
 
 /// Builds clone `clone_id` from `desc`: VM, memory registered with
@@ -166,7 +173,7 @@ pub fn start_clone(
 pub fn prepare_clone(
     desc: &ForkDescriptor,
     clone_id: u64,
-    source: Arc<dyn PageSource>,
+    sources: CloneSources,
     opts: &CloneOptions,
 ) -> Result<PreparedClone, ForkError> {
     let started = Instant::now();
@@ -239,13 +246,23 @@ pub fn prepare_clone(
     let handler = FaultHandler::spawn(
         FaultHandlerConfig {
             memory: cmem,
-            source,
+            source: sources.demand,
             avoidance: if opts.avoidance {
                 desc.alloc.clone()
             } else {
                 None
             },
             readahead: opts.readahead,
+            // The pages the guest allocator had handed out at the fork
+            // (the zone state): the guest will want them all.
+            prefetch: sources.prefetch.map(|source| Prefetch {
+                source,
+                ranges: desc
+                    .alloc
+                    .as_ref()
+                    .map(|a| a.allocated.clone())
+                    .unwrap_or_default(),
+            }),
         },
         &opts.name,
     )

@@ -68,6 +68,8 @@ pub struct FaultStats {
     pub fetch_requests: u64,
     /// Service time of each fault that needed a fetch, in µs.
     pub fetch_latency_us: Vec<u32>,
+    /// Pages installed ahead of demand by the prefetcher.
+    pub pages_prefetched: u64,
 }
 
 /// A clone's memory, as the handler sees it.
@@ -185,22 +187,48 @@ pub struct FaultHandlerConfig {
     pub avoidance: Option<AllocAtFork>,
     /// Pages fetched per request at most (1 = no read-ahead).
     pub readahead: u64,
+    /// Push ahead of demand: fetch these page ranges in the background.
+    pub prefetch: Option<Prefetch>,
 }
+
+/// Background fetching of the pages a clone will want (SnowFlock's push
+/// mode, pulled by the clone): with its own page source so demand faults
+/// never queue behind it.
+pub struct Prefetch {
+    pub source: Arc<dyn PageSource>,
+    /// (first page, count) ranges, in order.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Pages per prefetch request.
+const PREFETCH_RUN: u64 = 64;
 
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    prefetcher: Option<JoinHandle<()>>,
     stats: Arc<Mutex<FaultStats>>,
     error: Arc<Mutex<Option<String>>>,
     memory: Arc<CloneMemory>,
 }
 
 impl FaultHandler {
-    pub fn spawn(cfg: FaultHandlerConfig, name: &str) -> std::io::Result<Self> {
+    pub fn spawn(mut cfg: FaultHandlerConfig, name: &str) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(FaultStats::default()));
         let error = Arc::new(Mutex::new(None));
         let memory = cfg.memory.clone();
+        let prefetcher = match cfg.prefetch.take() {
+            Some(p) => {
+                let (m, s, st) = (memory.clone(), stop.clone(), stats.clone());
+                Some(
+                    std::thread::Builder::new()
+                        .name(format!("prefetch-{name}"))
+                        .spawn(move || prefetch_loop(&m, &p, &s, &st))?,
+                )
+            }
+            None => None,
+        };
         let (s, st, er) = (stop.clone(), stats.clone(), error.clone());
         let thread = std::thread::Builder::new()
             .name(format!("uffd-{name}"))
@@ -208,6 +236,7 @@ impl FaultHandler {
         Ok(FaultHandler {
             stop,
             thread: Some(thread),
+            prefetcher,
             stats,
             error,
             memory,
@@ -229,7 +258,10 @@ impl FaultHandler {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.prefetcher.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
@@ -286,6 +318,42 @@ fn handler_loop(
                 set_error(&error, e);
                 failed = true;
             }
+        }
+    }
+}
+
+/// Fetches the missing pages of `p.ranges` in runs; stops quietly on any
+/// error (demand faults still fetch, and report, on their own).
+fn prefetch_loop(mem: &CloneMemory, p: &Prefetch, stop: &AtomicBool, stats: &Mutex<FaultStats>) {
+    for &(first, count) in &p.ranges {
+        let end = (first + count).min(mem.pages());
+        let mut page = first;
+        while page < end {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            if mem.presence.test(page) {
+                page += 1;
+                continue;
+            }
+            let mut n = 1;
+            while n < PREFETCH_RUN && page + n < end && !mem.presence.test(page + n) {
+                n += 1;
+            }
+            let mut installed = 0;
+            let r = p.source.read_pages(page, n, &mut |i, data| {
+                if !mem.presence.test(i) && mem.install(i, data).is_ok() {
+                    installed += 1;
+                }
+            });
+            stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pages_prefetched += installed;
+            if r.is_err() {
+                return;
+            }
+            page += n;
         }
     }
 }
@@ -419,6 +487,7 @@ mod tests {
                 source: Arc::new(Pattern(PAGES)),
                 avoidance: None,
                 readahead: 4,
+                prefetch: None,
             },
             "test",
         )

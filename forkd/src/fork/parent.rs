@@ -5,7 +5,7 @@
 //! thread starts the clones, each watched by a reaper thread. When the last
 //! clone of a family has ended, the frozen image is released.
 
-use crate::fork::clone::{prepare_clone, CloneOptions};
+use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
@@ -41,6 +41,9 @@ pub struct ForkOptions {
     /// after the freeze, so its writes stop taking write-protect faults
     /// (memory: a copy of the parent's touched pages while clones run).
     pub copy_out: bool,
+    /// Clones fetch the pages the guest allocator had handed out at the
+    /// fork in the background, ahead of their faults.
+    pub prefetch: bool,
 }
 
 impl Default for ForkOptions {
@@ -52,6 +55,7 @@ impl Default for ForkOptions {
             avoidance: true,
             readahead: 32,
             copy_out: true,
+            prefetch: true,
         }
     }
 }
@@ -332,15 +336,22 @@ fn launch(
         let built = ForkDescriptor::decode(&descriptor)
             .map_err(ForkError::from)
             .and_then(|desc| {
-                let client = PageClient::new(server, family.id, ClientOptions::default())
-                    .map_err(|e| ForkError::MemServer(e.to_string()))?;
+                let client = || {
+                    PageClient::new(server, family.id, ClientOptions::default())
+                        .map(|c| Arc::new(c) as Arc<dyn PageSource>)
+                        .map_err(|e| ForkError::MemServer(e.to_string()))
+                };
+                let sources = CloneSources {
+                    demand: client()?,
+                    prefetch: if opts.prefetch { Some(client()?) } else { None },
+                };
                 let copts = CloneOptions {
                     echo: opts.echo,
                     name: format!("{}clone-{clone_id}", opts.name_prefix),
                     avoidance: opts.avoidance,
                     readahead: opts.readahead,
                 };
-                prepare_clone(&desc, clone_id, Arc::new(client), &copts)
+                prepare_clone(&desc, clone_id, sources, &copts)
             });
         match built {
             Ok(p) => prepared.push((clone_id, p)),
