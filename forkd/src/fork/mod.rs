@@ -14,6 +14,7 @@ pub mod descriptor;
 pub mod fault;
 pub mod identity;
 pub mod parent;
+pub mod pending;
 
 use crate::vmm::cpu_state::VcpuState;
 use crate::vmm::devices::DevicesState;

@@ -9,6 +9,7 @@ use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
+use crate::fork::pending::PendingImage;
 use crate::fork::{ForkError, ForkRequest, ForkService};
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::{VmError, VmExit};
@@ -16,7 +17,7 @@ use guest_agent::abi;
 use memserver::client::{ClientOptions, PageClient};
 use memserver::image::FrozenImage;
 use memserver::server::MemServer;
-use memserver::PageSource;
+use memserver::{PageSource, PAGE_SIZE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -90,7 +91,7 @@ pub struct FamilyReport {
 
 pub struct Family {
     id: u64,
-    image: Arc<FrozenImage>,
+    image: Arc<PendingImage>,
     /// Keeps the parent's mapping alive as long as the image reads it.
     _memory: GuestMemory,
     memserver: Arc<MemServer>,
@@ -158,7 +159,7 @@ impl Family {
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
             self.memserver.remove_family(self.id);
-            self.image.release();
+            self.image.fail("the fork family has ended");
         }
     }
 
@@ -250,19 +251,9 @@ impl ForkHub {
             .iter()
             .next()
             .ok_or_else(|| ForkError::Freeze("no memory region".into()))?;
-        let t = Instant::now();
-        // SAFETY: the region is the parent's private anonymous guest memory
-        // mapping (page aligned); the GuestMemory clone stored in the family
-        // keeps it mapped for as long as the image lives, and forkd registers
-        // parent memory with no other userfaultfd.
-        let image = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
-            .map_err(|e| ForkError::Freeze(e.to_string()))?;
-        let freeze = t.elapsed();
-        if self.opts.copy_out {
-            image
-                .start_copy_out()
-                .map_err(|e| ForkError::Freeze(e.to_string()))?;
-        }
+        // The descriptor first (the parent is stopped, its memory is as at
+        // the fork instant), then the family, then the clones are built
+        // while the memory is frozen: their reads wait for the image.
         let desc = ForkDescriptor::build(
             id,
             &req.memory,
@@ -272,12 +263,13 @@ impl ForkHub {
             req.answer,
         )?;
         let encoded = desc.encode()?;
+        let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         self.memserver
-            .add_family(id, image.clone() as Arc<dyn PageSource>)
+            .add_family(id, pending.clone() as Arc<dyn PageSource>)
             .map_err(|e| ForkError::MemServer(e.to_string()))?;
         let family = Arc::new(Family {
             id,
-            image,
+            image: pending.clone(),
             _memory: req.memory.clone(),
             memserver: self.memserver.clone(),
             running: AtomicU64::new(granted),
@@ -288,7 +280,6 @@ impl ForkHub {
                 clones_granted: granted,
                 descriptor_bytes: encoded.len() as u64,
                 descriptor_pages: desc.pages.len() as u64,
-                freeze,
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
@@ -302,9 +293,37 @@ impl ForkHub {
             std::thread::Builder::new()
                 .name(format!("fork-{id}"))
                 .spawn(move || launch(family, encoded, granted, opts, server, requested_at))
-                .map_err(|e| ForkError::Clone(format!("launcher thread: {e}")))?
+                .map_err(|e| {
+                    self.memserver.remove_family(id);
+                    ForkError::Clone(format!("launcher thread: {e}"))
+                })?
         };
         lock(&family.threads).push(launcher);
+        let t = Instant::now();
+        // SAFETY: the region is the parent's private anonymous guest memory
+        // mapping (page aligned); the GuestMemory clone stored in the family
+        // keeps it mapped for as long as the image lives, and forkd registers
+        // parent memory with no other userfaultfd.
+        let frozen = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
+            .map_err(|e| ForkError::Freeze(e.to_string()))
+            .and_then(|image| {
+                if self.opts.copy_out {
+                    image
+                        .start_copy_out()
+                        .map_err(|e| ForkError::Freeze(e.to_string()))?;
+                }
+                Ok(image)
+            });
+        match frozen {
+            Ok(image) => pending.set(image),
+            Err(e) => {
+                // The clones being built fail on their first read; stop them.
+                pending.fail(&e.to_string());
+                family.kill.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        lock(&family.report).freeze = t.elapsed();
         lock(&family.report).parent_stopped = req.requested_at.elapsed();
         Ok(family)
     }
