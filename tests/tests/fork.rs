@@ -332,7 +332,8 @@ fn killing_the_clones_lets_the_parent_finish() {
     use forkd::fork::ForkService;
     require_kvm();
     let cmdline = "ticks=200 seed=41 state_mib=4 tick_us=5000 fork_at=2 clones=3";
-    let hub = ForkHub::new(ForkOptions::default(), memserver());
+    let server = memserver();
+    let hub = ForkHub::new(ForkOptions::default(), server.clone());
     let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
     let t = Instant::now();
     while hub.families().is_empty() {
@@ -361,4 +362,12 @@ fn killing_the_clones_lets_the_parent_finish() {
         qemu_done_line(&format!("{cmdline} as_clone=0"), MEM)
     );
     assert_eq!(hub.kill(99), Err(guest_agent::abi::STATUS_REFUSED));
+    // The family is over: the memory server no longer serves its image.
+    let family = hub.families()[0].id();
+    let gone = memserver::client::PageClient::new(
+        server.local_addr(),
+        family,
+        memserver::client::ClientOptions::default(),
+    );
+    assert!(gone.is_err(), "family {family} still served");
 }
