@@ -100,6 +100,7 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
             name_prefix: String::new(),
             copy_out: s.copy_out,
             prefetch: s.prefetch,
+            warm_pool: true,
         },
         server.clone(),
     );

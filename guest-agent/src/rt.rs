@@ -101,7 +101,10 @@ impl Platform for GuestPlatform {
             sf::SfError::NoVmm => ZoneError::ForkUnavailable,
             sf::SfError::Refused(status) => ZoneError::ForkRefused(status),
         };
-        let ticket = sf::sf_request_ticket(clones).map_err(refused)?;
+        let ticket = match self.ticket {
+            Some(t) => t,
+            None => sf::sf_request_ticket(clones).map_err(refused)?,
+        };
         let id = sf::sf_clone(&ticket).map_err(refused)?;
         self.ticket = Some(ticket);
         Ok(id)
@@ -228,6 +231,11 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         ticket: None,
         fork_epoch: 0,
     };
+    // Reserve the clones now (SnowFlock's ticket): the VMM can build their
+    // VMs while the zone runs up to `fork_at`.
+    if let (Some(_), None, Some(clones)) = (cfg.fork_at, cfg.as_clone, cfg.clones) {
+        platform.ticket = sf::sf_request_ticket(clones).ok();
+    }
     match zone::run(&cfg, state, inbox, &mut platform) {
         Ok(o) => {
             if let (Some(t), 0) = (&platform.ticket, o.clone_id) {

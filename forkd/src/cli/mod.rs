@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// the pages the guest had allocated at the fork).
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Build clone VMs only at `sf_clone` (no warm pool from
+    /// `sf_request_ticket` on).
+    #[arg(long)]
+    pub no_warm_pool: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -191,6 +195,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             readahead: a.readahead,
             copy_out: !a.no_copy_out,
             prefetch: !a.no_prefetch,
+            warm_pool: !a.no_warm_pool,
         },
         memserver.clone(),
     );

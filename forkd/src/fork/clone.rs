@@ -7,7 +7,7 @@ use crate::fork::identity::CloneIdentity;
 use crate::fork::{Answer, ForkError, ForkRequest, ForkService};
 use crate::vmm::devices::{Console, Devices};
 use crate::vmm::kvm::KvmContext;
-use crate::vmm::memory;
+use crate::vmm::memory::{self, GuestMemory};
 use crate::vmm::vm::{register_memory, Vm};
 use guest_agent::abi::{self, HypercallPage};
 use kvm_bindings::CpuId;
@@ -51,7 +51,7 @@ impl CloneService {
 }
 
 impl ForkService for CloneService {
-    fn ticket(&self, _: u64) -> Result<(u64, u64), u32> {
+    fn ticket(&self, _: u64, _: u64) -> Result<(u64, u64), u32> {
         Err(abi::STATUS_REFUSED)
     }
     fn fork(&self, _: ForkRequest) -> Result<(), u32> {
@@ -134,6 +134,60 @@ pub struct StartedClone {
     pub identity: CloneIdentity,
 }
 
+/// An empty clone VM, built ahead of a fork (warm pool): the KVM VM, its
+/// anonymous memory registered with KVM and with a userfaultfd, and its
+/// vCPU. Creating one costs a few ms here, mostly the memory slot.
+pub struct CloneShell {
+    vm_fd: kvm_ioctls::VmFd,
+    memory: GuestMemory,
+    cmem: Arc<CloneMemory>,
+    vcpu: kvm_ioctls::VcpuFd,
+    vcpu_id: u8,
+    mem_bytes: u64,
+}
+
+impl CloneShell {
+    pub fn create(mem_bytes: u64, vcpu_id: u8) -> Result<CloneShell, ForkError> {
+        let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
+        let vm_fd = ctx
+            .kvm
+            .create_vm()
+            .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VM: {e}")))?;
+        let memory = memory::anonymous(mem_bytes).map_err(|e| ForkError::Clone(e.to_string()))?;
+        register_memory(&vm_fd, &memory).map_err(|e| ForkError::Clone(e.to_string()))?;
+        let region = memory
+            .iter()
+            .next()
+            .ok_or_else(|| ForkError::Clone("no memory region".into()))?;
+        let (base, len) = (region.as_ptr() as usize, region.len());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| ForkError::Uffd(format!("create: {e:?}")))?;
+        uffd.register(base as *mut libc::c_void, len as usize)
+            .map_err(|e| ForkError::Uffd(format!("register: {e:?}")))?;
+        let cmem = Arc::new(CloneMemory {
+            uffd: Arc::new(uffd),
+            base,
+            len,
+            presence: Arc::new(Presence::new(len / PAGE_SIZE as u64)),
+        });
+        let vcpu = vm_fd
+            .create_vcpu(vcpu_id as u64)
+            .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VCPU: {e}")))?;
+        Ok(CloneShell {
+            vm_fd,
+            memory,
+            cmem,
+            vcpu,
+            vcpu_id,
+            mem_bytes,
+        })
+    }
+}
+
 /// A clone whose VM is built and loaded but whose vCPU has not run yet.
 pub struct PreparedClone {
     vm: Vm,
@@ -165,7 +219,7 @@ pub fn start_clone(
     sources: CloneSources,
     opts: &CloneOptions,
 ) -> Result<StartedClone, ForkError> {
-    prepare_clone(desc, clone_id, sources, opts)?.start()
+    prepare_clone(desc, clone_id, sources, opts, None)?.start()
 }
 
 /// Builds clone `clone_id` from `desc`: VM, memory registered with
@@ -175,34 +229,22 @@ pub fn prepare_clone(
     clone_id: u64,
     sources: CloneSources,
     opts: &CloneOptions,
+    shell: Option<CloneShell>,
 ) -> Result<PreparedClone, ForkError> {
     let started = Instant::now();
     let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
-    let vm_fd = ctx
-        .kvm
-        .create_vm()
-        .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VM: {e}")))?;
-    let memory = memory::anonymous(desc.mem_bytes).map_err(|e| ForkError::Clone(e.to_string()))?;
-    register_memory(&vm_fd, &memory).map_err(|e| ForkError::Clone(e.to_string()))?;
-    let region = memory
-        .iter()
-        .next()
-        .ok_or_else(|| ForkError::Clone("no memory region".into()))?;
-    let (base, len) = (region.as_ptr() as usize, region.len());
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .create()
-        .map_err(|e| ForkError::Uffd(format!("create: {e:?}")))?;
-    uffd.register(base as *mut libc::c_void, len as usize)
-        .map_err(|e| ForkError::Uffd(format!("register: {e:?}")))?;
-    let cmem = Arc::new(CloneMemory {
-        uffd: Arc::new(uffd),
-        base,
-        len,
-        presence: Arc::new(Presence::new(len / PAGE_SIZE as u64)),
-    });
+    let shell = match shell {
+        Some(s) if s.mem_bytes == desc.mem_bytes && s.vcpu_id == desc.vcpu.id => s,
+        _ => CloneShell::create(desc.mem_bytes, desc.vcpu.id)?,
+    };
+    let CloneShell {
+        vm_fd,
+        memory,
+        cmem,
+        vcpu: fd,
+        ..
+    } = shell;
+    let len = cmem.len;
     let identity = CloneIdentity::new(desc.family, clone_id);
     for p in &desc.pages {
         if p.bytes.len() != PAGE_SIZE || !p.gpa.is_multiple_of(PAGE_SIZE as u64) || p.gpa >= len {
@@ -268,10 +310,6 @@ pub fn prepare_clone(
     )
     .map_err(|e| ForkError::Clone(format!("fault handler thread: {e}")))?;
     vm.set_clone_parts(handler, service.clone());
-    let fd = vm
-        .vm_fd()
-        .create_vcpu(desc.vcpu.id as u64)
-        .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VCPU: {e}")))?;
     desc.vcpu
         .restore(ctx, &fd)
         .map_err(|e| ForkError::Clone(e.to_string()))?;

@@ -63,8 +63,9 @@ pub struct ForkRequest {
 
 /// The SnowFlock calls of one VM. Errors are hypercall status codes.
 pub trait ForkService: Send + Sync {
-    /// `sf_request_ticket(n)` → (ticket, clones granted).
-    fn ticket(&self, wanted: u64) -> Result<(u64, u64), u32>;
+    /// `sf_request_ticket(n)` → (ticket, clones granted), for a VM of
+    /// `mem_bytes` (the hub may start building the clones' VMs now).
+    fn ticket(&self, wanted: u64, mem_bytes: u64) -> Result<(u64, u64), u32>;
     /// `sf_clone(ticket)`, on the parent's vCPU thread. Returns once the
     /// parent may resume.
     fn fork(&self, req: ForkRequest) -> Result<(), u32>;

@@ -5,7 +5,7 @@
 //! thread starts the clones, each watched by a reaper thread. When the last
 //! clone of a family has ended, the frozen image is released.
 
-use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources};
+use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
@@ -45,6 +45,8 @@ pub struct ForkOptions {
     /// Clones fetch the pages the guest allocator had handed out at the
     /// fork in the background, ahead of their faults.
     pub prefetch: bool,
+    /// Build the clones' VMs from `sf_request_ticket` on, ahead of the fork.
+    pub warm_pool: bool,
 }
 
 impl Default for ForkOptions {
@@ -57,6 +59,7 @@ impl Default for ForkOptions {
             readahead: 32,
             copy_out: true,
             prefetch: true,
+            warm_pool: true,
         }
     }
 }
@@ -177,8 +180,56 @@ impl Family {
 }
 
 enum Ticket {
-    Reserved(u64),
+    /// Clones granted, and the warm pool of their VMs being built.
+    Reserved(u64, Option<Arc<ShellPool>>),
     Forked(Arc<Family>),
+}
+
+/// Clone VMs built ahead of the fork, from `sf_request_ticket` on, by a
+/// background thread (a shell costs a few ms, mostly the memory slot).
+pub struct ShellPool {
+    shells: Mutex<Vec<CloneShell>>,
+    stop: AtomicBool,
+    builder: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ShellPool {
+    fn start(count: u64, mem_bytes: u64) -> Arc<ShellPool> {
+        let pool = Arc::new(ShellPool {
+            shells: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            builder: Mutex::new(None),
+        });
+        let p = pool.clone();
+        let builder = std::thread::Builder::new()
+            .name("clone-pool".into())
+            .spawn(move || {
+                for _ in 0..count {
+                    if p.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match CloneShell::create(mem_bytes, 0) {
+                        Ok(s) => lock(&p.shells).push(s),
+                        Err(e) => {
+                            tracing::warn!("warm pool: {e}");
+                            return;
+                        }
+                    }
+                }
+            });
+        // Without the thread the clones are simply built at the fork.
+        *lock(&pool.builder) = builder.ok();
+        pool
+    }
+
+    /// Stops building and hands over what is built.
+    fn take(&self) -> Vec<CloneShell> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.builder).take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *lock(&self.shells))
+    }
 }
 
 #[derive(Default)]
@@ -239,12 +290,17 @@ impl ForkHub {
                 self.opts.max_clones
             )));
         }
-        let family = self.do_fork(req, clones)?;
+        let family = self.do_fork(req, clones, None)?;
         lock(&self.families).push(family.clone());
         Ok(family)
     }
 
-    fn do_fork(&self, req: ForkRequest, granted: u64) -> Result<Arc<Family>, ForkError> {
+    fn do_fork(
+        &self,
+        req: ForkRequest,
+        granted: u64,
+        pool: Option<Arc<ShellPool>>,
+    ) -> Result<Arc<Family>, ForkError> {
         let id = NEXT_FAMILY.fetch_add(1, Ordering::Relaxed);
         let region = req
             .memory
@@ -292,7 +348,10 @@ impl ForkHub {
             let requested_at = req.requested_at;
             std::thread::Builder::new()
                 .name(format!("fork-{id}"))
-                .spawn(move || launch(family, encoded, granted, opts, server, requested_at))
+                .spawn(move || {
+                    let shells = pool.map(|p| p.take()).unwrap_or_default();
+                    launch(family, encoded, granted, opts, server, requested_at, shells)
+                })
                 .map_err(|e| {
                     self.memserver.remove_family(id);
                     ForkError::Clone(format!("launcher thread: {e}"))
@@ -340,6 +399,7 @@ fn launch(
     opts: ForkOptions,
     server: std::net::SocketAddr,
     requested_at: Instant,
+    mut shells: Vec<CloneShell>,
 ) {
     let fail = |clone_id: u64, why: String| {
         tracing::warn!("clone {clone_id} of family {}: {why}", family.id);
@@ -370,7 +430,7 @@ fn launch(
                     avoidance: opts.avoidance,
                     readahead: opts.readahead,
                 };
-                prepare_clone(&desc, clone_id, sources, &copts)
+                prepare_clone(&desc, clone_id, sources, &copts, shells.pop())
             });
         match built {
             Ok(p) => prepared.push((clone_id, p)),
@@ -440,7 +500,7 @@ fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_
 }
 
 impl ForkService for ForkHub {
-    fn ticket(&self, wanted: u64) -> Result<(u64, u64), u32> {
+    fn ticket(&self, wanted: u64, mem_bytes: u64) -> Result<(u64, u64), u32> {
         let granted = wanted.min(self.opts.max_clones);
         if granted == 0 {
             return Err(abi::STATUS_BAD_ARGS);
@@ -448,17 +508,24 @@ impl ForkService for ForkHub {
         let mut inner = lock(&self.inner);
         inner.next_ticket += 1;
         let t = inner.next_ticket;
-        inner.tickets.insert(t, Ticket::Reserved(granted));
+        // One warm pool at a time: a guest asking for tickets it never uses
+        // cannot make us build VMs without bound.
+        let pooled = inner
+            .tickets
+            .values()
+            .any(|t| matches!(t, Ticket::Reserved(_, Some(_))));
+        let pool = (self.opts.warm_pool && !pooled).then(|| ShellPool::start(granted, mem_bytes));
+        inner.tickets.insert(t, Ticket::Reserved(granted, pool));
         Ok((t, granted))
     }
 
     fn fork(&self, req: ForkRequest) -> Result<(), u32> {
-        let granted = match lock(&self.inner).tickets.get(&req.ticket) {
-            Some(Ticket::Reserved(n)) => *n,
+        let (granted, pool) = match lock(&self.inner).tickets.get(&req.ticket) {
+            Some(Ticket::Reserved(n, pool)) => (*n, pool.clone()),
             _ => return Err(abi::STATUS_REFUSED),
         };
         let ticket = req.ticket;
-        match self.do_fork(req, granted) {
+        match self.do_fork(req, granted, pool) {
             Ok(family) => {
                 lock(&self.inner)
                     .tickets
@@ -477,7 +544,7 @@ impl ForkService for ForkHub {
     fn join(&self, ticket: u64) -> Result<u64, u32> {
         match lock(&self.inner).tickets.get(&ticket) {
             Some(Ticket::Forked(f)) => Ok(f.running()),
-            Some(Ticket::Reserved(_)) => Ok(0),
+            Some(Ticket::Reserved(..)) => Ok(0),
             None => Err(abi::STATUS_REFUSED),
         }
     }
@@ -485,7 +552,7 @@ impl ForkService for ForkHub {
     fn join_wait(&self, ticket: u64, max: Duration) -> Result<u64, u32> {
         let family = match lock(&self.inner).tickets.get(&ticket) {
             Some(Ticket::Forked(f)) => f.clone(),
-            Some(Ticket::Reserved(_)) => return Ok(0),
+            Some(Ticket::Reserved(..)) => return Ok(0),
             None => return Err(abi::STATUS_REFUSED),
         };
         Ok(family.wait_running(max))
@@ -497,7 +564,7 @@ impl ForkService for ForkHub {
                 f.kill.store(true, Ordering::Release);
                 Ok(())
             }
-            Some(Ticket::Reserved(_)) => Ok(()),
+            Some(Ticket::Reserved(..)) => Ok(()),
             None => Err(abi::STATUS_REFUSED),
         }
     }

@@ -416,10 +416,6 @@ impl Vm {
         self.fork_service = Some(service);
     }
 
-    pub(crate) fn vm_fd(&self) -> &VmFd {
-        &self.vm_fd
-    }
-
     pub fn fault_handler(&self) -> Option<&FaultHandler> {
         self.fault_handler.as_ref()
     }

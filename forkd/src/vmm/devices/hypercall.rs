@@ -210,7 +210,9 @@ impl HypercallDevice {
                 };
                 let a = page.args;
                 let r = match page.op {
-                    abi::OP_SF_TICKET => fork.ticket(a[0]).map(|(t, n)| [t, n, 0, 0]),
+                    abi::OP_SF_TICKET => fork
+                        .ticket(a[0], self.memory.last_addr().0 + 1)
+                        .map(|(t, n)| [t, n, 0, 0]),
                     abi::OP_SF_JOIN => fork.join(a[0]).map(|left| [left, 0, 0, 0]),
                     abi::OP_SF_KILL => fork.kill(a[0]).map(|()| [0; 4]),
                     _ => fork.will_overwrite(a[0], a[1]).map(|()| [0; 4]),
