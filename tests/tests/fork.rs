@@ -39,6 +39,18 @@ fn boot_forkable(cmdline: &str) -> (Vm, Arc<ForkHub>) {
     (vm, hub)
 }
 
+/// Waits (bounded) until the guest has forked through `hub`.
+fn wait_forked(hub: &ForkHub) {
+    let t = Instant::now();
+    while hub.families().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest never forked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The tick at which the parent saw a host-initiated fork.
 fn host_fork_tick(parent: &Vm) -> u64 {
     let lines = parent.console().lines();
@@ -189,14 +201,7 @@ fn memserver_gone_mid_run_stops_clones_not_the_parent() {
         server.clone(),
     );
     let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
-    let t = Instant::now();
-    while hub.families().is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the guest never forked"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_forked(&hub);
     std::thread::sleep(Duration::from_millis(300));
     server.stop();
     let stopped = Instant::now();
@@ -335,14 +340,7 @@ fn killing_the_clones_lets_the_parent_finish() {
     let server = memserver();
     let hub = ForkHub::new(ForkOptions::default(), server.clone());
     let mut parent = Vm::boot_with(&config(cmdline, MEM), Some(hub.clone())).expect("boot");
-    let t = Instant::now();
-    while hub.families().is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the guest never forked"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_forked(&hub);
     std::thread::sleep(Duration::from_millis(100));
     hub.kill(1).expect("kill ticket 1");
     assert!(
