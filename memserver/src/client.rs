@@ -146,6 +146,27 @@ impl PageClient {
         family: u64,
         opts: ClientOptions,
     ) -> Result<PageClient, ClientError> {
+        Self::build(server, family, opts, None)
+    }
+
+    /// Like [`PageClient::new`] for a caller that knows the image size
+    /// (`pages`) and the server's window: no round trip. An unknown family
+    /// then shows on the first read (`SourceError::UnknownFamily`).
+    pub fn with_pages(
+        server: SocketAddr,
+        family: u64,
+        pages: u64,
+        opts: ClientOptions,
+    ) -> Result<PageClient, ClientError> {
+        Self::build(server, family, opts, Some(pages))
+    }
+
+    fn build(
+        server: SocketAddr,
+        family: u64,
+        opts: ClientOptions,
+        pages: Option<u64>,
+    ) -> Result<PageClient, ClientError> {
         if opts.timeout.is_zero() || opts.max_window == 0 {
             return Err(ClientError::BadOptions(
                 "timeout and max_window must be non-zero",
@@ -188,7 +209,10 @@ impl PageClient {
             }),
             counters: Counters::default(),
         };
-        let (pages, max_window) = client.fetch_info()?;
+        let (pages, max_window) = match pages {
+            Some(p) => (p, opts.max_window),
+            None => client.fetch_info()?,
+        };
         client.pages = pages;
         client.window = opts.max_window.min(max_window).max(1);
         let state = client.state.get_mut().unwrap_or_else(|e| e.into_inner());

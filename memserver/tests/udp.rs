@@ -478,3 +478,25 @@ impl Drop for LossyProxy {
         }
     }
 }
+
+#[test]
+fn client_with_known_size_skips_the_info_round_trip() {
+    let server = server_with(&[(7, 200)]);
+    let c = PageClient::with_pages(server.local_addr(), 7, 200, ClientOptions::default())
+        .expect("client");
+    assert_eq!(c.pages(), 200);
+    assert_eq!(
+        c.stats().requests_sent,
+        0,
+        "no request before the first read"
+    );
+    check_range(&c, 7, 10, 40);
+    // A wrong family is only noticed at the first read, and typed.
+    let bad = PageClient::with_pages(server.local_addr(), 99, 200, ClientOptions::default())
+        .expect("client");
+    let mut buf = [0u8; PAGE_SIZE];
+    assert_eq!(
+        bad.read_page(0, &mut buf),
+        Err(SourceError::UnknownFamily(99))
+    );
+}

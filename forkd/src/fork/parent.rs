@@ -415,8 +415,10 @@ fn launch(
         let built = ForkDescriptor::decode(&descriptor)
             .map_err(ForkError::from)
             .and_then(|desc| {
+                // The image size is the descriptor's memory: no round trip.
                 let client = || {
-                    PageClient::new(server, family.id, ClientOptions::default())
+                    let pages = desc.mem_bytes / PAGE_SIZE as u64;
+                    PageClient::with_pages(server, family.id, pages, ClientOptions::default())
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
                         .map_err(|e| ForkError::MemServer(e.to_string()))
                 };
