@@ -124,7 +124,10 @@ fn cli_snapshot_then_restore() {
     for key in ["pause_ms", "snapshot_write_ms", "boot_to_first_output_ms"] {
         assert!(snap[key].as_f64().is_some(), "{key} missing in {snap}");
     }
-    assert!(snap["bytes_written"].as_u64().unwrap() > 16 << 20);
+    // Guest image and whatever state it had built by then (a loaded
+    // machine may snapshot it before the state is complete).
+    assert!(snap["memory_bytes_written"].as_u64().unwrap() > 1 << 20);
+    assert!(snap["state_bytes"].as_u64().unwrap() > 0);
 
     let out = forkd(&["restore", d, "--json"]);
     assert!(out.status.success(), "{out:?}");

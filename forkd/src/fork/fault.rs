@@ -514,6 +514,11 @@ mod tests {
         for r in readers {
             assert_eq!(r.join().unwrap(), 0, "a reader saw wrong bytes");
         }
+        // The handler counts a fetch after waking the faulting threads.
+        let t = Instant::now();
+        while handler.stats().pages_fetched < PAGES && t.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let stats = handler.stats();
         assert_eq!(stats.pages_fetched, PAGES, "{stats:?}");
         assert!(stats.faults >= PAGES / 4, "{stats:?}");
