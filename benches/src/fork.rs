@@ -10,8 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use forkd::fork::parent::{FamilyReport, ForkHub, ForkOptions};
 use forkd::fork::ForkService;
 use forkd::vmm::{Vm, VmExit};
-use memserver::server::{MemServer, ServerLimits, ServerStats};
-use std::net::SocketAddr;
+use memserver::server::{MemServer, ServerStats};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::sleep;
@@ -84,13 +83,7 @@ struct Watched {
 /// Boots the parent, waits for it and its clones, and checks that every
 /// VM ended well.
 pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
-    let server = Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .context("cannot start the memory server")?,
-    );
+    let server = Arc::new(MemServer::loopback().context("cannot start the memory server")?);
     let hub = ForkHub::new(
         ForkOptions {
             avoidance: s.avoidance,

@@ -277,30 +277,7 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String
             }
             shared.wp_faults.fetch_add(1, SeqCst);
             let index = ((page - shared.base) / PAGE_SIZE) as u64;
-            {
-                let mut stripe = shared.stripe(index);
-                if shared.state.load(SeqCst) == LIVE && !stripe.contains_key(&index) {
-                    let mut copy = Box::new([0u8; PAGE_SIZE]);
-                    // SAFETY: `page` lies in the registered range, which the
-                    // freeze contract keeps mapped while the handler runs. It
-                    // is write protected and not yet unprotected (no copy
-                    // exists), so every writer is blocked and the 4 KiB
-                    // cannot change under the copy.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            page as *const u8,
-                            copy.as_mut_ptr(),
-                            PAGE_SIZE,
-                        )
-                    };
-                    // A page discarded meanwhile gets no copy: readers see it lost.
-                    if shared.still_protected(index).map_err(|e| e.to_string())? {
-                        stripe.insert(index, copy);
-                        shared.pages_copied.fetch_add(1, SeqCst);
-                        shared.bytes_held.fetch_add(PAGE_SIZE as u64, SeqCst);
-                    }
-                }
-            }
+            copy_aside(shared, index)?;
             // Only after the copy is visible to readers (lock released).
             unprotect(page)
         }
@@ -311,9 +288,9 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String
 /// Pages copied out per write-protect removal.
 const COPY_OUT_RUN: u64 = 64;
 
-/// Copies `index` aside if it has no copy yet (same rules as the fault
-/// handler: under the stripe lock, while protected). Returns false once the
-/// image is no longer live.
+/// Copies page `index` aside if it has no copy yet, under its stripe lock
+/// (the fault handler and the copy-out thread both come here). Returns
+/// false once the image is no longer live.
 fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
     let mut stripe = shared.stripe(index);
     if shared.state.load(SeqCst) != LIVE {
@@ -322,9 +299,11 @@ fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
     if let std::collections::hash_map::Entry::Vacant(slot) = stripe.entry(index) {
         let page = shared.base + index as usize * PAGE_SIZE;
         let mut copy = Box::new([0u8; PAGE_SIZE]);
-        // SAFETY: as in `handle_event`: the page is in the live, mapped,
-        // registered range, and without a copy it is still protected, so
-        // no writer can change it while we hold the stripe lock.
+        // SAFETY: `page` lies in the registered range, which the freeze
+        // contract keeps mapped while the image is LIVE (checked above under
+        // the lock). It is write protected and not yet unprotected (no copy
+        // exists, and protection is removed only after a copy is stored), so
+        // every writer is blocked and the 4 KiB cannot change under the copy.
         unsafe { std::ptr::copy_nonoverlapping(page as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
         if shared.still_protected(index).map_err(|e| e.to_string())? {
             slot.insert(copy);

@@ -193,6 +193,15 @@ pub struct MemServer {
 }
 
 impl MemServer {
+    /// A server with default limits on an ephemeral port of 127.0.0.1: what
+    /// a single host's fork families use.
+    pub fn loopback() -> Result<MemServer, ServerError> {
+        MemServer::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ServerLimits::default(),
+        )
+    }
+
     /// Binds `addr` (port 0 for an ephemeral port) and starts serving.
     pub fn bind(addr: SocketAddr, limits: ServerLimits) -> Result<MemServer, ServerError> {
         if limits.workers == 0 || limits.max_inflight == 0 || limits.max_pages_per_request == 0 {

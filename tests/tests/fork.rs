@@ -3,8 +3,7 @@
 
 use forkd::fork::parent::{ForkHub, ForkOptions};
 use forkd::vmm::{Vm, VmExit};
-use memserver::server::{MemServer, ServerLimits};
-use std::net::SocketAddr;
+use memserver::server::MemServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::{config, finish, forkd, qemu_done_line, require_kvm, stdout_lines};
@@ -12,13 +11,7 @@ use tests::{config, finish, forkd, qemu_done_line, require_kvm, stdout_lines};
 const MEM: u64 = 512;
 
 fn memserver() -> Arc<MemServer> {
-    Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .expect("memory server"),
-    )
+    Arc::new(MemServer::loopback().expect("memory server"))
 }
 
 /// Boots `cmdline` with a fork hub and waits until the zone runs.
@@ -48,6 +41,19 @@ fn wait_forked(hub: &ForkHub) {
             "the guest never forked"
         );
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// QEMU's line for VM `i` of a host fork of `parent` into `clones`: the
+/// straight-line run forking at the tick the parent saw the fork.
+fn host_fork_oracle(parent: &Vm, cmdline: &str, clones: u64) -> impl Fn(u64) -> String {
+    let tick = host_fork_tick(parent);
+    let cmdline = cmdline.to_string();
+    move |i| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones={clones} as_clone={i}"),
+            MEM,
+        )
     }
 }
 
@@ -184,13 +190,7 @@ fn avoidance_heuristics_on_and_off() {
 fn memserver_gone_mid_run_stops_clones_not_the_parent() {
     require_kvm();
     let cmdline = "ticks=40 seed=37 state_mib=64 tick_us=20000 fork_at=2 clones=2";
-    let server = Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .expect("memory server"),
-    );
+    let server = memserver();
     // One page per fetch: the clones need seconds to fault 64 MiB in, so
     // stopping the server 300 ms after the fork catches them mid-run.
     let hub = ForkHub::new(
@@ -247,13 +247,7 @@ fn host_initiated_fork_matches_qemu() {
         hub.wait_clones(Duration::from_secs(60)),
         "clones still running"
     );
-    let tick = host_fork_tick(&parent);
-    let oracle = |i: u64| {
-        qemu_done_line(
-            &format!("{cmdline} fork_at={tick} clones=3 as_clone={i}"),
-            MEM,
-        )
-    };
+    let oracle = host_fork_oracle(&parent, cmdline, 3);
     assert_eq!(parent_done, oracle(0));
     let report = family.report();
     assert_eq!(report.clones.len(), 3, "{:?}", report.start_failures);
@@ -266,14 +260,7 @@ fn host_initiated_fork_matches_qemu() {
 #[test]
 fn host_fork_is_refused_clearly() {
     require_kvm();
-    let server = Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .expect("memory server"),
-    );
-    let hub = ForkHub::new(ForkOptions::default(), server);
+    let hub = ForkHub::new(ForkOptions::default(), memserver());
     let mut vm = Vm::boot_with(
         &config("ticks=400 state_mib=4 tick_us=1000", MEM),
         Some(hub),
@@ -311,13 +298,7 @@ fn parent_writes_after_the_fork_are_invisible_to_clones() {
         hub.wait_clones(Duration::from_secs(60)),
         "clones still running"
     );
-    let tick = host_fork_tick(&parent);
-    let oracle = |i: u64| {
-        qemu_done_line(
-            &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
-            MEM,
-        )
-    };
+    let oracle = host_fork_oracle(&parent, cmdline, 2);
     assert_ne!(
         parent_done,
         oracle(0),

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use memserver::server::{MemServer, ServerLimits};
+use memserver::server::MemServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
@@ -247,11 +247,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         signals()?
     };
     let (listeners, file) = rt.block_on(listen(&cfg))?;
-    let memserver = MemServer::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        ServerLimits::default(),
-    )
-    .map_err(|e| ServeError::MemServer(e.to_string()))?;
+    let memserver = MemServer::loopback().map_err(|e| ServeError::MemServer(e.to_string()))?;
     let registry = Registry::new(Arc::new(memserver), cfg.limits);
     let reaper = registry
         .start_reaper()

@@ -319,23 +319,12 @@ impl Registry {
     /// Host-initiated fork of a running VM into `clones` clones.
     pub fn fork(&self, id: u64, clones: u64) -> Result<Forked, ApiError> {
         let entry = self.entry(id)?;
-        // Input first: a bad count is 422 whatever state the VM is in.
-        let max = self.limits.max_clones;
-        if clones == 0 || clones > max {
-            return Err(ApiError::BadClones {
-                requested: clones,
-                max,
-            });
-        }
         let mut guard = lock(&entry.vm);
         let vm = guard
             .as_mut()
             .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))?;
-        let exited =
-            |exit: &VmExit| ApiError::Conflict(format!("{} has exited ({exit})", vm_id(id)));
-        if let Some(exit) = entry.record_exit(vm) {
-            return Err(exited(&exit));
-        }
+        // `Vm::fork` checks the count first (422 whatever the VM's state),
+        // then whether the VM still runs (409).
         match vm.fork(clones) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
@@ -343,7 +332,10 @@ impl Registry {
             }),
             Err(VmError::Exited) => {
                 let exit = entry.record_exit(vm).unwrap_or(VmExit::Stopped);
-                Err(exited(&exit))
+                Err(ApiError::Conflict(format!(
+                    "{} has exited ({exit})",
+                    vm_id(id)
+                )))
             }
             Err(VmError::BadClones { requested, max }) => {
                 Err(ApiError::BadClones { requested, max })

@@ -6,7 +6,7 @@ use crate::guest::default_guest;
 use crate::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use memserver::server::{MemServer, ServerLimits};
+use memserver::server::MemServer;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -174,13 +174,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         echo: true,
         name: a.common.name.clone(),
     };
-    let memserver = Arc::new(
-        MemServer::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            ServerLimits::default(),
-        )
-        .context("cannot start the memory server")?,
-    );
+    let memserver = Arc::new(MemServer::loopback().context("cannot start the memory server")?);
     let hub = ForkHub::new(
         ForkOptions {
             max_clones: a.max_clones,

@@ -2,7 +2,7 @@
 //! from a page source.
 
 use crate::fork::descriptor::ForkDescriptor;
-use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Prefetch, Presence};
+use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Prefetch};
 use crate::fork::identity::CloneIdentity;
 use crate::fork::{Answer, ForkError, ForkRequest, ForkService};
 use crate::vmm::devices::{Console, Devices};
@@ -15,8 +15,6 @@ use memserver::{PageSource, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use userfaultfd::UffdBuilder;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, Clone)]
 pub struct CloneOptions {
@@ -155,25 +153,7 @@ impl CloneShell {
             .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VM: {e}")))?;
         let memory = memory::anonymous(mem_bytes).map_err(|e| ForkError::Clone(e.to_string()))?;
         register_memory(&vm_fd, &memory).map_err(|e| ForkError::Clone(e.to_string()))?;
-        let region = memory
-            .iter()
-            .next()
-            .ok_or_else(|| ForkError::Clone("no memory region".into()))?;
-        let (base, len) = (region.as_ptr() as usize, region.len());
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(|e| ForkError::Uffd(format!("create: {e:?}")))?;
-        uffd.register(base as *mut libc::c_void, len as usize)
-            .map_err(|e| ForkError::Uffd(format!("register: {e:?}")))?;
-        let cmem = Arc::new(CloneMemory {
-            uffd: Arc::new(uffd),
-            base,
-            len,
-            presence: Arc::new(Presence::new(len / PAGE_SIZE as u64)),
-        });
+        let cmem = Arc::new(CloneMemory::register(&memory).map_err(ForkError::Uffd)?);
         let vcpu = vm_fd
             .create_vcpu(vcpu_id as u64)
             .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VCPU: {e}")))?;

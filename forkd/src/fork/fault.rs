@@ -8,13 +8,15 @@
 //! are served once: the second event finds the page present and only wakes.
 
 use crate::fork::descriptor::AllocAtFork;
+use crate::vmm::memory::GuestMemory;
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
-use userfaultfd::{Event, Uffd};
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Fault latencies kept per clone (for median / p99).
@@ -82,6 +84,28 @@ pub struct CloneMemory {
 }
 
 impl CloneMemory {
+    /// Registers `memory` (its one region) with a fresh userfaultfd in
+    /// MISSING mode, kernel-mode faults included: KVM touches guest memory
+    /// through get_user_pages.
+    pub fn register(memory: &GuestMemory) -> Result<CloneMemory, String> {
+        let region = memory.iter().next().ok_or("no memory region")?;
+        let (base, len) = (region.as_ptr() as usize, region.len());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| format!("userfaultfd create: {e:?}"))?;
+        uffd.register(base as *mut libc::c_void, len as usize)
+            .map_err(|e| format!("userfaultfd register: {e:?}"))?;
+        Ok(CloneMemory {
+            uffd: Arc::new(uffd),
+            base,
+            len,
+            presence: Arc::new(Presence::new(len / PAGE)),
+        })
+    }
+
     fn host(&self, page: u64) -> *mut libc::c_void {
         (self.base + (page * PAGE) as usize) as *mut libc::c_void
     }
@@ -435,8 +459,6 @@ mod tests {
     use super::*;
     use crate::vmm::memory;
     use memserver::SourceError;
-    use userfaultfd::UffdBuilder;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     /// Pages whose bytes say which page they are.
     struct Pattern(u64);
@@ -465,22 +487,8 @@ mod tests {
     fn concurrent_faults_on_the_same_pages_are_served_once() {
         const PAGES: u64 = 1024;
         let mem = memory::anonymous(PAGES * PAGE).unwrap();
-        let region = mem.iter().next().unwrap();
-        let (base, len) = (region.as_ptr() as usize, region.len());
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .expect("userfaultfd (are you root?)");
-        uffd.register(base as *mut libc::c_void, len as usize)
-            .unwrap();
-        let cmem = Arc::new(CloneMemory {
-            uffd: Arc::new(uffd),
-            base,
-            len,
-            presence: Arc::new(Presence::new(PAGES)),
-        });
+        let cmem = Arc::new(CloneMemory::register(&mem).expect("userfaultfd (are you root?)"));
+        let base = cmem.base;
         let handler = FaultHandler::spawn(
             FaultHandlerConfig {
                 memory: cmem,

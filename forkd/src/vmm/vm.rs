@@ -498,9 +498,6 @@ impl Vm {
     /// parent, 1..=clones in the clones).
     pub fn fork(&mut self, clones: u64) -> Result<Arc<Family>, VmError> {
         let requested_at = Instant::now();
-        if self.exit.is_some() {
-            return Err(VmError::Exited);
-        }
         let service = self
             .fork_service
             .clone()
@@ -513,6 +510,9 @@ impl Vm {
                 requested: clones,
                 max: hub.max_clones(),
             });
+        }
+        if self.exit.is_some() {
+            return Err(VmError::Exited);
         }
         if self.vcpu_count != 1 {
             return Err(VmError::ForkRefused(format!(
