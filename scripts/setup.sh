@@ -7,10 +7,19 @@ if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
     echo "setup: adding the x86_64-unknown-none target (zone guest)"
     rustup target add x86_64-unknown-none
 fi
+# True when the Debian package is installed (not merely known or removed).
+installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-# The userfaultfd crate generates its bindings with bindgen, which needs libclang.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# The userfaultfd crate generates its bindings with bindgen, which loads
+# libclang.so (clang-sys) and needs clang's builtin headers. Machine images
+# may ship libclang-cpp (the C++ library), which is not it: check for the
+# package that provides both, not for a file name pattern.
+installed libclang-dev || missing+=(libclang-dev)
+command -v cc >/dev/null || missing+=(gcc)
+installed linux-libc-dev || missing+=(linux-libc-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
