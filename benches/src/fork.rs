@@ -8,7 +8,6 @@ use crate::stats::{ms, Report};
 use crate::vms::config;
 use anyhow::{bail, ensure, Context, Result};
 use forkd::fork::parent::{FamilyReport, ForkHub, ForkOptions};
-use forkd::fork::ForkService;
 use forkd::vmm::{Vm, VmExit};
 use memserver::server::{MemServer, ServerStats};
 use std::path::Path;
@@ -109,7 +108,7 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
     // Clones normally ended before the parent's join returned.
     let all_ended = watched.is_ok() && hub.wait_clones(CLONE_GRACE);
     if !all_ended {
-        hub.shutdown();
+        hub.end_families();
     }
     server.stop();
     let (w, last) = watched?;

@@ -69,7 +69,12 @@ pub fn readahead(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
         let lat: Vec<f64> = r
             .iter()
             .flat_map(|x| x.family.clones.iter())
-            .flat_map(|c| c.faults.fetch_latency_us.iter().map(|&u| u as f64))
+            .flat_map(|c| {
+                // The histogram's samples, each at its bucket's value.
+                c.faults.fetch_latency_us.iter_recorded().flat_map(|v| {
+                    std::iter::repeat_n(v.value_iterated_to() as f64, v.count_at_value() as usize)
+                })
+            })
             .collect();
         let p = format!("readahead {ra:>2}:");
         report.add(&format!("{p} fetch service time"), "us", &lat);

@@ -236,7 +236,7 @@ pub fn restore_runs(dir: &Path, restores: usize, memory: RestoreMemory) -> Resul
     };
     let mut samples = Vec::new();
     for i in 0..restores {
-        let mut vm = Vm::restore_with(dir, &opts).with_context(|| format!("restore {i}"))?;
+        let mut vm = Vm::restore_with(dir, &opts, None).with_context(|| format!("restore {i}"))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let first = loop {
             if let Some(t) = vm.times.first_run.get() {

@@ -1,7 +1,9 @@
 //! VM fork: every clone I ends with the checksum QEMU prints for the
 //! straight-line run `as_clone=I`, the parent with `as_clone=0`.
 
+use forkd::fork::host::{fork_vm, HostForkError};
 use forkd::fork::parent::{ForkHub, ForkOptions};
+use forkd::fork::ForkError;
 use forkd::vmm::{Vm, VmExit};
 use memserver::server::MemServer;
 use std::sync::Arc;
@@ -241,7 +243,7 @@ fn host_initiated_fork_matches_qemu() {
     let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
     let (mut parent, hub) = boot_forkable(cmdline);
     std::thread::sleep(Duration::from_millis(60));
-    let family = parent.fork(3).expect("host fork");
+    let family = fork_vm(&mut parent, &hub, 3).expect("host fork");
     let parent_done = finish(&mut parent);
     assert!(
         hub.wait_clones(Duration::from_secs(60)),
@@ -263,18 +265,56 @@ fn host_fork_is_refused_clearly() {
     let hub = ForkHub::new(ForkOptions::default(), memserver());
     let mut vm = Vm::boot_with(
         &config("ticks=400 state_mib=4 tick_us=1000", MEM),
-        Some(hub),
+        Some(hub.clone()),
     )
     .expect("boot");
-    let err = vm.fork(0).expect_err("zero clones");
+    let err = fork_vm(&mut vm, &hub, 0).expect_err("zero clones");
     assert!(err.to_string().contains("clones"), "{err}");
-    let err = vm.fork(1000).expect_err("too many clones");
+    let err = fork_vm(&mut vm, &hub, 1000).expect_err("too many clones");
     assert!(err.to_string().contains("clones"), "{err}");
     vm.kill();
-    assert!(matches!(vm.fork(1), Err(forkd::vmm::VmError::Exited)));
-    let mut plain = tests::boot("ticks=400 state_mib=4 tick_us=1000", MEM);
-    let err = plain.fork(1).expect_err("no fork service");
-    assert!(err.to_string().contains("no fork service"), "{err}");
+    assert!(matches!(
+        fork_vm(&mut vm, &hub, 1),
+        Err(HostForkError::Exited)
+    ));
+    // Two vCPUs: refused before anything is paused.
+    let mut cfg = config("ticks=400 state_mib=4 tick_us=1000", MEM);
+    cfg.vcpus = 2;
+    let mut two = Vm::boot_with(&cfg, Some(hub.clone())).expect("boot 2 vCPUs");
+    assert!(matches!(
+        fork_vm(&mut two, &hub, 1),
+        Err(HostForkError::MultipleVcpus(2))
+    ));
+    two.kill();
+}
+
+/// A second host fork while the first family still runs is a clear
+/// refusal (the parent's memory is frozen by one family at a time); once
+/// the family has ended, the VM forks again.
+#[test]
+fn second_fork_waits_for_the_first_family() {
+    let cmdline = "ticks=150 seed=44 state_mib=4 tick_us=5000";
+    let (mut parent, hub) = boot_forkable(cmdline);
+    std::thread::sleep(Duration::from_millis(60));
+    let first = fork_vm(&mut parent, &hub, 1).expect("first fork");
+    match fork_vm(&mut parent, &hub, 1) {
+        Err(e @ HostForkError::Fork(ForkError::FamilyLive(_))) => assert!(e.is_refusal()),
+        Ok(_) if first.is_released() => {} // the clone was already done
+        other => panic!("second fork: {other:?}"),
+    }
+    assert!(
+        hub.wait_clones(Duration::from_secs(60)),
+        "clones still running"
+    );
+    assert!(first.is_released());
+    if parent.poll_exit().is_none() {
+        match fork_vm(&mut parent, &hub, 1) {
+            Ok(_) | Err(HostForkError::GuestFinished) | Err(HostForkError::Exited) => {}
+            Err(e) => panic!("fork after the family ended: {e:?}"),
+        }
+    }
+    finish(&mut parent);
+    assert!(hub.wait_clones(Duration::from_secs(60)));
 }
 
 /// Direct isolation: after a host fork, the test itself scribbles over the
@@ -286,7 +326,7 @@ fn parent_writes_after_the_fork_are_invisible_to_clones() {
     let cmdline = "ticks=60 seed=39 state_mib=8 tick_us=5000";
     let (mut parent, hub) = boot_forkable(cmdline);
     std::thread::sleep(Duration::from_millis(40));
-    let family = parent.fork(2).expect("host fork");
+    let family = fork_vm(&mut parent, &hub, 2).expect("host fork");
     let state = parent.guest_info().expect("guest info").state_gpa;
     parent.pause().expect("pause");
     let junk = vec![0xa5u8; 64 << 10];
@@ -315,7 +355,6 @@ fn parent_writes_after_the_fork_are_invisible_to_clones() {
 /// clones end, the parent's join returns and it finishes unharmed.
 #[test]
 fn killing_the_clones_lets_the_parent_finish() {
-    use forkd::fork::ForkService;
     require_kvm();
     let cmdline = "ticks=200 seed=41 state_mib=4 tick_us=5000 fork_at=2 clones=3";
     let server = memserver();

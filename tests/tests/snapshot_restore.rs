@@ -53,7 +53,7 @@ fn eager_restore_gives_the_same_result() {
         memory: RestoreMemory::Eager,
         ..Default::default()
     };
-    let mut vm = Vm::restore_with(dir.path(), &opts).expect("eager restore");
+    let mut vm = Vm::restore_with(dir.path(), &opts, None).expect("eager restore");
     assert_eq!(finish(&mut vm), expected);
 }
 

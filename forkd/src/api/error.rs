@@ -1,5 +1,9 @@
 //! API errors: each one knows its HTTP status and becomes `{"error": "..."}`.
 
+use crate::fork::host::HostForkError;
+use crate::fork::ForkError;
+use crate::vmm::memory::MemoryError;
+use crate::vmm::VmError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,8 +24,14 @@ pub enum ApiError {
     /// The VM is in a state that does not allow the request.
     #[error("{0}")]
     Conflict(String),
-    #[error("{requested} clones requested; 1..={max} allowed")]
-    BadClones { requested: u64, max: u64 },
+    #[error("cannot boot the guest")]
+    Boot(#[source] VmError),
+    #[error("cannot fork {vm}")]
+    Fork {
+        vm: String,
+        #[source]
+        source: HostForkError,
+    },
     #[error("the VM limit ({0}) is reached; DELETE a VM first")]
     TooManyVms(usize),
     #[error("the server is shutting down")]
@@ -37,7 +47,20 @@ impl ApiError {
             ApiError::NoSuchVm(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::BadClones { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Boot(e) => match e {
+                VmError::Boot(_)
+                | VmError::BadVcpus(_)
+                | VmError::Memory(MemoryError::BadSize(_)) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::Fork { source, .. } => match source {
+                HostForkError::BadClones { .. }
+                | HostForkError::Fork(ForkError::BadClones { .. }) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                e if e.is_refusal() => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             ApiError::TooManyVms(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -49,12 +72,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!("api: {self}");
+            tracing::warn!("api: {}", crate::fork::fault::chain(&self));
         }
         (
             status,
             Json(ErrorBody {
-                error: self.to_string(),
+                error: crate::fork::fault::chain(&self),
             }),
         )
             .into_response()

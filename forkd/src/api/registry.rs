@@ -21,13 +21,13 @@ use super::types::{
     vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, Forked,
     StartFailure, VmDetail, VmState, VmSummary, MAX_NAME,
 };
+use crate::fork::host::{fork_vm, HostForkError};
 use crate::fork::parent::{Family, ForkHub, ForkOptions};
-use crate::fork::ForkService;
 use crate::guest::default_guest;
 use crate::vmm::devices::Console;
-use crate::vmm::memory::{check_size, MemoryError};
+use crate::vmm::memory::check_size;
 use crate::vmm::vm::MAX_VCPUS;
-use crate::vmm::{Vm, VmConfig, VmError, VmExit};
+use crate::vmm::{Vm, VmConfig, VmExit};
 
 /// How often the reaper looks for VMs that ended.
 const REAP_EVERY: Duration = Duration::from_millis(50);
@@ -158,16 +158,6 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn boot_error(e: VmError) -> ApiError {
-    let msg = format!("cannot boot the guest: {e}");
-    match e {
-        VmError::Boot(_) | VmError::BadVcpus(_) | VmError::Memory(MemoryError::BadSize(_)) => {
-            ApiError::BadRequest(msg)
-        }
-        _ => ApiError::Internal(msg),
-    }
-}
-
 fn family_info(f: &Family) -> FamilyInfo {
     let report = f.report();
     let clones = (1..=report.clones_granted)
@@ -262,7 +252,7 @@ impl Registry {
             echo: false,
             name: req.name.clone(),
         };
-        let vm = Vm::boot_with(&cfg, Some(hub.clone())).map_err(boot_error)?;
+        let vm = Vm::boot_with(&cfg, Some(hub.clone())).map_err(ApiError::Boot)?;
         let entry = Arc::new(Entry {
             id,
             name: req.name,
@@ -323,27 +313,22 @@ impl Registry {
         let vm = guard
             .as_mut()
             .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))?;
-        // `Vm::fork` checks the count first (422 whatever the VM's state),
+        // `fork_vm` checks the count first (422 whatever the VM's state),
         // then whether the VM still runs (409).
-        match vm.fork(clones) {
+        match fork_vm(vm, &entry.hub, clones) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
                 clones: (1..=clones).collect(),
             }),
-            Err(VmError::Exited) => {
-                let exit = entry.record_exit(vm).unwrap_or(VmExit::Stopped);
-                Err(ApiError::Conflict(format!(
-                    "{} has exited ({exit})",
-                    vm_id(id)
-                )))
+            Err(source) => {
+                if matches!(source, HostForkError::Exited) {
+                    entry.record_exit(vm);
+                }
+                Err(ApiError::Fork {
+                    vm: vm_id(id),
+                    source,
+                })
             }
-            Err(VmError::BadClones { requested, max }) => {
-                Err(ApiError::BadClones { requested, max })
-            }
-            Err(VmError::ForkRefused(why)) => {
-                Err(ApiError::Conflict(format!("{}: {why}", vm_id(id))))
-            }
-            Err(e) => Err(ApiError::Internal(e.to_string())),
         }
     }
 
@@ -409,5 +394,5 @@ fn kill(entry: &Entry) {
         }
         drop(vm);
     }
-    entry.hub.shutdown();
+    entry.hub.end_families();
 }

@@ -2,16 +2,14 @@
 
 use crate::fork::parent::Family;
 use crate::vmm::VmExit;
+use hdrhistogram::Histogram;
 use memserver::server::ServerStats;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    Some(sorted[i.min(sorted.len() - 1)])
+/// Quantile `q` of `h`, if it holds any sample.
+fn quantile(h: &Histogram<u64>, q: f64) -> Option<u64> {
+    (!h.is_empty()).then(|| h.value_at_quantile(q))
 }
 
 fn round3(x: f64) -> f64 {
@@ -36,17 +34,19 @@ pub fn failed_clones(families: &[Arc<Family>]) -> Vec<(u64, String)> {
 
 pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
     let reports: Vec<_> = families.iter().map(|f| f.report()).collect();
-    let mut starts: Vec<f64> = Vec::new();
-    let mut lat: Vec<f64> = Vec::new();
+    // Clone starts in µs; fetch latencies in µs, merged from the clones.
+    let mut starts = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+    let mut lat = Histogram::<u64>::new(2).expect("2 significant digits is valid");
     let (mut fetched, mut avoided, mut declared, mut faults) = (0u64, 0u64, 0u64, 0u64);
     let mut prefetched = 0u64;
     let mut clones = Vec::new();
     for r in &reports {
         for c in &r.clones {
             if let Some(d) = c.start_latency {
-                starts.push(d.as_secs_f64() * 1e3);
+                starts.saturating_record(d.as_micros() as u64);
             }
-            lat.extend(c.faults.fetch_latency_us.iter().map(|&u| u as f64));
+            // Histograms that do not fit are left out of the merged figure.
+            let _ = lat.add(&c.faults.fetch_latency_us);
             fetched += c.faults.pages_fetched;
             avoided += c.faults.pages_avoided;
             declared += c.pages_declared;
@@ -65,8 +65,7 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
             }));
         }
     }
-    starts.sort_by(f64::total_cmp);
-    lat.sort_by(f64::total_cmp);
+    let us_to_ms = |us: u64| round3(us as f64 / 1e3);
     json!({
         "families": reports.len(),
         "clones": clones.len(),
@@ -74,15 +73,15 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
         "descriptor_pages": reports.iter().map(|r| r.descriptor_pages).max(),
         "parent_stopped_ms": reports.iter().map(|r| round3(r.parent_stopped.as_secs_f64() * 1e3)).collect::<Vec<_>>(),
         "freeze_ms": reports.iter().map(|r| round3(r.freeze.as_secs_f64() * 1e3)).collect::<Vec<_>>(),
-        "clone_start_ms_p50": percentile(&starts, 0.5).map(round3),
-        "clone_start_ms_max": starts.last().copied().map(round3),
+        "clone_start_ms_p50": quantile(&starts, 0.5).map(us_to_ms),
+        "clone_start_ms_max": quantile(&starts, 1.0).map(us_to_ms),
         "faults": faults,
         "pages_fetched": fetched,
         "pages_avoided": avoided,
         "pages_declared": declared,
         "pages_prefetched": prefetched,
-        "fetch_us_p50": percentile(&lat, 0.5),
-        "fetch_us_p99": percentile(&lat, 0.99),
+        "fetch_us_p50": quantile(&lat, 0.5),
+        "fetch_us_p99": quantile(&lat, 0.99),
         "memserver_pages_sent": server.pages_sent,
         "memserver_bytes_sent": server.bytes_sent,
         "per_clone": clones,

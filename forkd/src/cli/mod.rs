@@ -1,7 +1,6 @@
 //! The `forkd` command line: `guest-path`, `run`, `restore` and `serve`.
 
 use crate::fork::parent::{ForkHub, ForkOptions};
-use crate::fork::ForkService;
 use crate::guest::default_guest;
 use crate::vmm::{RestoreMemory, RestoreOptions, Vm, VmConfig, VmExit};
 use anyhow::{bail, Context, Result};
@@ -23,8 +22,32 @@ mod fork_summary;
     about = "VM fork service for burst scaling of game-world zones"
 )]
 pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for machines (one
+    /// object per line). The level comes from RUST_LOG (default: warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends the library's `tracing` events to stderr.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests calling main twice) is harmless.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,7 +222,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         let exit = finish(&mut vm, &a.common)?;
         // The parent joined its clones (or ended without): let the rest go.
         if !hub.wait_clones(Duration::from_secs(5)) {
-            hub.shutdown();
+            hub.end_families();
         }
         let families = hub.families();
         let failed = fork_summary::failed_clones(&families);
@@ -269,10 +292,28 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
             MemoryMode::Eager => RestoreMemory::Eager,
         },
     };
-    let mut vm = Vm::restore_with(&a.dir, &opts)
+    // A restored zone can fork too.
+    let memserver = Arc::new(MemServer::loopback().context("cannot start the memory server")?);
+    let hub = ForkHub::new(
+        ForkOptions {
+            echo: true,
+            name_prefix: a
+                .common
+                .name
+                .as_ref()
+                .map(|n| format!("{n}."))
+                .unwrap_or_default(),
+            ..ForkOptions::default()
+        },
+        memserver.clone(),
+    );
+    let mut vm = Vm::restore_with(&a.dir, &opts, Some(hub.clone()))
         .with_context(|| format!("cannot restore {}", a.dir.display()))?;
     let started = vm.times.started;
     let exit = finish(&mut vm, &a.common)?;
+    if !hub.wait_clones(Duration::from_secs(5)) {
+        hub.end_families();
+    }
     if a.common.json {
         println!(
             "{}",
@@ -292,6 +333,7 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
 /// Runs the CLI; errors are printed as `forkd: error: ...` with exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::GuestPath => {
             let p = default_guest();

@@ -2,18 +2,17 @@
 //! from a page source.
 
 use crate::fork::descriptor::ForkDescriptor;
-use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, Prefetch};
+use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, FaultStatsView, Prefetch};
 use crate::fork::identity::CloneIdentity;
-use crate::fork::{Answer, ForkError, ForkRequest, ForkService};
-use crate::vmm::devices::{Console, Devices};
-use crate::vmm::kvm::KvmContext;
-use crate::vmm::memory::{self, GuestMemory};
-use crate::vmm::vm::{register_memory, Vm};
+use crate::fork::{Answer, ForkError};
+use crate::vmm::builder::{BuildOptions, PreparedVm, VmShell};
+use crate::vmm::devices::Console;
+use crate::vmm::memory;
+use crate::vmm::{Vm, VmError};
 use guest_agent::abi::{self, HypercallPage};
-use kvm_bindings::CpuId;
 use memserver::{PageSource, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -48,20 +47,10 @@ impl CloneService {
     }
 }
 
-impl ForkService for CloneService {
-    fn ticket(&self, _: u64, _: u64) -> Result<(u64, u64), u32> {
-        Err(abi::STATUS_REFUSED)
-    }
-    fn fork(&self, _: ForkRequest) -> Result<(), u32> {
-        Err(abi::STATUS_REFUSED)
-    }
-    fn join(&self, _: u64) -> Result<u64, u32> {
-        Err(abi::STATUS_REFUSED)
-    }
-    fn kill(&self, _: u64) -> Result<(), u32> {
-        Err(abi::STATUS_REFUSED)
-    }
-    fn will_overwrite(&self, gpa: u64, len: u64) -> Result<(), u32> {
+impl CloneService {
+    /// The guest will overwrite `[gpa, gpa + len)` before reading it: its
+    /// missing whole pages are zero-filled instead of fetched.
+    pub fn will_overwrite(&self, gpa: u64, len: u64) -> Result<(), u32> {
         if !self.avoidance {
             return Ok(());
         }
@@ -88,9 +77,6 @@ impl ForkService for CloneService {
             p += n;
         }
         Ok(())
-    }
-    fn may_exit(&self) -> bool {
-        true
     }
 }
 
@@ -130,64 +116,55 @@ pub struct StartedClone {
     pub vm: Vm,
     pub service: Arc<CloneService>,
     pub identity: CloneIdentity,
+    pub faults: FaultStatsView,
 }
 
-/// An empty clone VM, built ahead of a fork (warm pool): the KVM VM, its
-/// anonymous memory registered with KVM and with a userfaultfd, and its
-/// vCPU. Creating one costs a few ms here, mostly the memory slot.
+/// An empty clone VM, built ahead of a fork (warm pool): the VM shell
+/// (KVM VM, anonymous memory registered with KVM, one vCPU) with its
+/// memory registered with a userfaultfd.
 pub struct CloneShell {
-    vm_fd: kvm_ioctls::VmFd,
-    memory: GuestMemory,
+    shell: VmShell,
     cmem: Arc<CloneMemory>,
-    vcpu: kvm_ioctls::VcpuFd,
-    vcpu_id: u8,
-    mem_bytes: u64,
 }
 
 impl CloneShell {
     pub fn create(mem_bytes: u64, vcpu_id: u8) -> Result<CloneShell, ForkError> {
-        let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
-        let vm_fd = ctx
-            .kvm
-            .create_vm()
-            .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VM: {e}")))?;
-        let memory = memory::anonymous(mem_bytes).map_err(|e| ForkError::Clone(e.to_string()))?;
-        register_memory(&vm_fd, &memory).map_err(|e| ForkError::Clone(e.to_string()))?;
-        let cmem = Arc::new(CloneMemory::register(&memory).map_err(ForkError::Uffd)?);
-        let vcpu = vm_fd
-            .create_vcpu(vcpu_id as u64)
-            .map_err(|e| ForkError::Clone(format!("KVM_CREATE_VCPU: {e}")))?;
-        Ok(CloneShell {
-            vm_fd,
-            memory,
-            cmem,
-            vcpu,
-            vcpu_id,
-            mem_bytes,
-        })
+        let clone_err = |source| ForkError::Clone {
+            clone_id: 0,
+            source,
+        };
+        let memory = memory::anonymous(mem_bytes).map_err(|e| clone_err(e.into()))?;
+        let shell = VmShell::create(memory, &[vcpu_id], false).map_err(clone_err)?;
+        let cmem = Arc::new(CloneMemory::register(shell.memory())?);
+        Ok(CloneShell { shell, cmem })
+    }
+
+    fn fits(&self, desc: &ForkDescriptor) -> bool {
+        self.shell.fits(&desc.state)
     }
 }
 
 /// A clone whose VM is built and loaded but whose vCPU has not run yet.
 pub struct PreparedClone {
-    vm: Vm,
-    fd: kvm_ioctls::VcpuFd,
-    vcpu_id: u8,
-    cpuid: CpuId,
+    vm: PreparedVm,
+    clone_id: u64,
     service: Arc<CloneService>,
     identity: CloneIdentity,
+    faults: FaultStatsView,
 }
 
 impl PreparedClone {
     /// Starts the clone's vCPU.
     pub fn start(self) -> Result<StartedClone, ForkError> {
-        let mut vm = self.vm;
-        vm.spawn_vcpu(self.vcpu_id, self.fd, self.cpuid)
-            .map_err(|e| ForkError::Clone(e.to_string()))?;
+        let vm = self.vm.start().map_err(|source| ForkError::Clone {
+            clone_id: self.clone_id,
+            source,
+        })?;
         Ok(StartedClone {
             vm,
             service: self.service,
             identity: self.identity,
+            faults: self.faults,
         })
     }
 }
@@ -202,8 +179,10 @@ pub fn start_clone(
     prepare_clone(desc, clone_id, sources, opts, None)?.start()
 }
 
-/// Builds clone `clone_id` from `desc`: VM, memory registered with
-/// userfaultfd, descriptor pages, devices, fault handler, vCPU state.
+/// Builds clone `clone_id` from `desc`: a shell (from the warm pool if one
+/// fits) whose memory is registered with userfaultfd, the descriptor pages
+/// installed, the fault handler started, then the VM built from the
+/// descriptor's state by the VMM's one builder.
 pub fn prepare_clone(
     desc: &ForkDescriptor,
     clone_id: u64,
@@ -212,26 +191,18 @@ pub fn prepare_clone(
     shell: Option<CloneShell>,
 ) -> Result<PreparedClone, ForkError> {
     let started = Instant::now();
-    let ctx = KvmContext::get().map_err(|e| ForkError::Clone(e.to_string()))?;
-    let shell = match shell {
-        Some(s) if s.mem_bytes == desc.mem_bytes && s.vcpu_id == desc.vcpu.id => s,
-        _ => CloneShell::create(desc.mem_bytes, desc.vcpu.id)?,
+    let CloneShell { shell, cmem } = match shell {
+        Some(s) if s.fits(desc) => s,
+        _ => {
+            let id = desc.state.vcpus.first().map(|v| v.id).unwrap_or(0);
+            CloneShell::create(desc.state.mem_bytes, id)?
+        }
     };
-    let CloneShell {
-        vm_fd,
-        memory,
-        cmem,
-        vcpu: fd,
-        ..
-    } = shell;
     let len = cmem.len;
     let identity = CloneIdentity::new(desc.family, clone_id);
     for p in &desc.pages {
         if p.bytes.len() != PAGE_SIZE || !p.gpa.is_multiple_of(PAGE_SIZE as u64) || p.gpa >= len {
-            return Err(ForkError::Clone(format!(
-                "bad descriptor page at {:#x}",
-                p.gpa
-            )));
+            return Err(ForkError::BadDescriptorPage(p.gpa));
         }
         let data = if p.gpa == desc.answer_page {
             answered_page(&p.bytes, desc.answer, clone_id, &identity)
@@ -240,31 +211,13 @@ pub fn prepare_clone(
             d.copy_from_slice(&p.bytes);
             d
         };
-        cmem.install(p.gpa / PAGE_SIZE as u64, &data)
-            .map_err(ForkError::Uffd)?;
+        cmem.install(p.gpa / PAGE_SIZE as u64, &data)?;
     }
     let service = Arc::new(CloneService {
         memory: cmem.clone(),
         declared: AtomicU64::new(0),
         avoidance: opts.avoidance,
     });
-    let console = Console::new(opts.echo, Some(&opts.name));
-    let devices = Arc::new(Mutex::new(Devices::restore(
-        memory.clone(),
-        console.clone(),
-        &desc.devices,
-        Some(service.clone()),
-    )));
-    let mut vm = Vm::assemble(
-        vm_fd,
-        memory,
-        devices,
-        console,
-        false,
-        format!("clone {clone_id} of family {}", desc.family),
-        String::new(),
-        started,
-    );
     let handler = FaultHandler::spawn(
         FaultHandlerConfig {
             memory: cmem,
@@ -288,19 +241,27 @@ pub fn prepare_clone(
         },
         &opts.name,
     )
-    .map_err(|e| ForkError::Clone(format!("fault handler thread: {e}")))?;
-    vm.set_clone_parts(handler, service.clone());
-    desc.vcpu
-        .restore(ctx, &fd)
-        .map_err(|e| ForkError::Clone(e.to_string()))?;
-    let cpuid = CpuId::from_entries(&desc.vcpu.cpuid)
-        .map_err(|e| ForkError::Clone(format!("CPUID: {e:?}")))?;
+    .map_err(|source| ForkError::Thread {
+        what: "fault handler",
+        source,
+    })?;
+    let faults = handler.stats_view();
+    let vm = shell
+        .build(
+            &desc.state,
+            BuildOptions {
+                console: Console::new(opts.echo, Some(&opts.name)),
+                hypercalls: Some(service.clone()),
+                memory_server: Some(Box::new(handler)),
+                started,
+            },
+        )
+        .map_err(|source: VmError| ForkError::Clone { clone_id, source })?;
     Ok(PreparedClone {
         vm,
-        fd,
-        vcpu_id: desc.vcpu.id,
-        cpuid,
+        clone_id,
         service,
         identity,
+        faults,
     })
 }

@@ -1,20 +1,21 @@
-//! The fork descriptor: what a clone needs before it can run. vCPU and
-//! device state, and the few pages the guest touches before anything else
+//! The fork descriptor: what a clone needs before it can run. The
+//! parent's VM state (vCPU, clock, devices: what a snapshot carries but
+//! memory), and the few pages the guest touches before anything else
 //! (page tables, GDT, IDT, TSS, the top of the stack, the hypercall page),
 //! plus which pages the guest allocator had handed out at the fork (for
 //! the avoidance heuristics). Everything else faults in on demand.
 
 use crate::fork::Answer;
-use crate::vmm::cpu_state::VcpuState;
-use crate::vmm::devices::{DevicesState, GuestInfo};
+use crate::vmm::devices::{GuestInfo, MAX_BITMAP_BYTES};
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::persist::VmState;
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Bumped whenever the descriptor changes shape.
-pub const DESCRIPTOR_VERSION: u32 = 1;
+pub const DESCRIPTOR_VERSION: u32 = 2;
 const PAGE: u64 = 4096;
 /// Bound on page-table pages collected (a sane guest needs a handful).
 const MAX_TABLE_PAGES: usize = 512;
@@ -23,8 +24,12 @@ const MAX_TABLE_PAGES: usize = 512;
 pub enum DescriptorError {
     #[error("guest page {0:#x} cannot be read")]
     Read(u64),
-    #[error("descriptor encoding failed: {0}")]
-    Encode(String),
+    #[error("the parent's state has {0} vCPUs; a descriptor carries one")]
+    Vcpus(usize),
+    #[error("descriptor encoding failed")]
+    Encode(#[source] bincode::Error),
+    #[error("descriptor decoding failed")]
+    Decode(#[source] bincode::Error),
     #[error("descriptor version {found}, this forkd reads {DESCRIPTOR_VERSION}")]
     Version { found: u32 },
 }
@@ -58,9 +63,8 @@ impl AllocAtFork {
 pub struct ForkDescriptor {
     pub version: u32,
     pub family: u64,
-    pub mem_bytes: u64,
-    pub vcpu: VcpuState,
-    pub devices: DevicesState,
+    /// The parent's state at the fork (one vCPU).
+    pub state: VmState,
     /// The page that tells each clone which clone it is, and how.
     pub answer_page: u64,
     pub answer: Answer,
@@ -73,21 +77,27 @@ impl ForkDescriptor {
     pub fn build(
         family: u64,
         memory: &GuestMemory,
-        vcpu: VcpuState,
-        devices: DevicesState,
+        state: VmState,
         answer_page: u64,
         answer: Answer,
     ) -> Result<Self, DescriptorError> {
         let mem_bytes = memory.last_addr().0 + 1;
+        let [vcpu] = state.vcpus.as_slice() else {
+            return Err(DescriptorError::Vcpus(state.vcpus.len()));
+        };
         let mut wanted = BTreeSet::new();
         page_table_pages(memory, vcpu.sregs.cr3, &mut wanted);
+        // Segment tables the guest set up: base and limit are the guest's
+        // own (limits are 16 or 20 bits), so the end is computed without
+        // overflow and clipped to memory.
         for (base, limit) in [
             (vcpu.sregs.gdt.base, vcpu.sregs.gdt.limit as u64),
             (vcpu.sregs.idt.base, vcpu.sregs.idt.limit as u64),
-            (vcpu.sregs.tr.base, vcpu.sregs.tr.limit as u64),
+            (vcpu.sregs.tr.base, (vcpu.sregs.tr.limit as u64).min(0xffff)),
         ] {
+            let end = base.saturating_add(limit).min(mem_bytes.saturating_sub(1));
             let mut p = base & !(PAGE - 1);
-            while p <= base + limit && p < mem_bytes {
+            while p <= end {
                 wanted.insert(p);
                 p += PAGE;
             }
@@ -104,16 +114,15 @@ impl ForkDescriptor {
                 .map_err(|_| DescriptorError::Read(gpa))?;
             pages.push(DescriptorPage { gpa, bytes });
         }
-        let alloc = devices
+        let alloc = state
+            .devices
             .hypercall
             .guest
             .and_then(|g| alloc_at_fork(memory, &g));
         Ok(ForkDescriptor {
             version: DESCRIPTOR_VERSION,
             family,
-            mem_bytes,
-            vcpu,
-            devices,
+            state,
             answer_page,
             answer,
             pages,
@@ -124,14 +133,14 @@ impl ForkDescriptor {
     pub fn encode(&self) -> Result<Vec<u8>, DescriptorError> {
         bincode::DefaultOptions::new()
             .serialize(self)
-            .map_err(|e| DescriptorError::Encode(e.to_string()))
+            .map_err(DescriptorError::Encode)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
         let d: ForkDescriptor = bincode::DefaultOptions::new()
             .with_limit(64 << 20)
             .deserialize(bytes)
-            .map_err(|e| DescriptorError::Encode(e.to_string()))?;
+            .map_err(DescriptorError::Decode)?;
         if d.version != DESCRIPTOR_VERSION {
             return Err(DescriptorError::Version { found: d.version });
         }
@@ -169,6 +178,11 @@ fn page_table_pages(memory: &GuestMemory, cr3: u64, out: &mut BTreeSet<u64>) {
 
 /// The allocated page ranges of the guest's allocator bitmap.
 fn alloc_at_fork(memory: &GuestMemory, g: &GuestInfo) -> Option<AllocAtFork> {
+    // Bounded when the guest announced it; checked again, as it is the
+    // guest's number.
+    if g.bitmap_bytes > MAX_BITMAP_BYTES {
+        return None;
+    }
     let mut words = vec![0u8; g.bitmap_bytes as usize];
     memory
         .read_slice(&mut words, GuestAddress(g.bitmap_gpa))

@@ -1,14 +1,21 @@
 //! A clone's userfaultfd fault handler. Guest memory is empty anonymous
 //! memory registered with userfaultfd (MISSING); every first touch of a
 //! page — by a vCPU through KVM or by the VMM — stops the toucher and sends
-//! us an event. We resolve it with UFFDIO_ZEROPAGE when the avoidance
+//! us an event. We resolve it with UFFDIO_COPY of zeros when the avoidance
 //! heuristics say the guest will overwrite the page, and otherwise with
 //! UFFDIO_COPY of the page (and a read-ahead window of following missing
 //! pages) fetched from the [`PageSource`]. Two vCPUs faulting on one page
 //! are served once: the second event finds the page present and only wakes.
+//!
+//! The handler is the clone VM's `MemoryServer`: when it cannot serve (the
+//! memory server is gone, an ioctl fails, its thread died) it records why,
+//! and unregisters the memory so that no thread — a vCPU, or a VMM thread
+//! reading guest memory — stays blocked on a fault nobody will serve; the
+//! VM then fails with that error.
 
 use crate::fork::descriptor::AllocAtFork;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::services::MemoryServer;
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,10 +24,33 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 use userfaultfd::{Event, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: u64 = PAGE_SIZE as u64;
-/// Fault latencies kept per clone (for median / p99).
-const MAX_SAMPLES: usize = 100_000;
+/// Largest fetch latency the histogram records (longer ones are clamped).
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// UFFDIO_COPY answers EAGAIN while the address space is changing; retry
+/// this often before calling it a failure.
+const EAGAIN_TRIES: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("the clone's guest memory has no region")]
+    NoRegion,
+    #[error("userfaultfd create")]
+    Create(#[source] userfaultfd::Error),
+    #[error("userfaultfd register")]
+    Register(#[source] userfaultfd::Error),
+    #[error("page {0} is outside the clone's memory")]
+    OutOfRange(u64),
+    #[error("UFFDIO_COPY of pages {first}..{end}")]
+    Copy {
+        first: u64,
+        end: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+}
 /// Pages zero-filled in one go at most.
 const ZERO_RUN: usize = 64;
 
@@ -57,7 +87,7 @@ impl Presence {
 }
 
 /// Counters of one clone's faults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FaultStats {
     pub faults: u64,
     pub pages_fetched: u64,
@@ -68,10 +98,37 @@ pub struct FaultStats {
     /// (heuristic b).
     pub pages_declared: u64,
     pub fetch_requests: u64,
-    /// Service time of each fault that needed a fetch, in µs.
-    pub fetch_latency_us: Vec<u32>,
+    /// Service time of the faults that needed a fetch, in µs (a fixed-size
+    /// histogram, whatever the number of faults).
+    pub fetch_latency_us: hdrhistogram::Histogram<u64>,
     /// Pages installed ahead of demand by the prefetcher.
     pub pages_prefetched: u64,
+}
+
+impl Default for FaultStats {
+    fn default() -> Self {
+        FaultStats {
+            faults: 0,
+            pages_fetched: 0,
+            pages_avoided: 0,
+            pages_declared: 0,
+            fetch_requests: 0,
+            // 2 significant digits up to a minute: a few KiB.
+            fetch_latency_us: hdrhistogram::Histogram::new_with_bounds(1, MAX_LATENCY_US, 2)
+                .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("2 sig figs is valid")),
+            pages_prefetched: 0,
+        }
+    }
+}
+
+/// A live view of one clone's fault counters.
+#[derive(Clone, Default)]
+pub struct FaultStatsView(Arc<Mutex<FaultStats>>);
+
+impl FaultStatsView {
+    pub fn get(&self) -> FaultStats {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// A clone's memory, as the handler sees it.
@@ -87,17 +144,17 @@ impl CloneMemory {
     /// Registers `memory` (its one region) with a fresh userfaultfd in
     /// MISSING mode, kernel-mode faults included: KVM touches guest memory
     /// through get_user_pages.
-    pub fn register(memory: &GuestMemory) -> Result<CloneMemory, String> {
-        let region = memory.iter().next().ok_or("no memory region")?;
+    pub fn register(memory: &GuestMemory) -> Result<CloneMemory, UffdError> {
+        let region = memory.iter().next().ok_or(UffdError::NoRegion)?;
         let (base, len) = (region.as_ptr() as usize, region.len());
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
             .create()
-            .map_err(|e| format!("userfaultfd create: {e:?}"))?;
+            .map_err(UffdError::Create)?;
         uffd.register(base as *mut libc::c_void, len as usize)
-            .map_err(|e| format!("userfaultfd register: {e:?}"))?;
+            .map_err(UffdError::Register)?;
         Ok(CloneMemory {
             uffd: Arc::new(uffd),
             base,
@@ -114,15 +171,43 @@ impl CloneMemory {
         self.len / PAGE
     }
 
+    /// Stops serving: unregisters the memory, which wakes every thread
+    /// waiting on a fault (they then see zero pages; the VM is failed).
+    fn release_waiters(&self) {
+        let _ = self
+            .uffd
+            .unregister(self.host(0), self.len as usize)
+            .map_err(|e| tracing::warn!("userfaultfd unregister: {e}"));
+    }
+
+    /// UFFDIO_COPY of `len` bytes to page `page`, retried on EAGAIN.
+    /// `page .. page + len` must lie inside the memory (callers check).
+    fn copy(&self, src: *const u8, page: u64, len: usize) -> userfaultfd::Result<usize> {
+        let mut tries = 0;
+        loop {
+            // SAFETY: `host(page)` .. + len lies inside the clone's
+            // registered region (the callers check the page range), and they
+            // pass a source of at least `len` bytes.
+            let r = unsafe { self.uffd.copy(src.cast(), self.host(page), len, true) };
+            match r {
+                Err(userfaultfd::Error::CopyFailed(e))
+                    if e as i32 == libc::EAGAIN && tries < EAGAIN_TRIES =>
+                {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Installs `data` as page `page`; a page someone else installed
     /// first is left alone (EEXIST).
-    pub fn install(&self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), String> {
-        // SAFETY: `host(page)` is a page-aligned address inside the clone's
-        // registered region (page < pages()), and `data` is a full page.
-        let r = unsafe {
-            self.uffd
-                .copy(data.as_ptr().cast(), self.host(page), PAGE_SIZE, true)
-        };
+    pub fn install(&self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), UffdError> {
+        if page >= self.pages() {
+            return Err(UffdError::OutOfRange(page));
+        }
+        let r = self.copy(data.as_ptr(), page, PAGE_SIZE);
         match r {
             Ok(_) => {
                 self.presence.set(page);
@@ -132,7 +217,11 @@ impl CloneMemory {
                 self.presence.set(page);
                 Ok(())
             }
-            Err(e) => Err(format!("UFFDIO_COPY of page {page}: {e:?}")),
+            Err(source) => Err(UffdError::Copy {
+                first: page,
+                end: page + 1,
+                source,
+            }),
         }
     }
 
@@ -140,22 +229,14 @@ impl CloneMemory {
     /// UFFDIO_COPY of zeros rather than UFFDIO_ZEROPAGE: the shared zero
     /// page would cost the guest a second (copy-on-write) fault on its first
     /// write, and these are pages the guest is about to write.
-    pub fn zero_range(&self, first: u64, count: u64) -> Result<(), String> {
+    pub fn zero_range(&self, first: u64, count: u64) -> Result<(), UffdError> {
         static ZEROS: [u8; ZERO_RUN * PAGE_SIZE] = [0; ZERO_RUN * PAGE_SIZE];
         let mut p = first;
         let end = (first + count).min(self.pages());
         while p < end {
             let n = (end - p).min(ZERO_RUN as u64);
-            // SAFETY: `host(p)` .. + n pages lies inside the registered
-            // region (p + n <= pages()), and ZEROS holds n pages.
-            let r = unsafe {
-                self.uffd.copy(
-                    ZEROS.as_ptr().cast(),
-                    self.host(p),
-                    n as usize * PAGE_SIZE,
-                    true,
-                )
-            };
+            // ZEROS holds n pages.
+            let r = self.copy(ZEROS.as_ptr(), p, n as usize * PAGE_SIZE);
             match r {
                 Ok(_) => (p..p + n).for_each(|q| self.presence.set(q)),
                 // Someone installed one of them meanwhile: go page by page.
@@ -171,7 +252,13 @@ impl CloneMemory {
                     p += (bytes / PAGE_SIZE) as u64;
                     continue;
                 }
-                Err(e) => return Err(format!("zero-filling pages {p}..{}: {e:?}", p + n)),
+                Err(source) => {
+                    return Err(UffdError::Copy {
+                        first: p,
+                        end: p + n,
+                        source,
+                    })
+                }
             }
             p += n;
         }
@@ -231,6 +318,8 @@ pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
+    /// Wakes the handler thread out of its poll at once when stopping.
+    wake: Arc<EventFd>,
     stats: Arc<Mutex<FaultStats>>,
     error: Arc<Mutex<Option<String>>>,
     memory: Arc<CloneMemory>,
@@ -238,6 +327,7 @@ pub struct FaultHandler {
 
 impl FaultHandler {
     pub fn spawn(mut cfg: FaultHandlerConfig, name: &str) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(FaultStats::default()));
         let error = Arc::new(Mutex::new(None));
@@ -253,12 +343,13 @@ impl FaultHandler {
             }
             None => None,
         };
-        let (s, st, er) = (stop.clone(), stats.clone(), error.clone());
+        let (s, st, er, w) = (stop.clone(), stats.clone(), error.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name(format!("uffd-{name}"))
-            .spawn(move || handler_loop(cfg, s, st, er))?;
+            .spawn(move || handler_loop(cfg, &w, s, st, er))?;
         Ok(FaultHandler {
             stop,
+            wake,
             thread: Some(thread),
             prefetcher,
             stats,
@@ -271,9 +362,20 @@ impl FaultHandler {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Why the handler gave up serving (e.g. the memory server is gone).
+    /// A view of the counters that outlives the handler.
+    pub fn stats_view(&self) -> FaultStatsView {
+        FaultStatsView(self.stats.clone())
+    }
+
+    /// Why the handler gave up serving (e.g. the memory server is gone, or
+    /// its thread died).
     pub fn error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        if let Some(e) = self.error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(e);
+        }
+        let died = self.thread.as_ref().is_some_and(|t| t.is_finished());
+        (died && !self.stop.load(Ordering::Acquire))
+            .then(|| "the fault handler thread has ended".to_string())
     }
 
     pub fn memory(&self) -> &Arc<CloneMemory> {
@@ -282,6 +384,7 @@ impl FaultHandler {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
         for t in [self.thread.take(), self.prefetcher.take()]
             .into_iter()
             .flatten()
@@ -297,24 +400,61 @@ impl Drop for FaultHandler {
     }
 }
 
+impl MemoryServer for FaultHandler {
+    fn error(&self) -> Option<String> {
+        FaultHandler::error(self)
+    }
+
+    fn stop(&mut self) {
+        FaultHandler::stop(self)
+    }
+}
+
+/// The error and its causes on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 fn handler_loop(
     cfg: FaultHandlerConfig,
+    wake: &EventFd,
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<FaultStats>>,
     error: Arc<Mutex<Option<String>>>,
 ) {
     let mem = &cfg.memory;
-    let fd = mem.uffd.as_raw_fd();
-    let mut failed = false;
+    let fail = |why: String| {
+        set_error(&error, why);
+        // Nobody serves this memory any more: wake every waiter.
+        mem.release_waiters();
+    };
     while !stop.load(Ordering::Acquire) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if n <= 0 {
+        let mut pfds = [
+            libc::pollfd {
+                fd: mem.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 1000) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            fail(format!("poll: {}", std::io::Error::last_os_error()));
+            return;
+        }
+        if n <= 0 || pfds[0].revents == 0 {
             continue;
         }
         loop {
@@ -322,7 +462,7 @@ fn handler_loop(
                 Ok(Some(e)) => e,
                 Ok(None) => break,
                 Err(e) => {
-                    set_error(&error, format!("reading userfaultfd events: {e:?}"));
+                    fail(format!("reading userfaultfd events: {e}"));
                     return;
                 }
             };
@@ -334,13 +474,9 @@ fn handler_loop(
                 continue;
             }
             let page = offset / PAGE;
-            if failed {
-                // Leave the faulting vCPU waiting; the VM is being stopped.
-                continue;
-            }
             if let Err(e) = serve(&cfg, page, &stats) {
-                set_error(&error, e);
-                failed = true;
+                fail(chain(&e));
+                return;
             }
         }
     }
@@ -390,7 +526,23 @@ fn set_error(slot: &Mutex<Option<String>>, e: String) {
     }
 }
 
-fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Result<(), String> {
+/// Why a fault could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("fetching pages {first}..{end}")]
+    Fetch {
+        first: u64,
+        end: u64,
+        #[source]
+        source: memserver::SourceError,
+    },
+    #[error("the page source did not deliver page {0}")]
+    NotDelivered(u64),
+}
+
+fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Result<(), ServeError> {
     let mem = &cfg.memory;
     let lock = || stats.lock().unwrap_or_else(|e| e.into_inner());
     lock().faults += 1;
@@ -437,20 +589,22 @@ fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Resu
                 }
             }
         })
-        .map_err(|e| format!("fetching page {page} (+{}): {e}", count - 1))?;
+        .map_err(|source| ServeError::Fetch {
+            first: page,
+            end: page + count,
+            source,
+        })?;
     if let Some(e) = install_error {
-        return Err(e);
+        return Err(e.into());
     }
     if !mem.presence.test(page) {
-        return Err(format!("the page source did not deliver page {page}"));
+        return Err(ServeError::NotDelivered(page));
     }
     let mut s = lock();
     s.pages_fetched += installed;
     s.fetch_requests += 1;
-    if s.fetch_latency_us.len() < MAX_SAMPLES {
-        s.fetch_latency_us
-            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-    }
+    let us = (t.elapsed().as_micros() as u64).clamp(1, MAX_LATENCY_US);
+    s.fetch_latency_us.saturating_record(us);
     Ok(())
 }
 

@@ -1,40 +1,65 @@
-//! VM fork, SnowFlock style. The parent's vCPU calls `sf_clone`; its vCPU
-//! thread completes the call, saves its state and hands a [`ForkRequest`]
-//! to the VM's [`ForkService`] ([`parent::ForkHub`]), which freezes the
-//! parent's memory (copy-before-write), builds a small [`descriptor`],
-//! registers the frozen image with the memory server and starts the clones
-//! ([`clone`]); the parent resumes as soon as the freeze is in place. Each
-//! clone's memory is empty anonymous memory registered with userfaultfd;
-//! its [`fault`] handler fills pages from the memory server on demand, or
-//! with zeros where the avoidance heuristics say the guest will overwrite
-//! them.
+//! VM fork, SnowFlock style, built on the VMM's service interfaces
+//! (`vmm::services`): the fork layer answers the guest's `sf_*` hypercalls
+//! ([`calls`]) and serves clone memory on demand ([`fault`]).
+//!
+//! A fork (the guest's `sf_clone`, or a host fork through [`host`]): the
+//! parent's state is captured while it is stopped, the [`descriptor`] is
+//! built from it (memory as at the fork instant), the family is registered
+//! with the memory server behind a page source that waits for the image,
+//! a launcher thread starts building the clones ([`clone`]), and only then
+//! is the parent's memory frozen (copy-before-write); the parent resumes as
+//! soon as the freeze is in place ([`parent`]). Each clone's memory is
+//! empty anonymous memory registered with userfaultfd; its [`fault`]
+//! handler fills pages from the memory server on demand, or with zeros
+//! (UFFDIO_COPY of a zero page) where the avoidance heuristics say the
+//! guest will overwrite them.
 
+pub mod calls;
 pub mod clone;
 pub mod descriptor;
 pub mod fault;
+pub mod host;
 pub mod identity;
 pub mod parent;
 pub mod pending;
 
-use crate::vmm::cpu_state::VcpuState;
-use crate::vmm::devices::DevicesState;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::persist::VmState;
+use crate::vmm::VmError;
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForkError {
-    #[error("cannot start clone: {0}")]
-    Clone(String),
-    #[error("userfaultfd: {0}")]
-    Uffd(String),
+    #[error("cannot build clone {clone_id}")]
+    Clone {
+        clone_id: u64,
+        #[source]
+        source: VmError,
+    },
+    #[error("bad descriptor page at {0:#x}")]
+    BadDescriptorPage(u64),
+    #[error(transparent)]
+    Uffd(#[from] fault::UffdError),
     #[error(transparent)]
     Descriptor(#[from] descriptor::DescriptorError),
-    #[error("cannot freeze the parent's memory: {0}")]
-    Freeze(String),
-    #[error("memory server: {0}")]
-    MemServer(String),
-    #[error("cannot fork: {0}")]
-    Refused(String),
+    #[error("cannot freeze the parent's memory")]
+    Freeze(#[source] memserver::image::ImageError),
+    #[error("memory server")]
+    MemServer(#[source] memserver::server::ServerError),
+    #[error("memory server client")]
+    PageClient(#[source] memserver::client::ClientError),
+    #[error("cannot start the {what} thread")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the parent has no memory region")]
+    NoMemory,
+    #[error("a fork family of this VM is still running ({0} clones); wait for it to end")]
+    FamilyLive(u64),
+    #[error("{requested} clones requested; 1..={max} allowed")]
+    BadClones { requested: u64, max: u64 },
 }
 
 /// How each clone learns it is a clone.
@@ -54,39 +79,9 @@ pub struct ForkRequest {
     /// The page answered per clone (see [`Answer`]).
     pub page_gpa: u64,
     pub answer: Answer,
-    /// The parent's vCPU, stopped just after the doorbell `out`.
-    pub vcpu: VcpuState,
-    pub devices: DevicesState,
+    /// The parent's state, captured while it is stopped (its vCPU just
+    /// after the doorbell `out`, or paused by the host).
+    pub state: VmState,
     pub memory: GuestMemory,
     pub requested_at: Instant,
-}
-
-/// The SnowFlock calls of one VM. Errors are hypercall status codes.
-pub trait ForkService: Send + Sync {
-    /// `sf_request_ticket(n)` → (ticket, clones granted), for a VM of
-    /// `mem_bytes` (the hub may start building the clones' VMs now).
-    fn ticket(&self, wanted: u64, mem_bytes: u64) -> Result<(u64, u64), u32>;
-    /// `sf_clone(ticket)`, on the parent's vCPU thread. Returns once the
-    /// parent may resume.
-    fn fork(&self, req: ForkRequest) -> Result<(), u32>;
-    /// `sf_join(ticket)` → clones still running.
-    fn join(&self, ticket: u64) -> Result<u64, u32>;
-    /// Like `join`, but waits up to `max` for the clones to end first, so
-    /// the guest's join loop does not spin a host core. Runs on the vCPU
-    /// thread, with no device lock held.
-    fn join_wait(&self, ticket: u64, _max: std::time::Duration) -> Result<u64, u32> {
-        self.join(ticket)
-    }
-    /// `sf_kill(ticket)`.
-    fn kill(&self, ticket: u64) -> Result<(), u32>;
-    /// The guest will overwrite `[gpa, gpa + len)` before reading it.
-    fn will_overwrite(&self, gpa: u64, len: u64) -> Result<(), u32>;
-    /// Whether `sf_exit` ends this VM (clones) or is refused (parents).
-    fn may_exit(&self) -> bool;
-    /// The VM is going away: stop whatever still uses its memory.
-    fn shutdown(&self) {}
-    /// The parent-side hub, for host-initiated forks.
-    fn as_hub(&self) -> Option<&parent::ForkHub> {
-        None
-    }
 }

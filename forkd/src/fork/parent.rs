@@ -1,17 +1,21 @@
-//! Parent side: the [`ForkHub`] answers a VM's SnowFlock calls. At
-//! `sf_clone` it freezes the parent's memory (copy-before-write, see
-//! `memserver::image`), builds the descriptor, registers the frozen image
-//! with the memory server and returns, so the parent resumes; a launcher
-//! thread starts the clones, each watched by a reaper thread. When the last
-//! clone of a family has ended, the frozen image is released.
+//! Parent side: the [`ForkHub`] is a parent VM's fork service (its
+//! hypercalls are decoded in `fork::calls`). At `sf_clone` (or a host fork)
+//! it builds the descriptor from the stopped parent, registers the family
+//! with the memory server behind a page source that waits for the image,
+//! hands the descriptor to a launcher thread that builds the clones, and
+//! then freezes the parent's memory (copy-before-write, see
+//! `memserver::image`) and returns, so the parent resumes. Each clone is
+//! watched by a reaper thread; when the last clone of a family has ended,
+//! the frozen image is released.
 
-use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources};
+use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
-use crate::fork::fault::FaultStats;
+use crate::fork::fault::{chain, FaultStats};
 use crate::fork::identity::CloneIdentity;
 use crate::fork::pending::PendingImage;
-use crate::fork::{ForkError, ForkRequest, ForkService};
+use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::services::GuestCall;
 use crate::vmm::{VmError, VmExit};
 use guest_agent::abi;
 use memserver::client::{ClientOptions, PageClient};
@@ -28,6 +32,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 /// Family ids are unique per process (one memory server serves them all).
 static NEXT_FAMILY: AtomicU64 = AtomicU64::new(1);
 const REAP_SLICE: Duration = Duration::from_millis(50);
+/// Ended families kept for their reports (`GET /v1/vms/{id}`).
+const ENDED_FAMILIES_KEPT: usize = 16;
+/// Tickets a VM may hold that have not forked yet.
+const MAX_RESERVED_TICKETS: usize = 64;
+/// A warm pool whose ticket is not used for this long is dropped.
+const POOL_TTL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ForkOptions {
@@ -158,6 +168,11 @@ impl Family {
         }
     }
 
+    /// Whether the family is over and its image released.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
     /// Drops the frozen image once no clone needs it.
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
@@ -191,6 +206,7 @@ pub struct ShellPool {
     shells: Mutex<Vec<CloneShell>>,
     stop: AtomicBool,
     builder: Mutex<Option<JoinHandle<()>>>,
+    created: Instant,
 }
 
 impl ShellPool {
@@ -199,6 +215,7 @@ impl ShellPool {
             shells: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             builder: Mutex::new(None),
+            created: Instant::now(),
         });
         let p = pool.clone();
         let builder = std::thread::Builder::new()
@@ -285,14 +302,77 @@ impl ForkHub {
     /// resumes the parent afterwards.
     pub fn fork_paused(&self, req: ForkRequest, clones: u64) -> Result<Arc<Family>, ForkError> {
         if clones == 0 || clones > self.opts.max_clones {
-            return Err(ForkError::Refused(format!(
-                "{clones} clones requested; 1..={} allowed",
-                self.opts.max_clones
-            )));
+            return Err(ForkError::BadClones {
+                requested: clones,
+                max: self.opts.max_clones,
+            });
         }
+        self.check_no_live_family()?;
         let family = self.do_fork(req, clones, None)?;
-        lock(&self.families).push(family.clone());
+        self.add_family(family.clone());
         Ok(family)
+    }
+
+    /// The parent's memory can be frozen by one family at a time.
+    fn check_no_live_family(&self) -> Result<(), ForkError> {
+        match lock(&self.families).iter().find(|f| !f.is_released()) {
+            Some(f) => Err(ForkError::FamilyLive(f.running())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a family; ended ones beyond the last few are forgotten.
+    fn add_family(&self, family: Arc<Family>) {
+        let mut families = lock(&self.families);
+        families.push(family);
+        let ended = families.iter().filter(|f| f.is_released()).count();
+        let mut drop_n = ended.saturating_sub(ENDED_FAMILIES_KEPT);
+        families.retain(|f| {
+            let forget = drop_n > 0 && f.is_released();
+            if forget {
+                drop_n -= 1;
+            }
+            !forget
+        });
+    }
+
+    /// `sf_clone(ticket)` on the parent's vCPU thread: captures the
+    /// parent's state and forks it. Returns once the parent may resume.
+    pub fn sf_clone(&self, ticket: u64, guest: &mut dyn GuestCall) -> Result<(), u32> {
+        let requested_at = Instant::now();
+        let (granted, pool) = match lock(&self.inner).tickets.get(&ticket) {
+            Some(Ticket::Reserved(n, pool)) => (*n, pool.clone()),
+            _ => return Err(abi::STATUS_REFUSED),
+        };
+        if let Err(e) = self.check_no_live_family() {
+            tracing::warn!("sf_clone refused: {e}");
+            return Err(abi::STATUS_REFUSED);
+        }
+        let state = guest.capture().map_err(|e| {
+            tracing::warn!("sf_clone: cannot capture the parent: {}", chain(&e));
+            abi::STATUS_REFUSED
+        })?;
+        let req = ForkRequest {
+            ticket,
+            page_gpa: guest.page_gpa(),
+            answer: Answer::SfClone,
+            state,
+            memory: guest.memory().clone(),
+            requested_at,
+        };
+        match self.do_fork(req, granted, pool) {
+            Ok(family) => {
+                lock(&self.inner)
+                    .tickets
+                    .insert(ticket, Ticket::Forked(family.clone()));
+                self.add_family(family);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("fork failed: {}", chain(&e));
+                Err(abi::STATUS_REFUSED)
+            }
+        }
     }
 
     fn do_fork(
@@ -302,27 +382,16 @@ impl ForkHub {
         pool: Option<Arc<ShellPool>>,
     ) -> Result<Arc<Family>, ForkError> {
         let id = NEXT_FAMILY.fetch_add(1, Ordering::Relaxed);
-        let region = req
-            .memory
-            .iter()
-            .next()
-            .ok_or_else(|| ForkError::Freeze("no memory region".into()))?;
+        let region = req.memory.iter().next().ok_or(ForkError::NoMemory)?;
         // The descriptor first (the parent is stopped, its memory is as at
         // the fork instant), then the family, then the clones are built
         // while the memory is frozen: their reads wait for the image.
-        let desc = ForkDescriptor::build(
-            id,
-            &req.memory,
-            req.vcpu,
-            req.devices,
-            req.page_gpa,
-            req.answer,
-        )?;
+        let desc = ForkDescriptor::build(id, &req.memory, req.state, req.page_gpa, req.answer)?;
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         self.memserver
             .add_family(id, pending.clone() as Arc<dyn PageSource>)
-            .map_err(|e| ForkError::MemServer(e.to_string()))?;
+            .map_err(ForkError::MemServer)?;
         let family = Arc::new(Family {
             id,
             image: pending.clone(),
@@ -352,9 +421,12 @@ impl ForkHub {
                     let shells = pool.map(|p| p.take()).unwrap_or_default();
                     launch(family, encoded, granted, opts, server, requested_at, shells)
                 })
-                .map_err(|e| {
+                .map_err(|source| {
                     self.memserver.remove_family(id);
-                    ForkError::Clone(format!("launcher thread: {e}"))
+                    ForkError::Thread {
+                        what: "launcher",
+                        source,
+                    }
                 })?
         };
         lock(&family.threads).push(launcher);
@@ -364,12 +436,10 @@ impl ForkHub {
         // keeps it mapped for as long as the image lives, and forkd registers
         // parent memory with no other userfaultfd.
         let frozen = unsafe { FrozenImage::freeze(region.as_ptr(), region.len() as usize) }
-            .map_err(|e| ForkError::Freeze(e.to_string()))
+            .map_err(ForkError::Freeze)
             .and_then(|image| {
                 if self.opts.copy_out {
-                    image
-                        .start_copy_out()
-                        .map_err(|e| ForkError::Freeze(e.to_string()))?;
+                    image.start_copy_out().map_err(ForkError::Freeze)?;
                 }
                 Ok(image)
             });
@@ -377,7 +447,7 @@ impl ForkHub {
             Ok(image) => pending.set(image),
             Err(e) => {
                 // The clones being built fail on their first read; stop them.
-                pending.fail(&e.to_string());
+                pending.fail(&chain(&e));
                 family.kill.store(true, Ordering::Release);
                 return Err(e);
             }
@@ -417,10 +487,10 @@ fn launch(
             .and_then(|desc| {
                 // The image size is the descriptor's memory: no round trip.
                 let client = || {
-                    let pages = desc.mem_bytes / PAGE_SIZE as u64;
+                    let pages = desc.state.mem_bytes / PAGE_SIZE as u64;
                     PageClient::with_pages(server, family.id, pages, ClientOptions::default())
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
-                        .map_err(|e| ForkError::MemServer(e.to_string()))
+                        .map_err(ForkError::PageClient)
                 };
                 let sources = CloneSources {
                     demand: client()?,
@@ -436,7 +506,7 @@ fn launch(
             });
         match built {
             Ok(p) => prepared.push((clone_id, p)),
-            Err(e) => fail(clone_id, e.to_string()),
+            Err(e) => fail(clone_id, chain(&e)),
         }
     }
     for (clone_id, p) in prepared {
@@ -447,7 +517,7 @@ fn launch(
         let started = match p.start() {
             Ok(c) => c,
             Err(e) => {
-                fail(clone_id, e.to_string());
+                fail(clone_id, chain(&e));
                 continue;
             }
         };
@@ -464,7 +534,7 @@ fn launch(
 }
 
 /// Watches one clone until it ends (or the family is killed).
-fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_at: Instant) {
+fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
     let mut vm = clone.vm;
     let exit = loop {
         if family.kill.load(Ordering::Acquire) {
@@ -474,7 +544,7 @@ fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_
         match vm.wait(Some(REAP_SLICE)) {
             Ok(e) => break e,
             Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => break VmExit::Failed(e.to_string()),
+            Err(e) => break VmExit::Failed(chain(&e)),
         }
     };
     let lines = vm.console().lines();
@@ -493,7 +563,7 @@ fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_
             .find(|l| l.starts_with("zone: done"))
             .or(lines.last())
             .cloned(),
-        faults: vm.fault_handler().map(|h| h.stats()).unwrap_or_default(),
+        faults: clone.faults.get(),
         pages_declared: clone.service.pages_declared(),
     };
     drop(vm);
@@ -501,13 +571,40 @@ fn reap(family: Arc<Family>, clone: crate::fork::clone::StartedClone, requested_
     family.clone_ended();
 }
 
-impl ForkService for ForkHub {
-    fn ticket(&self, wanted: u64, mem_bytes: u64) -> Result<(u64, u64), u32> {
+impl ForkHub {
+    /// `sf_request_ticket(n)` → (ticket, clones granted), for a VM of
+    /// `mem_bytes` (the hub may start building the clones' VMs now).
+    pub fn ticket(&self, wanted: u64, mem_bytes: u64) -> Result<(u64, u64), u32> {
         let granted = wanted.min(self.opts.max_clones);
         if granted == 0 {
             return Err(abi::STATUS_BAD_ARGS);
         }
         let mut inner = lock(&self.inner);
+        // Unused warm pools go after a while; forked tickets of ended
+        // families go; a guest cannot hoard tickets without bound.
+        for t in inner.tickets.values_mut() {
+            if let Ticket::Reserved(_, pool) = t {
+                if pool
+                    .as_ref()
+                    .is_some_and(|p| p.created.elapsed() > POOL_TTL)
+                {
+                    if let Some(p) = pool.take() {
+                        drop(p.take());
+                    }
+                }
+            }
+        }
+        inner
+            .tickets
+            .retain(|_, t| !matches!(t, Ticket::Forked(f) if f.is_released()));
+        let reserved = inner
+            .tickets
+            .values()
+            .filter(|t| matches!(t, Ticket::Reserved(..)))
+            .count();
+        if reserved >= MAX_RESERVED_TICKETS {
+            return Err(abi::STATUS_REFUSED);
+        }
         inner.next_ticket += 1;
         let t = inner.next_ticket;
         // One warm pool at a time: a guest asking for tickets it never uses
@@ -521,37 +618,9 @@ impl ForkService for ForkHub {
         Ok((t, granted))
     }
 
-    fn fork(&self, req: ForkRequest) -> Result<(), u32> {
-        let (granted, pool) = match lock(&self.inner).tickets.get(&req.ticket) {
-            Some(Ticket::Reserved(n, pool)) => (*n, pool.clone()),
-            _ => return Err(abi::STATUS_REFUSED),
-        };
-        let ticket = req.ticket;
-        match self.do_fork(req, granted, pool) {
-            Ok(family) => {
-                lock(&self.inner)
-                    .tickets
-                    .insert(ticket, Ticket::Forked(family.clone()));
-                lock(&self.families).push(family);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!("fork failed: {e}");
-                eprintln!("forkd: fork failed: {e}");
-                Err(abi::STATUS_REFUSED)
-            }
-        }
-    }
-
-    fn join(&self, ticket: u64) -> Result<u64, u32> {
-        match lock(&self.inner).tickets.get(&ticket) {
-            Some(Ticket::Forked(f)) => Ok(f.running()),
-            Some(Ticket::Reserved(..)) => Ok(0),
-            None => Err(abi::STATUS_REFUSED),
-        }
-    }
-
-    fn join_wait(&self, ticket: u64, max: Duration) -> Result<u64, u32> {
+    /// `sf_join(ticket)` → clones still running; waits up to `max` for them
+    /// to end first, so the guest's join loop does not spin a host core.
+    pub fn join_wait(&self, ticket: u64, max: Duration) -> Result<u64, u32> {
         let family = match lock(&self.inner).tickets.get(&ticket) {
             Some(Ticket::Forked(f)) => f.clone(),
             Some(Ticket::Reserved(..)) => return Ok(0),
@@ -560,7 +629,8 @@ impl ForkService for ForkHub {
         Ok(family.wait_running(max))
     }
 
-    fn kill(&self, ticket: u64) -> Result<(), u32> {
+    /// `sf_kill(ticket)`.
+    pub fn kill(&self, ticket: u64) -> Result<(), u32> {
         match lock(&self.inner).tickets.get(&ticket) {
             Some(Ticket::Forked(f)) => {
                 f.kill.store(true, Ordering::Release);
@@ -571,24 +641,19 @@ impl ForkService for ForkHub {
         }
     }
 
-    fn will_overwrite(&self, _gpa: u64, _len: u64) -> Result<(), u32> {
-        // The parent's memory is all there; nothing to avoid.
-        Ok(())
-    }
-
-    fn may_exit(&self) -> bool {
-        false
-    }
-
-    fn as_hub(&self) -> Option<&ForkHub> {
-        Some(self)
-    }
-
-    fn shutdown(&self) {
+    /// The parent is going away: end every family and release its image.
+    pub fn end_families(&self) {
         for f in self.families() {
             f.kill.store(true, Ordering::Release);
             f.join_threads();
             f.release();
+        }
+        // Warm-pool VMs go too.
+        let tickets = std::mem::take(&mut lock(&self.inner).tickets);
+        for t in tickets.into_values() {
+            if let Ticket::Reserved(_, Some(pool)) = t {
+                drop(pool.take());
+            }
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The virtual machine monitor: KVM, guest memory, PVH boot, devices, vCPU
-//! threads, whole-VM state and its persistence.
+//! threads, whole-VM state and its persistence, and the interfaces
+//! ([`services`]) through which the fork and migration layers plug in.
+//! Nothing here knows of fork or migration.
 
 pub mod boot;
+pub mod builder;
 pub mod cpu_state;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod persist;
+pub mod services;
 pub mod vcpu;
 pub mod vm;
 

@@ -9,11 +9,14 @@
 //! with `immediate_exit` set, so that an I/O exit it just handled is
 //! completed and the saved state is consistent (KVM API doc, KVM_RUN).
 
-use crate::fork::{Answer, ForkRequest};
 use crate::vmm::cpu_state::{CpuStateError, VcpuState};
 use crate::vmm::devices::{Devices, PioAction};
 use crate::vmm::kvm::KvmContext;
-use guest_agent::abi;
+use crate::vmm::memory::GuestMemory;
+use crate::vmm::persist::VmState;
+use crate::vmm::services::{CallOutcome, CaptureError, GuestCall, HypercallService};
+use crate::vmm::vm::VmShared;
+use guest_agent::abi::{self, HypercallPage};
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
@@ -25,9 +28,6 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// How long a vCPU may take to answer a command before we call it stuck.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest an `sf_join` call sleeps in the VMM before answering (so a
-/// pause waits at most this long).
-const JOIN_WAIT: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuRunState {
@@ -118,13 +118,14 @@ pub struct VcpuSetup {
     pub id: u8,
     pub fd: VcpuFd,
     pub cpuid: CpuId,
-    pub irqchip: bool,
     pub devices: Arc<Mutex<Devices>>,
+    /// Who answers the hypercalls the VMM does not handle (none: refused).
+    pub hypercalls: Option<Arc<dyn HypercallService>>,
+    /// The VM this vCPU belongs to.
+    pub vm: Arc<VmShared>,
     pub events: Sender<VcpuEvent>,
     /// Set just before the first KVM_RUN (restore/boot latency).
     pub first_run: Arc<OnceLock<Instant>>,
-    /// vCPUs of the VM (fork needs exactly one).
-    pub vcpu_count: u8,
 }
 
 /// The controller's side of a vCPU thread.
@@ -280,8 +281,14 @@ fn handle_commands(
                     KvmContext::get()
                         .map_err(|e| VcpuError::State(CpuStateError::Incompatible(e.to_string())))
                         .and_then(|ctx| {
-                            VcpuState::save(ctx, &setup.fd, setup.id, &setup.cpuid, setup.irqchip)
-                                .map_err(VcpuError::from)
+                            VcpuState::save(
+                                ctx,
+                                &setup.fd,
+                                setup.id,
+                                &setup.cpuid,
+                                setup.vm.irqchip,
+                            )
+                            .map_err(VcpuError::from)
                         })
                 } else {
                     Err(VcpuError::NotPaused(setup.id))
@@ -293,45 +300,68 @@ fn handle_commands(
     }
 }
 
-/// `sf_clone` on this (the parent's only) vCPU: hand the stopped vCPU's
-/// state to the fork service; returns the parent's hypercall status.
-fn fork_from_vcpu(setup: &mut VcpuSetup, page_gpa: u64, ticket: u64) -> u32 {
-    let requested_at = Instant::now();
-    if setup.vcpu_count != 1 {
-        return abi::STATUS_REFUSED;
+/// A hypercall as the VM's service sees it: the calling vCPU's thread.
+struct VcpuCall<'a> {
+    setup: &'a mut VcpuSetup,
+    page_gpa: u64,
+}
+
+impl GuestCall for VcpuCall<'_> {
+    fn page_gpa(&self) -> u64 {
+        self.page_gpa
     }
-    let (service, devices, memory) = {
-        let d = setup.devices.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            d.hypercall.fork_service(),
-            d.save(),
-            d.hypercall.memory().clone(),
-        )
-    };
-    let Some(service) = service else {
-        return abi::STATUS_UNKNOWN_OP;
-    };
-    let Ok(ctx) = KvmContext::get() else {
-        return abi::STATUS_REFUSED;
-    };
-    let vcpu = match VcpuState::save(ctx, &setup.fd, setup.id, &setup.cpuid, setup.irqchip) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!("fork: cannot save the vCPU: {e}");
-            return abi::STATUS_REFUSED;
+
+    fn memory(&self) -> &GuestMemory {
+        &self.setup.vm.memory
+    }
+
+    fn capture(&mut self) -> Result<VmState, CaptureError> {
+        let setup = &mut *self.setup;
+        if setup.vm.vcpu_count != 1 {
+            return Err(CaptureError::MultipleVcpus(setup.vm.vcpu_count));
         }
+        // Complete the doorbell `out` first, so the state resumes after it.
+        settle(&mut setup.fd).map_err(|r| CaptureError::Settle(format!("{r:?}")))?;
+        let ctx = KvmContext::get()?;
+        let vcpu = VcpuState::save(ctx, &setup.fd, setup.id, &setup.cpuid, setup.vm.irqchip)?;
+        let devices = setup
+            .devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        Ok(VmState {
+            mem_bytes: setup.vm.mem_bytes(),
+            guest: setup.vm.guest.clone(),
+            cmdline: setup.vm.cmdline.clone(),
+            vcpus: vec![vcpu],
+            irqchip: None,
+            clock: setup.vm.clock().map_err(CaptureError::Clock)?,
+            devices,
+        })
+    }
+}
+
+/// Hands a hypercall to the VM's service (no lock held) and answers it.
+fn serve_hypercall(
+    setup: &mut VcpuSetup,
+    page_gpa: u64,
+    page: &HypercallPage,
+) -> Option<VcpuExitReason> {
+    let outcome = match setup.hypercalls.clone() {
+        Some(service) => service.call(page, &mut VcpuCall { setup, page_gpa }),
+        None => CallOutcome::status(abi::STATUS_UNKNOWN_OP),
     };
-    match service.fork(ForkRequest {
-        ticket,
-        page_gpa,
-        answer: Answer::SfClone,
-        vcpu,
-        devices,
-        memory,
-        requested_at,
-    }) {
-        Ok(()) => abi::STATUS_OK,
-        Err(status) => status,
+    match outcome {
+        CallOutcome::Answer { status, ret } => {
+            setup
+                .devices
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .hypercall
+                .complete(page_gpa, status, ret);
+            None
+        }
+        CallOutcome::Exit(status) => Some(VcpuExitReason::Guest(status)),
     }
 }
 
@@ -355,38 +385,11 @@ fn run_loop(
                 match action {
                     PioAction::Continue => {}
                     PioAction::Exit(status) => return VcpuExitReason::Guest(status),
-                    PioAction::Fork { page_gpa, ticket } => {
-                        // Complete the doorbell `out` first, so the saved
-                        // state resumes after it.
-                        if let Err(r) = settle(&mut setup.fd) {
-                            return r;
+                    PioAction::Fail(why) => return VcpuExitReason::Failed(why),
+                    PioAction::Service { page_gpa, page } => {
+                        if let Some(reason) = serve_hypercall(setup, page_gpa, &page) {
+                            return reason;
                         }
-                        let status = fork_from_vcpu(setup, page_gpa, ticket);
-                        setup
-                            .devices
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .hypercall
-                            .complete(page_gpa, status, [0; 4]);
-                    }
-                    PioAction::Join { page_gpa, ticket } => {
-                        let service = setup
-                            .devices
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .hypercall
-                            .fork_service();
-                        let (status, left) = match service.map(|s| s.join_wait(ticket, JOIN_WAIT)) {
-                            Some(Ok(left)) => (abi::STATUS_OK, left),
-                            Some(Err(status)) => (status, 0),
-                            None => (abi::STATUS_UNKNOWN_OP, 0),
-                        };
-                        setup
-                            .devices
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .hypercall
-                            .complete(page_gpa, status, [left, 0, 0, 0]);
                     }
                 }
             }

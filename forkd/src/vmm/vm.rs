@@ -1,27 +1,26 @@
 //! A microVM: KVM VM, guest memory, devices and vCPU threads, with boot,
-//! pause/resume, snapshot and restore.
+//! pause/resume, state capture, snapshot and restore. VMs made from saved
+//! state (restore, clones, migration) are built by [`crate::vmm::builder`].
 
-use crate::fork::fault::FaultHandler;
-use crate::fork::parent::Family;
-use crate::fork::{Answer, ForkRequest, ForkService};
 use crate::vmm::boot::{self, BootError};
+use crate::vmm::builder::{BuildOptions, VmShell};
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
 use crate::vmm::kvm::{KvmContext, KvmError};
 use crate::vmm::memory::{self, GuestMemory, MemoryError};
 use crate::vmm::persist::{self, PersistError, VmState};
+use crate::vmm::services::{HypercallService, MemoryServer};
 use crate::vmm::vcpu::{VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuRunState, VcpuSetup};
-use guest_agent::abi;
-use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region, CpuId};
 use kvm_ioctls::VmFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub const MAX_VCPUS: u8 = 32;
-/// `wait` checks a clone's fault handler this often.
+/// `wait` checks the memory server (if any) this often.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
@@ -49,19 +48,12 @@ pub enum VmError {
     Exited,
     #[error("the VM must be paused first")]
     NotPaused,
-    #[error("cannot write guest memory to the snapshot: {0}")]
-    MemoryWrite(std::io::Error),
+    #[error("cannot write guest memory to the snapshot")]
+    MemoryWrite(#[source] std::io::Error),
     #[error("the guest did not finish within {0:?}")]
     WaitTimeout(Duration),
-    /// The fork could not be done (freeze, memory server, descriptor).
-    #[error("cannot fork: {0}")]
-    Fork(String),
-    /// The VM is not in a state to fork (the request may work later, or
-    /// never for this VM).
-    #[error("cannot fork now: {0}")]
-    ForkRefused(String),
-    #[error("{requested} clones requested; 1..={max} allowed")]
-    BadClones { requested: u64, max: u64 },
+    #[error("saved state does not fit the VM being built: {0}")]
+    StateMismatch(String),
 }
 
 fn ioctl<T>(op: &'static str, r: Result<T, vmm_sys_util::errno::Error>) -> Result<T, VmError> {
@@ -164,28 +156,47 @@ pub struct SnapshotStats {
     pub duration: Duration,
 }
 
+/// What a VM and its vCPU threads share.
+pub struct VmShared {
+    pub vm_fd: VmFd,
+    pub memory: GuestMemory,
+    pub guest: String,
+    pub cmdline: String,
+    pub irqchip: bool,
+    pub vcpu_count: u8,
+}
+
+impl VmShared {
+    pub fn mem_bytes(&self) -> u64 {
+        self.memory.last_addr().0 + 1
+    }
+
+    /// The KVM clock, where this KVM lets it be set again.
+    pub fn clock(&self) -> Result<Option<kvm_clock_data>, vmm_sys_util::errno::Error> {
+        match KvmContext::get() {
+            Ok(ctx) if ctx.caps.adjust_clock => self.vm_fd.get_clock().map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 pub struct Vm {
     vcpus: Vec<VcpuHandle>,
-    /// A clone's userfaultfd handler: stopped after the vCPUs (which may
-    /// wait on it), before the memory goes.
-    fault_handler: Option<FaultHandler>,
-    fork_service: Option<Arc<dyn ForkService>>,
-    vcpu_count: u8,
+    /// Serves memory filled on demand (a clone's userfaultfd handler):
+    /// stopped after the vCPUs (which may wait on it), before the memory
+    /// goes.
+    memory_server: Option<Box<dyn MemoryServer>>,
+    hypercalls: Option<Arc<dyn HypercallService>>,
     events: Receiver<VcpuEvent>,
     event_tx: mpsc::Sender<VcpuEvent>,
     devices: Arc<Mutex<Devices>>,
     console: Console,
-    irqchip: bool,
     exit: Option<VmExit>,
-    guest: String,
-    cmdline: String,
     pub times: StartTimes,
-    // Dropped after the vCPU threads (fields drop in order).
-    memory: GuestMemory,
-    vm_fd: VmFd,
+    shared: Arc<VmShared>,
 }
 
-pub(crate) fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+pub fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -252,44 +263,28 @@ impl Vm {
         Vm::boot_with(cfg, None)
     }
 
-    /// Creates and starts a VM whose SnowFlock calls go to `fork`.
-    pub fn boot_with(cfg: &VmConfig, fork: Option<Arc<dyn ForkService>>) -> Result<Vm, VmError> {
+    /// Creates and starts a VM whose non-VMM hypercalls go to `hypercalls`.
+    pub fn boot_with(
+        cfg: &VmConfig,
+        hypercalls: Option<Arc<dyn HypercallService>>,
+    ) -> Result<Vm, VmError> {
         let started = Instant::now();
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u64 {
             return Err(VmError::BadVcpus(cfg.vcpus));
         }
         let mem_bytes = memory::check_size(cfg.mem_mib)?;
         let ctx = KvmContext::get()?;
-        let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
-        let memory = memory::anonymous(mem_bytes)?;
-        register_memory(&vm_fd, &memory)?;
         // Application processors need an in-kernel LAPIC to sit in
         // wait-for-SIPI; a single-vCPU zone guest needs no irqchip at all.
         let irqchip = cfg.vcpus > 1;
-        if irqchip {
-            ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
-        }
-        let entry = boot::load(&memory, &cfg.guest, &cfg.cmdline)?;
+        let ids: Vec<u8> = (0..cfg.vcpus as u8).collect();
+        let shell = VmShell::create(memory::anonymous(mem_bytes)?, &ids, irqchip)?;
+        let entry = boot::load(shell.memory(), &cfg.guest, &cfg.cmdline)?;
         let console = Console::new(cfg.echo, cfg.name.as_deref());
-        let devices = Arc::new(Mutex::new(Devices::new(
-            memory.clone(),
-            console.clone(),
-            fork.clone(),
-        )));
-        let mut vm = Vm::assemble(
-            vm_fd,
-            memory,
-            devices,
-            console,
-            irqchip,
-            cfg.guest.display().to_string(),
-            cfg.cmdline.clone(),
-            started,
-        );
-        vm.fork_service = fork;
-        vm.vcpu_count = cfg.vcpus as u8;
-        for id in 0..cfg.vcpus as u8 {
-            let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(id as u64))?;
+        let devices = Devices::new(shell.memory().clone(), console.clone());
+        let mut fds = Vec::new();
+        let (vm_fd, memory, _, vcpu_fds) = shell.into_parts();
+        for (id, fd) in vcpu_fds {
             let cpuid = vcpu_cpuid(ctx, id, fd.get_tsc_khz().ok());
             ioctl("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
             if id == 0 {
@@ -299,8 +294,24 @@ impl Vm {
                 ioctl("KVM_SET_REGS", fd.set_regs(&regs))?;
             }
             ctx.saved_msrs(&fd);
-            vm.spawn_vcpu(id, fd, cpuid)?;
+            fds.push((id, fd, cpuid));
         }
+        let shared = VmShared {
+            vm_fd,
+            memory,
+            guest: cfg.guest.display().to_string(),
+            cmdline: cfg.cmdline.clone(),
+            irqchip,
+            vcpu_count: cfg.vcpus as u8,
+        };
+        let opts = BuildOptions {
+            console,
+            hypercalls,
+            memory_server: None,
+            started,
+        };
+        let mut vm = Vm::assemble(shared, devices, opts);
+        vm.start_vcpus(fds)?;
         Ok(vm)
     }
 
@@ -314,131 +325,81 @@ impl Vm {
                 name: name.map(str::to_owned),
                 memory: RestoreMemory::Lazy,
             },
+            None,
         )
     }
 
-    /// Restores a VM from a snapshot directory and starts it.
-    pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Vm, VmError> {
+    /// Restores a VM from a snapshot directory and starts it; its non-VMM
+    /// hypercalls go to `hypercalls` (a restored zone can fork too).
+    pub fn restore_with(
+        dir: &Path,
+        opts: &RestoreOptions,
+        hypercalls: Option<Arc<dyn HypercallService>>,
+    ) -> Result<Vm, VmError> {
         let started = Instant::now();
         let state: VmState = persist::read_state(dir)?;
         if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
             return Err(VmError::BadVcpus(state.vcpus.len() as u64));
         }
-        let ctx = KvmContext::get()?;
         let mem_path = dir.join(persist::MEMORY_FILE);
         let memory = match opts.memory {
             RestoreMemory::Lazy => memory::from_file(&mem_path, state.mem_bytes)?,
             RestoreMemory::Eager => memory::from_file_eager(&mem_path, state.mem_bytes)?,
         };
-        let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
-        register_memory(&vm_fd, &memory)?;
-        let irqchip = state.irqchip.is_some();
-        if irqchip {
-            ioctl("KVM_CREATE_IRQCHIP", vm_fd.create_irq_chip())?;
-        }
-        let console = Console::new(opts.echo, opts.name.as_deref());
-        let devices = Arc::new(Mutex::new(Devices::restore(
-            memory.clone(),
-            console.clone(),
-            &state.devices,
-            None,
-        )));
-        let mut vm = Vm::assemble(
-            vm_fd,
-            memory,
-            devices,
-            console,
-            irqchip,
-            state.guest.clone(),
-            state.cmdline.clone(),
+        let ids: Vec<u8> = state.vcpus.iter().map(|v| v.id).collect();
+        let shell = VmShell::create(memory, &ids, state.irqchip.is_some())?;
+        let build = BuildOptions {
+            console: Console::new(opts.echo, opts.name.as_deref()),
+            hypercalls,
+            memory_server: None,
             started,
-        );
-        vm.vcpu_count = state.vcpus.len() as u8;
-        let mut fds = Vec::new();
-        for vs in &state.vcpus {
-            let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(vs.id as u64))?;
-            vs.restore(ctx, &fd)?;
-            fds.push((vs.id, fd, vs.cpuid.clone()));
-        }
-        for chip in state.irqchip.iter().flatten() {
-            ioctl("KVM_SET_IRQCHIP", vm.vm_fd.set_irqchip(chip))?;
-        }
-        if let Some(mut clock) = state.clock {
-            clock.flags = 0;
-            ioctl("KVM_SET_CLOCK", vm.vm_fd.set_clock(&clock))?;
-        }
-        for (id, fd, entries) in fds {
-            let cpuid = CpuId::from_entries(&entries).map_err(|e| {
-                VmError::CpuState(CpuStateError::Incompatible(format!("CPUID: {e:?}")))
-            })?;
-            vm.spawn_vcpu(id, fd, cpuid)?;
-        }
-        Ok(vm)
+        };
+        shell.build(&state, build)?.start()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn assemble(
-        vm_fd: VmFd,
-        memory: GuestMemory,
-        devices: Arc<Mutex<Devices>>,
-        console: Console,
-        irqchip: bool,
-        guest: String,
-        cmdline: String,
-        started: Instant,
-    ) -> Vm {
+    /// A VM around `shared`, with no vCPU thread yet.
+    pub(crate) fn assemble(shared: VmShared, devices: Devices, opts: BuildOptions) -> Vm {
         let (event_tx, events) = mpsc::channel();
         Vm {
             vcpus: Vec::new(),
-            fault_handler: None,
-            fork_service: None,
-            vcpu_count: 1,
+            memory_server: opts.memory_server,
+            hypercalls: opts.hypercalls,
             events,
             event_tx,
-            devices,
-            console,
-            irqchip,
+            devices: Arc::new(Mutex::new(devices)),
+            console: opts.console,
             exit: None,
-            guest,
-            cmdline,
             times: StartTimes {
-                started,
+                started: opts.started,
                 first_run: Arc::new(OnceLock::new()),
             },
-            memory,
-            vm_fd,
+            shared: Arc::new(shared),
         }
     }
 
-    /// A clone's fault handler and its fork service (for `sf_exit`).
-    pub(crate) fn set_clone_parts(&mut self, handler: FaultHandler, service: Arc<dyn ForkService>) {
-        self.fault_handler = Some(handler);
-        self.fork_service = Some(service);
-    }
-
-    pub fn fault_handler(&self) -> Option<&FaultHandler> {
-        self.fault_handler.as_ref()
-    }
-
-    pub(crate) fn spawn_vcpu(
+    /// Starts one thread per vCPU.
+    pub(crate) fn start_vcpus(
         &mut self,
-        id: u8,
-        fd: kvm_ioctls::VcpuFd,
-        cpuid: CpuId,
+        fds: Vec<(u8, kvm_ioctls::VcpuFd, CpuId)>,
     ) -> Result<(), VmError> {
-        let events = self.event_tx.clone();
-        let handle = VcpuHandle::spawn(VcpuSetup {
-            id,
-            fd,
-            cpuid,
-            irqchip: self.irqchip,
-            devices: self.devices.clone(),
-            events,
-            first_run: self.times.first_run.clone(),
-            vcpu_count: self.vcpu_count,
-        })?;
-        self.vcpus.push(handle);
+        for (id, fd, cpuid) in fds {
+            let handle = VcpuHandle::spawn(VcpuSetup {
+                id,
+                fd,
+                cpuid,
+                devices: self.devices.clone(),
+                hypercalls: self.hypercalls.clone(),
+                vm: self.shared.clone(),
+                events: self.event_tx.clone(),
+                first_run: self.times.first_run.clone(),
+            })?;
+            self.vcpus.push(handle);
+        }
         Ok(())
+    }
+
+    pub fn vcpu_count(&self) -> u8 {
+        self.shared.vcpu_count
     }
 
     pub fn console(&self) -> &Console {
@@ -446,7 +407,7 @@ impl Vm {
     }
 
     pub fn memory(&self) -> &GuestMemory {
-        &self.memory
+        &self.shared.memory
     }
 
     /// What the guest announced through `OP_HELLO`, if it did.
@@ -491,99 +452,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Forks the running VM into `clones` clones, started by the host: the
-    /// VM pauses, its memory is frozen, the clones start from the
-    /// descriptor and the parent resumes. The guest learns of the fork at
-    /// its next tick boundary through its agent page (clone id 0 in the
-    /// parent, 1..=clones in the clones).
-    pub fn fork(&mut self, clones: u64) -> Result<Arc<Family>, VmError> {
-        let requested_at = Instant::now();
-        let service = self
-            .fork_service
-            .clone()
-            .ok_or_else(|| VmError::ForkRefused("this VM has no fork service".into()))?;
-        let hub = service
-            .as_hub()
-            .ok_or_else(|| VmError::ForkRefused("a clone cannot fork again".into()))?;
-        if clones == 0 || clones > hub.max_clones() {
-            return Err(VmError::BadClones {
-                requested: clones,
-                max: hub.max_clones(),
-            });
-        }
-        if self.exit.is_some() {
-            return Err(VmError::Exited);
-        }
-        if self.vcpu_count != 1 {
-            return Err(VmError::ForkRefused(format!(
-                "the VM has {} vCPUs; only single-vCPU VMs fork",
-                self.vcpu_count
-            )));
-        }
-        let agent = self
-            .guest_info()
-            .map(|g| g.agent_gpa)
-            .filter(|a| *a != 0)
-            .ok_or_else(|| {
-                VmError::ForkRefused(
-                    "the guest agent has not started yet; try again shortly".into(),
-                )
-            })?;
-        let word = |w: usize| GuestAddress(agent + 8 * w as u64);
-        self.pause()?;
-        let forked = (|| -> Result<Arc<Family>, VmError> {
-            // Read while paused: past this mark the guest no longer looks.
-            if self
-                .memory
-                .read_obj::<u64>(word(abi::AGENT_WORD_FINISHED))
-                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?
-                != 0
-            {
-                return Err(VmError::ForkRefused(
-                    "the guest has finished its work and would not notice a fork".into(),
-                ));
-            }
-            let vcpu = self.vcpus[0].save()?;
-            let devices = self
-                .devices
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .save();
-            let epoch = self
-                .memory
-                .read_obj::<u64>(word(abi::AGENT_WORD_EPOCH))
-                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?
-                .wrapping_add(1);
-            let family = hub
-                .fork_paused(
-                    ForkRequest {
-                        ticket: 0,
-                        page_gpa: agent,
-                        answer: Answer::Agent { epoch },
-                        vcpu,
-                        devices,
-                        memory: self.memory.clone(),
-                        requested_at,
-                    },
-                    clones,
-                )
-                .map_err(|e| VmError::Fork(e.to_string()))?;
-            // The parent is clone 0 of the same fork.
-            self.memory
-                .write_obj(0u64, word(abi::AGENT_WORD_CLONE_ID))
-                .and_then(|()| self.memory.write_obj(epoch, word(abi::AGENT_WORD_EPOCH)))
-                .map_err(|e| VmError::Fork(format!("agent page: {e}")))?;
-            Ok(family)
-        })();
-        let resumed = self.resume();
-        let family = forked?;
-        resumed?;
-        Ok(family)
-    }
-
-    /// Writes a snapshot of the paused VM into `dir` (created if needed).
-    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmError> {
-        let t = Instant::now();
+    /// The whole state of the paused VM but its memory: vCPUs, irqchip,
+    /// clock, devices. What snapshots, host-initiated forks and migration
+    /// carry.
+    pub fn capture_state(&self) -> Result<VmState, VmError> {
         if self.exit.is_some() {
             return Err(VmError::Exited);
         }
@@ -594,43 +466,44 @@ impl Vm {
         for v in &self.vcpus {
             vcpus.push(v.save()?);
         }
-        let irqchip = if self.irqchip {
+        let irqchip = if self.shared.irqchip {
             let mut chips = Vec::new();
             for chip_id in 0..3 {
                 let mut chip = kvm_irqchip {
                     chip_id,
                     ..Default::default()
                 };
-                ioctl("KVM_GET_IRQCHIP", self.vm_fd.get_irqchip(&mut chip))?;
+                ioctl("KVM_GET_IRQCHIP", self.shared.vm_fd.get_irqchip(&mut chip))?;
                 chips.push(chip);
             }
             Some(chips)
         } else {
             None
         };
-        let ctx = KvmContext::get()?;
-        let clock = if ctx.caps.adjust_clock {
-            Some(ioctl("KVM_GET_CLOCK", self.vm_fd.get_clock())?)
-        } else {
-            None
-        };
+        let clock = ioctl("KVM_GET_CLOCK", self.shared.clock())?;
         let devices = self
             .devices
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .save();
-        let state = VmState {
-            mem_bytes: self.memory.last_addr().0 + 1,
-            guest: self.guest.clone(),
-            cmdline: self.cmdline.clone(),
+        Ok(VmState {
+            mem_bytes: self.shared.mem_bytes(),
+            guest: self.shared.guest.clone(),
+            cmdline: self.shared.cmdline.clone(),
             vcpus,
             irqchip,
             clock,
             devices,
-        };
+        })
+    }
+
+    /// Writes a snapshot of the paused VM into `dir` (created if needed).
+    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmError> {
+        let t = Instant::now();
+        let state = self.capture_state()?;
         let (tmp, file) = persist::create_memory_tmp(dir)?;
         let memory_bytes =
-            memory::write_sparse(&self.memory, &file).map_err(VmError::MemoryWrite)?;
+            memory::write_sparse(&self.shared.memory, &file).map_err(VmError::MemoryWrite)?;
         drop(file);
         persist::commit_memory(dir, &tmp)?;
         let state_bytes = persist::write_state(dir, &state)?;
@@ -648,11 +521,8 @@ impl Vm {
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let event = loop {
-            // A clone whose memory can no longer be served is stopped.
-            if let Some(err) = self.fault_handler.as_ref().and_then(|h| h.error()) {
-                self.stop_vcpus();
-                let exit = VmExit::Failed(format!("clone memory: {err}"));
-                self.exit = Some(exit.clone());
+            // A VM whose memory can no longer be served is stopped.
+            if let Some(exit) = self.memory_failed() {
                 return Ok(exit);
             }
             let slice = match deadline {
@@ -671,14 +541,31 @@ impl Vm {
                 }
             }
         };
+        // A vCPU that ran on after its memory server gave up (it woke on a
+        // zero page) ends for that reason, whatever it then did.
+        if let Some(exit) = self.memory_failed() {
+            return Ok(exit);
+        }
         self.stop_vcpus();
         let exit = VmExit::from(event.reason);
         self.exit = Some(exit.clone());
         Ok(exit)
     }
 
+    /// Ends the VM if its memory server has failed.
+    fn memory_failed(&mut self) -> Option<VmExit> {
+        let err = self.memory_server.as_ref().and_then(|m| m.error())?;
+        self.stop_vcpus();
+        let exit = VmExit::Failed(format!("guest memory can no longer be served: {err}"));
+        self.exit = Some(exit.clone());
+        Some(exit)
+    }
+
     /// Whether the guest has ended (does not block).
     pub fn poll_exit(&mut self) -> Option<VmExit> {
+        if self.exit.is_none() && self.memory_failed().is_some() {
+            return self.exit.clone();
+        }
         if self.exit.is_none() {
             if let Ok(event) = self.events.try_recv() {
                 self.stop_vcpus();
@@ -706,11 +593,11 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop_vcpus();
-        if let Some(f) = &self.fork_service {
-            f.shutdown();
+        if let Some(h) = &self.hypercalls {
+            h.shutdown();
         }
-        if let Some(h) = &mut self.fault_handler {
-            h.stop();
+        if let Some(m) = &mut self.memory_server {
+            m.stop();
         }
     }
 }

@@ -3,12 +3,14 @@
 //! out and write the answer back. One exit per call.
 
 use super::console::Console;
-use crate::fork::ForkService;
 use crate::vmm::memory::GuestMemory;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Largest allocator bitmap a guest may announce: one bit per 4 KiB page
+/// of the 4 GiB a guest can address (its memory is at most 3 GiB).
+pub const MAX_BITMAP_BYTES: u64 = (4 << 30) / abi::PAGE_SIZE / 8;
 
 /// What the guest told us in `OP_HELLO`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,54 +38,41 @@ pub struct HypercallDevice {
     memory: GuestMemory,
     console: Console,
     state: HypercallState,
-    /// Who answers the SnowFlock calls (none: they are refused).
-    fork: Option<Arc<dyn ForkService>>,
 }
 
 /// What the vCPU loop must do after a doorbell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HypercallAction {
-    /// Answered in guest memory; continue.
+    /// Answered in guest memory (or refused as malformed); continue.
     Done,
-    /// `sf_clone`: the vCPU thread forks, then answers with `complete`.
-    Fork { page_gpa: u64, ticket: u64 },
-    /// `sf_exit` in a clone: end the VM with this status.
-    Exit(u8),
-    /// `sf_join`: the vCPU thread waits a little for the clones, then
-    /// answers with `complete`.
-    Join { page_gpa: u64, ticket: u64 },
+    /// A call the VMM does not handle itself: the vCPU thread hands it to
+    /// the VM's hypercall service, with no device lock held, then answers
+    /// with [`HypercallDevice::complete`].
+    Service { page_gpa: u64, page: HypercallPage },
+    /// The guest broke the hypercall contract in a way that makes the VM
+    /// unsafe to go on with (a hostile HELLO): fail it with this reason.
+    Fail(String),
 }
 
 impl HypercallDevice {
-    pub fn new(memory: GuestMemory, console: Console, fork: Option<Arc<dyn ForkService>>) -> Self {
+    pub fn new(memory: GuestMemory, console: Console) -> Self {
         HypercallDevice {
             memory,
             console,
             state: HypercallState::default(),
-            fork,
         }
     }
 
-    pub fn restore(
-        memory: GuestMemory,
-        console: Console,
-        state: &HypercallState,
-        fork: Option<Arc<dyn ForkService>>,
-    ) -> Self {
+    pub fn restore(memory: GuestMemory, console: Console, state: &HypercallState) -> Self {
         HypercallDevice {
             memory,
             console,
             state: state.clone(),
-            fork,
         }
     }
 
     pub fn save(&self) -> HypercallState {
         self.state.clone()
-    }
-
-    pub fn fork_service(&self) -> Option<Arc<dyn ForkService>> {
-        self.fork.clone()
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -97,6 +86,35 @@ impl HypercallDevice {
     fn in_memory(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_add(len)
             .is_some_and(|end| end <= self.memory.last_addr().0 + 1)
+    }
+
+    /// Everything the guest announces is bounded before anyone uses it: the
+    /// layers above read the bitmap (one bit per 4 KiB page of the 4 GiB a
+    /// guest can address, so never more than [`MAX_BITMAP_BYTES`]), the zone
+    /// state and the agent page at these addresses.
+    fn check_hello(&self, info: &GuestInfo) -> Result<(), &'static str> {
+        let mem = self.memory.last_addr().0 + 1;
+        if info.abi_version != abi::ABI_VERSION {
+            return Err("unknown ABI version");
+        }
+        if info.bitmap_bytes > MAX_BITMAP_BYTES || !info.bitmap_bytes.is_multiple_of(8) {
+            return Err("allocator bitmap larger than one bit per page of 4 GiB");
+        }
+        if !self.in_memory(info.bitmap_gpa, info.bitmap_bytes) {
+            return Err("allocator bitmap outside guest memory");
+        }
+        if !self.in_memory(info.state_gpa, info.state_bytes) {
+            return Err("zone state outside guest memory");
+        }
+        if info.heap_start > info.heap_end || info.heap_end > mem {
+            return Err("heap outside guest memory");
+        }
+        if !info.agent_gpa.is_multiple_of(abi::PAGE_SIZE)
+            || (info.agent_gpa != 0 && !self.in_memory(info.agent_gpa, abi::PAGE_SIZE))
+        {
+            return Err("agent page unaligned or outside guest memory");
+        }
+        Ok(())
     }
 
     /// A doorbell write: `data` is the little-endian address of the page.
@@ -119,25 +137,21 @@ impl HypercallDevice {
         }
         let mut page = HypercallPage::from_bytes(&raw);
         self.state.calls += 1;
-        if let Some(fork) = &self.fork {
-            match page.op {
-                abi::OP_SF_CLONE => {
-                    return HypercallAction::Fork {
-                        page_gpa: gpa,
-                        ticket: page.args[0],
-                    }
-                }
-                abi::OP_SF_EXIT if fork.may_exit() => {
-                    return HypercallAction::Exit(page.args[0].min(255) as u8)
-                }
-                abi::OP_SF_JOIN if !fork.may_exit() => {
-                    return HypercallAction::Join {
-                        page_gpa: gpa,
-                        ticket: page.args[0],
-                    }
-                }
-                _ => {}
+        if page.op == abi::OP_HELLO {
+            if let Err(why) = self.hello(&page) {
+                self.state.rejected += 1;
+                return HypercallAction::Fail(format!("guest HELLO refused: {why}"));
             }
+            page.status = abi::STATUS_OK;
+            page.ret = [0; 4];
+            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+            return HypercallAction::Done;
+        }
+        if page.op != abi::OP_CONSOLE {
+            return HypercallAction::Service {
+                page_gpa: gpa,
+                page,
+            };
         }
         page.status = self.handle(&mut page);
         // The page was just read from memory, so the write cannot fail.
@@ -145,7 +159,7 @@ impl HypercallDevice {
         HypercallAction::Done
     }
 
-    /// Answers a call the vCPU thread carried out (`sf_clone`).
+    /// Answers a call the vCPU thread carried out (the VM's service).
     pub fn complete(&mut self, page_gpa: u64, status: u32, ret: [u64; 4]) {
         let mut raw = [0u8; HypercallPage::SIZE];
         if self
@@ -162,32 +176,26 @@ impl HypercallDevice {
         }
     }
 
+    /// `OP_HELLO`: records what the guest announces, once it is bounded.
+    fn hello(&mut self, page: &HypercallPage) -> Result<(), &'static str> {
+        let a = &page.args;
+        let info = GuestInfo {
+            abi_version: a[abi::HELLO_ABI_VERSION],
+            bitmap_gpa: a[abi::HELLO_BITMAP_GPA],
+            bitmap_bytes: a[abi::HELLO_BITMAP_BYTES],
+            heap_start: a[abi::HELLO_HEAP_START],
+            heap_end: a[abi::HELLO_HEAP_END],
+            state_gpa: a[abi::HELLO_STATE_GPA],
+            state_bytes: a[abi::HELLO_STATE_BYTES],
+            agent_gpa: a[abi::HELLO_AGENT_GPA],
+        };
+        self.check_hello(&info)?;
+        self.state.guest = Some(info);
+        Ok(())
+    }
+
     fn handle(&mut self, page: &mut HypercallPage) -> u32 {
         match page.op {
-            abi::OP_HELLO => {
-                let a = &page.args;
-                let info = GuestInfo {
-                    abi_version: a[abi::HELLO_ABI_VERSION],
-                    bitmap_gpa: a[abi::HELLO_BITMAP_GPA],
-                    bitmap_bytes: a[abi::HELLO_BITMAP_BYTES],
-                    heap_start: a[abi::HELLO_HEAP_START],
-                    heap_end: a[abi::HELLO_HEAP_END],
-                    state_gpa: a[abi::HELLO_STATE_GPA],
-                    state_bytes: a[abi::HELLO_STATE_BYTES],
-                    agent_gpa: a[abi::HELLO_AGENT_GPA],
-                };
-                if info.abi_version != abi::ABI_VERSION
-                    || !self.in_memory(info.bitmap_gpa, info.bitmap_bytes)
-                    || !self.in_memory(info.state_gpa, info.state_bytes)
-                    || !info.agent_gpa.is_multiple_of(abi::PAGE_SIZE)
-                    || (info.agent_gpa != 0 && !self.in_memory(info.agent_gpa, abi::PAGE_SIZE))
-                {
-                    return abi::STATUS_BAD_ARGS;
-                }
-                self.state.guest = Some(info);
-                page.ret = [0; 4];
-                abi::STATUS_OK
-            }
             abi::OP_CONSOLE => {
                 let (gpa, len) = (page.args[0], page.args[1]);
                 if len > abi::CONSOLE_MAX || !self.in_memory(gpa, len) {
@@ -204,27 +212,6 @@ impl HypercallDevice {
                 self.console.push_bytes(&bytes);
                 abi::STATUS_OK
             }
-            abi::OP_SF_TICKET | abi::OP_SF_JOIN | abi::OP_SF_KILL | abi::OP_WILL_OVERWRITE => {
-                let Some(fork) = &self.fork else {
-                    return abi::STATUS_UNKNOWN_OP;
-                };
-                let a = page.args;
-                let r = match page.op {
-                    abi::OP_SF_TICKET => fork
-                        .ticket(a[0], self.memory.last_addr().0 + 1)
-                        .map(|(t, n)| [t, n, 0, 0]),
-                    abi::OP_SF_JOIN => fork.join(a[0]).map(|left| [left, 0, 0, 0]),
-                    abi::OP_SF_KILL => fork.kill(a[0]).map(|()| [0; 4]),
-                    _ => fork.will_overwrite(a[0], a[1]).map(|()| [0; 4]),
-                };
-                match r {
-                    Ok(ret) => {
-                        page.ret = ret;
-                        abi::STATUS_OK
-                    }
-                    Err(status) => status,
-                }
-            }
             _ => abi::STATUS_UNKNOWN_OP,
         }
     }
@@ -239,7 +226,7 @@ mod tests {
     fn hello_is_recorded_and_bad_rings_are_counted() {
         let mem = memory::anonymous(16 << 20).unwrap();
         let console = Console::new(false, None);
-        let mut dev = HypercallDevice::new(mem.clone(), console.clone(), None);
+        let mut dev = HypercallDevice::new(mem.clone(), console.clone());
         let mut page = HypercallPage {
             op: abi::OP_HELLO,
             status: abi::STATUS_NO_VMM,

@@ -6,33 +6,30 @@ pub mod console;
 pub mod hypercall;
 pub mod serial;
 
-use crate::fork::ForkService;
 use crate::vmm::memory::GuestMemory;
-use guest_agent::abi::{EXIT_PORT, HYPERCALL_PORT, SERIAL_PORT_BASE, SERIAL_PORT_COUNT};
+use guest_agent::abi::{
+    HypercallPage, EXIT_PORT, HYPERCALL_PORT, SERIAL_PORT_BASE, SERIAL_PORT_COUNT,
+};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 pub use console::{Console, ConsoleLog};
-pub use hypercall::{GuestInfo, HypercallAction, HypercallDevice};
+pub use hypercall::{GuestInfo, HypercallAction, HypercallDevice, MAX_BITMAP_BYTES};
 pub use serial::SerialDevice;
 
 /// What the vCPU loop does after a port write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PioAction {
     Continue,
-    /// The guest wrote its exit status to the exit port (or called
-    /// `sf_exit` in a clone).
+    /// The guest wrote its exit status to the exit port.
     Exit(u8),
-    /// The guest called `sf_clone`.
-    Fork {
+    /// A hypercall for the VM's hypercall service (see
+    /// [`HypercallAction::Service`]).
+    Service {
         page_gpa: u64,
-        ticket: u64,
+        page: HypercallPage,
     },
-    /// The guest called `sf_join`.
-    Join {
-        page_gpa: u64,
-        ticket: u64,
-    },
+    /// The guest broke the device contract: fail the VM with this reason.
+    Fail(String),
 }
 
 /// Device state that goes into a snapshot.
@@ -52,23 +49,18 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub fn new(memory: GuestMemory, console: Console, fork: Option<Arc<dyn ForkService>>) -> Self {
+    pub fn new(memory: GuestMemory, console: Console) -> Self {
         Devices {
-            hypercall: HypercallDevice::new(memory, console.clone(), fork),
+            hypercall: HypercallDevice::new(memory, console.clone()),
             serial: SerialDevice::new(console),
             unhandled_pio: 0,
         }
     }
 
-    pub fn restore(
-        memory: GuestMemory,
-        console: Console,
-        state: &DevicesState,
-        fork: Option<Arc<dyn ForkService>>,
-    ) -> Self {
+    pub fn restore(memory: GuestMemory, console: Console, state: &DevicesState) -> Self {
         console.restore_partial(&state.console_partial);
         Devices {
-            hypercall: HypercallDevice::restore(memory, console.clone(), &state.hypercall, fork),
+            hypercall: HypercallDevice::restore(memory, console.clone(), &state.hypercall),
             serial: SerialDevice::restore(console, &state.serial),
             unhandled_pio: 0,
         }
@@ -92,13 +84,10 @@ impl Devices {
             EXIT_PORT => return PioAction::Exit(data.first().copied().unwrap_or(0)),
             HYPERCALL_PORT => match self.hypercall.doorbell(data) {
                 HypercallAction::Done => {}
-                HypercallAction::Exit(status) => return PioAction::Exit(status),
-                HypercallAction::Fork { page_gpa, ticket } => {
-                    return PioAction::Fork { page_gpa, ticket }
+                HypercallAction::Service { page_gpa, page } => {
+                    return PioAction::Service { page_gpa, page }
                 }
-                HypercallAction::Join { page_gpa, ticket } => {
-                    return PioAction::Join { page_gpa, ticket }
-                }
+                HypercallAction::Fail(why) => return PioAction::Fail(why),
             },
             _ => self.unhandled_pio += 1,
         }
