@@ -25,6 +25,10 @@ pub struct ZoneConfig {
     pub clones: Option<u64>,
     /// Straight-line stand-in for clone I: no hypercall at `fork_at`.
     pub as_clone: Option<u64>,
+    /// Test hook: announce a hostile HELLO to the VMM (1: a 1 TiB
+    /// allocator bitmap, 2: addresses past the end of memory), to check
+    /// that the VMM contains it. 0: the real HELLO.
+    pub hostile_hello: u64,
 }
 
 impl Default for ZoneConfig {
@@ -39,6 +43,7 @@ impl Default for ZoneConfig {
             fork_at: None,
             clones: None,
             as_clone: None,
+            hostile_hello: 0,
         }
     }
 }
@@ -139,6 +144,10 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
             "as_clone" => {
                 cfg.as_clone = Some(check("as_clone", n?, 0, MAX_CLONES)?);
                 8
+            }
+            "hostile_hello" => {
+                cfg.hostile_hello = check("hostile_hello", n?, 0, 2)?;
+                9
             }
             _ => return Err(CmdlineError::UnknownKey(key)),
         };

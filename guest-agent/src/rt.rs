@@ -205,6 +205,14 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         core::ptr::addr_of_mut!(AGENT.0[abi::AGENT_WORD_MAGIC]).write_volatile(abi::AGENT_MAGIC);
     }
     args[abi::HELLO_AGENT_GPA] = core::ptr::addr_of!(AGENT) as u64;
+    match cfg.hostile_hello {
+        1 => args[abi::HELLO_BITMAP_BYTES] = 1 << 40,
+        2 => {
+            args[abi::HELLO_STATE_GPA] = u64::MAX - 4095;
+            args[abi::HELLO_HEAP_END] = u64::MAX;
+        }
+        _ => {}
+    }
     let vmm = match hypercall::call(OP_HELLO, args) {
         Some(_) => "forkd",
         None => "none",

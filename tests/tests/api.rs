@@ -272,6 +272,14 @@ fn api_errors_are_clear() {
     let v = s.get(&long_path).json();
     assert_eq!(v["state"], "running");
     assert_eq!(v["families"][0]["clones"][1]["state"], "running", "{v}");
+    // A second fork while the family runs is a clear refusal, at once.
+    let t = Instant::now();
+    expect_error(
+        &s.post(&format!("{long_path}/fork"), r#"{"clones": 1}"#),
+        409,
+        "still running",
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // DELETE kills the VM and its running clones, promptly.
     let t = Instant::now();
     assert_eq!(s.call("DELETE", &long_path, None).status, 204);
@@ -357,4 +365,71 @@ fn socket_and_tcp_are_guarded() {
         "{stderr}"
     );
     assert!(!sock.exists());
+}
+
+/// A guest that lies in its HELLO (a 1 TiB bitmap; addresses past the end
+/// of memory) fails alone with a clear error; a VM beside it in the same
+/// daemon finishes with its QEMU checksum; a two-vCPU VM asked to fork is
+/// refused clearly.
+#[test]
+fn hostile_guests_fail_alone() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&socket_in(&dir), &["--max-vms", "8"]);
+    let good_cmdline = "ticks=40 seed=5 state_mib=4 tick_us=2000";
+    let good = create(
+        &s,
+        &format!(r#"{{"cmdline": "{good_cmdline}", "mem_mib": 64}}"#),
+    );
+    let mut hostile = Vec::new();
+    for mode in [1, 2] {
+        hostile.push(create(
+            &s,
+            &format!(
+                r#"{{"cmdline": "ticks=40 state_mib=4 hostile_hello={mode}", "mem_mib": 64}}"#
+            ),
+        ));
+    }
+    for (id, why) in hostile.iter().zip(["bitmap", "outside guest memory"]) {
+        let v = poll(
+            &s,
+            &format!("/v1/vms/{id}"),
+            Duration::from_secs(30),
+            "the hostile guest fails",
+            |v| v["state"] == "exited",
+        );
+        assert_eq!(v["exit"]["code"], 103, "{v}");
+        let reason = v["exit"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("HELLO refused") && reason.contains(why),
+            "{reason}"
+        );
+    }
+    let two = create(
+        &s,
+        r#"{"cmdline": "ticks=100000 state_mib=4 tick_us=1000", "mem_mib": 64, "vcpus": 2}"#,
+    );
+    let two = format!("/v1/vms/{two}");
+    poll(
+        &s,
+        &two,
+        Duration::from_secs(30),
+        "the guest starts",
+        started,
+    );
+    expect_error(
+        &s.post(&format!("{two}/fork"), r#"{"clones": 1}"#),
+        409,
+        "2 vCPUs",
+    );
+    let v = poll(
+        &s,
+        &format!("/v1/vms/{good}"),
+        Duration::from_secs(60),
+        "the good guest ends",
+        |v| v["state"] == "exited",
+    );
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], qemu_done_line(good_cmdline, 64).as_str());
+    s.stop();
 }

@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod memory;
 pub mod persist;
 pub mod services;
+pub mod shared;
 pub mod vcpu;
 pub mod vm;
 

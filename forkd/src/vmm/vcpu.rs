@@ -15,7 +15,7 @@ use crate::vmm::kvm::KvmContext;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::persist::VmState;
 use crate::vmm::services::{CallOutcome, CaptureError, GuestCall, HypercallService};
-use crate::vmm::vm::VmShared;
+use crate::vmm::shared::VmShared;
 use guest_agent::abi::{self, HypercallPage};
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};

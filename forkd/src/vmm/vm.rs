@@ -2,16 +2,16 @@
 //! pause/resume, state capture, snapshot and restore. VMs made from saved
 //! state (restore, clones, migration) are built by [`crate::vmm::builder`].
 
-use crate::vmm::boot::{self, BootError};
-use crate::vmm::builder::{BuildOptions, VmShell};
+use crate::vmm::boot::BootError;
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
-use crate::vmm::kvm::{KvmContext, KvmError};
+use crate::vmm::kvm::KvmError;
 use crate::vmm::memory::{self, GuestMemory, MemoryError};
 use crate::vmm::persist::{self, PersistError, VmState};
 use crate::vmm::services::{HypercallService, MemoryServer};
+use crate::vmm::shared::VmShared;
 use crate::vmm::vcpu::{VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuRunState, VcpuSetup};
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region, CpuId};
+use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, CpuId};
 use kvm_ioctls::VmFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -156,28 +156,15 @@ pub struct SnapshotStats {
     pub duration: Duration,
 }
 
-/// What a VM and its vCPU threads share.
-pub struct VmShared {
-    pub vm_fd: VmFd,
-    pub memory: GuestMemory,
-    pub guest: String,
-    pub cmdline: String,
-    pub irqchip: bool,
-    pub vcpu_count: u8,
-}
-
-impl VmShared {
-    pub fn mem_bytes(&self) -> u64 {
-        self.memory.last_addr().0 + 1
-    }
-
-    /// The KVM clock, where this KVM lets it be set again.
-    pub fn clock(&self) -> Result<Option<kvm_clock_data>, vmm_sys_util::errno::Error> {
-        match KvmContext::get() {
-            Ok(ctx) if ctx.caps.adjust_clock => self.vm_fd.get_clock().map(Some),
-            _ => Ok(None),
-        }
-    }
+/// How a VM is wired to the world.
+pub struct BuildOptions {
+    pub console: Console,
+    /// Who answers the hypercalls the VMM does not handle.
+    pub hypercalls: Option<Arc<dyn HypercallService>>,
+    /// Who fills the memory on demand, if anyone.
+    pub memory_server: Option<Box<dyn MemoryServer>>,
+    /// When making the VM began (for start latencies).
+    pub started: Instant,
 }
 
 pub struct Vm {
@@ -215,148 +202,7 @@ pub fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     Ok(())
 }
 
-/// KVM's timing leaf (as VMware and QEMU define it): TSC and bus kHz.
-const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
-const CPUID_HYPERVISOR_BASE: u32 = 0x4000_0000;
-
-/// CPUID for vCPU `id`: what KVM supports, with its own APIC id and, when
-/// KVM knows it, the TSC frequency in the timing leaf (the zone guest paces
-/// `tick_us` by it).
-fn vcpu_cpuid(ctx: &KvmContext, id: u8, tsc_khz: Option<u32>) -> CpuId {
-    let mut cpuid = ctx.cpuid.clone();
-    for e in cpuid.as_mut_slice() {
-        if e.function == 1 {
-            e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
-        }
-    }
-    let has_base = cpuid
-        .as_slice()
-        .iter()
-        .any(|e| e.function == CPUID_HYPERVISOR_BASE);
-    if let (Some(khz), true) = (tsc_khz, has_base) {
-        for e in cpuid.as_mut_slice() {
-            if e.function == CPUID_HYPERVISOR_BASE {
-                e.eax = e.eax.max(CPUID_TIMING_LEAF);
-            }
-        }
-        let leaf = kvm_bindings::kvm_cpuid_entry2 {
-            function: CPUID_TIMING_LEAF,
-            eax: khz,
-            ebx: 1_000_000,
-            ..Default::default()
-        };
-        if !cpuid
-            .as_slice()
-            .iter()
-            .any(|e| e.function == CPUID_TIMING_LEAF)
-        {
-            // A full table just goes without the leaf.
-            let _ = cpuid.push(leaf);
-        }
-    }
-    cpuid
-}
-
 impl Vm {
-    /// Creates and starts a VM running the guest ELF.
-    pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
-        Vm::boot_with(cfg, None)
-    }
-
-    /// Creates and starts a VM whose non-VMM hypercalls go to `hypercalls`.
-    pub fn boot_with(
-        cfg: &VmConfig,
-        hypercalls: Option<Arc<dyn HypercallService>>,
-    ) -> Result<Vm, VmError> {
-        let started = Instant::now();
-        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u64 {
-            return Err(VmError::BadVcpus(cfg.vcpus));
-        }
-        let mem_bytes = memory::check_size(cfg.mem_mib)?;
-        let ctx = KvmContext::get()?;
-        // Application processors need an in-kernel LAPIC to sit in
-        // wait-for-SIPI; a single-vCPU zone guest needs no irqchip at all.
-        let irqchip = cfg.vcpus > 1;
-        let ids: Vec<u8> = (0..cfg.vcpus as u8).collect();
-        let shell = VmShell::create(memory::anonymous(mem_bytes)?, &ids, irqchip)?;
-        let entry = boot::load(shell.memory(), &cfg.guest, &cfg.cmdline)?;
-        let console = Console::new(cfg.echo, cfg.name.as_deref());
-        let devices = Devices::new(shell.memory().clone(), console.clone());
-        let mut fds = Vec::new();
-        let (vm_fd, memory, _, vcpu_fds) = shell.into_parts();
-        for (id, fd) in vcpu_fds {
-            let cpuid = vcpu_cpuid(ctx, id, fd.get_tsc_khz().ok());
-            ioctl("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
-            if id == 0 {
-                let sregs = ioctl("KVM_GET_SREGS", fd.get_sregs())?;
-                let (regs, sregs) = boot::entry_state(entry, sregs);
-                ioctl("KVM_SET_SREGS", fd.set_sregs(&sregs))?;
-                ioctl("KVM_SET_REGS", fd.set_regs(&regs))?;
-            }
-            ctx.saved_msrs(&fd);
-            fds.push((id, fd, cpuid));
-        }
-        let shared = VmShared {
-            vm_fd,
-            memory,
-            guest: cfg.guest.display().to_string(),
-            cmdline: cfg.cmdline.clone(),
-            irqchip,
-            vcpu_count: cfg.vcpus as u8,
-        };
-        let opts = BuildOptions {
-            console,
-            hypercalls,
-            memory_server: None,
-            started,
-        };
-        let mut vm = Vm::assemble(shared, devices, opts);
-        vm.start_vcpus(fds)?;
-        Ok(vm)
-    }
-
-    /// Restores a VM from a snapshot directory and starts it, with guest
-    /// memory mapped lazily from the snapshot's memory file.
-    pub fn restore(dir: &Path, echo: bool, name: Option<&str>) -> Result<Vm, VmError> {
-        Vm::restore_with(
-            dir,
-            &RestoreOptions {
-                echo,
-                name: name.map(str::to_owned),
-                memory: RestoreMemory::Lazy,
-            },
-            None,
-        )
-    }
-
-    /// Restores a VM from a snapshot directory and starts it; its non-VMM
-    /// hypercalls go to `hypercalls` (a restored zone can fork too).
-    pub fn restore_with(
-        dir: &Path,
-        opts: &RestoreOptions,
-        hypercalls: Option<Arc<dyn HypercallService>>,
-    ) -> Result<Vm, VmError> {
-        let started = Instant::now();
-        let state: VmState = persist::read_state(dir)?;
-        if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
-            return Err(VmError::BadVcpus(state.vcpus.len() as u64));
-        }
-        let mem_path = dir.join(persist::MEMORY_FILE);
-        let memory = match opts.memory {
-            RestoreMemory::Lazy => memory::from_file(&mem_path, state.mem_bytes)?,
-            RestoreMemory::Eager => memory::from_file_eager(&mem_path, state.mem_bytes)?,
-        };
-        let ids: Vec<u8> = state.vcpus.iter().map(|v| v.id).collect();
-        let shell = VmShell::create(memory, &ids, state.irqchip.is_some())?;
-        let build = BuildOptions {
-            console: Console::new(opts.echo, opts.name.as_deref()),
-            hypercalls,
-            memory_server: None,
-            started,
-        };
-        shell.build(&state, build)?.start()
-    }
-
     /// A VM around `shared`, with no vCPU thread yet.
     pub(crate) fn assemble(shared: VmShared, devices: Devices, opts: BuildOptions) -> Vm {
         let (event_tx, events) = mpsc::channel();
