@@ -72,12 +72,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!("api: {}", crate::fork::fault::chain(&self));
+            tracing::warn!("api: {}", crate::errors::chain(&self));
         }
         (
             status,
             Json(ErrorBody {
-                error: crate::fork::fault::chain(&self),
+                error: crate::errors::chain(&self),
             }),
         )
             .into_response()

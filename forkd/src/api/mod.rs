@@ -60,15 +60,63 @@ pub enum ServeError {
     RemoteTcp(SocketAddr),
     #[error("cannot listen on tcp {addr}: {source}")]
     Tcp { addr: SocketAddr, source: io::Error },
-    #[error("cannot start the memory server: {0}")]
-    MemServer(String),
+    #[error("cannot start the memory server")]
+    MemServer(#[source] memserver::server::ServerError),
     #[error("{what}: {source}")]
     Setup {
         what: &'static str,
         source: io::Error,
     },
+    #[error(
+        "--max-vms and --max-clones allow {needed} open files, but RLIMIT_NOFILE's hard limit is {hard}: lower them or raise the limit"
+    )]
+    FdLimit { needed: u64, hard: u64 },
     #[error("the server stopped unexpectedly: {0}")]
     Stopped(String),
+}
+
+/// File descriptors one VM may hold: KVM VM and vCPU, userfaultfd and its
+/// wake-up eventfd, page-client sockets, with room to spare.
+const FDS_PER_VM: u64 = 8;
+/// The daemon's own: sockets, runtime, memory server, stdio.
+const FDS_BASE: u64 = 256;
+
+/// Makes sure the daemon can open the file descriptors its limits allow
+/// (every VM with a full fork family): raises the soft RLIMIT_NOFILE up to
+/// the hard limit if needed, and refuses limits that cannot fit.
+fn ensure_fd_limit(limits: &Limits) -> Result<(), ServeError> {
+    let vms = limits.max_vms as u64 * (1 + limits.max_clones);
+    let needed = FDS_BASE + vms * FDS_PER_VM;
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return Err(ServeError::Setup {
+            what: "getrlimit(RLIMIT_NOFILE)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if rl.rlim_cur >= needed {
+        return Ok(());
+    }
+    if rl.rlim_max < needed {
+        return Err(ServeError::FdLimit {
+            needed,
+            hard: rl.rlim_max,
+        });
+    }
+    rl.rlim_cur = needed;
+    // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up
+    // to the hard one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        return Err(ServeError::Setup {
+            what: "setrlimit(RLIMIT_NOFILE)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// `$XDG_RUNTIME_DIR/forkd.sock`, else `/tmp/forkd-<uid>.sock`.
@@ -232,6 +280,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             return Err(ServeError::RemoteTcp(addr));
         }
     }
+    ensure_fd_limit(&cfg.limits)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("forkd-api")
@@ -247,7 +296,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         signals()?
     };
     let (listeners, file) = rt.block_on(listen(&cfg))?;
-    let memserver = MemServer::loopback().map_err(|e| ServeError::MemServer(e.to_string()))?;
+    let memserver = MemServer::loopback().map_err(ServeError::MemServer)?;
     let registry = Registry::new(Arc::new(memserver), cfg.limits);
     let reaper = registry
         .start_reaper()

@@ -310,9 +310,14 @@ impl Registry {
     pub fn fork(&self, id: u64, clones: u64) -> Result<Forked, ApiError> {
         let entry = self.entry(id)?;
         let mut guard = lock(&entry.vm);
-        let vm = guard
-            .as_mut()
-            .ok_or_else(|| ApiError::NoSuchVm(vm_id(id)))?;
+        let Some(vm) = guard.as_mut() else {
+            // Its memory was released at its exit.
+            let exit = lock(&entry.exit).clone().unwrap_or(VmExit::Stopped);
+            return Err(ApiError::Conflict(format!(
+                "{} has exited ({exit})",
+                vm_id(id)
+            )));
+        };
         // `fork_vm` checks the count first (422 whatever the VM's state),
         // then whether the VM still runs (409).
         match fork_vm(vm, &entry.hub, clones) {
@@ -365,9 +370,6 @@ impl Registry {
                 while !reg.closed.load(Ordering::Acquire) {
                     let entries: Vec<_> = lock(&reg.inner).vms.values().cloned().collect();
                     for e in entries {
-                        if lock(&e.exit).is_some() {
-                            continue;
-                        }
                         // A VM busy forking is looked at next round.
                         let mut guard = match e.vm.try_lock() {
                             Ok(g) => g,
@@ -376,6 +378,15 @@ impl Registry {
                         };
                         if let Some(vm) = guard.as_mut() {
                             e.record_exit(vm);
+                        }
+                        // An exited VM gives its guest memory back at once
+                        // (its console and report stay), unless clones
+                        // still read its frozen image.
+                        if lock(&e.exit).is_some()
+                            && guard.is_some()
+                            && e.hub.families().iter().all(|f| f.is_released())
+                        {
+                            drop(guard.take());
                         }
                     }
                     std::thread::sleep(REAP_EVERY);

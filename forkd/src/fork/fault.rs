@@ -13,9 +13,11 @@
 //! reading guest memory — stays blocked on a fault nobody will serve; the
 //! VM then fails with that error.
 
+use crate::errors::chain;
 use crate::fork::descriptor::AllocAtFork;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::MemoryServer;
+use bitvec::prelude::{BitVec, Lsb0};
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,35 +56,32 @@ pub enum UffdError {
 /// Pages zero-filled in one go at most.
 const ZERO_RUN: usize = 64;
 
-/// Which pages of the clone's memory are present (installed by us).
+/// Which pages of the clone's memory are present (installed by us): one
+/// bit per page, set and read concurrently by the handler, the prefetcher
+/// and the vCPU thread's `will_overwrite`.
 pub struct Presence {
-    words: Vec<AtomicU64>,
+    bits: BitVec<AtomicU64, Lsb0>,
 }
 
 impl Presence {
     pub fn new(pages: u64) -> Self {
         Presence {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bits: BitVec::repeat(false, pages as usize),
         }
     }
 
     pub fn test(&self, page: u64) -> bool {
-        self.words
-            .get((page / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        self.bits.get(page as usize).is_some_and(|b| *b)
     }
 
     pub fn set(&self, page: u64) {
-        if let Some(w) = self.words.get((page / 64) as usize) {
-            w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+        if (page as usize) < self.bits.len() {
+            self.bits.set_aliased(page as usize, true);
         }
     }
 
     pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum()
+        self.bits.count_ones() as u64
     }
 }
 
@@ -410,18 +409,6 @@ impl MemoryServer for FaultHandler {
     }
 }
 
-/// The error and its causes on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 fn handler_loop(
     cfg: FaultHandlerConfig,
     wake: &EventFd,
@@ -687,6 +674,58 @@ mod tests {
         assert_eq!(handler.memory().presence.count(), PAGES);
         assert!(handler.error().is_none());
         drop(handler);
+        drop(mem);
+    }
+
+    /// A source that can no longer serve (the memory server is gone).
+    struct Gone(u64);
+
+    impl PageSource for Gone {
+        fn pages(&self) -> u64 {
+            self.0
+        }
+        fn read_page(&self, _: u64, _: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
+            Err(SourceError::Unavailable("the memory server is gone".into()))
+        }
+    }
+
+    /// A thread of the VMM (not a vCPU) touching a clone page the source
+    /// cannot deliver is not left blocked: the handler records why and
+    /// releases it within a bound; the VM is then failed with that error.
+    #[test]
+    fn a_failing_source_releases_every_waiter() {
+        const PAGES: u64 = 64;
+        let mem = memory::anonymous(PAGES * PAGE).unwrap();
+        let cmem = Arc::new(CloneMemory::register(&mem).expect("userfaultfd (are you root?)"));
+        let base = cmem.base;
+        let mut handler = FaultHandler::spawn(
+            FaultHandlerConfig {
+                memory: cmem,
+                source: Arc::new(Gone(PAGES)),
+                avoidance: None,
+                readahead: 1,
+                prefetch: None,
+            },
+            "gone",
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: inside the live mapping owned by `mem`, which
+            // outlives the thread (joined below).
+            let v = unsafe { ((base + 5 * PAGE as usize) as *const u64).read_volatile() };
+            let _ = tx.send(v);
+        });
+        let v = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the faulting thread is still blocked");
+        assert_eq!(v, 0, "a released waiter sees an empty page");
+        reader.join().unwrap();
+        let err = handler.error().expect("the handler reports why");
+        assert!(err.contains("memory server is gone"), "{err}");
+        let t = Instant::now();
+        handler.stop();
+        assert!(t.elapsed().as_secs() < 2, "stop took {:?}", t.elapsed());
         drop(mem);
     }
 }

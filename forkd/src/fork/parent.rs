@@ -8,9 +8,10 @@
 //! watched by a reaper thread; when the last clone of a family has ended,
 //! the frozen image is released.
 
+use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
-use crate::fork::fault::{chain, FaultStats};
+use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
 use crate::fork::pending::PendingImage;
 use crate::fork::{Answer, ForkError, ForkRequest};
@@ -228,7 +229,7 @@ impl ShellPool {
                     match CloneShell::create(mem_bytes, 0) {
                         Ok(s) => lock(&p.shells).push(s),
                         Err(e) => {
-                            tracing::warn!("warm pool: {e}");
+                            tracing::warn!("warm pool: {}", chain(&e));
                             return;
                         }
                     }

@@ -35,10 +35,14 @@ pub enum BootError {
     Elf { path: String, reason: String },
     #[error("guest {0} is not a PVH ELF (no XEN_ELFNOTE_PHYS32_ENTRY note)")]
     NotPvh(String),
-    #[error("guest cmdline is invalid: {0}")]
-    Cmdline(String),
-    #[error("cannot write boot parameters: {0}")]
-    BootParams(String),
+    #[error("guest cmdline of {len} bytes is too long (at most {max})")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("guest cmdline is invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot load the guest cmdline")]
+    LoadCmdline(#[source] linux_loader::loader::Error),
+    #[error("cannot write boot parameters")]
+    BootParams(#[source] linux_loader::configurator::Error),
 }
 
 /// Loads the guest and its boot parameters into `mem`; returns the PVH
@@ -59,19 +63,16 @@ pub fn load(mem: &GuestMemory, elf: &Path, cmdline: &str) -> Result<u64, BootErr
     };
 
     if cmdline.len() >= CMDLINE_MAX {
-        return Err(BootError::Cmdline(format!(
-            "{} bytes, at most {} allowed",
-            cmdline.len(),
-            CMDLINE_MAX - 1
-        )));
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX - 1,
+        });
     }
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
     if !cmdline.trim().is_empty() {
-        cl.insert_str(cmdline.trim())
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cl.insert_str(cmdline.trim()).map_err(BootError::Cmdline)?;
     }
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(BootError::LoadCmdline)?;
 
     let mem_end = vm_memory::GuestMemoryBackend::last_addr(mem).0 + 1;
     let memmap = [
@@ -99,7 +100,7 @@ pub fn load(mem: &GuestMemory, elf: &Path, cmdline: &str) -> Result<u64, BootErr
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
-        .map_err(|e| BootError::BootParams(e.to_string()))?;
+        .map_err(BootError::BootParams)?;
     Ok(entry)
 }
 

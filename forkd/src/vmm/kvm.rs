@@ -8,15 +8,15 @@ use std::sync::OnceLock;
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     #[error(
-        "cannot open /dev/kvm: {0} (forkd needs KVM: is the kvm module loaded and /dev/kvm accessible?)"
+        "cannot open /dev/kvm (forkd needs KVM: is the kvm module loaded and /dev/kvm accessible?)"
     )]
-    Open(String),
+    Open(#[source] vmm_sys_util::errno::Error),
     #[error("KVM lacks a capability forkd needs: {0}")]
     Missing(&'static str),
-    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
-    Cpuid(String),
-    #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
-    MsrList(String),
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    Cpuid(#[source] vmm_sys_util::errno::Error),
+    #[error("KVM_GET_MSR_INDEX_LIST failed")]
+    MsrList(#[source] vmm_sys_util::errno::Error),
 }
 
 /// Optional capabilities: state is saved only for what exists.
@@ -51,7 +51,7 @@ impl KvmContext {
     }
 
     fn open() -> Result<KvmContext, KvmError> {
-        let kvm = Kvm::new().map_err(|e| KvmError::Open(e.to_string()))?;
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
         for (cap, name) in [
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
             (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
@@ -73,10 +73,10 @@ impl KvmContext {
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| KvmError::Cpuid(e.to_string()))?;
+            .map_err(KvmError::Cpuid)?;
         let msr_candidates = kvm
             .get_msr_index_list()
-            .map_err(|e| KvmError::MsrList(e.to_string()))?
+            .map_err(KvmError::MsrList)?
             .as_slice()
             .to_vec();
         Ok(KvmContext {

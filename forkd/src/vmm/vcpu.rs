@@ -59,12 +59,14 @@ pub enum VcpuError {
     Timeout(u8, Duration),
     #[error("vCPU {0} is running; pause it first")]
     NotPaused(u8),
-    #[error("cannot save vCPU state: {0}")]
+    #[error("cannot save vCPU state")]
     State(#[from] CpuStateError),
-    #[error("cannot start vCPU thread: {0}")]
-    Spawn(std::io::Error),
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Kvm(#[from] crate::vmm::kvm::KvmError),
+    #[error("cannot start vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
 }
 
 /// An event a vCPU thread reports to its VM when it ends.
@@ -278,18 +280,10 @@ fn handle_commands(
             }
             Command::Save(reply) => {
                 let r = if paused {
-                    KvmContext::get()
-                        .map_err(|e| VcpuError::State(CpuStateError::Incompatible(e.to_string())))
-                        .and_then(|ctx| {
-                            VcpuState::save(
-                                ctx,
-                                &setup.fd,
-                                setup.id,
-                                &setup.cpuid,
-                                setup.vm.irqchip,
-                            )
+                    KvmContext::get().map_err(VcpuError::Kvm).and_then(|ctx| {
+                        VcpuState::save(ctx, &setup.fd, setup.id, &setup.cpuid, setup.vm.irqchip)
                             .map_err(VcpuError::from)
-                        })
+                    })
                 } else {
                     Err(VcpuError::NotPaused(setup.id))
                 };
