@@ -311,7 +311,18 @@ impl Registry {
         let entry = self.entry(id)?;
         let mut guard = lock(&entry.vm);
         let Some(vm) = guard.as_mut() else {
-            // Its memory was released at its exit.
+            // Its memory was released at its exit. The count is checked
+            // first, as for a live VM (422 whatever the VM's state).
+            let max = entry.hub.max_clones();
+            if clones == 0 || clones > max {
+                return Err(ApiError::Fork {
+                    vm: vm_id(id),
+                    source: HostForkError::BadClones {
+                        requested: clones,
+                        max,
+                    },
+                });
+            }
             let exit = lock(&entry.exit).clone().unwrap_or(VmExit::Stopped);
             return Err(ApiError::Conflict(format!(
                 "{} has exited ({exit})",
