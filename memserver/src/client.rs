@@ -426,11 +426,7 @@ impl PageClient {
         count: u32,
         out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
     ) -> Result<(), SourceError> {
-        let State {
-            next_seq,
-            buf,
-            got,
-        } = st;
+        let State { next_seq, buf, got } = st;
         let n_pages = count as usize;
         got[..n_pages].fill(false);
         let mut missing = n_pages;
@@ -554,14 +550,21 @@ mod tests {
         };
         let t = Instant::now();
         let key = FamilyKey::from_parts(3, [3; 32]);
-        let err = PageClient::new(silent.local_addr().expect("addr"), key, opts).expect_err("silent");
+        let err =
+            PageClient::new(silent.local_addr().expect("addr"), key, opts).expect_err("silent");
         let el = t.elapsed();
         assert!(
             el >= Duration::from_millis(90) && el < Duration::from_secs(2),
             "{el:?}"
         );
         match err {
-            ClientError::Source(e @ SourceError::NoAnswer { family: 3, tries: 5, .. }) => {
+            ClientError::Source(
+                e @ SourceError::NoAnswer {
+                    family: 3,
+                    tries: 5,
+                    ..
+                },
+            ) => {
                 let msg = e.to_string();
                 assert!(msg.contains("family 3") && msg.contains("5 tries"), "{msg}");
             }

@@ -35,7 +35,9 @@ pub enum SourceError {
         refused: bool,
     },
     /// The memory server answered with an error (`TooLarge`, `Internal`).
-    #[error("memory server {server} refused page {page} of family {family}: {code:?} (detail {detail})")]
+    #[error(
+        "memory server {server} refused page {page} of family {family}: {code:?} (detail {detail})"
+    )]
     Refused {
         server: SocketAddr,
         family: u64,

@@ -506,8 +506,14 @@ mod tests {
         assert_eq!(b[5], 1);
         assert_eq!(&b[6..8], &[0, 0]);
         assert_eq!(&b[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
-        assert_eq!(&b[16..24], &[0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11]);
-        assert_eq!(&b[24..32], &[0x28, 0x27, 0x26, 0x25, 0x24, 0x23, 0x22, 0x21]);
+        assert_eq!(
+            &b[16..24],
+            &[0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11]
+        );
+        assert_eq!(
+            &b[24..32],
+            &[0x28, 0x27, 0x26, 0x25, 0x24, 0x23, 0x22, 0x21]
+        );
         assert_eq!(
             &b[32..40],
             &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
@@ -559,7 +565,10 @@ mod tests {
         .encode(&key());
         e[HEADER_LEN] = 99;
         assert_eq!(Frame::decode(&e), Err(WireError::UnknownErrorCode(99)));
-        assert_eq!(verify(&[0; 3], &key()), Err(WireError::BadMac { family: 7 }));
+        assert_eq!(
+            verify(&[0; 3], &key()),
+            Err(WireError::BadMac { family: 7 })
+        );
     }
 
     #[test]

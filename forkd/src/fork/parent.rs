@@ -17,7 +17,7 @@ use guest_agent::abi;
 use memserver::client::{ClientOptions, PageClient};
 use memserver::image::FrozenImage;
 use memserver::server::MemServer;
-use memserver::{PageSource, PAGE_SIZE};
+use memserver::{FamilyKey, PageSource, PAGE_SIZE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -94,6 +94,8 @@ pub struct FamilyReport {
 
 pub struct Family {
     id: u64,
+    /// The family's id and secret on the memory server.
+    key: FamilyKey,
     image: Arc<PendingImage>,
     /// Keeps the parent's mapping alive as long as the image reads it.
     _memory: GuestMemory,
@@ -161,7 +163,7 @@ impl Family {
     /// Drops the frozen image once no clone needs it.
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
-            self.memserver.remove_family(self.id);
+            self.memserver.remove_family(self.key.id());
             self.image.fail("the fork family has ended");
         }
     }
@@ -320,11 +322,14 @@ impl ForkHub {
         )?;
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
-        self.memserver
-            .add_family(id, pending.clone() as Arc<dyn PageSource>)
+        let key = self
+            .memserver
+            .add_family(pending.clone() as Arc<dyn PageSource>)
             .map_err(|e| ForkError::MemServer(e.to_string()))?;
+        let served = key.id();
         let family = Arc::new(Family {
             id,
+            key,
             image: pending.clone(),
             _memory: req.memory.clone(),
             memserver: self.memserver.clone(),
@@ -353,7 +358,7 @@ impl ForkHub {
                     launch(family, encoded, granted, opts, server, requested_at, shells)
                 })
                 .map_err(|e| {
-                    self.memserver.remove_family(id);
+                    self.memserver.remove_family(served);
                     ForkError::Clone(format!("launcher thread: {e}"))
                 })?
         };
@@ -418,7 +423,8 @@ fn launch(
                 // The image size is the descriptor's memory: no round trip.
                 let client = || {
                     let pages = desc.mem_bytes / PAGE_SIZE as u64;
-                    PageClient::with_pages(server, family.id, pages, ClientOptions::default())
+                    let key = family.key.clone();
+                    PageClient::with_pages(server, key, pages, ClientOptions::default())
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
                         .map_err(|e| ForkError::MemServer(e.to_string()))
                 };
