@@ -467,7 +467,7 @@ fn first_writes_copy_once_and_keep_frozen_contents() {
             "{name}: freeze 16 MiB all touched: protect {:?}, total {:?}",
             s.protect_duration, s.freeze_duration
         );
-        let written = |i: usize| i % 3 == 0;
+        let written = |i: usize| i.is_multiple_of(3);
         let n = (0..m.pages()).filter(|&i| written(i)).count();
         let started = Instant::now();
         (0..m.pages())
@@ -503,7 +503,7 @@ fn first_writes_copy_once_and_keep_frozen_contents() {
             "freeze 64 MiB, every 16th page touched: protect {:?}, total {:?}, {} populated",
             s.protect_duration, s.freeze_duration, s.pages_populated_at_freeze
         );
-        check_all(&image, |i| i % 16 == 0);
+        check_all(&image, |i| i.is_multiple_of(16));
         if matches!(thp, Thp::NoHuge) {
             assert_eq!(s.pages_populated_at_freeze, touched);
         } else {
