@@ -344,5 +344,8 @@ fn killing_the_clones_lets_the_parent_finish() {
     // The family is over: the memory server no longer serves its image.
     let family = hub.families()[0].id();
     let served = server.stats().families;
-    assert!(served.is_empty(), "family {family} still served: {served:?}");
+    assert!(
+        served.is_empty(),
+        "family {family} still served: {served:?}"
+    );
 }
