@@ -190,6 +190,11 @@ fn replayed_captured_request_gets_nothing_and_is_counted() {
     relay.send_to(&buf[..n], client_addr).expect("forward back");
     let page = reader.join().expect("reader").expect("page 5");
     assert!(page == page_of(5), "page 5 differs");
+    // The worker counts a page after its send returns: wait (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while s.stats().pages_sent == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let before = s.stats();
     assert_eq!(before.pages_sent, 1);
 
