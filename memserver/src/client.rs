@@ -11,6 +11,13 @@
 //! The socket is connected to the server, so the kernel drops datagrams
 //! from any other address.
 //!
+//! Authentication ([`crate::auth`]): the client holds its family's
+//! [`FamilyKey`], picks a random client id, numbers every request datagram
+//! (1, 2, 3, …; the server drops numbers it has seen) and tags it. A reply
+//! counts only if its tag verifies under the key and it echoes this
+//! client's id and a sequence number of the current call; forged replies
+//! are dropped and counted ([`ClientStats::forged_dropped`]).
+//!
 //! [`MemServer`]: crate::server::MemServer
 
 use std::io;
@@ -21,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::wire::{Body, ErrorCode, Frame, MAX_DATAGRAM};
+use crate::auth::{random_u64, FamilyKey, RandomError};
+use crate::source::lock;
+use crate::wire::{self, Body, ErrorCode, Frame, MAX_DATAGRAM};
 use crate::{PageSource, SourceError, PAGE_SIZE};
 
 /// Receive buffer asked for: a few full windows of replies (the kernel
@@ -50,15 +59,19 @@ impl Default for ClientOptions {
     }
 }
 
+/// Why a client could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot set up the page client socket for {server}: {source}")]
     Socket {
         server: SocketAddr,
+        #[source]
         source: io::Error,
     },
     #[error("invalid client options: {0}")]
     BadOptions(&'static str),
+    #[error("cannot pick a client id")]
+    Random(#[source] RandomError),
     #[error(transparent)]
     Source(#[from] SourceError),
 }
@@ -78,6 +91,8 @@ pub struct ClientStats {
     pub stale_dropped: u64,
     /// Datagrams that did not decode, or were not replies.
     pub malformed: u64,
+    /// Replies of this family whose MAC did not verify; dropped.
+    pub forged_dropped: u64,
     /// `Overloaded` answers (handled like a timeout).
     pub overloaded: u64,
 }
@@ -90,6 +105,7 @@ struct Counters {
     duplicates_dropped: AtomicU64,
     stale_dropped: AtomicU64,
     malformed: AtomicU64,
+    forged_dropped: AtomicU64,
     overloaded: AtomicU64,
 }
 
@@ -100,7 +116,8 @@ fn bump(c: &AtomicU64) {
 /// Per-call scratch, reused: the receive buffer and the received-set of
 /// the current window.
 struct State {
-    next_req_id: u32,
+    /// Sequence number of the next request datagram (from 1).
+    next_seq: u64,
     buf: Box<[u8; MAX_DATAGRAM]>,
     got: Vec<bool>,
 }
@@ -109,7 +126,9 @@ struct State {
 /// are serialized by an internal lock.
 pub struct PageClient {
     server: SocketAddr,
-    family: u64,
+    key: FamilyKey,
+    /// This client's random id (the server's replay windows are per id).
+    client: u64,
     pages: u64,
     window: u32,
     opts: ClientOptions,
@@ -122,7 +141,7 @@ impl std::fmt::Debug for PageClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageClient")
             .field("server", &self.server)
-            .field("family", &self.family)
+            .field("family", &self.key.id())
             .field("pages", &self.pages)
             .field("window", &self.window)
             .finish_non_exhaustive()
@@ -139,31 +158,33 @@ enum Outcome<'a> {
 }
 
 impl PageClient {
-    /// Binds an ephemeral UDP port, asks the server for the family's image
-    /// size, and fails if the family is unknown or the server is silent.
+    /// Binds an ephemeral UDP port, asks the server for the image size of
+    /// the family of `key`, and fails if the family is gone, or if the
+    /// server is silent (as it is to a key it does not know).
     pub fn new(
         server: SocketAddr,
-        family: u64,
+        key: FamilyKey,
         opts: ClientOptions,
     ) -> Result<PageClient, ClientError> {
-        Self::build(server, family, opts, None)
+        Self::build(server, key, opts, None)
     }
 
     /// Like [`PageClient::new`] for a caller that knows the image size
-    /// (`pages`) and the server's window: no round trip. An unknown family
-    /// then shows on the first read (`SourceError::UnknownFamily`).
+    /// (`pages`) and the server's window: no round trip. A removed family
+    /// then shows on the first read (`SourceError::UnknownFamily`), an
+    /// unknown key as `SourceError::NoAnswer`.
     pub fn with_pages(
         server: SocketAddr,
-        family: u64,
+        key: FamilyKey,
         pages: u64,
         opts: ClientOptions,
     ) -> Result<PageClient, ClientError> {
-        Self::build(server, family, opts, Some(pages))
+        Self::build(server, key, opts, Some(pages))
     }
 
     fn build(
         server: SocketAddr,
-        family: u64,
+        key: FamilyKey,
         opts: ClientOptions,
         pages: Option<u64>,
     ) -> Result<PageClient, ClientError> {
@@ -188,22 +209,20 @@ impl PageClient {
         socket.bind(&any.into()).map_err(sock_err)?;
         socket.connect(&server.into()).map_err(sock_err)?;
         let socket: UdpSocket = socket.into();
-        // A start that differs between client instances, so a new client on
-        // a recycled port does not take an old client's late replies.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let seed = nanos ^ std::process::id().rotate_left(16) ^ (family as u32);
+        // A random id per client: a new client on a recycled port does not
+        // take an old client's late replies, and gets its own replay window.
+        let id = random_u64().map_err(ClientError::Random)?;
+        let family = key.id();
         let mut client = PageClient {
             server,
-            family,
+            key,
+            client: id,
             pages: 0,
             window: 1,
             opts,
             socket,
             state: Mutex::new(State {
-                next_req_id: seed,
+                next_seq: 1,
                 buf: Box::new([0u8; MAX_DATAGRAM]),
                 got: Vec::new(),
             }),
@@ -215,7 +234,10 @@ impl PageClient {
         };
         client.pages = pages;
         client.window = opts.max_window.min(max_window).max(1);
-        let state = client.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let state = client
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.got = vec![false; client.window as usize];
         tracing::debug!(%server, family, pages, window = client.window, "page client ready");
         Ok(client)
@@ -226,8 +248,14 @@ impl PageClient {
         self.server
     }
 
+    /// The family id (of the key).
     pub fn family(&self) -> u64 {
-        self.family
+        self.key.id()
+    }
+
+    /// This client's random id.
+    pub fn client_id(&self) -> u64 {
+        self.client
     }
 
     /// Pages per request actually used.
@@ -246,24 +274,35 @@ impl PageClient {
             duplicates_dropped: get(&c.duplicates_dropped),
             stale_dropped: get(&c.stale_dropped),
             malformed: get(&c.malformed),
+            forged_dropped: get(&c.forged_dropped),
             overloaded: get(&c.overloaded),
         }
     }
 
-    fn unavailable(&self, page: u64, tries: u32, started: Instant, why: &str) -> SourceError {
-        SourceError::Unavailable(format!(
-            "memory server {} did not answer for family {}, page {} after {} tries ({} ms){}",
-            self.server,
-            self.family,
+    fn no_answer(&self, page: u64, tries: u32, started: Instant, refused: bool) -> SourceError {
+        SourceError::NoAnswer {
+            server: self.server,
+            family: self.key.id(),
             page,
             tries,
-            started.elapsed().as_millis(),
-            why
-        ))
+            elapsed_ms: started.elapsed().as_millis(),
+            refused,
+        }
     }
 
-    fn send(&self, buf: &mut [u8; MAX_DATAGRAM], req_id: u32, body: Body<'_>, retry: bool) {
-        let n = Frame::new(self.family, req_id, body).encode_into(buf);
+    fn refused(&self, page: u64, code: ErrorCode, detail: u64) -> SourceError {
+        SourceError::Refused {
+            server: self.server,
+            family: self.key.id(),
+            page,
+            code,
+            detail,
+        }
+    }
+
+    fn send(&self, buf: &mut [u8; MAX_DATAGRAM], seq: u64, body: Body<'_>, retry: bool) {
+        let frame = Frame::new(self.key.id(), self.client, seq, body);
+        let n = frame.encode_into(&self.key, buf);
         bump(&self.counters.requests_sent);
         if retry {
             bump(&self.counters.retries);
@@ -309,9 +348,9 @@ impl PageClient {
         }
     }
 
-    /// Classifies a datagram against the request ids `first_id ..= last_id`
-    /// issued by the current call.
-    fn classify<'a>(&self, dgram: &'a [u8], first_id: u32, last_id: u32) -> Outcome<'a> {
+    /// Classifies a datagram against the sequence numbers `first ..= last`
+    /// sent by the current call.
+    fn classify<'a>(&self, dgram: &'a [u8], first: u64, last: u64) -> Outcome<'a> {
         let frame = match Frame::decode(dgram) {
             Ok(f) => f,
             Err(_) => {
@@ -319,8 +358,15 @@ impl PageClient {
                 return Outcome::Nothing;
             }
         };
-        let ours = frame.req_id.wrapping_sub(first_id) <= last_id.wrapping_sub(first_id);
-        if frame.family != self.family || !ours {
+        if frame.family != self.key.id() {
+            bump(&self.counters.stale_dropped);
+            return Outcome::Nothing;
+        }
+        if wire::verify(dgram, &self.key).is_err() {
+            bump(&self.counters.forged_dropped);
+            return Outcome::Nothing;
+        }
+        if frame.client != self.client || !(first..=last).contains(&frame.seq) {
             bump(&self.counters.stale_dropped);
             return Outcome::Nothing;
         }
@@ -329,7 +375,7 @@ impl PageClient {
             Body::InfoReply { pages, max_window } => Outcome::Info { pages, max_window },
             Body::ErrorReply { code, page, detail } => match code {
                 ErrorCode::UnknownFamily => {
-                    Outcome::Failed(SourceError::UnknownFamily(self.family))
+                    Outcome::Failed(SourceError::UnknownFamily(self.key.id()))
                 }
                 ErrorCode::OutOfRange => Outcome::Failed(SourceError::OutOfRange {
                     index: page,
@@ -339,14 +385,9 @@ impl PageClient {
                     bump(&self.counters.overloaded);
                     Outcome::Overloaded
                 }
-                ErrorCode::TooLarge => Outcome::Failed(SourceError::Unavailable(format!(
-                    "memory server {} refused a request at page {page} as too large (limit {detail})",
-                    self.server
-                ))),
-                ErrorCode::Internal => Outcome::Failed(SourceError::Unavailable(format!(
-                    "memory server {} failed reading family {}, page {page}",
-                    self.server, self.family
-                ))),
+                ErrorCode::TooLarge | ErrorCode::Internal => {
+                    Outcome::Failed(self.refused(page, code, detail))
+                }
             },
             Body::PageRequest { .. } | Body::InfoRequest => {
                 bump(&self.counters.malformed);
@@ -356,28 +397,25 @@ impl PageClient {
     }
 
     fn fetch_info(&self) -> Result<(u64, u32), SourceError> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let State {
-            next_req_id, buf, ..
-        } = &mut *st;
+        let mut st = lock(&self.state);
+        let State { next_seq, buf, .. } = &mut *st;
         let started = Instant::now();
-        let first_id = *next_req_id;
+        let first = *next_seq;
         let mut refused = false;
         for attempt in 0..=self.opts.retries {
-            let id = first_id.wrapping_add(attempt);
-            *next_req_id = id.wrapping_add(1);
-            self.send(buf, id, Body::InfoRequest, attempt > 0);
+            let seq = *next_seq;
+            *next_seq += 1;
+            self.send(buf, seq, Body::InfoRequest, attempt > 0);
             let deadline = Instant::now() + self.opts.timeout;
             while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
-                match self.classify(&buf[..n], first_id, id) {
+                match self.classify(&buf[..n], first, seq) {
                     Outcome::Info { pages, max_window } => return Ok((pages, max_window)),
                     Outcome::Failed(e) => return Err(e),
                     Outcome::Page(..) | Outcome::Overloaded | Outcome::Nothing => {}
                 }
             }
         }
-        let why = if refused { ", connection refused" } else { "" };
-        Err(self.unavailable(0, self.opts.retries + 1, started, why))
+        Err(self.no_answer(0, self.opts.retries + 1, started, refused))
     }
 
     /// Fetches `first .. first + count` (count <= window) into `out`.
@@ -388,17 +426,13 @@ impl PageClient {
         count: u32,
         out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
     ) -> Result<(), SourceError> {
-        let State {
-            next_req_id,
-            buf,
-            got,
-        } = st;
+        let State { next_seq, buf, got } = st;
         let n_pages = count as usize;
         got[..n_pages].fill(false);
         let mut missing = n_pages;
         let started = Instant::now();
-        let first_id = *next_req_id;
-        let mut last_id = first_id;
+        let first_seq = *next_seq;
+        let mut last_seq = first_seq;
         let mut refused = false;
         let mut idle_tries = 0u32;
         let mut tries = 0u32;
@@ -414,19 +448,19 @@ impl PageClient {
                 while i < n_pages && !got[i] {
                     i += 1;
                 }
-                last_id = *next_req_id;
-                *next_req_id = next_req_id.wrapping_add(1);
+                last_seq = *next_seq;
+                *next_seq += 1;
                 let body = Body::PageRequest {
                     first_page: first + start as u64,
                     count: (i - start) as u32,
                 };
-                self.send(buf, last_id, body, tries > 0);
+                self.send(buf, last_seq, body, tries > 0);
             }
             tries += 1;
             let deadline = Instant::now() + self.opts.timeout;
             let before = missing;
             while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
-                match self.classify(&buf[..n], first_id, last_id) {
+                match self.classify(&buf[..n], first_seq, last_seq) {
                     Outcome::Page(p, data) => {
                         let Some(off) = p.checked_sub(first).filter(|&o| o < count.into()) else {
                             bump(&self.counters.stale_dropped);
@@ -453,8 +487,8 @@ impl PageClient {
             idle_tries = if missing < before { 0 } else { idle_tries + 1 };
             if idle_tries > self.opts.retries {
                 let first_missing = got[..n_pages].iter().position(|g| !g).unwrap_or(0);
-                let why = if refused { ", connection refused" } else { "" };
-                return Err(self.unavailable(first + first_missing as u64, tries, started, why));
+                let page = first + first_missing as u64;
+                return Err(self.no_answer(page, tries, started, refused));
             }
         }
     }
@@ -485,7 +519,7 @@ impl PageSource for PageClient {
                 pages: self.pages,
             });
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
         let mut at = first;
         while at < end {
             let n = (end - at).min(self.window.into()) as u32;
@@ -515,14 +549,23 @@ mod tests {
             ..ClientOptions::default()
         };
         let t = Instant::now();
-        let err = PageClient::new(silent.local_addr().expect("addr"), 3, opts).expect_err("silent");
+        let key = FamilyKey::from_parts(3, [3; 32]);
+        let err =
+            PageClient::new(silent.local_addr().expect("addr"), key, opts).expect_err("silent");
         let el = t.elapsed();
         assert!(
             el >= Duration::from_millis(90) && el < Duration::from_secs(2),
             "{el:?}"
         );
         match err {
-            ClientError::Source(SourceError::Unavailable(msg)) => {
+            ClientError::Source(
+                e @ SourceError::NoAnswer {
+                    family: 3,
+                    tries: 5,
+                    ..
+                },
+            ) => {
+                let msg = e.to_string();
                 assert!(msg.contains("family 3") && msg.contains("5 tries"), "{msg}");
             }
             e => panic!("unexpected {e:?}"),
@@ -537,7 +580,7 @@ mod tests {
         };
         let addr = "127.0.0.1:9".parse().expect("addr");
         assert!(matches!(
-            PageClient::new(addr, 1, opts),
+            PageClient::new(addr, FamilyKey::from_parts(1, [1; 32]), opts),
             Err(ClientError::BadOptions(_))
         ));
     }

@@ -53,15 +53,16 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bitvec::vec::BitVec;
 use userfaultfd::{
     Event, EventBuffer, FaultKind, FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder,
 };
 
-use crate::source::{PageSource, SourceError, PAGE_SIZE};
+use crate::source::{lock, PageSource, SourceError, PAGE_SIZE};
 
 const STRIPES: usize = 64;
 const PM_PRESENT: u64 = 1 << 63;
@@ -77,6 +78,8 @@ const FAILED: u8 = 2;
 type Page = [u8; PAGE_SIZE];
 /// One lock stripe's copies, by page index.
 type Copies = HashMap<u64, Box<Page>>;
+/// Bit `i`: page `i` was populated at the freeze.
+type Bitmap = BitVec<u64>;
 
 /// Why a freeze failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +104,45 @@ fn uffd_error(op: &'static str, e: userfaultfd::Error) -> ImageError {
     let source = match e {
         userfaultfd::Error::SystemError(errno) => io::Error::from_raw_os_error(errno as i32),
         userfaultfd::Error::OpenDevUserfaultfd(e) => e,
-        other => io::Error::other(other.to_string()),
+        other => io::Error::other(other),
     };
     ImageError::Uffd { op, source }
+}
+
+/// Why the copy-before-write handler stopped (it then fails the image).
+#[derive(Debug, thiserror::Error)]
+enum HandlerError {
+    #[error("poll on the userfaultfd failed")]
+    Poll(#[source] io::Error),
+    #[error("userfaultfd {op} failed")]
+    Uffd {
+        op: &'static str,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("checking a page's protection in the pagemap failed")]
+    Pagemap(#[source] io::Error),
+}
+
+impl HandlerError {
+    fn uffd(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> HandlerError {
+        move |source| HandlerError::Uffd { op, source }
+    }
+}
+
+/// Displays an error with its chain of sources ("a: b: c").
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// Counters of a frozen image.
@@ -142,10 +181,6 @@ struct Shared {
     lost_page_reads: AtomicU64,
     #[cfg(test)]
     stall: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -238,7 +273,7 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            Err(format!("poll: {e}"))
+            Err(HandlerError::Poll(e))
         } else if fds[0].revents != 0 {
             return;
         } else if r == 0 || shared.stalled() {
@@ -246,15 +281,18 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
         } else {
             match uffd.read_events(&mut events) {
                 Ok(mut iter) => iter.try_for_each(|ev| {
-                    let ev = ev.map_err(|e| e.to_string())?;
+                    let ev = ev.map_err(HandlerError::uffd("read event"))?;
                     handle_event(shared, uffd, ev)
                 }),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(HandlerError::uffd("read events")(e)),
             }
         };
         if let Err(e) = result {
             if shared.state.load(SeqCst) == LIVE {
-                tracing::error!("frozen image: copy-before-write handler failed: {e}");
+                tracing::error!(
+                    "frozen image: copy-before-write handler failed: {}",
+                    Chain(&e)
+                );
                 shared.shut(FAILED, uffd);
             }
             return;
@@ -262,8 +300,9 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
     }
 }
 
-fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String> {
-    let unprotect = |page| unprotect(uffd, page, PAGE_SIZE).map_err(|e| e.to_string());
+fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), HandlerError> {
+    let unprotect =
+        |page| unprotect(uffd, page, PAGE_SIZE).map_err(HandlerError::uffd("unprotect"));
     match event {
         Event::Pagefault { kind, addr, .. } => {
             let page = addr as usize & !(PAGE_SIZE - 1);
@@ -273,7 +312,7 @@ fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), String
                 // Not registered for these; never leave a thread waiting.
                 return uffd
                     .wake(page as *mut c_void, PAGE_SIZE)
-                    .map_err(|e| e.to_string());
+                    .map_err(HandlerError::uffd("wake"));
             }
             shared.wp_faults.fetch_add(1, SeqCst);
             let index = ((page - shared.base) / PAGE_SIZE) as u64;
@@ -291,7 +330,7 @@ const COPY_OUT_RUN: u64 = 64;
 /// Copies page `index` aside if it has no copy yet, under its stripe lock
 /// (the fault handler and the copy-out thread both come here). Returns
 /// false once the image is no longer live.
-fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
+fn copy_aside(shared: &Shared, index: u64) -> Result<bool, HandlerError> {
     let mut stripe = shared.stripe(index);
     if shared.state.load(SeqCst) != LIVE {
         return Ok(false);
@@ -305,7 +344,10 @@ fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
         // exists, and protection is removed only after a copy is stored), so
         // every writer is blocked and the 4 KiB cannot change under the copy.
         unsafe { std::ptr::copy_nonoverlapping(page as *const u8, copy.as_mut_ptr(), PAGE_SIZE) };
-        if shared.still_protected(index).map_err(|e| e.to_string())? {
+        if shared
+            .still_protected(index)
+            .map_err(HandlerError::Pagemap)?
+        {
             slot.insert(copy);
             shared.pages_copied.fetch_add(1, SeqCst);
             shared.bytes_held.fetch_add(PAGE_SIZE as u64, SeqCst);
@@ -316,7 +358,7 @@ fn copy_aside(shared: &Shared, index: u64) -> Result<bool, String> {
 
 /// The copy-out thread: runs of populated pages are copied aside, then
 /// their protection is removed in one call.
-fn copy_out(shared: &Shared, uffd: &Uffd, populated: &[u64]) {
+fn copy_out(shared: &Shared, uffd: &Uffd, populated: &Bitmap) {
     // Background work: yield the cores to vCPUs and clone start-up first.
     // SAFETY: setpriority on this thread's own id (Linux applies nice
     // values per thread); no memory is involved.
@@ -325,11 +367,7 @@ fn copy_out(shared: &Shared, uffd: &Uffd, populated: &[u64]) {
         libc::setpriority(libc::PRIO_PROCESS, tid, 15);
     }
     let pages = (shared.len / PAGE_SIZE) as u64;
-    let is_populated = |i: u64| {
-        populated
-            .get(i as usize / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
-    };
+    let is_populated = |i: u64| populated.get(i as usize).is_some_and(|b| *b);
     let mut first = 0;
     while first < pages {
         let end = (first + COPY_OUT_RUN).min(pages);
@@ -339,7 +377,7 @@ fn copy_out(shared: &Shared, uffd: &Uffd, populated: &[u64]) {
                 Ok(true) => any = true,
                 Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!("frozen image: copy-out stopped: {e}");
+                    tracing::warn!("frozen image: copy-out stopped: {}", Chain(&e));
                     return;
                 }
             }
@@ -377,7 +415,7 @@ impl Control {
 pub struct FrozenImage {
     shared: Arc<Shared>,
     /// Bit `i`: page `i` was populated at the freeze (else it reads as zeros).
-    populated: Vec<u64>,
+    populated: Arc<Bitmap>,
     pages_populated: u64,
     protect_duration: Duration,
     freeze_duration: Duration,
@@ -452,7 +490,7 @@ impl FrozenImage {
         };
         let mut image = FrozenImage {
             shared,
-            populated: Vec::new(),
+            populated: Arc::default(),
             pages_populated: 0,
             protect_duration: Duration::ZERO,
             freeze_duration: Duration::ZERO,
@@ -473,7 +511,9 @@ impl FrozenImage {
         uffd.write_protect(addr.cast(), len)
             .map_err(|e| uffd_error("write-protect", e))?;
         image.protect_duration = started.elapsed();
-        (image.populated, image.pages_populated) = classify(&image.shared, base, pages)?;
+        let populated = classify(&image.shared, base, pages)?;
+        image.pages_populated = populated.count_ones() as u64;
+        image.populated = Arc::new(populated);
         image.freeze_duration = started.elapsed();
         Ok(Arc::new(image))
     }
@@ -495,9 +535,10 @@ impl FrozenImage {
 
     /// Whether page `index` was populated at the freeze.
     pub fn was_populated(&self, index: u64) -> bool {
-        self.populated
-            .get(index as usize / 64)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.populated.get(i))
+            .is_some_and(|b| *b)
     }
 
     /// Copies every page populated at the freeze aside in the background,
@@ -587,10 +628,11 @@ impl PageSource for FrozenImage {
         unsafe { std::ptr::copy_nonoverlapping(page as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
         match shared.still_protected(index) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(SourceError::Unavailable(format!(
-                "page {index} was discarded after the freeze"
-            ))),
-            Err(e) => Err(SourceError::Unavailable(format!("pagemap: {e}"))),
+            Ok(false) => Err(SourceError::Discarded { index }),
+            Err(e) => Err(SourceError::Pagemap {
+                index,
+                source: Arc::new(e),
+            }),
         }
     }
 }
@@ -608,10 +650,9 @@ fn read_pagemap(file: &File, vpn: usize, bytes: &mut [u8], out: &mut Vec<u64>) -
     Ok(())
 }
 
-/// Returns the populated-at-freeze bitmap and its population count.
-fn classify(shared: &Shared, base: usize, pages: usize) -> Result<(Vec<u64>, u64), ImageError> {
-    let mut bits = vec![0u64; pages.div_ceil(64)];
-    let mut count = 0;
+/// Returns the populated-at-freeze bitmap.
+fn classify(shared: &Shared, base: usize, pages: usize) -> Result<Bitmap, ImageError> {
+    let mut bits = Bitmap::repeat(false, pages);
     let mut bytes = vec![0u8; PAGEMAP_CHUNK.min(pages) * 8];
     let mut entries = Vec::with_capacity(PAGEMAP_CHUNK);
     let mut done = 0;
@@ -631,14 +672,11 @@ fn classify(shared: &Shared, base: usize, pages: usize) -> Result<(Vec<u64>, u64
             let populated = e & PM_UFFD_WP != 0
                 || (e & (PM_PRESENT | PM_SWAPPED) != 0
                     && shared.stripe(i as u64).contains_key(&(i as u64)));
-            if populated {
-                bits[i / 64] |= 1 << (i % 64);
-                count += 1;
-            }
+            bits.set(i, populated);
         }
         done += n;
     }
-    Ok((bits, count))
+    Ok(bits)
 }
 
 /// Whether pagemap reports the uffd-wp bit (probed once per process on a

@@ -3,14 +3,18 @@
 //! - [`source`]: the [`PageSource`] trait clones fault pages from.
 //! - [`image`]: a frozen parent image: copy-before-write of the parent's
 //!   memory at the fork instant, while the parent runs on.
+//! - [`auth`]: family keys (random id, random secret), datagram MACs and
+//!   the replay window.
 //! - [`wire`]: the versioned UDP wire format (page requests and replies).
 //! - [`server`]: the page server, one session per fork family.
 //! - [`client`]: a [`PageSource`] that fetches from a server over UDP.
 
+pub mod auth;
 pub mod client;
 pub mod image;
 pub mod server;
 pub mod source;
 pub mod wire;
 
+pub use auth::FamilyKey;
 pub use source::{PageSource, SourceError, PAGE_SIZE};

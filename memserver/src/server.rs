@@ -1,34 +1,66 @@
 //! The page server: one UDP socket, one session per fork family.
 //!
 //! A receive thread decodes datagrams and answers the cheap cases itself
-//! (info requests, unknown families, out-of-range and oversized requests,
-//! malformed datagrams are counted and dropped). Valid page requests go
-//! through a bounded queue ([`ServerLimits::max_inflight`]) to a few worker
-//! threads that read the pages from the family's [`PageSource`] and send one
-//! reply datagram per page to the requester. A full queue is answered with
-//! [`ErrorCode::Overloaded`]; the requester asks again after its timeout.
+//! (info requests, out-of-range and oversized requests). Valid page
+//! requests go through a bounded queue ([`ServerLimits::max_inflight`]) to
+//! a few worker threads that read the pages from the family's
+//! [`PageSource`] and send one reply datagram per page to the requester. A
+//! full queue is answered with [`ErrorCode::Overloaded`]; the requester
+//! asks again after its timeout.
+//!
+//! **Who gets an answer (no amplification).** The server answers a
+//! datagram only if it *proves* that its sender holds the family's secret:
+//! its family is one the server knows, its MAC ([`crate::auth`]) verifies
+//! under that family's key, and its (client, sequence number) has not been
+//! seen before (the replay window). Everything else is dropped without a
+//! reply and counted: [`ServerStats::dropped_unknown_family`],
+//! [`ServerStats::dropped_bad_mac`], [`ServerStats::dropped_replay`],
+//! [`ServerStats::dropped_unproven`] (requests of the old unauthenticated
+//! wire version), [`ServerStats::dropped_too_many_clients`],
+//! [`ServerStats::malformed`]. So a party without the secret cannot make
+//! the server send a single byte, to its own address or to a spoofed one,
+//! and a captured request cannot be resent. We chose this over a cookie
+//! handshake (prove the address first) because every requester must hold
+//! the secret anyway (the pages are secret), and it costs clones no round
+//! trip before their first page. What remains: the MAC does not cover the
+//! source address (so NAT and proxies work), so an on-path attacker who
+//! captures a request *and keeps it from reaching the server* can deliver
+//! it once from a spoofed address; that needs a position from which it
+//! could flood the victim itself. Replies that are not pages (errors, info)
+//! are never larger than a request ([`crate::wire`]).
+//!
+//! A removed family's key is kept a while ([`TOMBSTONES`] families), so its
+//! clients get an authenticated `UnknownFamily` at once instead of a
+//! timeout.
 //!
 //! Memory is bounded: each thread owns one datagram buffer and one page
-//! buffer; queued requests are a few words each.
+//! buffer; queued requests are a few words each; replay windows are
+//! bounded per family ([`crate::auth::MAX_CLIENTS_PER_FAMILY`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::wire::{Body, ErrorCode, Frame, MAX_DATAGRAM};
+use crate::auth::{FamilyKey, RandomError, Refusal, ReplayGuard};
+use crate::source::lock;
+use crate::wire::{self, Body, ErrorCode, Frame, WireError, MAX_DATAGRAM, VERSION};
 use crate::{PageSource, SourceError, PAGE_SIZE};
 
 /// How often the receive thread checks for shutdown.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Socket buffer sizes asked for (the kernel caps them at rmem/wmem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Removed families whose keys are kept to answer `UnknownFamily`.
+pub const TOMBSTONES: usize = 64;
+/// Tries at a family id nobody uses (64 random bits: one is plenty).
+const ID_TRIES: usize = 8;
 
 /// Bounds on what one server takes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,42 +86,70 @@ impl Default for ServerLimits {
     }
 }
 
+/// Why binding a server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot bind the page server socket on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start a page server thread: {0}")]
-    Spawn(io::Error),
+    Spawn(#[source] io::Error),
+    #[error("invalid server limits: {0}")]
+    BadLimits(&'static str),
+}
+
+/// Why a family could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddFamilyError {
     #[error("fork family {0} is already served")]
     FamilyExists(u64),
     #[error("the server already serves its maximum of {0} families")]
     TooManyFamilies(usize),
-    #[error("invalid server limits: {0}")]
-    BadLimits(&'static str),
+    #[error("cannot make a family key")]
+    Key(#[source] RandomError),
 }
 
 /// Counters of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FamilyStats {
     pub family: u64,
-    /// Page requests accepted for this family.
+    /// Authenticated page requests accepted for this family.
     pub requests: u64,
     pub pages_sent: u64,
+    /// Clients with a replay window.
+    pub clients: usize,
 }
 
 /// Server counters (monotonic since bind).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServerStats {
-    /// Well-formed page requests received (any outcome).
+    /// Authenticated page requests received (any outcome).
     pub requests: u64,
-    /// Well-formed info requests received.
+    /// Authenticated info requests received.
     pub info_requests: u64,
     pub pages_sent: u64,
     /// Bytes of all datagrams sent (replies and errors).
     pub bytes_sent: u64,
-    /// Datagrams that did not decode, or were not requests; dropped.
+    /// Datagrams that did not decode, were not requests, or asked for no
+    /// pages; dropped.
     pub malformed: u64,
-    pub unknown_family: u64,
+    /// Requests for a family id the server does not know; dropped.
+    pub dropped_unknown_family: u64,
+    /// Requests whose MAC did not verify under their family's key; dropped.
+    pub dropped_bad_mac: u64,
+    /// Authenticated requests whose sequence number was seen before or is
+    /// older than the replay window; dropped.
+    pub dropped_replay: u64,
+    /// Requests without authentication (older wire versions); dropped.
+    pub dropped_unproven: u64,
+    /// Authenticated requests of a new client of a family that has its
+    /// maximum of clients; dropped.
+    pub dropped_too_many_clients: u64,
+    /// Authenticated requests for a removed family, answered `UnknownFamily`.
+    pub family_gone: u64,
     pub out_of_range: u64,
     pub too_large: u64,
     pub overloaded: u64,
@@ -108,7 +168,12 @@ struct Counters {
     pages_sent: AtomicU64,
     bytes_sent: AtomicU64,
     malformed: AtomicU64,
-    unknown_family: AtomicU64,
+    dropped_unknown_family: AtomicU64,
+    dropped_bad_mac: AtomicU64,
+    dropped_replay: AtomicU64,
+    dropped_unproven: AtomicU64,
+    dropped_too_many_clients: AtomicU64,
+    family_gone: AtomicU64,
     out_of_range: AtomicU64,
     too_large: AtomicU64,
     overloaded: AtomicU64,
@@ -120,29 +185,53 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What authenticates a family's datagrams; outlives the family a while.
+struct Auth {
+    key: FamilyKey,
+    replay: ReplayGuard,
+}
+
 struct Family {
+    auth: Arc<Auth>,
     source: Arc<dyn PageSource>,
     requests: AtomicU64,
     pages_sent: AtomicU64,
 }
 
+/// A family id's standing on the server.
+enum Lookup {
+    Live(Arc<Family>),
+    Gone(Arc<Auth>),
+    Unknown,
+}
+
 struct Shared {
     socket: UdpSocket,
     families: RwLock<HashMap<u64, Arc<Family>>>,
+    /// Keys of recently removed families, oldest first.
+    gone: Mutex<VecDeque<Arc<Auth>>>,
     counters: Counters,
     limits: ServerLimits,
     stop: AtomicBool,
 }
 
 impl Shared {
-    fn family(&self, id: u64) -> Option<Arc<Family>> {
-        let map = self.families.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&id).cloned()
+    fn lookup(&self, id: u64) -> Lookup {
+        let map = self.families.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = map.get(&id) {
+            return Lookup::Live(f.clone());
+        }
+        drop(map);
+        match lock(&self.gone).iter().find(|a| a.key.id() == id) {
+            Some(a) => Lookup::Gone(a.clone()),
+            None => Lookup::Unknown,
+        }
     }
 
     /// Encodes and sends one frame to `peer`, counting bytes or the failure.
-    fn send(&self, buf: &mut [u8; MAX_DATAGRAM], peer: Peer, body: Body<'_>) -> bool {
-        let n = Frame::new(peer.family, peer.req_id, body).encode_into(buf);
+    fn send(&self, buf: &mut [u8; MAX_DATAGRAM], peer: &Peer, body: Body<'_>) -> bool {
+        let frame = Frame::new(peer.auth.key.id(), peer.client, peer.seq, body);
+        let n = frame.encode_into(&peer.auth.key, buf);
         match self.socket.send_to(&buf[..n], peer.to) {
             Ok(sent) => {
                 let c = &self.counters.bytes_sent;
@@ -157,24 +246,22 @@ impl Shared {
         }
     }
 
-    fn send_error(
-        &self,
-        buf: &mut [u8; MAX_DATAGRAM],
-        peer: Peer,
-        code: ErrorCode,
-        page: u64,
-        detail: u64,
-    ) {
+    fn send_error(&self, buf: &mut [u8; MAX_DATAGRAM], peer: &Peer, refusal: Refused) {
+        let (code, page, detail) = refusal;
         self.send(buf, peer, Body::ErrorReply { code, page, detail });
     }
 }
 
-/// Where a reply goes and what it echoes.
-#[derive(Debug, Clone, Copy)]
+/// An error reply: code, page, detail.
+type Refused = (ErrorCode, u64, u64);
+
+/// Where a reply goes, what it echoes and the key it is tagged with.
+#[derive(Clone)]
 struct Peer {
     to: SocketAddr,
-    family: u64,
-    req_id: u32,
+    auth: Arc<Auth>,
+    client: u64,
+    seq: u64,
 }
 
 /// A page request accepted for serving.
@@ -226,6 +313,7 @@ impl MemServer {
         let shared = Arc::new(Shared {
             socket,
             families: RwLock::new(HashMap::new()),
+            gone: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
             limits,
             stop: AtomicBool::new(false),
@@ -266,24 +354,51 @@ impl MemServer {
         self.local
     }
 
-    /// Starts serving `family` from `source`.
-    pub fn add_family(&self, family: u64, source: Arc<dyn PageSource>) -> Result<(), ServerError> {
+    /// Starts serving a new family from `source`, under a fresh random key
+    /// (id and secret). Its clients need the key ([`crate::client`]).
+    pub fn add_family(&self, source: Arc<dyn PageSource>) -> Result<FamilyKey, AddFamilyError> {
+        let mut last = None;
+        for _ in 0..ID_TRIES {
+            let key = FamilyKey::generate().map_err(AddFamilyError::Key)?;
+            match self.add_family_with_key(key.clone(), source.clone()) {
+                Ok(()) => return Ok(key),
+                Err(AddFamilyError::FamilyExists(id)) => last = Some(id),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(AddFamilyError::FamilyExists(last.unwrap_or_default()))
+    }
+
+    /// Starts serving `key.id()` from `source` under a key made elsewhere
+    /// (e.g. by the host that froze the parent).
+    pub fn add_family_with_key(
+        &self,
+        key: FamilyKey,
+        source: Arc<dyn PageSource>,
+    ) -> Result<(), AddFamilyError> {
+        let id = key.id();
         let mut map = self
             .shared
             .families
             .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.contains_key(&family) {
-            return Err(ServerError::FamilyExists(family));
+            .unwrap_or_else(PoisonError::into_inner);
+        let tombstoned = lock(&self.shared.gone).iter().any(|a| a.key.id() == id);
+        if map.contains_key(&id) || tombstoned {
+            return Err(AddFamilyError::FamilyExists(id));
         }
         if map.len() >= self.shared.limits.max_families {
-            return Err(ServerError::TooManyFamilies(
+            return Err(AddFamilyError::TooManyFamilies(
                 self.shared.limits.max_families,
             ));
         }
+        let auth = Arc::new(Auth {
+            key,
+            replay: ReplayGuard::default(),
+        });
         map.insert(
-            family,
+            id,
             Arc::new(Family {
+                auth,
                 source,
                 requests: AtomicU64::new(0),
                 pages_sent: AtomicU64::new(0),
@@ -294,13 +409,22 @@ impl MemServer {
 
     /// Stops serving `family`; returns whether it was served. Requests
     /// already queued for it still complete; the source is dropped after.
+    /// Its key is kept for a while to answer late requests `UnknownFamily`.
     pub fn remove_family(&self, family: u64) -> bool {
         let mut map = self
             .shared
             .families
             .write()
-            .unwrap_or_else(|e| e.into_inner());
-        map.remove(&family).is_some()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = map.remove(&family) else {
+            return false;
+        };
+        let mut gone = lock(&self.shared.gone);
+        if gone.len() >= TOMBSTONES {
+            gone.pop_front();
+        }
+        gone.push_back(f.auth.clone());
+        true
     }
 
     /// A snapshot of the counters.
@@ -312,12 +436,13 @@ impl MemServer {
                 .shared
                 .families
                 .read()
-                .unwrap_or_else(|e| e.into_inner());
+                .unwrap_or_else(PoisonError::into_inner);
             map.iter()
                 .map(|(&family, f)| FamilyStats {
                     family,
                     requests: get(&f.requests),
                     pages_sent: get(&f.pages_sent),
+                    clients: f.auth.replay.clients(),
                 })
                 .collect()
         };
@@ -328,7 +453,12 @@ impl MemServer {
             pages_sent: get(&c.pages_sent),
             bytes_sent: get(&c.bytes_sent),
             malformed: get(&c.malformed),
-            unknown_family: get(&c.unknown_family),
+            dropped_unknown_family: get(&c.dropped_unknown_family),
+            dropped_bad_mac: get(&c.dropped_bad_mac),
+            dropped_replay: get(&c.dropped_replay),
+            dropped_unproven: get(&c.dropped_unproven),
+            dropped_too_many_clients: get(&c.dropped_too_many_clients),
+            family_gone: get(&c.family_gone),
             out_of_range: get(&c.out_of_range),
             too_large: get(&c.too_large),
             overloaded: get(&c.overloaded),
@@ -394,41 +524,31 @@ fn receive_loop(shared: &Shared, tx: SyncSender<Job>) {
                 continue;
             }
         };
-        let frame = match Frame::decode(&rbuf[..n]) {
-            Ok(f) => f,
-            Err(e) => {
-                bump(&shared.counters.malformed);
-                tracing::debug!(%from, error = %e, "dropping malformed datagram");
-                continue;
-            }
-        };
-        let peer = Peer {
-            to: from,
-            family: frame.family,
-            req_id: frame.req_id,
+        let Some((peer, family, body)) = admit(shared, &rbuf[..n], from) else {
+            continue;
         };
         let c = &shared.counters;
-        match frame.body {
+        let Some(family) = family else {
+            bump(&c.family_gone);
+            shared.send_error(&mut sbuf, &peer, (ErrorCode::UnknownFamily, 0, 0));
+            continue;
+        };
+        match body {
             Body::InfoRequest => {
                 bump(&c.info_requests);
-                let Some(f) = shared.family(peer.family) else {
-                    bump(&c.unknown_family);
-                    shared.send_error(&mut sbuf, peer, ErrorCode::UnknownFamily, 0, 0);
-                    continue;
-                };
                 let body = Body::InfoReply {
-                    pages: f.source.pages(),
+                    pages: family.source.pages(),
                     max_window: shared.limits.max_pages_per_request,
                 };
-                shared.send(&mut sbuf, peer, body);
+                shared.send(&mut sbuf, &peer, body);
             }
             Body::PageRequest { first_page, count } => {
                 bump(&c.requests);
-                if let Err((code, page, detail)) = accept(shared, &tx, peer, first_page, count) {
-                    shared.send_error(&mut sbuf, peer, code, page, detail);
+                if let Err(refused) = accept(shared, &tx, family, &peer, first_page, count) {
+                    shared.send_error(&mut sbuf, &peer, refused);
                 }
             }
-            // Replies are not for us: a foreign or looped-back datagram.
+            // `admit` passes requests only.
             Body::PageReply { .. } | Body::ErrorReply { .. } | Body::InfoReply { .. } => {
                 bump(&c.malformed);
             }
@@ -436,24 +556,81 @@ fn receive_loop(shared: &Shared, tx: SyncSender<Job>) {
     }
 }
 
+/// Checks that a datagram proves itself (module docs): decodes, is a
+/// request, of a family the server knows (live, or removed: `None`), with
+/// a valid MAC and a fresh sequence number. Counts and drops all else.
+fn admit<'a>(
+    shared: &Shared,
+    dgram: &'a [u8],
+    from: SocketAddr,
+) -> Option<(Peer, Option<Arc<Family>>, Body<'a>)> {
+    let c = &shared.counters;
+    let frame = match Frame::decode(dgram) {
+        Ok(f) if f.body.kind().is_request() => f,
+        Ok(_) => {
+            // Replies are not for us: a foreign or looped-back datagram.
+            bump(&c.malformed);
+            return None;
+        }
+        Err(WireError::UnsupportedVersion(v)) if v < VERSION => {
+            bump(&c.dropped_unproven);
+            tracing::debug!(%from, version = v, "dropping unauthenticated old-version datagram");
+            return None;
+        }
+        Err(e) => {
+            bump(&c.malformed);
+            tracing::debug!(%from, error = %e, "dropping malformed datagram");
+            return None;
+        }
+    };
+    let (auth, family) = match shared.lookup(frame.family) {
+        Lookup::Live(f) => (f.auth.clone(), Some(f)),
+        Lookup::Gone(a) => (a, None),
+        Lookup::Unknown => {
+            bump(&c.dropped_unknown_family);
+            return None;
+        }
+    };
+    if let Err(e) = wire::verify(dgram, &auth.key) {
+        bump(&c.dropped_bad_mac);
+        tracing::debug!(%from, error = %e, "dropping forged datagram");
+        return None;
+    }
+    match auth.replay.accept(frame.client, frame.seq) {
+        Ok(()) => {}
+        Err(Refusal::Replayed) => {
+            bump(&c.dropped_replay);
+            return None;
+        }
+        Err(Refusal::TooManyClients) => {
+            bump(&c.dropped_too_many_clients);
+            return None;
+        }
+    }
+    let peer = Peer {
+        to: from,
+        auth,
+        client: frame.client,
+        seq: frame.seq,
+    };
+    Some((peer, family, frame.body))
+}
+
 /// Validates a page request and queues it for a worker; `Err` is the error
-/// reply to send (code, page, detail).
+/// reply to send.
 fn accept(
     shared: &Shared,
     tx: &SyncSender<Job>,
-    peer: Peer,
+    family: Arc<Family>,
+    peer: &Peer,
     first: u64,
     count: u32,
-) -> Result<(), (ErrorCode, u64, u64)> {
+) -> Result<(), Refused> {
     let c = &shared.counters;
     if count == 0 {
         bump(&c.malformed);
         return Ok(());
     }
-    let Some(family) = shared.family(peer.family) else {
-        bump(&c.unknown_family);
-        return Err((ErrorCode::UnknownFamily, first, 0));
-    };
     bump(&family.requests);
     let limit = shared.limits.max_pages_per_request;
     if count > limit {
@@ -470,7 +647,7 @@ fn accept(
     }
     let job = Job {
         family,
-        peer,
+        peer: peer.clone(),
         first,
         count,
     };
@@ -492,7 +669,7 @@ fn worker_loop(shared: &Shared, rx: &Mutex<Receiver<Job>>) {
     let mut page = [0u8; PAGE_SIZE];
     loop {
         let job = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let rx = lock(rx);
             match rx.recv() {
                 Ok(j) => j,
                 Err(_) => return,
@@ -515,24 +692,24 @@ fn serve(shared: &Shared, job: &Job, sbuf: &mut [u8; MAX_DATAGRAM], page: &mut [
                     (ErrorCode::OutOfRange, pages)
                 }
                 SourceError::UnknownFamily(_) => {
-                    bump(&c.unknown_family);
+                    bump(&c.family_gone);
                     (ErrorCode::UnknownFamily, 0)
                 }
-                SourceError::Unavailable(msg) => {
+                e => {
                     bump(&c.internal_errors);
-                    let family = job.peer.family;
-                    tracing::debug!(family, page = i, %msg, "page source failed");
+                    let family = job.family.auth.key.id();
+                    tracing::debug!(family, page = i, error = %e, "page source failed");
                     (ErrorCode::Internal, 0)
                 }
             };
-            shared.send_error(sbuf, job.peer, code, i, detail);
+            shared.send_error(sbuf, &job.peer, (code, i, detail));
             return;
         }
         let body = Body::PageReply {
             page: i,
             data: page,
         };
-        if shared.send(sbuf, job.peer, body) {
+        if shared.send(sbuf, &job.peer, body) {
             bump(&c.pages_sent);
             bump(&job.family.pages_sent);
         }
@@ -559,30 +736,51 @@ mod tests {
     }
 
     #[test]
-    fn families_are_bounded_and_unique() {
+    fn families_are_bounded_unique_and_random() {
         let limits = ServerLimits {
             max_families: 2,
             ..ServerLimits::default()
         };
         let mut s = MemServer::bind(localhost(), limits).expect("bind");
         assert_ne!(s.local_addr().port(), 0);
-        s.add_family(1, Arc::new(Zeros(4))).expect("add 1");
+        let k1 = FamilyKey::from_parts(1, [1; 32]);
+        s.add_family_with_key(k1.clone(), Arc::new(Zeros(4)))
+            .expect("add 1");
         assert!(matches!(
-            s.add_family(1, Arc::new(Zeros(4))),
-            Err(ServerError::FamilyExists(1))
+            s.add_family_with_key(k1, Arc::new(Zeros(4))),
+            Err(AddFamilyError::FamilyExists(1))
         ));
-        s.add_family(2, Arc::new(Zeros(4))).expect("add 2");
+        let k2 = s.add_family(Arc::new(Zeros(4))).expect("add random");
         assert!(matches!(
-            s.add_family(3, Arc::new(Zeros(4))),
-            Err(ServerError::TooManyFamilies(2))
+            s.add_family(Arc::new(Zeros(4))),
+            Err(AddFamilyError::TooManyFamilies(2))
         ));
         assert!(s.remove_family(1));
         assert!(!s.remove_family(1));
-        s.add_family(3, Arc::new(Zeros(4))).expect("add 3");
+        // A removed family's id is not reused while its key is kept.
+        assert!(matches!(
+            s.add_family_with_key(FamilyKey::from_parts(1, [9; 32]), Arc::new(Zeros(4))),
+            Err(AddFamilyError::FamilyExists(1))
+        ));
+        let k3 = s.add_family(Arc::new(Zeros(4))).expect("add 3");
+        assert_ne!(k2.id(), k3.id());
+        assert_ne!(k2.secret(), k3.secret());
         let fams: Vec<u64> = s.stats().families.iter().map(|f| f.family).collect();
-        assert_eq!(fams, vec![2, 3]);
+        let mut want = vec![k2.id(), k3.id()];
+        want.sort_unstable();
+        assert_eq!(fams, want);
         s.shutdown();
         s.shutdown();
+    }
+
+    #[test]
+    fn tombstones_are_bounded() {
+        let s = MemServer::bind(localhost(), ServerLimits::default()).expect("bind");
+        for _ in 0..TOMBSTONES + 5 {
+            let k = s.add_family(Arc::new(Zeros(1))).expect("add");
+            assert!(s.remove_family(k.id()));
+        }
+        assert_eq!(lock(&s.shared.gone).len(), TOMBSTONES);
     }
 
     #[test]

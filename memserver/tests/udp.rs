@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use memserver::client::{ClientError, ClientOptions, PageClient};
 use memserver::server::{MemServer, ServerLimits};
 use memserver::wire::{Body, ErrorCode, Frame, MAX_DATAGRAM};
-use memserver::{PageSource, SourceError, PAGE_SIZE};
+use memserver::{FamilyKey, PageSource, SourceError, PAGE_SIZE};
 
-/// Pages with distinct contents: page `i` of family `f` starts with `i`
-/// and `f`, then a pattern depending on both.
+/// Pages with distinct contents: page `i` of family label `f` starts with
+/// `i` and `f`, then a pattern depending on both. (Labels name the test's
+/// families; their wire ids are random.)
 struct VecSource {
     pages: Vec<[u8; PAGE_SIZE]>,
     delay: Duration,
@@ -62,12 +63,14 @@ fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
-fn server_with(families: &[(u64, u64)]) -> MemServer {
+/// A server serving families `(label, pages)`, and their keys in order.
+fn server_with(families: &[(u64, u64)]) -> (MemServer, Vec<FamilyKey>) {
     let s = MemServer::bind(localhost(), ServerLimits::default()).expect("bind server");
-    for &(f, n) in families {
-        s.add_family(f, VecSource::new(f, n)).expect("add family");
-    }
-    s
+    let keys = families
+        .iter()
+        .map(|&(f, n)| s.add_family(VecSource::new(f, n)).expect("add family"))
+        .collect();
+    (s, keys)
 }
 
 /// Reads `first .. first + count` and checks every page arrives exactly
@@ -90,8 +93,9 @@ fn check_range(c: &PageClient, family: u64, first: u64, count: u64) {
 
 #[test]
 fn single_pages_and_ranges_are_exact() {
-    let s = server_with(&[(1, 300)]);
-    let c = PageClient::new(s.local_addr(), 1, ClientOptions::default()).expect("client");
+    let (s, keys) = server_with(&[(1, 300)]);
+    let c =
+        PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("client");
     assert_eq!(c.pages(), 300);
     assert_eq!(c.window(), 64);
     let mut buf = [0u8; PAGE_SIZE];
@@ -110,18 +114,35 @@ fn single_pages_and_ranges_are_exact() {
     assert!(ss.pages_sent >= cs.pages_received);
     assert!(ss.bytes_sent >= ss.pages_sent * (PAGE_SIZE as u64));
     assert_eq!(ss.families.len(), 1);
+    assert_eq!(ss.families[0].family, keys[0].id());
     assert_eq!(ss.families[0].pages_sent, ss.pages_sent);
+    assert_eq!(ss.families[0].clients, 1);
+    assert_eq!(cs.forged_dropped, 0);
 }
 
+/// A key the server does not know gets no answer at all (the client times
+/// out); a removed family's clients are told at once, authenticated.
 #[test]
-fn unknown_family_and_out_of_range_are_typed_and_quick() {
-    let s = server_with(&[(1, 10)]);
-    let t = Instant::now();
-    match PageClient::new(s.local_addr(), 99, ClientOptions::default()) {
-        Err(ClientError::Source(SourceError::UnknownFamily(99))) => {}
-        other => panic!("expected UnknownFamily, got {other:?}"),
+fn unknown_key_is_silent_removed_family_and_out_of_range_are_typed_and_quick() {
+    let (s, keys) = server_with(&[(1, 10)]);
+    let quick = ClientOptions {
+        timeout: Duration::from_millis(20),
+        retries: 2,
+        ..ClientOptions::default()
+    };
+    let stranger = FamilyKey::generate().expect("key");
+    match PageClient::new(s.local_addr(), stranger.clone(), quick) {
+        Err(ClientError::Source(SourceError::NoAnswer {
+            family, tries: 3, ..
+        })) => {
+            assert_eq!(family, stranger.id())
+        }
+        other => panic!("expected NoAnswer, got {other:?}"),
     }
-    let c = PageClient::new(s.local_addr(), 1, ClientOptions::default()).expect("client");
+    assert_eq!(s.stats().dropped_unknown_family, 3);
+    let t = Instant::now();
+    let c =
+        PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("client");
     let mut buf = [0u8; PAGE_SIZE];
     // Caught locally from the image size.
     assert_eq!(
@@ -136,25 +157,31 @@ fn unknown_family_and_out_of_range_are_typed_and_quick() {
         Err(SourceError::OutOfRange { index: 10, .. })
     ));
     // Answered by the server: the family shrank behind the client's back.
-    s.remove_family(1);
-    s.add_family(1, VecSource::new(1, 4)).expect("re-add");
+    let small = s.add_family(VecSource::new(1, 4)).expect("add");
+    let c4 = PageClient::with_pages(s.local_addr(), small, 10, ClientOptions::default())
+        .expect("client");
     assert_eq!(
-        c.read_page(7, &mut buf),
+        c4.read_page(7, &mut buf),
         Err(SourceError::OutOfRange { index: 7, pages: 4 })
     );
-    s.remove_family(1);
-    assert_eq!(c.read_page(0, &mut buf), Err(SourceError::UnknownFamily(1)));
+    assert!(s.remove_family(keys[0].id()));
+    assert_eq!(
+        c.read_page(0, &mut buf),
+        Err(SourceError::UnknownFamily(keys[0].id()))
+    );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     let ss = s.stats();
-    assert_eq!(ss.unknown_family, 2);
+    assert_eq!(ss.family_gone, 1);
     assert_eq!(ss.out_of_range, 1);
 }
 
 #[test]
 fn malformed_and_foreign_datagrams_are_ignored_and_counted() {
-    let s = server_with(&[(1, 8)]);
+    let (s, keys) = server_with(&[(1, 8)]);
+    let (key, id) = (&keys[0], keys[0].id());
     let raw = UdpSocket::bind(localhost()).expect("raw");
     let req = Frame::new(
+        id,
         1,
         5,
         Body::PageRequest {
@@ -162,30 +189,32 @@ fn malformed_and_foreign_datagrams_are_ignored_and_counted() {
             count: 1,
         },
     )
-    .encode();
+    .encode(key);
     let mut bad_version = req.clone();
     bad_version[4] = 9;
     let mut bad_kind = req.clone();
     bad_kind[5] = 200;
     let reply = Frame::new(
+        id,
         1,
-        5,
+        6,
         Body::ErrorReply {
             code: ErrorCode::Internal,
             page: 0,
             detail: 0,
         },
     )
-    .encode();
+    .encode(key);
     let zero_count = Frame::new(
+        id,
         1,
-        6,
+        7,
         Body::PageRequest {
             first_page: 0,
             count: 0,
         },
     )
-    .encode();
+    .encode(key);
     let bad: Vec<Vec<u8>> = vec![
         vec![],
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
@@ -201,7 +230,7 @@ fn malformed_and_foreign_datagrams_are_ignored_and_counted() {
     for d in &bad {
         raw.send_to(d, s.local_addr()).expect("send junk");
     }
-    let c = PageClient::new(s.local_addr(), 1, ClientOptions::default()).expect("client");
+    let c = PageClient::new(s.local_addr(), key.clone(), ClientOptions::default()).expect("client");
     check_range(&c, 1, 0, 8);
     // Junk got no answer.
     raw.set_nonblocking(true).expect("nonblocking");
@@ -213,16 +242,17 @@ fn malformed_and_foreign_datagrams_are_ignored_and_counted() {
 #[test]
 fn raw_info_and_too_large_requests() {
     let s = MemServer::bind(localhost(), ServerLimits::default()).expect("bind");
-    s.add_family(9, VecSource::new(9, 3)).expect("add");
+    let key = s.add_family(VecSource::new(9, 3)).expect("add");
     let c = UdpSocket::bind(localhost()).expect("client");
     c.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
-    let req = Frame::new(9, 77, Body::InfoRequest).encode();
+    let req = Frame::new(key.id(), 5, 77, Body::InfoRequest).encode(&key);
     c.send_to(&req, s.local_addr()).expect("send");
     let mut buf = [0u8; MAX_DATAGRAM];
     let n = c.recv(&mut buf).expect("reply");
-    let f = Frame::decode(&buf[..n]).expect("decode");
-    assert_eq!(f.req_id, 77);
+    assert!(n <= req.len(), "info reply larger than its request");
+    let f = Frame::open(&buf[..n], &key).expect("authentic reply");
+    assert_eq!((f.client, f.seq), (5, 77));
     assert_eq!(
         f.body,
         Body::InfoReply {
@@ -231,16 +261,19 @@ fn raw_info_and_too_large_requests() {
         }
     );
     let req = Frame::new(
-        9,
+        key.id(),
+        5,
         78,
         Body::PageRequest {
             first_page: 0,
             count: 65,
         },
-    );
-    c.send_to(&req.encode(), s.local_addr()).expect("send");
+    )
+    .encode(&key);
+    c.send_to(&req, s.local_addr()).expect("send");
     let n = c.recv(&mut buf).expect("reply");
-    let f = Frame::decode(&buf[..n]).expect("decode");
+    assert!(n <= req.len(), "error reply larger than its request");
+    let f = Frame::open(&buf[..n], &key).expect("authentic reply");
     assert!(matches!(
         f.body,
         Body::ErrorReply {
@@ -264,24 +297,24 @@ fn overloaded_server_refuses_then_serves() {
         pages: (0..4).map(|i| expected(2, i)).collect(),
         delay: Duration::from_millis(100),
     });
-    s.add_family(2, src).expect("add");
+    let key = s.add_family(src).expect("add");
     let raw = UdpSocket::bind(localhost()).expect("raw");
     raw.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     // At most one request is served and one queued; the third is refused.
-    for id in 0..3 {
+    for seq in 1..=3 {
         let body = Body::PageRequest {
-            first_page: id.into(),
+            first_page: seq - 1,
             count: 1,
         };
-        raw.send_to(&Frame::new(2, id, body).encode(), s.local_addr())
-            .expect("send");
+        let req = Frame::new(key.id(), 1, seq, body).encode(&key);
+        raw.send_to(&req, s.local_addr()).expect("send");
     }
     let mut buf = [0u8; MAX_DATAGRAM];
     let (mut pages, mut refused) = (0, 0);
     while pages + refused < 3 {
         let n = raw.recv(&mut buf).expect("reply");
-        match Frame::decode(&buf[..n]).expect("decode").body {
+        match Frame::open(&buf[..n], &key).expect("authentic").body {
             Body::PageReply { .. } => pages += 1,
             Body::ErrorReply {
                 code: ErrorCode::Overloaded,
@@ -297,14 +330,15 @@ fn overloaded_server_refuses_then_serves() {
         timeout: Duration::from_millis(300),
         ..ClientOptions::default()
     };
-    let c = PageClient::new(s.local_addr(), 2, opts).expect("client");
+    let c = PageClient::new(s.local_addr(), key, opts).expect("client");
     check_range(&c, 2, 0, 4);
 }
 
 #[test]
 fn server_gone_gives_unavailable_in_bounded_time() {
-    let mut s = server_with(&[(1, 8)]);
-    let c = PageClient::new(s.local_addr(), 1, ClientOptions::default()).expect("client");
+    let (mut s, keys) = server_with(&[(1, 8)]);
+    let c =
+        PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("client");
     s.shutdown();
     let t = Instant::now();
     let mut buf = [0u8; PAGE_SIZE];
@@ -316,18 +350,21 @@ fn server_gone_gives_unavailable_in_bounded_time() {
         "{el:?}"
     );
     match err {
-        SourceError::Unavailable(msg) => {
-            assert!(msg.contains("family 1, page 3 after 41 tries"), "{msg}");
-        }
+        SourceError::NoAnswer {
+            family,
+            page: 3,
+            tries: 41,
+            ..
+        } => assert_eq!(family, keys[0].id()),
         e => panic!("unexpected {e}"),
     }
 }
 
 #[test]
 fn silent_server_gives_unavailable_in_bounded_time() {
-    let s = server_with(&[(1, 8)]);
+    let (s, keys) = server_with(&[(1, 8)]);
     let proxy = LossyProxy::start(s.local_addr(), 0);
-    let c = PageClient::new(proxy.addr, 1, ClientOptions::default()).expect("client");
+    let c = PageClient::new(proxy.addr, keys[0].clone(), ClientOptions::default()).expect("client");
     proxy.drop_percent.store(100, Ordering::Relaxed);
     let t = Instant::now();
     let err = c.read_pages(0, 8, &mut |_, _| {}).expect_err("blackholed");
@@ -336,15 +373,15 @@ fn silent_server_gives_unavailable_in_bounded_time() {
         el > Duration::from_secs(1) && el < Duration::from_secs(10),
         "{el:?}"
     );
-    assert!(matches!(err, SourceError::Unavailable(_)), "{err}");
+    assert!(matches!(err, SourceError::NoAnswer { .. }), "{err}");
     assert_eq!(c.stats().retries, 40);
 }
 
 #[test]
 fn lossy_path_still_delivers_every_page() {
-    let s = server_with(&[(4, 512)]);
+    let (s, keys) = server_with(&[(4, 512)]);
     let proxy = LossyProxy::start(s.local_addr(), 20);
-    let c = PageClient::new(proxy.addr, 4, ClientOptions::default()).expect("client");
+    let c = PageClient::new(proxy.addr, keys[0].clone(), ClientOptions::default()).expect("client");
     check_range(&c, 4, 0, 512);
     let mut buf = [0u8; PAGE_SIZE];
     for i in (0..512).step_by(37) {
@@ -356,13 +393,17 @@ fn lossy_path_still_delivers_every_page() {
     eprintln!("lossy: proxy dropped {dropped}, client {cs:?}");
     assert!(dropped > 50, "proxy dropped only {dropped}");
     assert!(cs.retries > 0);
+    // Re-requests are new datagrams with fresh numbers: none is a replay.
+    let ss = s.stats();
+    assert_eq!((ss.dropped_replay, ss.dropped_bad_mac), (0, 0), "{ss:?}");
+    assert_eq!(cs.forged_dropped, 0);
 }
 
 #[test]
 fn two_families_on_one_server() {
-    let s = server_with(&[(10, 100), (20, 50)]);
-    let a = PageClient::new(s.local_addr(), 10, ClientOptions::default()).expect("a");
-    let b = PageClient::new(s.local_addr(), 20, ClientOptions::default()).expect("b");
+    let (s, keys) = server_with(&[(10, 100), (20, 50)]);
+    let a = PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("a");
+    let b = PageClient::new(s.local_addr(), keys[1].clone(), ClientOptions::default()).expect("b");
     assert_eq!((a.pages(), b.pages()), (100, 50));
     std::thread::scope(|sc| {
         sc.spawn(|| check_range(&a, 10, 0, 100));
@@ -370,24 +411,44 @@ fn two_families_on_one_server() {
     });
     let fams = s.stats().families;
     assert_eq!(fams.len(), 2);
-    assert!(fams[0].family == 10 && fams[0].pages_sent >= 100);
-    assert!(fams[1].family == 20 && fams[1].pages_sent >= 50);
+    let of = |k: &FamilyKey| fams.iter().find(|f| f.family == k.id()).expect("served");
+    assert!(of(&keys[0]).pages_sent >= 100);
+    assert!(of(&keys[1]).pages_sent >= 50);
+    // A client of one family cannot read the other: its key is not theirs.
+    let wrong = FamilyKey::from_parts(keys[1].id(), *keys[0].secret());
+    let quick = ClientOptions {
+        timeout: Duration::from_millis(20),
+        retries: 1,
+        ..ClientOptions::default()
+    };
+    assert!(PageClient::new(s.local_addr(), wrong, quick).is_err());
+    assert_eq!(s.stats().dropped_bad_mac, 2);
 }
 
 #[test]
 fn loopback_throughput() {
     let n = 8192;
-    let s = server_with(&[(1, n)]);
-    let c = PageClient::new(s.local_addr(), 1, ClientOptions::default()).expect("client");
+    let (s, keys) = server_with(&[(1, n)]);
+    let c =
+        PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("client");
+    let want: Vec<[u8; PAGE_SIZE]> = (0..n).map(|i| expected(1, i)).collect();
     let t = Instant::now();
-    let mut sum = 0u64;
-    c.read_pages(0, n, &mut |_, d| sum += u64::from(d[0]))
-        .expect("read");
+    let mut seen = vec![false; n as usize];
+    c.read_pages(0, n, &mut |i, d| {
+        assert!(d[..] == want[i as usize][..], "page {i} differs");
+        assert!(
+            !std::mem::replace(&mut seen[i as usize], true),
+            "page {i} twice"
+        );
+    })
+    .expect("read");
     let el = t.elapsed();
+    assert!(seen.iter().all(|&s| s), "pages missing");
     let t1 = Instant::now();
     let mut buf = [0u8; PAGE_SIZE];
     for i in 0..1000 {
         c.read_page(i, &mut buf).expect("read_page");
+        assert!(buf[..] == expected(1, i)[..], "page {i} differs");
     }
     let single = t1.elapsed() / 1000;
     eprintln!(
@@ -397,7 +458,6 @@ fn loopback_throughput() {
         (n as f64 * PAGE_SIZE as f64) / el.as_secs_f64() / 1e6,
         c.stats()
     );
-    assert!(sum > 0);
 }
 
 /// A UDP forwarder between one client and a server that drops a share of
@@ -481,9 +541,14 @@ impl Drop for LossyProxy {
 
 #[test]
 fn client_with_known_size_skips_the_info_round_trip() {
-    let server = server_with(&[(7, 200)]);
-    let c = PageClient::with_pages(server.local_addr(), 7, 200, ClientOptions::default())
-        .expect("client");
+    let (server, keys) = server_with(&[(7, 200)]);
+    let c = PageClient::with_pages(
+        server.local_addr(),
+        keys[0].clone(),
+        200,
+        ClientOptions::default(),
+    )
+    .expect("client");
     assert_eq!(c.pages(), 200);
     assert_eq!(
         c.stats().requests_sent,
@@ -491,12 +556,19 @@ fn client_with_known_size_skips_the_info_round_trip() {
         "no request before the first read"
     );
     check_range(&c, 7, 10, 40);
-    // A wrong family is only noticed at the first read, and typed.
-    let bad = PageClient::with_pages(server.local_addr(), 99, 200, ClientOptions::default())
-        .expect("client");
+    // A removed family is only noticed at the first read, and typed.
+    let gone = server.add_family(VecSource::new(8, 200)).expect("add");
+    let bad = PageClient::with_pages(
+        server.local_addr(),
+        gone.clone(),
+        200,
+        ClientOptions::default(),
+    )
+    .expect("client");
+    assert!(server.remove_family(gone.id()));
     let mut buf = [0u8; PAGE_SIZE];
     assert_eq!(
         bad.read_page(0, &mut buf),
-        Err(SourceError::UnknownFamily(99))
+        Err(SourceError::UnknownFamily(gone.id()))
     );
 }

@@ -44,8 +44,10 @@ pub enum ForkError {
     Descriptor(#[from] descriptor::DescriptorError),
     #[error("cannot freeze the parent's memory")]
     Freeze(#[source] memserver::image::ImageError),
-    #[error("memory server")]
-    MemServer(#[source] memserver::server::ServerError),
+    #[error("cannot register the family with the memory server")]
+    MemServer(#[source] memserver::server::AddFamilyError),
+    #[error("cannot make the family's key")]
+    Key(#[source] memserver::auth::RandomError),
     #[error("memory server client")]
     PageClient(#[source] memserver::client::ClientError),
     #[error("cannot start the {what} thread")]

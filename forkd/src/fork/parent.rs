@@ -22,7 +22,7 @@ use guest_agent::abi;
 use memserver::client::{ClientOptions, PageClient};
 use memserver::image::FrozenImage;
 use memserver::server::MemServer;
-use memserver::{PageSource, PAGE_SIZE};
+use memserver::{FamilyKey, PageSource, PAGE_SIZE};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,8 +30,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// Family ids are unique per process (one memory server serves them all).
-static NEXT_FAMILY: AtomicU64 = AtomicU64::new(1);
 const REAP_SLICE: Duration = Duration::from_millis(50);
 /// Ended families kept for their reports (`GET /v1/vms/{id}`).
 const ENDED_FAMILIES_KEPT: usize = 16;
@@ -105,6 +103,8 @@ pub struct FamilyReport {
 
 pub struct Family {
     id: u64,
+    /// The family's id and secret on the memory server.
+    key: FamilyKey,
     image: Arc<PendingImage>,
     /// Keeps the parent's mapping alive as long as the image reads it.
     _memory: GuestMemory,
@@ -177,7 +177,7 @@ impl Family {
     /// Drops the frozen image once no clone needs it.
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
-            self.memserver.remove_family(self.id);
+            self.memserver.remove_family(self.key.id());
             self.image.fail("the fork family has ended");
         }
     }
@@ -382,7 +382,10 @@ impl ForkHub {
         granted: u64,
         pool: Option<Arc<ShellPool>>,
     ) -> Result<Arc<Family>, ForkError> {
-        let id = NEXT_FAMILY.fetch_add(1, Ordering::Relaxed);
+        // A random id and a secret per family: only holders of the secret
+        // (the family's clones) can read its pages from the memory server.
+        let key = FamilyKey::generate().map_err(ForkError::Key)?;
+        let id = key.id();
         let region = req.memory.iter().next().ok_or(ForkError::NoMemory)?;
         // The descriptor first (the parent is stopped, its memory is as at
         // the fork instant), then the family, then the clones are built
@@ -391,10 +394,11 @@ impl ForkHub {
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         self.memserver
-            .add_family(id, pending.clone() as Arc<dyn PageSource>)
+            .add_family_with_key(key.clone(), pending.clone() as Arc<dyn PageSource>)
             .map_err(ForkError::MemServer)?;
         let family = Arc::new(Family {
             id,
+            key,
             image: pending.clone(),
             _memory: req.memory.clone(),
             memserver: self.memserver.clone(),
@@ -489,7 +493,8 @@ fn launch(
                 // The image size is the descriptor's memory: no round trip.
                 let client = || {
                     let pages = desc.state.mem_bytes / PAGE_SIZE as u64;
-                    PageClient::with_pages(server, family.id, pages, ClientOptions::default())
+                    let key = family.key.clone();
+                    PageClient::with_pages(server, key, pages, ClientOptions::default())
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
                         .map_err(ForkError::PageClient)
                 };

@@ -90,15 +90,6 @@ impl PageSource for PendingImage {
     fn read_page(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), SourceError> {
         self.wait()?.read_page(index, buf)
     }
-
-    fn read_pages(
-        &self,
-        first: u64,
-        count: u64,
-        out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
-    ) -> Result<(), SourceError> {
-        self.wait()?.read_pages(first, count, out)
-    }
 }
 
 #[cfg(test)]
