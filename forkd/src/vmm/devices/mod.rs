@@ -33,6 +33,10 @@ pub enum PioAction {
         page_gpa: u64,
         ticket: u64,
     },
+    /// The guest called `OP_SLEEP` (answered): sleep up to `ns`.
+    Sleep {
+        ns: u64,
+    },
 }
 
 /// Device state that goes into a snapshot.
@@ -99,6 +103,7 @@ impl Devices {
                 HypercallAction::Join { page_gpa, ticket } => {
                     return PioAction::Join { page_gpa, ticket }
                 }
+                HypercallAction::Sleep { ns } => return PioAction::Sleep { ns },
             },
             _ => self.unhandled_pio += 1,
         }
