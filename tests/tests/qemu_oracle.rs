@@ -34,7 +34,9 @@ fn straight_line_clone_stand_in() {
 }
 
 /// Runs `forkd run` on `cmdline` and returns its done line and the host
-/// CPU time (user + sys) it used, from wait4's rusage.
+/// CPU time (user + sys) it used, from wait4's rusage (wait4 reaps it,
+/// which clippy cannot see).
+#[allow(clippy::zombie_processes)]
 fn forkd_run_cpu(cmdline: &str) -> (String, Duration) {
     tests::require_kvm();
     let mut child = Command::new(tests::forkd_bin())
