@@ -2,7 +2,9 @@
 //! their next tick most of the time, paced asleep in the VMM (`OP_SLEEP`,
 //! the default) against spinning on the TSC (`pace_spin=1`, the old
 //! pacing). All N VMs run in this process, so its own CPU time (getrusage
-//! user + sys) is theirs.
+//! user + sys, which keeps the time of threads that ended) is theirs.
+//! Spinning zones take every core they can get, so their figure is bounded
+//! by the host's cores and by whatever else runs on it.
 
 use crate::stats::{ms, Report};
 use crate::vms::{config, WAIT};
