@@ -71,20 +71,18 @@ fn forkd_run_cpu(cmdline: &str) -> (String, Duration) {
 #[test]
 fn paced_by_sleep_matches_qemu_and_spinning_and_leaves_the_cpu_idle() {
     // 100 ticks of 15 ms: 1.5 s, the zone idle most of each tick.
-    let cmdline = "ticks=100 seed=17 state_mib=4 alloc_mib=1 dirty_pages=20 tick_us=15000";
+    let cmdline = "ticks=100 seed=17 state_mib=2 dirty_pages=20 tick_us=15000";
     let (asleep, asleep_cpu) = forkd_run_cpu(cmdline);
-    let (spinning, spinning_cpu) = forkd_run_cpu(&format!("{cmdline} pace_spin=1"));
+    let (spinning, _) = forkd_run_cpu(&format!("{cmdline} pace_spin=1"));
     assert_eq!(asleep, qemu_done_line(cmdline, 64), "forkd asleep vs QEMU");
     assert_eq!(asleep, spinning, "asleep vs spinning");
-    // Spinning burns the whole 1.5 s; asleep the zone's work and one
-    // hypercall per tick (~0.3 ms each on this nested KVM), plus boot.
+    // Spinning would burn the whole 1.5 s (as much of it as a loaded host
+    // lets it have, so it is not compared); asleep costs the zone's work
+    // and one hypercall per tick (~0.2 ms each on this nested KVM), plus
+    // boot: ~0.1 s.
     assert!(
-        spinning_cpu > Duration::from_millis(300),
-        "spinning used only {spinning_cpu:?}"
-    );
-    assert!(
-        asleep_cpu * 3 < spinning_cpu,
-        "asleep used {asleep_cpu:?}, spinning {spinning_cpu:?}"
+        asleep_cpu < Duration::from_millis(400),
+        "a zone paced asleep used {asleep_cpu:?} of host CPU in a 1.5 s run"
     );
 }
 
