@@ -1,11 +1,12 @@
 //! forkd-bench: measures and prints forkd's boot, pause, snapshot/restore
-//! and VM fork figures, and QEMU's boot and restore of the same guest for
+//! and VM fork figures, the host CPU of idle paced zones, and QEMU's boot and restore of the same guest for
 //! comparison. It prints
 //! figures only; it asserts nothing about them.
 
 mod fork;
 mod fork_faults;
 mod fork_qemu;
+mod idle;
 mod qemu;
 mod stats;
 mod vms;
@@ -25,6 +26,9 @@ enum Only {
     /// VM fork: clone start, fork time, descriptor, avoidance, read-ahead,
     /// clone run time, and QEMU -incoming restore of the same guest.
     Fork,
+    /// Host CPU of many paced, mostly idle zones: asleep in the VMM
+    /// against spinning on the TSC.
+    Idle,
 }
 
 /// One part of the fork figures (`--only fork`).
@@ -61,6 +65,12 @@ struct Args {
     /// With `--only fork`: run only this part of the fork figures.
     #[arg(long, value_enum)]
     fork_part: Option<ForkPart>,
+    /// Paced zones run at once for the idle figure.
+    #[arg(long, default_value_t = 32)]
+    idle_zones: usize,
+    /// Runs of the idle figure (each way: asleep and spinning).
+    #[arg(long, default_value_t = 2)]
+    idle_runs: usize,
     /// Pause/resume cycles for the pause figure.
     #[arg(long, default_value_t = 100)]
     pause_cycles: usize,
@@ -104,6 +114,9 @@ fn run(args: Args, guest: &Path, report: &mut Report) -> Result<()> {
     if want(Only::Qemu) {
         let forkd = forkd_bin(args.forkd_bin.clone());
         qemu::qemu(report, guest, qemu_runs, forkd.as_deref())?;
+    }
+    if want(Only::Idle) {
+        idle::idle(report, guest, args.idle_zones.max(1), args.idle_runs.max(1))?;
     }
     if want(Only::Fork) {
         let runs = args.fork_runs.max(1);

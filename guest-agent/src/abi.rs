@@ -73,6 +73,16 @@ pub const OP_SF_KILL: u32 = 7;
 pub const OP_WILL_OVERWRITE: u32 = 8;
 /// A ticket is unknown, already used, or the VMM cannot fork this VM.
 pub const STATUS_REFUSED: u32 = 3;
+/// The guest has nothing to do for `args[0]` nanoseconds: the VMM parks
+/// the vCPU (no host CPU used) for at most that long and at most
+/// [`SLEEP_MAX_NS`], and less when it must pause, save or stop the VM.
+/// The call is answered (`ret[0]` = the ns granted) before the sleep, so
+/// a VM saved while asleep resumes after the call. The guest must check
+/// its own clock on return and call again (or spin) if it woke early.
+/// Timing only: nothing the guest computes may depend on it.
+pub const OP_SLEEP: u32 = 9;
+/// The longest one [`OP_SLEEP`] sleeps (a guest wanting more calls again).
+pub const SLEEP_MAX_NS: u64 = 1_000_000_000;
 
 /// Exit codes the zone guest writes to [`EXIT_PORT`].
 pub const EXIT_OK: u8 = 0;

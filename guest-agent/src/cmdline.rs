@@ -19,6 +19,10 @@ pub struct ZoneConfig {
     pub dirty_pages: u64,
     /// Pace ticks to this many microseconds by the TSC (0: flat out).
     pub tick_us: u64,
+    /// Wait for the next tick by spinning on the TSC even when the VMM
+    /// could sleep the vCPU (`OP_SLEEP`): the old behaviour, for
+    /// measurements. Timing only.
+    pub pace_spin: bool,
     /// Tick at which the zone forks (before that tick runs).
     pub fork_at: Option<u64>,
     /// Clones requested at `fork_at`.
@@ -40,6 +44,7 @@ impl Default for ZoneConfig {
             alloc_mib: 0,
             dirty_pages: 0,
             tick_us: 0,
+            pace_spin: false,
             fork_at: None,
             clones: None,
             as_clone: None,
@@ -149,6 +154,10 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
                 cfg.hostile_hello = check("hostile_hello", n?, 0, 2)?;
                 9
             }
+            "pace_spin" => {
+                cfg.pace_spin = check("pace_spin", n?, 0, 1)? == 1;
+                10
+            }
             _ => return Err(CmdlineError::UnknownKey(key)),
         };
         if seen & (1 << bit) != 0 {
@@ -195,6 +204,12 @@ mod tests {
             (c.fork_at, c.clones, c.as_clone),
             (Some(3), Some(4), Some(2))
         );
+        assert!(parse("tick_us=5 pace_spin=1").unwrap().pace_spin);
+        assert!(!parse("pace_spin=0").unwrap().pace_spin);
+        assert!(matches!(
+            parse("pace_spin=2"),
+            Err(CmdlineError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! with one 32-bit port write of the page's address. A page the VMM did not
 //! answer keeps `STATUS_NO_VMM` (under QEMU the write just vanishes).
 
-use crate::abi::{HypercallPage, HYPERCALL_PORT, STATUS_NO_VMM};
+use crate::abi::{HypercallPage, HYPERCALL_PORT, OP_SLEEP, STATUS_NO_VMM, STATUS_OK};
 use crate::io::outl;
 
 #[repr(C, align(4096))]
@@ -33,4 +33,12 @@ pub fn call(op: u32, args: [u64; 8]) -> Option<(u32, [u64; 4])> {
         let answer = page.read_volatile();
         (answer.status != STATUS_NO_VMM).then_some((answer.status, answer.ret))
     }
+}
+
+/// `OP_SLEEP`: asks the VMM to park this vCPU for up to `ns`. True if it
+/// took the call (it may still have woken us early); false without one.
+pub fn sleep(ns: u64) -> bool {
+    let mut args = [0u64; 8];
+    args[0] = ns;
+    matches!(call(OP_SLEEP, args), Some((STATUS_OK, _)))
 }

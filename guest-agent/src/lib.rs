@@ -3,12 +3,13 @@
 //! Built twice: for `x86_64-unknown-none` as the runtime of the `zone-guest`
 //! binary (boot code, console, hypercalls, page allocator), and for the host,
 //! where the VMM uses [`abi`] and the tests run the pure parts ([`cmdline`],
-//! [`palloc`], [`zone`]) directly.
+//! [`palloc`], [`pace`], [`zone`]) directly.
 #![cfg_attr(not(test), no_std)]
 
 pub mod abi;
 pub mod cmdline;
 pub mod mix;
+pub mod pace;
 pub mod palloc;
 pub mod zone;
 

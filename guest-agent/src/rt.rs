@@ -5,7 +5,7 @@ use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZ
 use crate::console::Console;
 use crate::palloc::PageAllocator;
 use crate::zone::{self, Platform, ZoneError};
-use crate::{boot, cmdline, hypercall, io, pvh, sf};
+use crate::{boot, cmdline, hypercall, io, pace, pvh, sf};
 use core::fmt::Write;
 
 const TWO_MIB: u64 = 2 << 20;
@@ -74,6 +74,21 @@ struct GuestPlatform {
     ticket: Option<sf::Ticket>,
     /// The agent page's fork epoch when last looked at.
     fork_epoch: u64,
+    /// Wait for ticks asleep in the VMM (`OP_SLEEP`); cleared when no VMM
+    /// answers (QEMU) or `pace_spin=1`.
+    can_sleep: bool,
+}
+
+/// The TSC and the VMM's sleep, for `pace::wait_until`.
+struct TscClock;
+
+impl pace::Clock for TscClock {
+    fn now(&mut self) -> u64 {
+        io::rdtsc()
+    }
+    fn sleep_ns(&mut self, ns: u64) -> bool {
+        hypercall::sleep(ns)
+    }
 }
 
 impl Platform for GuestPlatform {
@@ -140,9 +155,7 @@ impl Platform for GuestPlatform {
 
     fn pace(&mut self, tick: u64, tick_us: u64) {
         let due = self.tsc_start + tick * tick_us * self.tsc_per_us;
-        while io::rdtsc() < due {
-            core::hint::spin_loop();
-        }
+        pace::wait_until(due, self.tsc_per_us, &mut self.can_sleep, &mut TscClock);
     }
 }
 
@@ -213,10 +226,8 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         }
         _ => {}
     }
-    let vmm = match hypercall::call(OP_HELLO, args) {
-        Some(_) => "forkd",
-        None => "none",
-    };
+    let answered = hypercall::call(OP_HELLO, args).is_some();
+    let vmm = if answered { "forkd" } else { "none" };
     let _ = writeln!(
         Console,
         "zone: start ticks={} state_mib={} ram_mib={} vmm={vmm}",
@@ -238,6 +249,7 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
         tsc_per_us: tsc_per_us(),
         ticket: None,
         fork_epoch: 0,
+        can_sleep: answered && !cfg.pace_spin,
     };
     // Reserve the clones now (SnowFlock's ticket): the VMM can build their
     // VMs while the zone runs up to `fork_at`.

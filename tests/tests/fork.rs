@@ -161,6 +161,39 @@ fn sixteen_clones() {
     );
 }
 
+/// A paced zone (asleep in the VMM between ticks) forks, and parent and
+/// clones, pacing on asleep, end with QEMU's checksums.
+#[test]
+fn paced_fork_matches_qemu() {
+    matches_qemu(
+        "ticks=10 seed=40 state_mib=8 dirty_pages=20 fork_at=4 clones=2 tick_us=20000",
+        2,
+    );
+}
+
+/// A host fork of a guest asleep in `OP_SLEEP` (0.1 s ticks): the parent
+/// and every clone wake, see the fork and end with QEMU's checksums.
+#[test]
+fn host_fork_of_a_sleeping_guest_matches_qemu() {
+    let cmdline = "ticks=6 seed=41 state_mib=8 dirty_pages=10 tick_us=100000";
+    let (mut parent, hub) = boot_forkable(cmdline);
+    std::thread::sleep(Duration::from_millis(150));
+    let family = fork_vm(&mut parent, &hub, 2).expect("host fork of a sleeping guest");
+    let parent_done = finish(&mut parent);
+    assert!(
+        hub.wait_clones(Duration::from_secs(60)),
+        "clones still running"
+    );
+    let oracle = host_fork_oracle(&parent, cmdline, 2);
+    assert_eq!(parent_done, oracle(0));
+    let report = family.report();
+    assert_eq!(report.clones.len(), 2, "{:?}", report.start_failures);
+    for c in &report.clones {
+        assert_eq!(c.exit, VmExit::Guest(0), "clone {}", c.clone_id);
+        assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
+    }
+}
+
 #[test]
 fn fork_at_the_first_and_after_the_last_tick() {
     matches_qemu("ticks=6 seed=34 state_mib=4 fork_at=0 clones=2", 2);

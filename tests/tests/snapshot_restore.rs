@@ -35,6 +35,20 @@ fn early_mid_late_snapshots_finish_like_the_straight_run() {
     }
 }
 
+/// Snapshots of a zone paced by 150 ms ticks, taken while it is asleep in
+/// the VMM (`OP_SLEEP`), restore to the uninterrupted run's result; the
+/// restored guest sleeps on where it left off.
+#[test]
+fn snapshot_of_a_sleeping_guest_finishes_like_the_straight_run() {
+    let cmdline = "ticks=6 seed=12 state_mib=16 dirty_pages=40 alloc_mib=1 tick_us=150000";
+    let expected = straight_run(cmdline, MEM);
+    for ms in [100, 380] {
+        let dir = tempfile::tempdir().unwrap();
+        snapshot_after(cmdline, MEM, Duration::from_millis(ms), dir.path());
+        assert_eq!(restore_to_end(dir.path()), expected, "snapshot at {ms} ms");
+    }
+}
+
 #[test]
 fn same_snapshot_restored_twice_gives_the_same_result() {
     let expected = straight_run(PACED, MEM);

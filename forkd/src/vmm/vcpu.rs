@@ -243,15 +243,19 @@ fn settle(fd: &mut VcpuFd) -> Result<(), VcpuExitReason> {
     r
 }
 
-/// Handles commands; returns `Some(reason)` if the thread must end.
+/// Handles commands (`first`, if given, then the channel's); returns
+/// `Some(reason)` if the thread must end.
 fn handle_commands(
     setup: &mut VcpuSetup,
     commands: &Receiver<Command>,
     state: &Mutex<VcpuRunState>,
+    mut first: Option<Command>,
 ) -> Option<VcpuExitReason> {
     let mut paused = false;
     loop {
-        let cmd = if paused {
+        let cmd = if let Some(c) = first.take() {
+            c
+        } else if paused {
             match commands.recv() {
                 Ok(c) => c,
                 Err(_) => return Some(VcpuExitReason::Stopped),
@@ -359,13 +363,31 @@ fn serve_hypercall(
     }
 }
 
+/// `OP_SLEEP` (the device answered it already): wait up to `d` on the
+/// command channel, outside KVM_RUN and with no device lock held. A
+/// command ends the sleep early and is handled as at the top of the loop
+/// (a pause settles the doorbell `out`, so a save taken now resumes after
+/// the call); the guest checks its clock and sleeps again if it is early.
+fn sleep_vcpu(
+    setup: &mut VcpuSetup,
+    commands: &Receiver<Command>,
+    state: &Mutex<VcpuRunState>,
+    d: Duration,
+) -> Option<VcpuExitReason> {
+    match commands.recv_timeout(d) {
+        Ok(cmd) => handle_commands(setup, commands, state, Some(cmd)),
+        Err(RecvTimeoutError::Timeout) => None,
+        Err(RecvTimeoutError::Disconnected) => Some(VcpuExitReason::Stopped),
+    }
+}
+
 fn run_loop(
     setup: &mut VcpuSetup,
     commands: &Receiver<Command>,
     state: &Mutex<VcpuRunState>,
 ) -> VcpuExitReason {
     loop {
-        if let Some(reason) = handle_commands(setup, commands, state) {
+        if let Some(reason) = handle_commands(setup, commands, state, None) {
             return reason;
         }
         setup.first_run.get_or_init(Instant::now);
@@ -382,6 +404,12 @@ fn run_loop(
                     PioAction::Fail(why) => return VcpuExitReason::Failed(why),
                     PioAction::Service { page_gpa, page } => {
                         if let Some(reason) = serve_hypercall(setup, page_gpa, &page) {
+                            return reason;
+                        }
+                    }
+                    PioAction::Sleep { ns } => {
+                        let d = Duration::from_nanos(ns.min(abi::SLEEP_MAX_NS));
+                        if let Some(reason) = sleep_vcpu(setup, commands, state, d) {
                             return reason;
                         }
                     }

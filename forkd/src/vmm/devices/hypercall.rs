@@ -52,6 +52,9 @@ pub enum HypercallAction {
     /// The guest broke the hypercall contract in a way that makes the VM
     /// unsafe to go on with (a hostile HELLO): fail it with this reason.
     Fail(String),
+    /// `OP_SLEEP`, already answered: the vCPU thread sleeps up to `ns`
+    /// (at most `abi::SLEEP_MAX_NS`), no device lock held.
+    Sleep { ns: u64 },
 }
 
 impl HypercallDevice {
@@ -137,6 +140,15 @@ impl HypercallDevice {
         }
         let mut page = HypercallPage::from_bytes(&raw);
         self.state.calls += 1;
+        if page.op == abi::OP_SLEEP {
+            // Answer before sleeping: a pause or save during the sleep
+            // then saves a finished call.
+            let ns = page.args[0].min(abi::SLEEP_MAX_NS);
+            page.status = abi::STATUS_OK;
+            page.ret = [ns, 0, 0, 0];
+            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+            return HypercallAction::Sleep { ns };
+        }
         if page.op == abi::OP_HELLO {
             if let Err(why) = self.hello(&page) {
                 self.state.rejected += 1;
@@ -264,5 +276,29 @@ mod tests {
         dev.doorbell(&0x3000u32.to_le_bytes());
         mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
         assert_eq!(HypercallPage::from_bytes(&raw).status, abi::STATUS_BAD_ARGS);
+    }
+
+    #[test]
+    fn sleep_is_answered_first_and_capped() {
+        let mem = memory::anonymous(16 << 20).unwrap();
+        let mut dev = HypercallDevice::new(mem.clone(), Console::new(false, None));
+        for (asked, granted) in [(5_000_000, 5_000_000), (u64::MAX, abi::SLEEP_MAX_NS)] {
+            let mut page = HypercallPage {
+                op: abi::OP_SLEEP,
+                status: abi::STATUS_NO_VMM,
+                ..Default::default()
+            };
+            page.args[0] = asked;
+            mem.write_slice(&page.to_bytes(), GuestAddress(0x3000))
+                .unwrap();
+            assert_eq!(
+                dev.doorbell(&0x3000u32.to_le_bytes()),
+                HypercallAction::Sleep { ns: granted }
+            );
+            let mut raw = [0u8; HypercallPage::SIZE];
+            mem.read_slice(&mut raw, GuestAddress(0x3000)).unwrap();
+            let answer = HypercallPage::from_bytes(&raw);
+            assert_eq!((answer.status, answer.ret[0]), (abi::STATUS_OK, granted));
+        }
     }
 }

@@ -30,6 +30,10 @@ pub enum PioAction {
     },
     /// The guest broke the device contract: fail the VM with this reason.
     Fail(String),
+    /// The guest called `OP_SLEEP` (answered): sleep up to `ns`.
+    Sleep {
+        ns: u64,
+    },
 }
 
 /// Device state that goes into a snapshot.
@@ -88,6 +92,7 @@ impl Devices {
                     return PioAction::Service { page_gpa, page }
                 }
                 HypercallAction::Fail(why) => return PioAction::Fail(why),
+                HypercallAction::Sleep { ns } => return PioAction::Sleep { ns },
             },
             _ => self.unhandled_pio += 1,
         }
