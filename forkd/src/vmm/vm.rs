@@ -7,9 +7,10 @@ use crate::fork::{Answer, ForkRequest, ForkService};
 use crate::vmm::boot::{self, BootError};
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
+use crate::vmm::integrity::{self, Verifier};
 use crate::vmm::kvm::{KvmContext, KvmError};
 use crate::vmm::memory::{self, GuestMemory, MemoryError};
-use crate::vmm::persist::{self, PersistError, VmState};
+use crate::vmm::persist::{self, PersistError, StateFile, VmState};
 use crate::vmm::vcpu::{VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuRunState, VcpuSetup};
 use guest_agent::abi;
 use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, CpuId};
@@ -170,6 +171,8 @@ pub struct Vm {
     /// wait on it), before the memory goes.
     fault_handler: Option<FaultHandler>,
     fork_service: Option<Arc<dyn ForkService>>,
+    /// A lazily restored VM's background check of its memory file.
+    integrity: Option<Verifier>,
     vcpu_count: u8,
     events: Receiver<VcpuEvent>,
     event_tx: mpsc::Sender<VcpuEvent>,
@@ -320,16 +323,15 @@ impl Vm {
     /// Restores a VM from a snapshot directory and starts it.
     pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let state: VmState = persist::read_state(dir)?;
+        let StateFile { vm: state, memory: digest } = persist::read_state(dir)?;
         if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
             return Err(VmError::BadVcpus(state.vcpus.len() as u64));
         }
         let ctx = KvmContext::get()?;
         let mem_path = dir.join(persist::MEMORY_FILE);
-        let memory = match opts.memory {
-            RestoreMemory::Lazy => memory::from_file(&mem_path, state.mem_bytes)?,
-            RestoreMemory::Eager => memory::from_file_eager(&mem_path, state.mem_bytes)?,
-        };
+        let eager = opts.memory == RestoreMemory::Eager;
+        let (memory, verifier) =
+            integrity::restore_memory(&mem_path, &digest, state.mem_bytes, eager)?;
         let vm_fd = ioctl("KVM_CREATE_VM", ctx.kvm.create_vm())?;
         register_memory(&vm_fd, &memory)?;
         let irqchip = state.irqchip.is_some();
@@ -354,6 +356,7 @@ impl Vm {
             started,
         );
         vm.vcpu_count = state.vcpus.len() as u8;
+        vm.integrity = verifier;
         let mut fds = Vec::new();
         for vs in &state.vcpus {
             let fd = ioctl("KVM_CREATE_VCPU", vm.vm_fd.create_vcpu(vs.id as u64))?;
@@ -392,6 +395,7 @@ impl Vm {
             vcpus: Vec::new(),
             fault_handler: None,
             fork_service: None,
+            integrity: None,
             vcpu_count: 1,
             events,
             event_tx,
@@ -628,15 +632,12 @@ impl Vm {
             clock,
             devices,
         };
-        let (tmp, file) = persist::create_memory_tmp(dir)?;
-        let memory_bytes =
-            memory::write_sparse(&self.memory, &file).map_err(VmError::MemoryWrite)?;
-        drop(file);
-        persist::commit_memory(dir, &tmp)?;
-        let state_bytes = persist::write_state(dir, &state)?;
+        // Never re-checksum memory restored from a damaged file.
+        integrity::ensure_verified(&mut self.integrity)?;
+        let w = persist::write_snapshot(dir, &self.memory, state)?;
         Ok(SnapshotStats {
-            state_bytes,
-            memory_bytes,
+            state_bytes: w.state_bytes,
+            memory_bytes: w.memory_bytes,
             duration: t.elapsed(),
         })
     }
@@ -655,6 +656,11 @@ impl Vm {
                 self.exit = Some(exit.clone());
                 return Ok(exit);
             }
+            if let Some(err) = integrity::failed(&self.integrity) {
+                self.stop_vcpus();
+                self.exit = Some(VmExit::Failed(err));
+                return Ok(self.exit.clone().unwrap_or(VmExit::Stopped));
+            }
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
                 None => WAIT_SLICE,
@@ -672,7 +678,8 @@ impl Vm {
             }
         };
         self.stop_vcpus();
-        let exit = VmExit::from(event.reason);
+        let exit = integrity::failed_at_end(&mut self.integrity)
+            .map_or(VmExit::from(event.reason), VmExit::Failed);
         self.exit = Some(exit.clone());
         Ok(exit)
     }
@@ -680,9 +687,13 @@ impl Vm {
     /// Whether the guest has ended (does not block).
     pub fn poll_exit(&mut self) -> Option<VmExit> {
         if self.exit.is_none() {
-            if let Ok(event) = self.events.try_recv() {
+            if let Some(err) = integrity::failed(&self.integrity) {
                 self.stop_vcpus();
-                self.exit = Some(VmExit::from(event.reason));
+                self.exit = Some(VmExit::Failed(err));
+            } else if let Ok(event) = self.events.try_recv() {
+                self.stop_vcpus();
+                let exit = integrity::failed_at_end(&mut self.integrity);
+                self.exit = Some(exit.map_or(VmExit::from(event.reason), VmExit::Failed));
             }
         }
         self.exit.clone()
