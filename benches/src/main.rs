@@ -6,6 +6,7 @@
 mod fork;
 mod fork_faults;
 mod fork_qemu;
+mod integrity;
 mod qemu;
 mod stats;
 mod vms;
@@ -25,6 +26,8 @@ enum Only {
     /// VM fork: clone start, fork time, descriptor, avoidance, read-ahead,
     /// clone run time, and QEMU -incoming restore of the same guest.
     Fork,
+    /// Memory file integrity check: write, eager and lazy verify, ms/GiB.
+    Integrity,
 }
 
 /// One part of the fork figures (`--only fork`).
@@ -100,6 +103,9 @@ fn run(args: Args, guest: &Path, report: &mut Report) -> Result<()> {
         for state_mib in [16, 256] {
             vms::snapshot(report, guest, state_mib, args.restores.max(1))?;
         }
+    }
+    if want(Only::Integrity) {
+        integrity::integrity(report, args.restores.max(1))?;
     }
     if want(Only::Qemu) {
         let forkd = forkd_bin(args.forkd_bin.clone());

@@ -105,7 +105,11 @@ fn corrupted_memory_file_is_refused_lazy_and_eager() {
     // 4 MiB is inside the zone's state (heap from 2 MiB, 16 MiB of state):
     // data the snapshot wrote, in chunk 2 of 2 MiB.
     let at = 4 << 20;
-    let f = OpenOptions::new().read(true).write(true).open(&mem).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&mem)
+        .unwrap();
     let mut old = vec![0u8; 256 << 10];
     f.read_exact_at(&mut old, at).unwrap();
     assert!(old.iter().any(|&b| b != 0), "no data at {at:#x}");
@@ -116,7 +120,9 @@ fn corrupted_memory_file_is_refused_lazy_and_eager() {
         let out = forkd(&["restore", d, "--memory", mode]);
         fails_with(&out, "is damaged: chunk 2 (bytes 0x400000..0x600000)");
         assert!(
-            !stdout_lines(&out).iter().any(|l| l.starts_with("zone: done")),
+            !stdout_lines(&out)
+                .iter()
+                .any(|l| l.starts_with("zone: done")),
             "{mode}: a damaged guest finished: {out:?}"
         );
     }

@@ -35,6 +35,8 @@ pub const CHUNK_BYTES: u64 = 2 << 20;
 const MIN_CHUNK: u64 = 4096;
 const MAX_CHUNK: u64 = 1 << 30;
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+/// Read-and-hash step on restore.
+const STEP: u64 = 128 << 10;
 
 /// CRC-32 (crc32fast) of each `chunk_bytes` piece of guest memory as the
 /// memory file reads back (holes as zeros); the last chunk may be short.
@@ -197,9 +199,16 @@ fn read_chunk(
     while i < extents.len() && extents[i].0 < end {
         let (ds, de) = (extents[i].0.max(start), extents[i].1.min(end));
         hash_zeros(&mut h, (ds - pos) as usize);
-        let piece = &mut buf[(ds - start) as usize..(de - start) as usize];
-        file.read_exact_at(piece, ds)?;
-        h.update(piece);
+        // Read and hash in cache-sized steps: the CRC then runs on bytes
+        // still in L2, whatever the chunk size.
+        let mut at = ds;
+        while at < de {
+            let step = (de - at).min(STEP);
+            let piece = &mut buf[(at - start) as usize..(at - start + step) as usize];
+            file.read_exact_at(piece, at)?;
+            h.update(piece);
+            at += step;
+        }
         any = true;
         pos = de;
         if extents[i].1 > end {
@@ -238,8 +247,8 @@ pub fn load_eager(
     for (chunk, &expected) in digest.crcs.iter().enumerate() {
         let (start, end) = digest.range(chunk, mem_bytes);
         let buf = &mut dst[start as usize..end as usize];
-        let actual = read_chunk(&file, &extents, &mut cursor, (start, end), buf, &zero)
-            .map_err(read_err)?;
+        let actual =
+            read_chunk(&file, &extents, &mut cursor, (start, end), buf, &zero).map_err(read_err)?;
         check(path, chunk, (start, end), expected, actual)?;
     }
     Ok(mem)
@@ -289,8 +298,8 @@ pub fn verify_file(
         }
         let (start, end) = digest.range(chunk, mem_bytes);
         let buf = &mut buf[..(end - start) as usize];
-        let actual = read_chunk(file, &extents, &mut cursor, (start, end), buf, &zero)
-            .map_err(read_err)?;
+        let actual =
+            read_chunk(file, &extents, &mut cursor, (start, end), buf, &zero).map_err(read_err)?;
         check(path, chunk, (start, end), expected, actual)?;
     }
     Ok(())

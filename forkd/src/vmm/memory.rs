@@ -58,8 +58,7 @@ pub fn check_size(mib: u64) -> Result<u64, MemoryError> {
 
 /// Fresh anonymous guest memory of `bytes`.
 pub fn anonymous(bytes: u64) -> Result<GuestMemory, MemoryError> {
-    GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)])
-        .map_err(MemoryError::Map)
+    GuestMemory::from_ranges(&[(GuestAddress(0), bytes as usize)]).map_err(MemoryError::Map)
 }
 
 fn file_err(path: &Path) -> impl Fn(io::Error) -> MemoryError + '_ {
@@ -160,7 +159,8 @@ fn populated(pagemap: &File, addr: usize, raw: &mut Vec<u8>, out: &mut [bool]) -
 
 fn is_zero(page: &[u8]) -> bool {
     // OR-folding 64-byte blocks vectorizes; `any` over bytes does not.
-    page.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    page.chunks(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 /// What [`write_sparse`] wrote.
@@ -212,7 +212,12 @@ pub fn write_sparse(mem: &GuestMemory, file: &File, chunk_bytes: u64) -> io::Res
         let end = (start + chunk_bytes).min(len);
         let (first, npages) = ((start as usize) / PAGE, (end - start) as usize / PAGE);
         keep.resize(npages, false);
-        populated(&pagemap, bytes.as_ptr() as usize + first * PAGE, &mut raw, &mut keep)?;
+        populated(
+            &pagemap,
+            bytes.as_ptr() as usize + first * PAGE,
+            &mut raw,
+            &mut keep,
+        )?;
         for (i, k) in keep.iter_mut().enumerate() {
             let off = ((first + i) * PAGE) as u64;
             if let (false, Some(ext)) = (*k, &backing) {
@@ -229,8 +234,8 @@ pub fn write_sparse(mem: &GuestMemory, file: &File, chunk_bytes: u64) -> io::Res
         }
         let mut h = crc32fast::Hasher::new();
         let mut run: Option<usize> = None;
-        for p in 0..=npages {
-            let k = p < npages && keep[p];
+        // One more step past the end closes the last run.
+        for (p, k) in keep.iter().copied().chain([false]).enumerate() {
             if p < npages {
                 let off = (first + p) * PAGE;
                 if k {
@@ -305,10 +310,19 @@ mod tests {
 
         // Checked eager load, then the same file with one byte changed.
         let checked = load_eager(&path, &w.digest, 16 << 20).unwrap();
-        checked.read_slice(&mut tail, GuestAddress(0xfff000)).unwrap();
+        checked
+            .read_slice(&mut tail, GuestAddress(0xfff000))
+            .unwrap();
         assert_eq!(tail, [9u8; 3]);
         let stop = AtomicBool::new(false);
-        verify_file(&path, &File::open(&path).unwrap(), &w.digest, 16 << 20, &stop).unwrap();
+        verify_file(
+            &path,
+            &File::open(&path).unwrap(),
+            &w.digest,
+            16 << 20,
+            &stop,
+        )
+        .unwrap();
         let bad = dir.path().join("bad");
         std::fs::copy(&path, &bad).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
@@ -316,11 +330,17 @@ mod tests {
         drop(f);
         let err = load_eager(&bad, &w.digest, 16 << 20).unwrap_err();
         assert!(
-            matches!(err, MemoryError::Integrity(IntegrityError::Mismatch { chunk: 7, .. })),
+            matches!(
+                err,
+                MemoryError::Integrity(IntegrityError::Mismatch { chunk: 7, .. })
+            ),
             "{err}"
         );
         let err = verify_file(&bad, &File::open(&bad).unwrap(), &w.digest, 16 << 20, &stop);
-        assert!(matches!(err, Err(IntegrityError::Mismatch { chunk: 7, .. })));
+        assert!(matches!(
+            err,
+            Err(IntegrityError::Mismatch { chunk: 7, .. })
+        ));
     }
 
     /// A restored (file-backed) guest snapshotted again: pages it never
@@ -329,13 +349,16 @@ mod tests {
     fn file_backed_guest_snapshots_its_file_content() {
         let mem = anonymous(8 << 20).unwrap();
         mem.write_slice(&[3u8; 4096], GuestAddress(0x3000)).unwrap();
-        mem.write_slice(&[4u8; 4096], GuestAddress(0x700000)).unwrap();
+        mem.write_slice(&[4u8; 4096], GuestAddress(0x700000))
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let first = dir.path().join("first");
         write_sparse(&mem, &File::create(&first).unwrap(), 1 << 16).unwrap();
         let restored = from_file(&first, 8 << 20).unwrap();
         // Touch one page only; 0x700000 stays untouched (not present).
-        restored.write_slice(&[5u8; 2], GuestAddress(0x3000)).unwrap();
+        restored
+            .write_slice(&[5u8; 2], GuestAddress(0x3000))
+            .unwrap();
         let second = dir.path().join("second");
         let w = write_sparse(&restored, &File::create(&second).unwrap(), 1 << 16).unwrap();
         assert_eq!(w.written, 2 * 4096);

@@ -323,7 +323,10 @@ impl Vm {
     /// Restores a VM from a snapshot directory and starts it.
     pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let StateFile { vm: state, memory: digest } = persist::read_state(dir)?;
+        let StateFile {
+            vm: state,
+            memory: digest,
+        } = persist::read_state(dir)?;
         if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
             return Err(VmError::BadVcpus(state.vcpus.len() as u64));
         }
