@@ -661,8 +661,9 @@ impl Vm {
             }
             if let Some(err) = integrity::failed(&self.integrity) {
                 self.stop_vcpus();
-                self.exit = Some(VmExit::Failed(err));
-                return Ok(self.exit.clone().unwrap_or(VmExit::Stopped));
+                let exit = VmExit::Failed(err);
+                self.exit = Some(exit.clone());
+                return Ok(exit);
             }
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
