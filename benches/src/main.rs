@@ -7,6 +7,7 @@ mod fork;
 mod fork_faults;
 mod fork_qemu;
 mod idle;
+mod integrity;
 mod qemu;
 mod stats;
 mod vms;
@@ -29,6 +30,8 @@ enum Only {
     /// Host CPU of many paced, mostly idle zones: asleep in the VMM
     /// against spinning on the TSC.
     Idle,
+    /// Memory file integrity check: write, eager and lazy verify, ms/GiB.
+    Integrity,
 }
 
 /// One part of the fork figures (`--only fork`).
@@ -110,6 +113,9 @@ fn run(args: Args, guest: &Path, report: &mut Report) -> Result<()> {
         for state_mib in [16, 256] {
             vms::snapshot(report, guest, state_mib, args.restores.max(1))?;
         }
+    }
+    if want(Only::Integrity) {
+        integrity::integrity(report, args.restores.max(1))?;
     }
     if want(Only::Qemu) {
         let forkd = forkd_bin(args.forkd_bin.clone());

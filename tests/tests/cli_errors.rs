@@ -3,6 +3,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Output;
 use tests::{forkd, stdout_lines};
@@ -79,6 +80,92 @@ fn damaged_snapshots_are_refused() {
 
     fs::remove_file(&mem).unwrap();
     fails_with(&forkd(&["restore", d]), "memory.bin");
+}
+
+/// 256 KiB of pseudo-random bytes (xorshift; no two runs need differ).
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const MODES: [&str; 2] = ["lazy", "eager"];
+
+#[test]
+fn corrupted_memory_file_is_refused_lazy_and_eager() {
+    let dir = tempfile::tempdir().unwrap();
+    make_snapshot(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let mem = dir.path().join("memory.bin");
+    // 4 MiB is inside the zone's state (heap from 2 MiB, 16 MiB of state):
+    // data the snapshot wrote, in chunk 2 of 2 MiB.
+    let at = 4 << 20;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&mem)
+        .unwrap();
+    let mut old = vec![0u8; 256 << 10];
+    f.read_exact_at(&mut old, at).unwrap();
+    assert!(old.iter().any(|&b| b != 0), "no data at {at:#x}");
+    f.write_all_at(&noise(256 << 10, 0x9e37_79b9_7f4a_7c15), at)
+        .unwrap();
+    drop(f);
+    for mode in MODES {
+        let out = forkd(&["restore", d, "--memory", mode]);
+        fails_with(&out, "is damaged: chunk 2 (bytes 0x400000..0x600000)");
+        assert!(
+            !stdout_lines(&out)
+                .iter()
+                .any(|l| l.starts_with("zone: done")),
+            "{mode}: a damaged guest finished: {out:?}"
+        );
+    }
+    // Random bytes in a hole (past the state) are damage too.
+    let f = OpenOptions::new().write(true).open(&mem).unwrap();
+    f.write_all_at(&old, at).unwrap();
+    f.write_all_at(&noise(256 << 10, 7), 300 << 20).unwrap();
+    drop(f);
+    for mode in MODES {
+        fails_with(&forkd(&["restore", d, "--memory", mode]), "chunk 150");
+    }
+}
+
+#[test]
+fn truncated_memory_and_corrupted_state_are_refused_lazy_and_eager() {
+    let dir = tempfile::tempdir().unwrap();
+    make_snapshot(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let state = dir.path().join("vm.state");
+    let good = fs::read(&state).unwrap();
+    // A byte of the payload's end: the memory checksum table.
+    let mut bad = good.clone();
+    let last = bad.len() - 3;
+    bad[last] ^= 0x01;
+    fs::write(&state, &bad).unwrap();
+    for mode in MODES {
+        fails_with(&forkd(&["restore", d, "--memory", mode]), "is damaged");
+    }
+    fs::write(&state, &good).unwrap();
+    let mem = dir.path().join("memory.bin");
+    let len = fs::metadata(&mem).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    for mode in MODES {
+        fails_with(
+            &forkd(&["restore", d, "--memory", mode]),
+            "the snapshot needs",
+        );
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Snapshot a running guest at different moments, restore it, and get the
 //! checksum of the uninterrupted run.
 
-use forkd::vmm::{RestoreMemory, RestoreOptions, Vm};
+use forkd::vmm::{RestoreMemory, RestoreOptions, Vm, VmExit};
 use std::path::Path;
 use std::time::Duration;
 use tests::{boot, finish, forkd, stdout_lines, straight_run};
@@ -150,4 +150,32 @@ fn cli_snapshot_then_restore() {
     let r: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(r["event"], "restore");
     assert!(r["restore_to_first_instruction_ms"].as_f64().is_some());
+}
+
+/// A lazily restored guest runs while its memory file is checked in the
+/// background: damage stops it with an error naming the chunk, and such a
+/// VM cannot be snapshotted (which would give the damage fresh checksums).
+#[test]
+fn lazy_restore_of_a_damaged_memory_file_fails_the_vm() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_after(PACED, MEM, Duration::from_millis(100), dir.path());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("memory.bin"))
+        .unwrap();
+    f.write_all_at(&[0xa5; 4096], 8 << 20).unwrap();
+    drop(f);
+    let mut vm = Vm::restore(dir.path(), false, None).expect("lazy restore starts");
+    let exit = vm.wait(Some(tests::WAIT)).expect("wait");
+    match &exit {
+        VmExit::Failed(why) => assert!(why.contains("is damaged: chunk 4"), "{why}"),
+        other => panic!("damaged memory ended as {other:?}"),
+    }
+    let mut vm = Vm::restore(dir.path(), false, None).expect("lazy restore starts");
+    vm.pause().expect("pause");
+    let other = tempfile::tempdir().unwrap();
+    let err = vm.snapshot(other.path()).expect_err("snapshot refused");
+    assert!(format!("{err}").contains("damaged memory file"), "{err}");
+    vm.kill();
 }

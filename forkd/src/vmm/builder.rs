@@ -9,9 +9,10 @@
 
 use crate::vmm::boot;
 use crate::vmm::devices::{Console, Devices};
+use crate::vmm::integrity;
 use crate::vmm::kvm::KvmContext;
 use crate::vmm::memory::{self, GuestMemory};
-use crate::vmm::persist::{self, VmState};
+use crate::vmm::persist::{self, StateFile, VmState};
 use crate::vmm::services::HypercallService;
 use crate::vmm::shared::VmShared;
 use crate::vmm::vm::{
@@ -272,15 +273,19 @@ impl Vm {
         hypercalls: Option<Arc<dyn HypercallService>>,
     ) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let state: VmState = persist::read_state(dir)?;
+        let StateFile {
+            vm: state,
+            memory: digest,
+        } = persist::read_state(dir)?;
         if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS as usize {
             return Err(VmError::BadVcpus(state.vcpus.len() as u64));
         }
         let mem_path = dir.join(persist::MEMORY_FILE);
-        let memory = match opts.memory {
-            RestoreMemory::Lazy => memory::from_file(&mem_path, state.mem_bytes)?,
-            RestoreMemory::Eager => memory::from_file_eager(&mem_path, state.mem_bytes)?,
-        };
+        // Eager: every chunk checked as it is copied; lazy: checked by a
+        // background verifier that fails the VM on a mismatch.
+        let eager = opts.memory == RestoreMemory::Eager;
+        let (memory, verifier) =
+            integrity::restore_memory(&mem_path, &digest, state.mem_bytes, eager)?;
         let ids: Vec<u8> = state.vcpus.iter().map(|v| v.id).collect();
         let shell = VmShell::create(memory, &ids, state.irqchip.is_some())?;
         let build = BuildOptions {
@@ -289,6 +294,8 @@ impl Vm {
             memory_server: None,
             started,
         };
-        shell.build(&state, build)?.start()
+        let mut vm = shell.build(&state, build)?.start()?;
+        vm.integrity = verifier;
+        Ok(vm)
     }
 }

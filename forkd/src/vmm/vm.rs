@@ -5,8 +5,9 @@
 use crate::vmm::boot::BootError;
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
+use crate::vmm::integrity::{self, Verifier};
 use crate::vmm::kvm::KvmError;
-use crate::vmm::memory::{self, GuestMemory, MemoryError};
+use crate::vmm::memory::{GuestMemory, MemoryError};
 use crate::vmm::persist::{self, PersistError, VmState};
 use crate::vmm::services::{HypercallService, MemoryServer};
 use crate::vmm::shared::VmShared;
@@ -48,8 +49,6 @@ pub enum VmError {
     Exited,
     #[error("the VM must be paused first")]
     NotPaused,
-    #[error("cannot write guest memory to the snapshot")]
-    MemoryWrite(#[source] std::io::Error),
     #[error("the guest did not finish within {0:?}")]
     WaitTimeout(Duration),
     #[error("saved state does not fit the VM being built: {0}")]
@@ -174,6 +173,8 @@ pub struct Vm {
     /// goes.
     memory_server: Option<Box<dyn MemoryServer>>,
     hypercalls: Option<Arc<dyn HypercallService>>,
+    /// A lazily restored VM's background check of its memory file.
+    pub(crate) integrity: Option<Verifier>,
     events: Receiver<VcpuEvent>,
     event_tx: mpsc::Sender<VcpuEvent>,
     devices: Arc<Mutex<Devices>>,
@@ -210,6 +211,7 @@ impl Vm {
             vcpus: Vec::new(),
             memory_server: opts.memory_server,
             hypercalls: opts.hypercalls,
+            integrity: None,
             events,
             event_tx,
             devices: Arc::new(Mutex::new(devices)),
@@ -347,15 +349,12 @@ impl Vm {
     pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmError> {
         let t = Instant::now();
         let state = self.capture_state()?;
-        let (tmp, file) = persist::create_memory_tmp(dir)?;
-        let memory_bytes =
-            memory::write_sparse(&self.shared.memory, &file).map_err(VmError::MemoryWrite)?;
-        drop(file);
-        persist::commit_memory(dir, &tmp)?;
-        let state_bytes = persist::write_state(dir, &state)?;
+        // Never re-checksum memory restored from a damaged file.
+        integrity::ensure_verified(&mut self.integrity)?;
+        let w = persist::write_snapshot(dir, &self.shared.memory, state)?;
         Ok(SnapshotStats {
-            state_bytes,
-            memory_bytes,
+            state_bytes: w.state_bytes,
+            memory_bytes: w.memory_bytes,
             duration: t.elapsed(),
         })
     }
@@ -369,6 +368,12 @@ impl Vm {
         let event = loop {
             // A VM whose memory can no longer be served is stopped.
             if let Some(exit) = self.memory_failed() {
+                return Ok(exit);
+            }
+            if let Some(err) = integrity::failed(&self.integrity) {
+                self.stop_vcpus();
+                let exit = VmExit::Failed(err);
+                self.exit = Some(exit.clone());
                 return Ok(exit);
             }
             let slice = match deadline {
@@ -393,7 +398,8 @@ impl Vm {
             return Ok(exit);
         }
         self.stop_vcpus();
-        let exit = VmExit::from(event.reason);
+        let exit = integrity::failed_at_end(&mut self.integrity)
+            .map_or(VmExit::from(event.reason), VmExit::Failed);
         self.exit = Some(exit.clone());
         Ok(exit)
     }
@@ -413,9 +419,13 @@ impl Vm {
             return self.exit.clone();
         }
         if self.exit.is_none() {
-            if let Ok(event) = self.events.try_recv() {
+            if let Some(err) = integrity::failed(&self.integrity) {
                 self.stop_vcpus();
-                self.exit = Some(VmExit::from(event.reason));
+                self.exit = Some(VmExit::Failed(err));
+            } else if let Ok(event) = self.events.try_recv() {
+                self.stop_vcpus();
+                let exit = integrity::failed_at_end(&mut self.integrity);
+                self.exit = Some(exit.map_or(VmExit::from(event.reason), VmExit::Failed));
             }
         }
         self.exit.clone()
