@@ -5,4 +5,5 @@ pub mod cli;
 pub mod errors;
 pub mod fork;
 pub mod guest;
+pub mod sync;
 pub mod vmm;

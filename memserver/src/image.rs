@@ -166,7 +166,7 @@ pub struct ImageStats {
 }
 
 /// State shared by readers and the handler thread.
-struct Shared {
+struct ImageState {
     base: usize,
     len: usize,
     state: AtomicU8,
@@ -183,7 +183,7 @@ struct Shared {
     stall: AtomicBool,
 }
 
-impl Shared {
+impl ImageState {
     fn stripe(&self, index: u64) -> MutexGuard<'_, Copies> {
         lock(&self.stripes[index as usize % STRIPES])
     }
@@ -250,7 +250,7 @@ fn unprotect(uffd: &Uffd, start: usize, len: usize) -> Result<(), userfaultfd::E
 }
 
 /// The handler thread: serves WP faults until the stop eventfd is written.
-fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
+fn handler(shared: &ImageState, uffd: &Uffd, stop_fd: RawFd) {
     let mut events = EventBuffer::new(64);
     loop {
         let mut fds = [
@@ -300,7 +300,7 @@ fn handler(shared: &Shared, uffd: &Uffd, stop_fd: RawFd) {
     }
 }
 
-fn handle_event(shared: &Shared, uffd: &Uffd, event: Event) -> Result<(), HandlerError> {
+fn handle_event(shared: &ImageState, uffd: &Uffd, event: Event) -> Result<(), HandlerError> {
     let unprotect =
         |page| unprotect(uffd, page, PAGE_SIZE).map_err(HandlerError::uffd("unprotect"));
     match event {
@@ -330,7 +330,7 @@ const COPY_OUT_RUN: u64 = 64;
 /// Copies page `index` aside if it has no copy yet, under its stripe lock
 /// (the fault handler and the copy-out thread both come here). Returns
 /// false once the image is no longer live.
-fn copy_aside(shared: &Shared, index: u64) -> Result<bool, HandlerError> {
+fn copy_aside(shared: &ImageState, index: u64) -> Result<bool, HandlerError> {
     let mut stripe = shared.stripe(index);
     if shared.state.load(SeqCst) != LIVE {
         return Ok(false);
@@ -358,7 +358,7 @@ fn copy_aside(shared: &Shared, index: u64) -> Result<bool, HandlerError> {
 
 /// The copy-out thread: runs of populated pages are copied aside, then
 /// their protection is removed in one call.
-fn copy_out(shared: &Shared, uffd: &Uffd, populated: &Bitmap) {
+fn copy_out(shared: &ImageState, uffd: &Uffd, populated: &Bitmap) {
     // Background work: yield the cores to vCPUs and clone start-up first.
     // SAFETY: setpriority on this thread's own id (Linux applies nice
     // values per thread); no memory is involved.
@@ -413,7 +413,7 @@ impl Control {
 
 /// Guest memory frozen at one instant while the parent keeps running.
 pub struct FrozenImage {
-    shared: Arc<Shared>,
+    shared: Arc<ImageState>,
     /// Bit `i`: page `i` was populated at the freeze (else it reads as zeros).
     populated: Arc<Bitmap>,
     pages_populated: u64,
@@ -465,7 +465,7 @@ impl FrozenImage {
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let stop = unsafe { OwnedFd::from_raw_fd(fd) };
         let pages = len / PAGE_SIZE;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ImageState {
             base,
             len,
             state: AtomicU8::new(LIVE),
@@ -651,7 +651,7 @@ fn read_pagemap(file: &File, vpn: usize, bytes: &mut [u8], out: &mut Vec<u64>) -
 }
 
 /// Returns the populated-at-freeze bitmap.
-fn classify(shared: &Shared, base: usize, pages: usize) -> Result<Bitmap, ImageError> {
+fn classify(shared: &ImageState, base: usize, pages: usize) -> Result<Bitmap, ImageError> {
     let mut bits = Bitmap::repeat(false, pages);
     let mut bytes = vec![0u8; PAGEMAP_CHUNK.min(pages) * 8];
     let mut entries = Vec::with_capacity(PAGEMAP_CHUNK);

@@ -191,7 +191,7 @@ struct Auth {
     replay: ReplayGuard,
 }
 
-struct Family {
+struct ServedFamily {
     auth: Arc<Auth>,
     source: Arc<dyn PageSource>,
     requests: AtomicU64,
@@ -200,14 +200,14 @@ struct Family {
 
 /// A family id's standing on the server.
 enum Lookup {
-    Live(Arc<Family>),
+    Live(Arc<ServedFamily>),
     Gone(Arc<Auth>),
     Unknown,
 }
 
-struct Shared {
+struct ServerState {
     socket: UdpSocket,
-    families: RwLock<HashMap<u64, Arc<Family>>>,
+    families: RwLock<HashMap<u64, Arc<ServedFamily>>>,
     /// Keys of recently removed families, oldest first.
     gone: Mutex<VecDeque<Arc<Auth>>>,
     counters: Counters,
@@ -215,7 +215,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-impl Shared {
+impl ServerState {
     fn lookup(&self, id: u64) -> Lookup {
         let map = self.families.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(f) = map.get(&id) {
@@ -266,7 +266,7 @@ struct Peer {
 
 /// A page request accepted for serving.
 struct Job {
-    family: Arc<Family>,
+    family: Arc<ServedFamily>,
     peer: Peer,
     first: u64,
     count: u32,
@@ -274,7 +274,7 @@ struct Job {
 
 /// The page server. Stops on [`MemServer::shutdown`] or drop.
 pub struct MemServer {
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     local: SocketAddr,
     threads: Vec<JoinHandle<()>>,
 }
@@ -310,7 +310,7 @@ impl MemServer {
             .map_err(bind_err)?;
         let local = socket.local_addr().map_err(bind_err)?;
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ServerState {
             socket,
             families: RwLock::new(HashMap::new()),
             gone: Mutex::new(VecDeque::new()),
@@ -397,7 +397,7 @@ impl MemServer {
         });
         map.insert(
             id,
-            Arc::new(Family {
+            Arc::new(ServedFamily {
                 auth,
                 source,
                 requests: AtomicU64::new(0),
@@ -501,7 +501,7 @@ impl std::fmt::Debug for MemServer {
 
 /// Receives datagrams until stopped; dropping `tx` at the end stops the
 /// workers once the queue drains.
-fn receive_loop(shared: &Shared, tx: SyncSender<Job>) {
+fn receive_loop(shared: &ServerState, tx: SyncSender<Job>) {
     // One extra byte so an over-long datagram shows as a bad length.
     let mut rbuf = [0u8; MAX_DATAGRAM + 1];
     let mut sbuf = [0u8; MAX_DATAGRAM];
@@ -560,10 +560,10 @@ fn receive_loop(shared: &Shared, tx: SyncSender<Job>) {
 /// request, of a family the server knows (live, or removed: `None`), with
 /// a valid MAC and a fresh sequence number. Counts and drops all else.
 fn admit<'a>(
-    shared: &Shared,
+    shared: &ServerState,
     dgram: &'a [u8],
     from: SocketAddr,
-) -> Option<(Peer, Option<Arc<Family>>, Body<'a>)> {
+) -> Option<(Peer, Option<Arc<ServedFamily>>, Body<'a>)> {
     let c = &shared.counters;
     let frame = match Frame::decode(dgram) {
         Ok(f) if f.body.kind().is_request() => f,
@@ -619,9 +619,9 @@ fn admit<'a>(
 /// Validates a page request and queues it for a worker; `Err` is the error
 /// reply to send.
 fn accept(
-    shared: &Shared,
+    shared: &ServerState,
     tx: &SyncSender<Job>,
-    family: Arc<Family>,
+    family: Arc<ServedFamily>,
     peer: &Peer,
     first: u64,
     count: u32,
@@ -664,7 +664,7 @@ fn accept(
     }
 }
 
-fn worker_loop(shared: &Shared, rx: &Mutex<Receiver<Job>>) {
+fn worker_loop(shared: &ServerState, rx: &Mutex<Receiver<Job>>) {
     let mut sbuf = [0u8; MAX_DATAGRAM];
     let mut page = [0u8; PAGE_SIZE];
     loop {
@@ -679,7 +679,12 @@ fn worker_loop(shared: &Shared, rx: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn serve(shared: &Shared, job: &Job, sbuf: &mut [u8; MAX_DATAGRAM], page: &mut [u8; PAGE_SIZE]) {
+fn serve(
+    shared: &ServerState,
+    job: &Job,
+    sbuf: &mut [u8; MAX_DATAGRAM],
+    page: &mut [u8; PAGE_SIZE],
+) {
     let c = &shared.counters;
     for i in job.first..job.first + u64::from(job.count) {
         if shared.stop.load(Ordering::Relaxed) {

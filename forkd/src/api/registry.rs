@@ -7,6 +7,7 @@
 //! they read the console handle, the recorded exit and the fork hub, so a
 //! slow fork never stalls a GET. The reaper only `try_lock`s.
 
+use crate::sync::lock;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,10 +39,6 @@ pub struct Limits {
     pub max_vms: usize,
     /// Clones one fork may ask for.
     pub max_clones: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Entry {

@@ -15,6 +15,7 @@ use crate::fork::fault::FaultStats;
 use crate::fork::identity::CloneIdentity;
 use crate::fork::pending::PendingImage;
 use crate::fork::{Answer, ForkError, ForkRequest};
+use crate::sync::lock;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::GuestCall;
 use crate::vmm::{VmError, VmExit};
@@ -116,10 +117,6 @@ pub struct Family {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Signalled whenever a clone ends.
     ended: (Mutex<()>, Condvar),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for Family {

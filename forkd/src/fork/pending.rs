@@ -33,7 +33,7 @@ impl PendingImage {
     }
 
     fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.slot)
     }
 
     /// The freeze is done: serve from `image`.

@@ -306,14 +306,14 @@ pub fn verify_file(
 }
 
 #[derive(Default)]
-struct Shared {
+struct VerifierState {
     stop: AtomicBool,
     failure: Mutex<Option<Arc<IntegrityError>>>,
 }
 
 /// The background check of a lazily restored VM's memory file.
 pub struct Verifier {
-    shared: Arc<Shared>,
+    shared: Arc<VerifierState>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -326,7 +326,7 @@ impl Verifier {
         mem_bytes: u64,
     ) -> Result<Verifier, IntegrityError> {
         digest.check_shape(mem_bytes)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(VerifierState::default());
         let s = shared.clone();
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
