@@ -1,17 +1,18 @@
-//! The OpenAPI document of `forkd serve` and a small JSON Schema validator
-//! for the subset it uses: `$ref` (local), `type`, `properties`,
-//! `required`, `additionalProperties`, `items`, `enum`, `minimum`,
-//! `maximum`, `minLength`, `maxLength`. Any other keyword in a schema is an
-//! error, so the document never says something this validator skips.
+//! The OpenAPI 3.1 document of `forkd serve` and the check of live
+//! responses against it. Its schemas are JSON Schema 2020-12, validated by
+//! the `jsonschema` crate with the whole document registered as one
+//! resource, so `$ref`s into `#/components/...` resolve.
 
-use serde_json::Value;
+use jsonschema::{Draft, Registry};
+use serde_json::{json, Value};
 use std::sync::OnceLock;
 
-/// Annotations: carry no constraint.
-const ANNOTATIONS: &[&str] = &["description", "default", "title", "examples"];
+/// The document's URI in the registry (it has no `$id`).
+const BASE: &str = "urn:forkd:openapi";
 
 pub struct Spec {
     doc: Value,
+    registry: Registry<'static>,
 }
 
 pub fn spec() -> &'static Spec {
@@ -23,45 +24,41 @@ pub fn spec() -> &'static Spec {
     })
 }
 
-fn type_ok(t: &str, v: &Value) -> Result<bool, String> {
-    Ok(match t {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "integer" => v.is_i64() || v.is_u64(),
-        "number" => v.is_number(),
-        "boolean" => v.is_boolean(),
-        "null" => v.is_null(),
-        other => return Err(format!("unknown type '{other}'")),
-    })
+/// One JSON pointer token (RFC 6901).
+fn token(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
 }
 
 impl Spec {
     pub fn new(doc: Value) -> Spec {
-        Spec { doc }
+        let registry = Registry::new()
+            .draft(Draft::Draft202012)
+            .add(BASE, doc.clone())
+            .and_then(|r| r.prepare())
+            .unwrap_or_else(|e| panic!("OpenAPI document as a schema resource: {e}"));
+        Spec { doc, registry }
     }
 
     pub fn doc(&self) -> &Value {
         &self.doc
     }
 
-    /// Follows a local `$ref` (`#/a/b/c`).
-    fn resolve<'a>(&'a self, v: &'a Value) -> Result<&'a Value, String> {
-        let mut v = v;
-        for _ in 0..16 {
-            let Some(r) = v.get("$ref") else {
-                return Ok(v);
-            };
-            let r = r.as_str().ok_or("$ref is not a string")?;
-            let pointer = r
-                .strip_prefix('#')
-                .ok_or_else(|| format!("non-local $ref {r}"))?;
-            v = self
-                .doc
-                .pointer(pointer)
-                .ok_or_else(|| format!("dangling $ref {r}"))?;
-        }
-        Err("$ref chain too long".into())
+    /// Validates `v` against the schema at `pointer` (a JSON pointer into
+    /// the document).
+    pub fn validate(&self, pointer: &str, v: &Value) -> Result<(), String> {
+        // As a URI fragment: path templates have braces.
+        let fragment = pointer
+            .replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D");
+        let validator = jsonschema::draft202012::options()
+            .with_registry(&self.registry)
+            .should_validate_formats(true)
+            .build(&json!({ "$ref": format!("{BASE}#{fragment}") }))
+            .map_err(|e| format!("schema {pointer}: {e}"))?;
+        validator
+            .validate(v)
+            .map_err(|e| format!("{}: {e}", e.instance_path()))
     }
 
     /// The path template of the document matching a concrete path
@@ -90,157 +87,48 @@ impl Spec {
         status: u16,
         body: Option<&Value>,
     ) -> Result<(), String> {
+        let m = method.to_ascii_lowercase();
         let op = self
             .template(path)
-            .map(|t| (t, &self.doc["paths"][t][method.to_ascii_lowercase()]))
-            .filter(|(_, op)| op.is_object());
-        let (template, response) = match op {
-            Some((t, op)) => {
-                let responses = op
-                    .get("responses")
-                    .and_then(Value::as_object)
-                    .ok_or_else(|| format!("{method} {t}: no responses"))?;
-                let r = responses
-                    .get(&status.to_string())
-                    .or_else(|| responses.get("default"))
+            .filter(|t| self.doc["paths"][t][&m].is_object());
+        let (template, mut pointer) = match op {
+            Some(t) => {
+                let responses = &self.doc["paths"][t][&m]["responses"];
+                let key = [status.to_string(), "default".into()]
+                    .into_iter()
+                    .find(|k| responses.get(k).is_some())
                     .ok_or_else(|| format!("{method} {t}: status {status} not documented"))?;
-                (t, r)
+                (t, format!("/paths/{}/{m}/responses/{key}", token(t)))
             }
             // No such route (404) or method (405): the generic error.
-            None if status == 404 || status == 405 => {
-                (path, &self.doc["components"]["responses"]["Error"])
-            }
+            None if status == 404 || status == 405 => (path, "/components/responses/Error".into()),
             None => {
                 return Err(format!(
                     "{method} {path}: not in the spec (status {status})"
                 ))
             }
         };
-        let response = self.resolve(response)?;
-        let schema = response.pointer("/content/application~1json/schema");
-        match (schema, body) {
-            (Some(s), Some(b)) => self
-                .validate(s, b, "$")
-                .map_err(|e| format!("{method} {template} {status}: {e}")),
-            (Some(_), None) => Err(format!("{method} {template} {status}: body missing")),
-            (None, Some(b)) => Err(format!(
-                "{method} {template} {status}: no body documented, got {b}"
-            )),
+        // A response object may be a `$ref` to `#/components/responses/...`.
+        if let Some(r) = self.doc.pointer(&pointer).and_then(|r| r["$ref"].as_str()) {
+            pointer = r.strip_prefix('#').unwrap_or(r).to_owned();
+        }
+        let schema = format!("{pointer}/content/application~1json/schema");
+        let at = format!("{method} {template} {status}");
+        match (self.doc.pointer(&schema), body) {
+            (Some(_), Some(b)) => self.validate(&schema, b).map_err(|e| format!("{at}: {e}")),
+            (Some(_), None) => Err(format!("{at}: body missing")),
+            (None, Some(b)) => Err(format!("{at}: no body documented, got {b}")),
             (None, None) => Ok(()),
         }
-    }
-
-    /// Validates `v` against `schema`; `at` names the place for errors.
-    pub fn validate(&self, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
-        let schema = self.resolve(schema)?;
-        let obj = schema
-            .as_object()
-            .ok_or_else(|| format!("{at}: schema is not an object"))?;
-        for (k, rule) in obj {
-            match k.as_str() {
-                "type" => {
-                    let types: Vec<&str> = match rule {
-                        Value::String(s) => vec![s.as_str()],
-                        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-                        _ => return Err(format!("{at}: bad 'type' in schema")),
-                    };
-                    let mut ok = false;
-                    for t in &types {
-                        ok |= type_ok(t, v)?;
-                    }
-                    if !ok {
-                        return Err(format!("{at}: expected {types:?}, got {v}"));
-                    }
-                }
-                "enum" => {
-                    let allowed = rule.as_array().ok_or("bad 'enum' in schema")?;
-                    if !allowed.contains(v) {
-                        return Err(format!("{at}: {v} is not one of {rule}"));
-                    }
-                }
-                "required" => {
-                    let Some(o) = v.as_object() else { continue };
-                    for name in rule.as_array().ok_or("bad 'required' in schema")? {
-                        let name = name.as_str().ok_or("bad 'required' in schema")?;
-                        if !o.contains_key(name) {
-                            return Err(format!("{at}: required property '{name}' missing"));
-                        }
-                    }
-                }
-                "properties" => {
-                    let Some(o) = v.as_object() else { continue };
-                    let props = rule.as_object().ok_or("bad 'properties' in schema")?;
-                    for (name, value) in o {
-                        if let Some(s) = props.get(name) {
-                            self.validate(s, value, &format!("{at}.{name}"))?;
-                        }
-                    }
-                }
-                "additionalProperties" => {
-                    let Some(o) = v.as_object() else { continue };
-                    let props = obj.get("properties").and_then(Value::as_object);
-                    for (name, value) in o {
-                        if props.is_some_and(|p| p.contains_key(name)) {
-                            continue;
-                        }
-                        match rule {
-                            Value::Bool(true) => {}
-                            Value::Bool(false) => {
-                                return Err(format!("{at}: unexpected property '{name}'"))
-                            }
-                            s => self.validate(s, value, &format!("{at}.{name}"))?,
-                        }
-                    }
-                }
-                "items" => {
-                    let Some(a) = v.as_array() else { continue };
-                    for (i, item) in a.iter().enumerate() {
-                        self.validate(rule, item, &format!("{at}[{i}]"))?;
-                    }
-                }
-                "minimum" | "maximum" => {
-                    let (Some(n), Some(limit)) = (v.as_f64(), rule.as_f64()) else {
-                        continue;
-                    };
-                    let bad = if k == "minimum" { n < limit } else { n > limit };
-                    if bad {
-                        return Err(format!("{at}: {v} violates {k} {rule}"));
-                    }
-                }
-                "minLength" | "maxLength" => {
-                    let (Some(s), Some(limit)) = (v.as_str(), rule.as_u64()) else {
-                        continue;
-                    };
-                    let n = s.chars().count() as u64;
-                    let bad = if k == "minLength" {
-                        n < limit
-                    } else {
-                        n > limit
-                    };
-                    if bad {
-                        return Err(format!("{at}: length {n} violates {k} {limit}"));
-                    }
-                }
-                a if ANNOTATIONS.contains(&a) => {}
-                other => return Err(format!("{at}: unsupported schema keyword '{other}'")),
-            }
-        }
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod validator_tests {
     use super::*;
-    use serde_json::json;
 
     fn check(schema: &str, v: Value) -> Result<(), String> {
-        let s = spec();
-        s.validate(
-            &json!({ "$ref": format!("#/components/schemas/{schema}") }),
-            &v,
-            "$",
-        )
+        spec().validate(&format!("/components/schemas/{schema}"), &v)
     }
 
     #[test]
@@ -271,11 +159,25 @@ mod validator_tests {
         }
     }
 
+    /// Every component schema is valid JSON Schema 2020-12, and every
+    /// object schema with properties allows no others.
     #[test]
-    fn unknown_keywords_and_undocumented_statuses_are_errors() {
+    fn schemas_are_valid_and_strict() {
+        let schemas = spec().doc()["components"]["schemas"].as_object().unwrap();
+        for (name, s) in schemas {
+            if let Err(e) = jsonschema::draft202012::meta::validate(s) {
+                panic!("schema {name} is not JSON Schema 2020-12: {e}");
+            }
+            if s.get("properties").is_some() {
+                let extra = s.get("additionalProperties");
+                assert_eq!(extra, Some(&json!(false)), "{name} allows extra properties");
+            }
+        }
+    }
+
+    #[test]
+    fn undocumented_statuses_are_errors() {
         let s = spec();
-        let e = s.validate(&json!({"type": "string", "pattern": "x"}), &json!("a"), "$");
-        assert!(e.unwrap_err().contains("unsupported"));
         assert!(s
             .check_response("GET", "/v1/vms", 200, Some(&json!([])))
             .is_err());
@@ -289,6 +191,14 @@ mod validator_tests {
             .is_ok());
         let missing = s.check_response("POST", "/v1/vms/vm-1/fork", 200, None);
         assert!(missing.is_err());
+        let forked = json!({"family": 1, "clones": [1, 2]});
+        s.check_response("POST", "/v1/vms/vm-1/fork", 200, Some(&forked))
+            .expect("a Forked body");
+        let bad = json!({"family": 0, "clones": []});
+        s.check_response("POST", "/v1/vms/vm-1/fork", 200, Some(&bad))
+            .expect_err("family 0 is no Forked body");
+        s.check_response("GET", "/v1/openapi.json", 200, Some(s.doc()))
+            .expect("the document itself");
         // Undocumented codes fall back on `default`, which is an Error.
         let err = json!({"error": "method PUT is not allowed"});
         s.check_response("GET", "/v1/vms/vm-1", 405, Some(&err))
