@@ -468,16 +468,38 @@ impl MemServer {
         }
     }
 
-    /// Tells the threads to stop serving (they do within about one poll
-    /// interval) without waiting for them; for holders of a shared server.
+    /// Tells the threads to stop serving (at once: the receiver is woken
+    /// by an empty datagram) without waiting for them; for holders of a
+    /// shared server.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.wake_receiver();
     }
 
-    /// Stops the threads and waits for them (within about one poll
-    /// interval plus the request being served). Idempotent.
+    /// Sends the receive loop an empty datagram so it sees the stop flag
+    /// now rather than at its next poll timeout.
+    fn wake_receiver(&self) {
+        let mut to = self.local;
+        if to.ip().is_unspecified() {
+            to.set_ip(match to {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let from: SocketAddr = match to {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        // Best effort: without it the loop still stops at its timeout.
+        if let Ok(sock) = std::net::UdpSocket::bind(from) {
+            let _ = sock.send_to(&[], to);
+        }
+    }
+
+    /// Stops the threads and waits for them (at once, plus the request
+    /// being served). Idempotent.
     pub fn shutdown(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -524,6 +546,9 @@ fn receive_loop(shared: &ServerState, tx: SyncSender<Job>) {
                 continue;
             }
         };
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
         let Some((peer, family, body)) = admit(shared, &rbuf[..n], from) else {
             continue;
         };
