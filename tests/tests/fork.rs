@@ -421,3 +421,54 @@ fn killing_the_clones_lets_the_parent_finish() {
         "family {family} still served: {served:?}"
     );
 }
+
+/// A restored VM forks like a booted one: snapshot a running zone, restore
+/// it (eager memory) with a fork hub, fork it from the host, and every VM
+/// ends with QEMU's checksum for its straight-line run. A lazily restored
+/// VM (memory mapped from the snapshot file) is refused clearly.
+#[test]
+fn restored_vm_forks_and_matches_qemu() {
+    let cmdline = "ticks=60 seed=45 state_mib=8 dirty_pages=10 tick_us=5000";
+    let (mut first, _hub) = boot_forkable(cmdline);
+    std::thread::sleep(Duration::from_millis(40));
+    first.pause().expect("pause");
+    let dir = tempfile::tempdir().expect("tempdir");
+    first.snapshot(dir.path()).expect("snapshot");
+    first.kill();
+    let hub = ForkHub::new(ForkOptions::default(), memserver());
+    let mut lazy = Vm::restore_with(
+        dir.path(),
+        &forkd::vmm::RestoreOptions::default(),
+        Some(hub.clone()),
+    )
+    .expect("lazy restore with a fork hub");
+    std::thread::sleep(Duration::from_millis(30));
+    match fork_vm(&mut lazy, &hub, 1) {
+        Err(e @ HostForkError::Fork(ForkError::FileBackedMemory)) => {
+            assert!(e.is_refusal());
+            assert!(e.to_string().contains("eager"), "{e}");
+        }
+        other => panic!("fork of a lazily restored VM: {other:?}"),
+    }
+    lazy.kill();
+    let eager = forkd::vmm::RestoreOptions {
+        memory: forkd::vmm::RestoreMemory::Eager,
+        ..Default::default()
+    };
+    let mut restored =
+        Vm::restore_with(dir.path(), &eager, Some(hub.clone())).expect("eager restore");
+    std::thread::sleep(Duration::from_millis(30));
+    let family = fork_vm(&mut restored, &hub, 2).expect("host fork of a restored VM");
+    let parent_done = finish(&mut restored);
+    assert!(
+        hub.wait_clones(Duration::from_secs(60)),
+        "clones still running"
+    );
+    let oracle = host_fork_oracle(&restored, cmdline, 2);
+    assert_eq!(parent_done, oracle(0));
+    let report = family.report();
+    assert_eq!(report.clones.len(), 2, "{:?}", report.start_failures);
+    for c in &report.clones {
+        assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
+    }
+}

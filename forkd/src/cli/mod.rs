@@ -171,6 +171,16 @@ fn timeout(c: &Common) -> Option<Duration> {
 }
 
 /// Waits for the guest; on timeout stops it and fails.
+impl Common {
+    /// Clone console names: `[NAME.clone-I]`, or `[clone-I]` unnamed.
+    fn clone_prefix(&self) -> String {
+        self.name
+            .as_ref()
+            .map(|n| format!("{n}."))
+            .unwrap_or_default()
+    }
+}
+
 fn finish(vm: &mut Vm, c: &Common) -> Result<VmExit> {
     match vm.wait(timeout(c)) {
         Ok(exit) => Ok(exit),
@@ -202,12 +212,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         ForkOptions {
             max_clones: a.max_clones,
             echo: true,
-            name_prefix: a
-                .common
-                .name
-                .as_ref()
-                .map(|n| format!("{n}."))
-                .unwrap_or_default(),
+            name_prefix: a.common.clone_prefix(),
             avoidance: !a.no_avoidance,
             readahead: a.readahead,
             copy_out: !a.no_copy_out,
@@ -297,12 +302,7 @@ fn restore(a: RestoreArgs) -> Result<ExitCode> {
     let hub = ForkHub::new(
         ForkOptions {
             echo: true,
-            name_prefix: a
-                .common
-                .name
-                .as_ref()
-                .map(|n| format!("{n}."))
-                .unwrap_or_default(),
+            name_prefix: a.common.clone_prefix(),
             ..ForkOptions::default()
         },
         memserver.clone(),

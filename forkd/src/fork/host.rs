@@ -42,6 +42,7 @@ impl HostForkError {
                 | HostForkError::AgentNotReady
                 | HostForkError::GuestFinished
                 | HostForkError::Fork(ForkError::FamilyLive(_))
+                | HostForkError::Fork(ForkError::FileBackedMemory)
         )
     }
 }
@@ -62,6 +63,7 @@ pub fn fork_vm(vm: &mut Vm, hub: &ForkHub, clones: u64) -> Result<Arc<Family>, H
     if vm.vcpu_count() != 1 {
         return Err(HostForkError::MultipleVcpus(vm.vcpu_count()));
     }
+    hub.check_forkable(vm.memory())?;
     let agent = vm
         .guest_info()
         .map(|g| g.agent_gpa)

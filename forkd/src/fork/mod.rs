@@ -58,6 +58,10 @@ pub enum ForkError {
     },
     #[error("the parent has no memory region")]
     NoMemory,
+    #[error(
+        "the VM's memory is a private mapping of a snapshot file (a lazy restore), which cannot be frozen copy-before-write; restore it with eager memory to fork it"
+    )]
+    FileBackedMemory,
     #[error("a fork family of this VM is still running ({0} clones); wait for it to end")]
     FamilyLive(u64),
     #[error("{requested} clones requested; 1..={max} allowed")]

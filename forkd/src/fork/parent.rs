@@ -83,7 +83,8 @@ pub struct CloneReport {
     pub start_latency: Option<Duration>,
     pub exit: VmExit,
     pub last_line: Option<String>,
-    pub faults: FaultStats,
+    /// Shared: a report is cloned on every API `GET`, its histogram is not.
+    pub faults: Arc<FaultStats>,
     pub pages_declared: u64,
 }
 
@@ -305,10 +306,21 @@ impl ForkHub {
                 max: self.opts.max_clones,
             });
         }
-        self.check_no_live_family()?;
+        self.check_forkable(&req.memory)?;
         let family = self.do_fork(req, clones, None)?;
         self.add_family(family.clone());
         Ok(family)
+    }
+
+    /// Whether a VM with this memory can fork now: its memory must be
+    /// anonymous (userfaultfd write-protect freezes nothing else here), and
+    /// frozen by one family at a time.
+    pub fn check_forkable(&self, memory: &GuestMemory) -> Result<(), ForkError> {
+        let region = memory.iter().next().ok_or(ForkError::NoMemory)?;
+        if region.file_offset().is_some() {
+            return Err(ForkError::FileBackedMemory);
+        }
+        self.check_no_live_family()
     }
 
     /// The parent's memory can be frozen by one family at a time.
@@ -342,7 +354,7 @@ impl ForkHub {
             Some(Ticket::Reserved(n, pool)) => (*n, pool.clone()),
             _ => return Err(abi::STATUS_REFUSED),
         };
-        if let Err(e) = self.check_no_live_family() {
+        if let Err(e) = self.check_forkable(guest.memory()) {
             tracing::warn!("sf_clone refused: {e}");
             return Err(abi::STATUS_REFUSED);
         }
@@ -566,7 +578,7 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
             .find(|l| l.starts_with("zone: done"))
             .or(lines.last())
             .cloned(),
-        faults: clone.faults.get(),
+        faults: Arc::new(clone.faults.get()),
         pages_declared: clone.service.pages_declared(),
     };
     drop(vm);
