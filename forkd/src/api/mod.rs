@@ -46,6 +46,9 @@ pub struct ServeConfig {
     /// Allow a non-loopback TCP address (the API has no authentication).
     pub tcp_allow_remote: bool,
     pub limits: Limits,
+    /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
+    /// when it does.
+    pub on_listening: fn(&str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +231,12 @@ fn signals() -> Result<Signals, ServeError> {
 }
 
 /// Serves until SIGINT/SIGTERM, then drains requests (bounded).
-async fn run(l: Listeners, mut sig: Signals, registry: Arc<Registry>) -> Result<(), ServeError> {
+async fn run(
+    l: Listeners,
+    mut sig: Signals,
+    registry: Arc<Registry>,
+    on_listening: fn(&str),
+) -> Result<(), ServeError> {
     let setup = |what| move |source| ServeError::Setup { what, source };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
@@ -251,7 +259,8 @@ async fn run(l: Listeners, mut sig: Signals, registry: Arc<Registry>) -> Result<
                 .into_future(),
         );
     }
-    eprintln!("forkd: listening on {where_}");
+    tracing::info!("listening on {where_}");
+    on_listening(&where_);
     let result = tokio::select! {
         _ = sig.term.recv() => Ok(()),
         _ = sig.int.recv() => Ok(()),
@@ -304,7 +313,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             what: "reaper thread",
             source,
         })?;
-    let served = rt.block_on(run(listeners, sig, registry.clone()));
+    let served = rt.block_on(run(listeners, sig, registry.clone(), cfg.on_listening));
     registry.shutdown();
     let _ = reaper.join();
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -350,6 +350,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
+            on_listening: |at| eprintln!("forkd: listening on {at}"),
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
             tcp: a.tcp,
             tcp_allow_remote: a.tcp_allow_remote,
