@@ -69,6 +69,20 @@ impl ForkRun {
         let starts = self.family.clones.iter().filter_map(|c| c.start_latency);
         starts.max().unwrap_or_default()
     }
+
+    /// `sf_clone` → the last clone's `zone: done` line (console time).
+    pub fn last_done(&self) -> Duration {
+        let done = self.family.clones.iter().filter_map(|c| c.done_latency);
+        done.max().unwrap_or_default()
+    }
+}
+
+/// One clone's run: its first KVM_RUN → its `zone: done` line.
+pub fn clone_run_time(c: &forkd::fork::parent::CloneReport) -> Duration {
+    match (c.start_latency, c.done_latency) {
+        (Some(s), Some(d)) => d.saturating_sub(s),
+        _ => Duration::ZERO,
+    }
 }
 
 /// What the parent's watcher saw.
@@ -216,6 +230,11 @@ fn check(s: &Setup, exit: &VmExit, last: Option<&str>, f: &FamilyReport) -> Resu
             "{what}: clone {} never ran",
             c.clone_id
         );
+        ensure!(
+            c.done_latency.is_some(),
+            "{what}: clone {} has no time for its done line",
+            c.clone_id
+        );
     }
     Ok(())
 }
@@ -260,6 +279,11 @@ pub fn sweep(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
             &format!("{p} sf_clone→last clone started"),
             "ms",
             &samples(&r, |x| ms(x.last_start())),
+        );
+        report.add(
+            &format!("{p} sf_clone→last clone done line"),
+            "ms",
+            &samples(&r, |x| ms(x.last_done())),
         );
         report.add(
             &format!("{p} sf_clone→all clones ended"),

@@ -114,10 +114,13 @@ fn wait_for_line(vm: &mut Vm, prefix: &str, timeout: Duration) -> Result<()> {
 
 /// Waits until the guest has initialised its whole zone state: the state
 /// is filled front to back, so the last page turning non-zero marks the end.
-fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
+/// Checks every `poll`; returns the instant of the check that saw it (the
+/// state was complete at most one `poll` plus a sleep's overshoot earlier).
+fn wait_state_touched(vm: &mut Vm, timeout: Duration, poll: Duration) -> Result<Instant> {
     let deadline = Instant::now() + timeout;
     let mut page = vec![0u8; 4096];
     loop {
+        let now = Instant::now();
         if let Some(info) = vm.guest_info() {
             if info.state_bytes >= 4096 {
                 let last = GuestAddress(info.state_gpa + info.state_bytes - 4096);
@@ -125,7 +128,7 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
                     .read_slice(&mut page, last)
                     .map_err(|e| anyhow!("cannot read guest state page: {e}"))?;
                 if page.iter().any(|&b| b != 0) {
-                    return Ok(());
+                    return Ok(now);
                 }
             }
         }
@@ -135,21 +138,34 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
         if Instant::now() >= deadline {
             bail!("zone state not initialised within {timeout:?}");
         }
-        sleep(Duration::from_millis(1));
+        sleep(poll);
     }
 }
 
 /// Boots a long paced guest and waits until it is running its ticks.
 pub fn boot_running(guest: &Path, mem_mib: u64, cmdline: &str) -> Result<Vm> {
+    boot_until_state(guest, mem_mib, cmdline, Duration::from_millis(1)).map(|(vm, _)| vm)
+}
+
+/// Boots `cmdline` and waits until its zone state is initialised, checking
+/// every `poll`; returns the VM and the instant the check saw it.
+pub fn boot_until_state(
+    guest: &Path,
+    mem_mib: u64,
+    cmdline: &str,
+    poll: Duration,
+) -> Result<(Vm, Instant)> {
     let mut vm = Vm::boot(&config(guest, mem_mib, cmdline))
         .with_context(|| format!("cannot boot `{cmdline}`"))?;
     let ready = wait_for_line(&mut vm, "zone: start", Duration::from_secs(10))
-        .and_then(|_| wait_state_touched(&mut vm, Duration::from_secs(30)));
-    if let Err(e) = ready {
-        vm.kill();
-        return Err(e);
+        .and_then(|_| wait_state_touched(&mut vm, Duration::from_secs(30), poll));
+    match ready {
+        Ok(at) => Ok((vm, at)),
+        Err(e) => {
+            vm.kill();
+            Err(e)
+        }
     }
-    Ok(vm)
 }
 
 /// Pause latency of a running paced guest, `cycles` pause/resume pairs.
