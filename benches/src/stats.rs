@@ -21,16 +21,27 @@ impl Figure {
     /// Summarises `samples` (must not be empty, all finite). Min and max are
     /// the exact extremes; median and p99 are hdrhistogram's values at the
     /// quantiles 0.5 and 0.99 (the sample at that rank, so for an even
-    /// count the lower of the two middle samples), to 3 significant digits
-    /// of their distance from the minimum.
+    /// count the lower of the two middle samples), found to 3 significant
+    /// digits of their distance from the minimum and reported as the
+    /// nearest sample.
     pub fn from_samples(name: &str, unit: &str, samples: &[f64]) -> Figure {
         let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
         let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let hist = Scaled::new(min, max, samples);
+        // The sample nearest to the histogram's value: exact figures (whole
+        // pages stay whole), the rank is hdrhistogram's.
+        let nearest = |v: f64| {
+            let d = |s: &f64| (s - v).abs();
+            samples
+                .iter()
+                .copied()
+                .min_by(|a, b| d(a).total_cmp(&d(b)))
+                .unwrap_or(v)
+        };
         Figure {
             name: name.to_string(),
-            median: hist.quantile(0.5),
-            p99: hist.quantile(0.99),
+            median: nearest(hist.quantile(0.5)),
+            p99: nearest(hist.quantile(0.99)),
             min,
             max,
             n: samples.len(),
@@ -161,10 +172,16 @@ mod tests {
         assert!(close(f.p99, 10.0), "{f:?}");
         let g = Figure::from_samples("y", "ms", &[5.0]);
         assert_eq!((g.median, g.p99, g.n), (5.0, 5.0, 1));
-        // Negative and fractional samples: 3 digits of the distance from
-        // the minimum (12.75 here).
+        // Negative and fractional samples.
         let h = Figure::from_samples("z", "%", &[-12.5, 0.25, 3.0]);
-        assert!((h.median - 0.25).abs() <= 1e-3 * 12.75, "{h:?}");
+        assert_eq!(h.median, 0.25, "{h:?}");
+        // Whole numbers stay whole.
+        let w: Vec<f64> = (0..50).map(|i| f64::from(1000 + 37 * i)).collect();
+        let w = Figure::from_samples("w", "pages", &w);
+        assert_eq!(
+            (w.median, w.p99),
+            (1000.0 + 37.0 * 24.0, 1000.0 + 37.0 * 49.0)
+        );
         assert_eq!((h.min, h.max), (-12.5, 3.0));
         // 1..=100: the 50th and the 99th sample.
         let s: Vec<f64> = (1..=100).map(f64::from).collect();
