@@ -114,22 +114,32 @@ fn wait_for_line(vm: &mut Vm, prefix: &str, timeout: Duration) -> Result<()> {
 
 /// Waits until the guest has initialised its whole zone state: the state
 /// is filled front to back, so the last page turning non-zero marks the end.
-/// Checks every `poll`; returns the instant of the check that saw it (the
-/// state was complete at most one `poll` plus a sleep's overshoot earlier).
-fn wait_state_touched(vm: &mut Vm, timeout: Duration, poll: Duration) -> Result<Instant> {
+/// Checks every `poll`; returns the instant the read that saw it ended and
+/// how long after the end of the previous read (which did not see it) that
+/// was: the state was complete within that gap before the returned instant
+/// (`Duration::MAX` if the first read saw it).
+fn wait_state_touched(
+    vm: &mut Vm,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(Instant, Duration)> {
     let deadline = Instant::now() + timeout;
     let mut page = vec![0u8; 4096];
+    // When the latest read of the last state page (still zero) ended.
+    let mut prev: Option<Instant> = None;
     loop {
-        let now = Instant::now();
         if let Some(info) = vm.guest_info() {
             if info.state_bytes >= 4096 {
                 let last = GuestAddress(info.state_gpa + info.state_bytes - 4096);
                 vm.memory()
                     .read_slice(&mut page, last)
                     .map_err(|e| anyhow!("cannot read guest state page: {e}"))?;
+                let read = Instant::now();
                 if page.iter().any(|&b| b != 0) {
-                    return Ok(now);
+                    let gap = prev.map_or(Duration::MAX, |p| read - p);
+                    return Ok((read, gap));
                 }
+                prev = Some(read);
             }
         }
         if let Some(exit) = vm.poll_exit() {
@@ -144,23 +154,24 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration, poll: Duration) -> Result<
 
 /// Boots a long paced guest and waits until it is running its ticks.
 pub fn boot_running(guest: &Path, mem_mib: u64, cmdline: &str) -> Result<Vm> {
-    boot_until_state(guest, mem_mib, cmdline, Duration::from_millis(1)).map(|(vm, _)| vm)
+    boot_until_state(guest, mem_mib, cmdline, Duration::from_millis(1)).map(|(vm, ..)| vm)
 }
 
 /// Boots `cmdline` and waits until its zone state is initialised, checking
-/// every `poll`; returns the VM and the instant the check saw it.
+/// every `poll`; returns the VM, the instant the check saw it and the gap
+/// since the check before (see [`wait_state_touched`]).
 pub fn boot_until_state(
     guest: &Path,
     mem_mib: u64,
     cmdline: &str,
     poll: Duration,
-) -> Result<(Vm, Instant)> {
+) -> Result<(Vm, Instant, Duration)> {
     let mut vm = Vm::boot(&config(guest, mem_mib, cmdline))
         .with_context(|| format!("cannot boot `{cmdline}`"))?;
     let ready = wait_for_line(&mut vm, "zone: start", Duration::from_secs(10))
         .and_then(|_| wait_state_touched(&mut vm, Duration::from_secs(30), poll));
     match ready {
-        Ok(at) => Ok((vm, at)),
+        Ok((at, gap)) => Ok((vm, at, gap)),
         Err(e) => {
             vm.kill();
             Err(e)
