@@ -69,6 +69,20 @@ impl ForkRun {
         let starts = self.family.clones.iter().filter_map(|c| c.start_latency);
         starts.max().unwrap_or_default()
     }
+
+    /// `sf_clone` → the last clone's `zone: done` line (console time).
+    pub fn last_done(&self) -> Duration {
+        let done = self.family.clones.iter().filter_map(|c| c.done_latency);
+        done.max().unwrap_or_default()
+    }
+}
+
+/// One clone's run: its first KVM_RUN → its `zone: done` line.
+pub fn clone_run_time(c: &forkd::fork::parent::CloneReport) -> Duration {
+    match (c.start_latency, c.done_latency) {
+        (Some(s), Some(d)) => d.saturating_sub(s),
+        _ => Duration::ZERO,
+    }
 }
 
 /// What the parent's watcher saw.
@@ -216,6 +230,11 @@ fn check(s: &Setup, exit: &VmExit, last: Option<&str>, f: &FamilyReport) -> Resu
             "{what}: clone {} never ran",
             c.clone_id
         );
+        ensure!(
+            c.done_latency.is_some(),
+            "{what}: clone {} has no time for its done line",
+            c.clone_id
+        );
     }
     Ok(())
 }
@@ -262,6 +281,11 @@ pub fn sweep(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
             &samples(&r, |x| ms(x.last_start())),
         );
         report.add(
+            &format!("{p} sf_clone→last clone done line"),
+            "ms",
+            &samples(&r, |x| ms(x.last_done())),
+        );
+        report.add(
             &format!("{p} sf_clone→all clones ended"),
             "ms",
             &samples(&r, |x| ms(x.to_clones_ended)),
@@ -283,13 +307,25 @@ pub fn sweep(report: &mut Report, guest: &Path, runs: usize) -> Result<()> {
         );
         let fetched = per_clone(&r, |c| c.faults.pages_fetched as f64);
         report.add(&format!("{p} pages fetched per clone"), "pages", &fetched);
-        // Pages the server sent beyond what the clones installed: replies
-        // to requests repeated after a timeout (lost or late replies).
+        let prefetched = per_clone(&r, |c| c.faults.pages_prefetched as f64);
+        report.add(
+            &format!("{p} pages prefetched per clone"),
+            "pages",
+            &prefetched,
+        );
+        // Pages the server sent beyond what the clones installed (on demand
+        // or by prefetch): replies to requests repeated after a timeout,
+        // and prefetched pages a fault had installed first.
         let resent = samples(&r, |x| {
-            let installed: u64 = x.family.clones.iter().map(|c| c.faults.pages_fetched).sum();
+            let installed: u64 = x
+                .family
+                .clones
+                .iter()
+                .map(|c| c.faults.pages_fetched + c.faults.pages_prefetched)
+                .sum();
             x.server.pages_sent.saturating_sub(installed) as f64
         });
-        report.add(&format!("{p} pages re-sent per run"), "pages", &resent);
+        report.add(&format!("{p} pages sent, not installed"), "pages", &resent);
     }
     for mem_mib in [MEM_MIB, 1024] {
         let s = Setup {

@@ -114,9 +114,19 @@ fn wait_for_line(vm: &mut Vm, prefix: &str, timeout: Duration) -> Result<()> {
 
 /// Waits until the guest has initialised its whole zone state: the state
 /// is filled front to back, so the last page turning non-zero marks the end.
-fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
+/// Checks every `poll`; returns the instant the read that saw it ended and
+/// how long after the end of the previous read (which did not see it) that
+/// was: the state was complete within that gap before the returned instant
+/// (`Duration::MAX` if the first read saw it).
+fn wait_state_touched(
+    vm: &mut Vm,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(Instant, Duration)> {
     let deadline = Instant::now() + timeout;
     let mut page = vec![0u8; 4096];
+    // When the latest read of the last state page (still zero) ended.
+    let mut prev: Option<Instant> = None;
     loop {
         if let Some(info) = vm.guest_info() {
             if info.state_bytes >= 4096 {
@@ -124,9 +134,12 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
                 vm.memory()
                     .read_slice(&mut page, last)
                     .map_err(|e| anyhow!("cannot read guest state page: {e}"))?;
+                let read = Instant::now();
                 if page.iter().any(|&b| b != 0) {
-                    return Ok(());
+                    let gap = prev.map_or(Duration::MAX, |p| read - p);
+                    return Ok((read, gap));
                 }
+                prev = Some(read);
             }
         }
         if let Some(exit) = vm.poll_exit() {
@@ -135,21 +148,35 @@ fn wait_state_touched(vm: &mut Vm, timeout: Duration) -> Result<()> {
         if Instant::now() >= deadline {
             bail!("zone state not initialised within {timeout:?}");
         }
-        sleep(Duration::from_millis(1));
+        sleep(poll);
     }
 }
 
 /// Boots a long paced guest and waits until it is running its ticks.
 pub fn boot_running(guest: &Path, mem_mib: u64, cmdline: &str) -> Result<Vm> {
+    boot_until_state(guest, mem_mib, cmdline, Duration::from_millis(1)).map(|(vm, ..)| vm)
+}
+
+/// Boots `cmdline` and waits until its zone state is initialised, checking
+/// every `poll`; returns the VM, the instant the check saw it and the gap
+/// since the check before (see [`wait_state_touched`]).
+pub fn boot_until_state(
+    guest: &Path,
+    mem_mib: u64,
+    cmdline: &str,
+    poll: Duration,
+) -> Result<(Vm, Instant, Duration)> {
     let mut vm = Vm::boot(&config(guest, mem_mib, cmdline))
         .with_context(|| format!("cannot boot `{cmdline}`"))?;
     let ready = wait_for_line(&mut vm, "zone: start", Duration::from_secs(10))
-        .and_then(|_| wait_state_touched(&mut vm, Duration::from_secs(30)));
-    if let Err(e) = ready {
-        vm.kill();
-        return Err(e);
+        .and_then(|_| wait_state_touched(&mut vm, Duration::from_secs(30), poll));
+    match ready {
+        Ok((at, gap)) => Ok((vm, at, gap)),
+        Err(e) => {
+            vm.kill();
+            Err(e)
+        }
     }
-    Ok(vm)
 }
 
 /// Pause latency of a running paced guest, `cycles` pause/resume pairs.

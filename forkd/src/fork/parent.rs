@@ -81,6 +81,9 @@ pub struct CloneReport {
     pub identity: CloneIdentity,
     /// `sf_clone` on the parent → the clone's first KVM_RUN.
     pub start_latency: Option<Duration>,
+    /// `sf_clone` on the parent → the clone's `zone: done` console line
+    /// (its newline reached the console), if it printed one.
+    pub done_latency: Option<Duration>,
     pub exit: VmExit,
     pub last_line: Option<String>,
     /// Shared: a report is cloned on every API `GET`, its histogram is not.
@@ -570,6 +573,10 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
             .times
             .first_run
             .get()
+            .map(|t| t.saturating_duration_since(requested_at)),
+        done_latency: vm
+            .console()
+            .line_time("zone: done")
             .map(|t| t.saturating_duration_since(requested_at)),
         exit,
         last_line: lines

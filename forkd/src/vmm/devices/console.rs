@@ -13,6 +13,9 @@ const MAX_LINES: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct ConsoleLog {
     pub lines: Vec<String>,
+    /// When each line of `lines` was complete (its newline arrived), in step
+    /// with `lines`.
+    pub line_times: Vec<Instant>,
     partial: Vec<u8>,
     pub first_output: Option<Instant>,
     pub dropped_lines: u64,
@@ -21,6 +24,12 @@ pub struct ConsoleLog {
 impl ConsoleLog {
     pub fn last_line(&self) -> Option<&str> {
         self.lines.last().map(String::as_str)
+    }
+
+    /// When the last line starting with `prefix` was complete.
+    pub fn line_time(&self, prefix: &str) -> Option<Instant> {
+        let i = self.lines.iter().rposition(|l| l.starts_with(prefix))?;
+        self.line_times.get(i).copied()
     }
 }
 
@@ -60,6 +69,12 @@ impl Console {
         self.log().first_output
     }
 
+    /// When the last line starting with `prefix` was complete (its newline
+    /// reached the console), if there is one.
+    pub fn line_time(&self, prefix: &str) -> Option<Instant> {
+        self.log().line_time(prefix)
+    }
+
     pub(crate) fn partial(&self) -> Vec<u8> {
         self.log().partial.clone()
     }
@@ -81,6 +96,7 @@ impl Console {
         }
         match b {
             b'\n' => {
+                let at = Instant::now();
                 let raw = std::mem::take(&mut log.partial);
                 let line = String::from_utf8_lossy(&raw)
                     .trim_end_matches('\r')
@@ -92,9 +108,11 @@ impl Console {
                 }
                 if log.lines.len() == MAX_LINES {
                     log.lines.remove(0);
+                    log.line_times.remove(0);
                     log.dropped_lines += 1;
                 }
                 log.lines.push(line);
+                log.line_times.push(at);
             }
             _ if log.partial.len() < MAX_LINE => log.partial.push(b),
             _ => {}
@@ -115,5 +133,24 @@ impl Write for ConsoleWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_times_follow_lines() {
+        let c = Console::new(false, None);
+        let before = Instant::now();
+        c.push_bytes(b"zone: start\nzone: done clone=0\npartial");
+        let after = Instant::now();
+        let log = c.log();
+        assert_eq!(log.lines.len(), log.line_times.len());
+        let start = log.line_time("zone: start").unwrap();
+        let done = log.line_time("zone: done").unwrap();
+        assert!(before <= start && start <= done && done <= after);
+        assert!(log.line_time("partial").is_none());
     }
 }
