@@ -412,3 +412,40 @@ fn flow_control_throttles_to_the_reported_rates() {
         assert!(elapsed >= expected * 0.9, "{elapsed} < {expected}");
     });
 }
+
+#[test]
+fn caps_refuse_and_retries_give_up() {
+    in_netns("caps_refuse_and_retries_give_up", || {
+        let s = session(9);
+        // Nobody serves this address: every request goes unanswered.
+        let silent = raw();
+        let server = silent.local_addr().expect("addr");
+        let mut rc = receiver_cfg(s.clone(), 40009, server);
+        rc.max_outstanding = 4;
+        rc.max_attempts = 3;
+        rc.retry_timeout = Duration::from_millis(20);
+        rc.max_retry_timeout = Duration::from_millis(40);
+        let (r, rx) = Receiver::with_channel(rc, 16).expect("receiver");
+        assert!(matches!(
+            r.request(&[1, 2, 3, 4, 5]),
+            Err(multicast::RequestError::TooMany { cap: 4, .. })
+        ));
+        assert_eq!(r.outstanding(), 0, "a refused call records nothing");
+        r.request(&[1, 2]).expect("within the cap");
+        r.request(&[2]).expect("already wanted: not asked again");
+        let t0 = Instant::now();
+        let mut g = Got::default();
+        assert!(wait_until(Duration::from_secs(5), || {
+            g.drain(&rx, BLOCK);
+            g.gave_up.len() == 2
+        }));
+        println!("gave up after {:?}: {:?}", t0.elapsed(), r.stats());
+        let st = r.stats();
+        assert_eq!((st.requested, st.rerequests, st.gave_up), (2, 4, 2));
+        assert_eq!(r.outstanding(), 0);
+        // Stopping is prompt.
+        let t1 = Instant::now();
+        r.stop();
+        assert!(t1.elapsed() < Duration::from_millis(500));
+    });
+}
