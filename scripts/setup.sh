@@ -20,6 +20,9 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 installed libclang-dev || missing+=(libclang-dev)
 command -v cc >/dev/null || missing+=(gcc)
 installed linux-libc-dev || missing+=(linux-libc-dev)
+# The multicast tests run in private network namespaces (unshare, ip).
+command -v unshare >/dev/null || missing+=(util-linux)
+command -v ip >/dev/null || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
