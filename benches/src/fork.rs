@@ -107,6 +107,7 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
             copy_out: s.copy_out,
             prefetch: s.prefetch,
             warm_pool: true,
+            ..ForkOptions::default()
         },
         server.clone(),
     );

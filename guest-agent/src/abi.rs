@@ -46,6 +46,14 @@ pub const AGENT_WORD_CLONE_ID: usize = 2;
 /// Set by the guest just before its last look at the epoch: a fork from
 /// then on would go unnoticed, so the VMM refuses it.
 pub const AGENT_WORD_FINISHED: usize = 3;
+/// A clone's generation id (128 bits, two words, low first; 0 in a VM
+/// that was never cloned): new in every clone, like a VM generation id.
+pub const AGENT_WORD_GENERATION: usize = 4;
+/// 32 bytes of fresh entropy per clone (four words), to reseed from.
+pub const AGENT_WORD_ENTROPY: usize = 6;
+/// The clone's MAC (low 48 bits) and IPv4 address (low 32 bits).
+pub const AGENT_WORD_MAC: usize = 10;
+pub const AGENT_WORD_IP: usize = 11;
 
 /// Console output: `args[0]` is the guest-physical address of `args[1]`
 /// bytes (at most [`CONSOLE_MAX`]) to print. A zero-length call probes

@@ -27,6 +27,29 @@ fn agent_word(i: usize) -> u64 {
     unsafe { core::ptr::addr_of!(AGENT.0[i]).read_volatile() }
 }
 
+/// A clone prints the identity the VMM gave it in the agent page (its
+/// generation id, MAC and IP; it would reseed from the entropy words). The
+/// checksum never depends on them. Nothing is printed without a VMM.
+fn note_identity(clone_id: u64) {
+    let (lo, hi) = (
+        agent_word(abi::AGENT_WORD_GENERATION),
+        agent_word(abi::AGENT_WORD_GENERATION + 1),
+    );
+    if lo | hi == 0 {
+        return;
+    }
+    let ip = agent_word(abi::AGENT_WORD_IP) as u32;
+    let _ = writeln!(
+        Console,
+        "zone: clone identity clone={clone_id} generation={hi:016x}{lo:016x} mac={:012x} ip={}.{}.{}.{}",
+        agent_word(abi::AGENT_WORD_MAC),
+        ip >> 24,
+        (ip >> 16) & 0xff,
+        (ip >> 8) & 0xff,
+        ip & 0xff
+    );
+}
+
 /// Allocation bitmap: one bit per 4 KiB page of the first 4 GiB (128 KiB).
 static mut ALLOC_BITMAP: [u64; BITMAP_WORDS] = [0; BITMAP_WORDS];
 
@@ -122,6 +145,9 @@ impl Platform for GuestPlatform {
         };
         let id = sf::sf_clone(&ticket).map_err(refused)?;
         self.ticket = Some(ticket);
+        if id != 0 {
+            note_identity(id);
+        }
         Ok(id)
     }
 
@@ -131,7 +157,11 @@ impl Platform for GuestPlatform {
             return None;
         }
         self.fork_epoch = epoch;
-        Some(agent_word(abi::AGENT_WORD_CLONE_ID))
+        let id = agent_word(abi::AGENT_WORD_CLONE_ID);
+        if id != 0 {
+            note_identity(id);
+        }
+        Some(id)
     }
 
     fn note_host_fork(&mut self, tick: u64, clone_id: u64) {

@@ -472,3 +472,62 @@ fn restored_vm_forks_and_matches_qemu() {
         assert_eq!(c.last_line.as_deref(), Some(oracle(c.clone_id).as_str()));
     }
 }
+
+/// Clone identity: two parents forked at once (two hubs, one daemon-wide
+/// pool) give their clones distinct MACs, IPs and generation ids, and each
+/// guest finds its own identity in its agent page (it prints what it
+/// read). Checksums still match QEMU: the identity never changes them.
+#[test]
+fn clones_of_two_families_get_distinct_identities() {
+    require_kvm();
+    let cmdline =
+        |seed: u64| format!("ticks=30 seed={seed} state_mib=4 tick_us=2000 fork_at=3 clones=2");
+    let server = memserver();
+    let parents: Vec<_> = [51u64, 52]
+        .iter()
+        .map(|&seed| {
+            let hub = ForkHub::new(ForkOptions::default(), server.clone());
+            let vm = Vm::boot_with(&config(&cmdline(seed), MEM), Some(hub.clone())).expect("boot");
+            (seed, vm, hub)
+        })
+        .collect();
+    let (mut macs, mut ips, mut generations) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    for (seed, mut vm, hub) in parents {
+        assert_eq!(
+            finish(&mut vm),
+            qemu_done_line(&format!("{} as_clone=0", cmdline(seed)), MEM)
+        );
+        assert!(
+            hub.wait_clones(Duration::from_secs(60)),
+            "clones still running"
+        );
+        let report = hub.families()[0].report();
+        assert_eq!(report.identities.len(), 2);
+        for c in &report.clones {
+            assert_eq!(
+                c.last_line.as_deref(),
+                Some(
+                    qemu_done_line(&format!("{} as_clone={}", cmdline(seed), c.clone_id), MEM)
+                        .as_str()
+                )
+            );
+            let id = &c.identity;
+            assert!(macs.insert(id.mac), "MAC {} given twice", id.mac_string());
+            assert!(ips.insert(id.ip), "IP {} given twice", id.ip);
+            assert!(generations.insert(id.generation), "generation given twice");
+            let line = c
+                .identity_line
+                .as_deref()
+                .unwrap_or_else(|| panic!("clone {} printed no identity", c.clone_id));
+            assert!(
+                line.contains(&format!("generation={}", id.generation_hex())),
+                "{line}"
+            );
+            assert!(line.contains(&format!("ip={}", id.ip)), "{line}");
+        }
+    }
+}

@@ -157,19 +157,22 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
 
 fn family_info(f: &Family) -> FamilyInfo {
     let report = f.report();
-    let clones = (1..=report.clones_granted)
-        .map(|i| {
+    let clones = report
+        .identities
+        .iter()
+        .map(|identity| {
+            let i = identity.clone_id;
             if let Some(c) = report.clones.iter().find(|c| c.clone_id == i) {
-                let mut info = CloneInfo::new(report.family, i, CloneState::Exited);
+                let mut info = CloneInfo::new(identity, CloneState::Exited);
                 info.exit = Some(ExitInfo::from(&c.exit));
                 info.last_line = c.last_line.clone();
                 info
             } else if let Some((_, why)) = report.start_failures.iter().find(|(id, _)| *id == i) {
-                let mut info = CloneInfo::new(report.family, i, CloneState::Failed);
+                let mut info = CloneInfo::new(identity, CloneState::Failed);
                 info.error = Some(why.clone());
                 info
             } else {
-                CloneInfo::new(report.family, i, CloneState::Running)
+                CloneInfo::new(identity, CloneState::Running)
             }
         })
         .collect();

@@ -137,11 +137,13 @@ pub struct CloneInfo {
     pub error: Option<String>,
     pub ip: String,
     pub mac: String,
+    /// The clone's generation id (32 hex digits), new in every clone.
+    pub generation: String,
 }
 
 impl CloneInfo {
-    pub fn new(family: u64, clone_id: u64, state: CloneState) -> Self {
-        let identity = CloneIdentity::new(family, clone_id);
+    pub fn new(identity: &CloneIdentity, state: CloneState) -> Self {
+        let clone_id = identity.clone_id;
         CloneInfo {
             clone_id,
             state,
@@ -150,6 +152,7 @@ impl CloneInfo {
             error: None,
             ip: identity.ip.to_string(),
             mac: identity.mac_string(),
+            generation: identity.generation_hex(),
         }
     }
 }

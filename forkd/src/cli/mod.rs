@@ -218,6 +218,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             copy_out: !a.no_copy_out,
             prefetch: !a.no_prefetch,
             warm_pool: !a.no_warm_pool,
+            ..ForkOptions::default()
         },
         memserver.clone(),
     );

@@ -3,7 +3,7 @@
 
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::{CloneMemory, FaultHandler, FaultHandlerConfig, FaultStatsView, Prefetch};
-use crate::fork::identity::CloneIdentity;
+use crate::fork::identity::{fresh_entropy, CloneIdentity, IdentityLease};
 use crate::fork::{Answer, ForkError};
 use crate::vmm::builder::{PreparedVm, VmShell};
 use crate::vmm::devices::Console;
@@ -116,7 +116,8 @@ fn answered_page(
 pub struct StartedClone {
     pub vm: Vm,
     pub service: Arc<CloneService>,
-    pub identity: CloneIdentity,
+    /// The clone's identity, held until the clone is dropped.
+    pub lease: IdentityLease,
     pub faults: FaultStatsView,
 }
 
@@ -150,7 +151,7 @@ pub struct PreparedClone {
     vm: PreparedVm,
     clone_id: u64,
     service: Arc<CloneService>,
-    identity: CloneIdentity,
+    lease: IdentityLease,
     faults: FaultStatsView,
 }
 
@@ -164,20 +165,10 @@ impl PreparedClone {
         Ok(StartedClone {
             vm,
             service: self.service,
-            identity: self.identity,
+            lease: self.lease,
             faults: self.faults,
         })
     }
-}
-
-/// Builds clone `clone_id` from `desc` and starts its vCPU.
-pub fn start_clone(
-    desc: &ForkDescriptor,
-    clone_id: u64,
-    sources: CloneSources,
-    opts: &CloneOptions,
-) -> Result<StartedClone, ForkError> {
-    prepare_clone(desc, clone_id, sources, opts, None)?.start()
 }
 
 /// Builds clone `clone_id` from `desc`: a shell (from the warm pool if one
@@ -186,11 +177,13 @@ pub fn start_clone(
 /// descriptor's state by the VMM's one builder.
 pub fn prepare_clone(
     desc: &ForkDescriptor,
-    clone_id: u64,
+    lease: IdentityLease,
     sources: CloneSources,
     opts: &CloneOptions,
     shell: Option<CloneShell>,
 ) -> Result<PreparedClone, ForkError> {
+    let identity = lease.identity;
+    let clone_id = identity.clone_id;
     let started = Instant::now();
     let CloneShell { shell, cmem } = match shell {
         Some(s) if s.fits(desc) => s,
@@ -200,18 +193,21 @@ pub fn prepare_clone(
         }
     };
     let len = cmem.len;
-    let identity = CloneIdentity::new(desc.family, clone_id);
+    let entropy = fresh_entropy()?;
     for p in &desc.pages {
         if p.bytes.len() != PAGE_SIZE || !p.gpa.is_multiple_of(PAGE_SIZE as u64) || p.gpa >= len {
             return Err(ForkError::BadDescriptorPage(p.gpa));
         }
-        let data = if p.gpa == desc.answer_page {
+        let mut data = if p.gpa == desc.answer_page {
             answered_page(&p.bytes, desc.answer, clone_id, &identity)
         } else {
             let mut d = [0u8; PAGE_SIZE];
             d.copy_from_slice(&p.bytes);
             d
         };
+        if Some(p.gpa) == desc.agent_page {
+            identity.write_agent_words(&mut data, &entropy);
+        }
         cmem.install(p.gpa / PAGE_SIZE as u64, &data)?;
     }
     let service = Arc::new(CloneService {
@@ -262,7 +258,7 @@ pub fn prepare_clone(
         vm,
         clone_id,
         service,
-        identity,
+        lease,
         faults,
     })
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Bumped whenever the descriptor changes shape.
-pub const DESCRIPTOR_VERSION: u32 = 2;
+pub const DESCRIPTOR_VERSION: u32 = 3;
 const PAGE: u64 = 4096;
 /// Bound on page-table pages collected (a sane guest needs a handful).
 const MAX_TABLE_PAGES: usize = 512;
@@ -67,6 +67,9 @@ pub struct ForkDescriptor {
     pub state: VmState,
     /// The page that tells each clone which clone it is, and how.
     pub answer_page: u64,
+    /// The guest's agent page, where each clone finds its identity
+    /// (generation id, entropy, MAC, IP), if the guest has one.
+    pub agent_page: Option<u64>,
     pub answer: Answer,
     pub pages: Vec<DescriptorPage>,
     pub alloc: Option<AllocAtFork>,
@@ -106,6 +109,13 @@ impl ForkDescriptor {
         wanted.insert(rsp);
         wanted.insert(rsp.saturating_sub(PAGE));
         wanted.insert(answer_page & !(PAGE - 1));
+        let agent_page = state
+            .devices
+            .hypercall
+            .guest
+            .map(|g| g.agent_gpa)
+            .filter(|a| *a != 0 && a.is_multiple_of(PAGE) && *a < mem_bytes);
+        wanted.extend(agent_page);
         let mut pages = Vec::with_capacity(wanted.len());
         for gpa in wanted.into_iter().filter(|g| *g < mem_bytes) {
             let mut bytes = vec![0u8; PAGE as usize];
@@ -124,6 +134,7 @@ impl ForkDescriptor {
             family,
             state,
             answer_page,
+            agent_page,
             answer,
             pages,
             alloc,

@@ -66,6 +66,8 @@ pub enum ForkError {
     FamilyLive(u64),
     #[error("{requested} clones requested; 1..={max} allowed")]
     BadClones { requested: u64, max: u64 },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// How each clone learns it is a clone.

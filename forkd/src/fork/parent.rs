@@ -12,7 +12,7 @@ use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
-use crate::fork::identity::CloneIdentity;
+use crate::fork::identity::{CloneIdentity, IdentityLease, IdentityPool};
 use crate::fork::pending::PendingImage;
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::sync::lock;
@@ -57,6 +57,9 @@ pub struct ForkOptions {
     pub prefetch: bool,
     /// Build the clones' VMs from `sf_request_ticket` on, ahead of the fork.
     pub warm_pool: bool,
+    /// Where clone MACs and IPs come from (default: the process's pool,
+    /// shared by every hub, so families never collide).
+    pub identities: Arc<IdentityPool>,
 }
 
 impl Default for ForkOptions {
@@ -70,6 +73,7 @@ impl Default for ForkOptions {
             copy_out: true,
             prefetch: true,
             warm_pool: true,
+            identities: IdentityPool::global(),
         }
     }
 }
@@ -86,6 +90,9 @@ pub struct CloneReport {
     pub done_latency: Option<Duration>,
     pub exit: VmExit,
     pub last_line: Option<String>,
+    /// The line where the guest printed the identity it found in its agent
+    /// page (`zone: clone identity ...`), if it did.
+    pub identity_line: Option<String>,
     /// Shared: a report is cloned on every API `GET`, its histogram is not.
     pub faults: Arc<FaultStats>,
     pub pages_declared: u64,
@@ -104,6 +111,8 @@ pub struct FamilyReport {
     pub clones: Vec<CloneReport>,
     /// Clones that could not be started, with why.
     pub start_failures: Vec<(u64, String)>,
+    /// Every clone's identity, clone 1 first (leased at the fork).
+    pub identities: Vec<CloneIdentity>,
 }
 
 pub struct Family {
@@ -403,6 +412,11 @@ impl ForkHub {
         // the fork instant), then the family, then the clones are built
         // while the memory is frozen: their reads wait for the image.
         let desc = ForkDescriptor::build(id, &req.memory, req.state, req.page_gpa, req.answer)?;
+        // Every clone's MAC and IP, unique among the live clones of all
+        // families, before anything else is set up.
+        let leases = (1..=granted)
+            .map(|i| self.opts.identities.lease(i))
+            .collect::<Result<Vec<_>, _>>()?;
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         self.memserver
@@ -422,6 +436,7 @@ impl ForkHub {
                 clones_granted: granted,
                 descriptor_bytes: encoded.len() as u64,
                 descriptor_pages: desc.pages.len() as u64,
+                identities: leases.iter().map(|l| l.identity).collect(),
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
@@ -436,7 +451,7 @@ impl ForkHub {
                 .name(format!("fork-{id}"))
                 .spawn(move || {
                     let shells = pool.map(|p| p.take()).unwrap_or_default();
-                    launch(family, encoded, granted, opts, server, requested_at, shells)
+                    launch(family, encoded, leases, opts, server, requested_at, shells)
                 })
                 .map_err(|source| {
                     self.memserver.remove_family(id);
@@ -482,7 +497,7 @@ impl ForkHub {
 fn launch(
     family: Arc<Family>,
     descriptor: Vec<u8>,
-    granted: u64,
+    leases: Vec<IdentityLease>,
     opts: ForkOptions,
     server: std::net::SocketAddr,
     requested_at: Instant,
@@ -494,7 +509,8 @@ fn launch(
         family.clone_ended();
     };
     let mut prepared = Vec::new();
-    for clone_id in 1..=granted {
+    for lease in leases {
+        let clone_id = lease.identity.clone_id;
         if family.kill.load(Ordering::Acquire) {
             fail(clone_id, "killed before start".into());
             continue;
@@ -520,7 +536,7 @@ fn launch(
                     avoidance: opts.avoidance,
                     readahead: opts.readahead,
                 };
-                prepare_clone(&desc, clone_id, sources, &copts, shells.pop())
+                prepare_clone(&desc, lease, sources, &copts, shells.pop())
             });
         match built {
             Ok(p) => prepared.push((clone_id, p)),
@@ -567,8 +583,8 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
     };
     let lines = vm.console().lines();
     let report = CloneReport {
-        clone_id: clone.identity.clone_id,
-        identity: clone.identity,
+        clone_id: clone.lease.identity.clone_id,
+        identity: clone.lease.identity,
         start_latency: vm
             .times
             .first_run
@@ -584,6 +600,10 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
             .rev()
             .find(|l| l.starts_with("zone: done"))
             .or(lines.last())
+            .cloned(),
+        identity_line: lines
+            .iter()
+            .find(|l| l.starts_with("zone: clone identity"))
             .cloned(),
         faults: Arc::new(clone.faults.get()),
         pages_declared: clone.service.pages_declared(),

@@ -136,7 +136,8 @@ mod validator_tests {
         check("Created", json!({"id": "vm-1", "state": "running"})).unwrap();
         check("Error", json!({"error": "no VM with id 'vm-9'"})).unwrap();
         let clone = json!({"clone_id": 1, "state": "exited", "exit": {"code": 0, "reason": "ok"},
-            "ip": "10.200.0.1", "mac": "02:fd:00:01:00:01"});
+            "ip": "10.200.0.1", "mac": "02:fd:00:00:00:01",
+            "generation": "0123456789abcdef0123456789abcdef"});
         check("Clone", clone).unwrap();
     }
 
