@@ -141,9 +141,14 @@ pub struct ServeArgs {
     /// Also listen on TCP: PORT (127.0.0.1) or IP:PORT.
     #[arg(long, value_parser = crate::api::parse_tcp)]
     pub tcp: Option<SocketAddr>,
-    /// Allow --tcp on a non-loopback address (the API has no authentication).
-    #[arg(long, requires = "tcp")]
+    /// Allow --tcp on a non-loopback address (needs --token-file).
+    #[arg(long, requires = "tcp", requires = "token_file")]
     pub tcp_allow_remote: bool,
+    /// TCP requests must carry `Authorization: Bearer <token>` with the
+    /// token in this file (mode 0600; its first line). The Unix socket
+    /// needs none.
+    #[arg(long, requires = "tcp")]
+    pub token_file: Option<PathBuf>,
     /// Most VMs registered at once (exited ones count until deleted).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_vms: u64,
@@ -354,6 +359,7 @@ pub fn main() -> ExitCode {
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
             tcp: a.tcp,
             tcp_allow_remote: a.tcp_allow_remote,
+            token_file: a.token_file,
             limits: crate::api::Limits {
                 max_vms: a.max_vms as usize,
                 max_clones: a.max_clones,
