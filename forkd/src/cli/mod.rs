@@ -1,4 +1,5 @@
-//! The `forkd` command line: `guest-path`, `run`, `restore` and `serve`.
+//! The `forkd` command line: `guest-path`, `run`, `restore`, `serve` and
+//! `cluster`.
 
 use crate::fork::parent::{ForkHub, ForkOptions};
 use crate::guest::default_guest;
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod fork_summary;
 
 #[derive(Parser, Debug)]
@@ -60,6 +62,10 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Serve the host fork API (JSON over HTTP) until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// A local cluster: N hosts on this machine, each a network namespace
+    /// with its own `forkd serve` (needs root).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Args, Debug)]
@@ -354,6 +360,7 @@ pub fn main() -> ExitCode {
         }
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
+        Command::Cluster(c) => cluster::run(c),
         Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
             on_listening: |at| eprintln!("forkd: listening on {at}"),
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
