@@ -519,10 +519,12 @@ pub fn down(name: &str, dir: &Path) -> Result<DownReport, DownError> {
         }
     }
     // Files: the host directories (by state and by name), then the rest.
+    // Only files inside the cluster directory, whatever the state says.
     let mut host_dirs: Vec<PathBuf> = recorded
         .iter()
         .flat_map(|s| s.hosts.iter())
         .filter_map(|h| h.socket.parent().map(Path::to_owned))
+        .filter(|d| d.parent() == Some(dir))
         .collect();
     if let Ok(entries) = std::fs::read_dir(dir) {
         host_dirs.extend(
@@ -539,11 +541,7 @@ pub fn down(name: &str, dir: &Path) -> Result<DownReport, DownError> {
         remove_file(&d.join(state::LOG_FILE), &mut r, &mut left);
         remove_dir(d, &mut r, &mut left);
     }
-    let token = recorded
-        .as_ref()
-        .map(|s| s.token_file.clone())
-        .unwrap_or_else(|| dir.join(state::TOKEN_FILE));
-    remove_file(&token, &mut r, &mut left);
+    remove_file(&dir.join(state::TOKEN_FILE), &mut r, &mut left);
     remove_file(
         &dir.join(format!(".{}.tmp", state::STATE_FILE)),
         &mut r,
