@@ -451,6 +451,14 @@ fn down_cleans_up_after_a_crash() {
 #[test]
 fn down_works_without_a_valid_state_file() {
     let (c, st) = Cluster::up(2);
+    // `down` with another cluster's name on this directory refuses and
+    // touches nothing.
+    let dir = c.dir.to_str().expect("utf-8 dir");
+    let o = forkd(&["cluster", "down", "--name", "someother", "--dir", dir]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("holds the state of cluster"), "{err}");
+    assert_eq!(c.status()["state"], "running");
     // A damaged state file: down finds the cluster by its namespaces.
     std::fs::write(c.dir.join("state.json"), b"{ not json").expect("overwrite");
     let o = c.run(&["status", "--json"]);

@@ -117,6 +117,14 @@ pub enum DownError {
     Name(#[from] NameError),
     #[error("cannot list the network namespaces")]
     Ip(#[from] IpError),
+    #[error(
+        "{dir} holds the state of cluster {found}, not {name}; pass the right --name or --dir"
+    )]
+    OtherCluster {
+        dir: PathBuf,
+        name: String,
+        found: String,
+    },
     #[error("some of cluster {name} is left: {}", left.join("; "))]
     Left { name: String, left: Vec<String> },
 }
@@ -150,17 +158,11 @@ fn preflight(o: &UpOptions, plan: &ClusterState) -> Result<(), UpError> {
         let hosts: Vec<String> = st
             .hosts
             .iter()
-            .map(|h| {
-                format!(
-                    "{} {}",
-                    h.name,
-                    serde_json::json!(h.state).as_str().unwrap_or("?")
-                )
-            })
+            .map(|h| format!("{} {}", h.name, h.state.as_str()))
             .collect();
         let what = format!(
             "state {}{}{}",
-            serde_json::json!(st.state).as_str().unwrap_or("?"),
+            st.state.as_str(),
             if hosts.is_empty() { "" } else { ": " },
             hosts.join(", ")
         );
@@ -470,7 +472,14 @@ pub fn down(name: &str, dir: &Path) -> Result<DownReport, DownError> {
     let mut r = DownReport::default();
     let mut left = Vec::new();
     let recorded = match ClusterState::load(dir) {
-        Ok(s) => s.filter(|s| s.name == name),
+        Ok(Some(s)) if s.name != name => {
+            return Err(DownError::OtherCluster {
+                dir: dir.to_owned(),
+                name: name.to_owned(),
+                found: s.name,
+            })
+        }
+        Ok(s) => s,
         Err(e) => {
             r.notes.push(format!("ignored: {e}"));
             None

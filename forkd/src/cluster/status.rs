@@ -34,6 +34,16 @@ pub enum HostState {
     Missing,
 }
 
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Running => "running",
+            HostState::Dead => "dead",
+            HostState::Missing => "missing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClusterStateKind {
@@ -46,6 +56,17 @@ pub enum ClusterStateKind {
     Leftover,
     /// Nothing of the cluster exists.
     Absent,
+}
+
+impl ClusterStateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterStateKind::Running => "running",
+            ClusterStateKind::Degraded => "degraded",
+            ClusterStateKind::Leftover => "leftover",
+            ClusterStateKind::Absent => "absent",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,19 +181,12 @@ pub fn status(name: &str, dir: &Path) -> Result<ClusterStatus, StatusError> {
     })
 }
 
-fn word<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// The status as a table for people.
 pub fn table(s: &ClusterStatus) -> String {
     let mut out = format!(
         "cluster {}: {} (subnet {}, bridge {} in {}{}, dir {})\n",
         s.name,
-        word(&s.state),
+        s.state.as_str(),
         s.subnet,
         state::BRIDGE,
         s.bridge_netns,
@@ -188,7 +202,7 @@ pub fn table(s: &ClusterStatus) -> String {
         .map(|h| {
             [
                 h.name.clone(),
-                word(&h.state),
+                h.state.as_str().to_owned(),
                 h.netns.clone(),
                 h.address.to_string(),
                 h.tcp.to_string(),
