@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod errors;
 pub mod fork;
 pub mod guest;

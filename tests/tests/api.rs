@@ -10,6 +10,7 @@ mod schema;
 
 use client::{Response, Server};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tests::{qemu_done_line, require_kvm};
@@ -365,6 +366,53 @@ fn socket_and_tcp_are_guarded() {
         "{stderr}"
     );
     assert!(!sock.exists());
+    // --tcp-allow-remote needs --token-file.
+    let (status, stderr) = Server::try_start(&sock, &["--tcp", "0.0.0.0:0", "--tcp-allow-remote"])
+        .err()
+        .expect("refused");
+    assert!(
+        !status.success() && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+    // A token file readable by others is refused.
+    let token_file = dir.path().join("token");
+    let token = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let tf = token_file.to_str().expect("utf-8 path");
+    let (status, stderr) = Server::try_start(&sock, &["--tcp", "0", "--token-file", tf])
+        .err()
+        .expect("refused");
+    assert!(
+        !status.success() && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    // With a token file, TCP needs the bearer token; the Unix socket not.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let s = Server::start(&sock, &["--tcp", "0", "--token-file", tf]);
+    let tcp = s
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp address in {:?}", s.banner))
+        .to_owned();
+    assert_eq!(s.get("/v1/vms").status, 200);
+    let bearer = format!("Bearer {token}");
+    let ok = client::call_tcp_with(&tcp, "GET", "/v1/vms", &[("Authorization", &bearer)]);
+    assert_eq!(ok.status, 200);
+    let r = Server::call_tcp(&tcp, "GET", "/v1/vms");
+    expect_error(&r, 401, "Authorization");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let wrong = format!("Bearer {}", token.replace('0', "1"));
+    for (path, auth) in [
+        ("/v1/vms", wrong.as_str()),
+        ("/v1/vms/vm-1", "Basic Zm9vOmJhcg=="),
+        ("/v1/openapi.json", "Bearer"),
+    ] {
+        let r = client::call_tcp_with(&tcp, "GET", path, &[("Authorization", auth)]);
+        expect_error(&r, 401, "unauthorized");
+    }
+    s.stop();
 }
 
 /// A guest that lies in its HELLO (a 1 TiB bitmap; addresses past the end

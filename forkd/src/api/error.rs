@@ -15,6 +15,9 @@ pub enum ApiError {
     /// Malformed JSON, missing / wrong-typed / unknown fields, bad sizes.
     #[error("{0}")]
     BadRequest(String),
+    /// A TCP request without the right bearer token.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     #[error("no VM with id '{0}'")]
     NoSuchVm(String),
     #[error("no route for {method} {path}")]
@@ -44,6 +47,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NoSuchVm(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

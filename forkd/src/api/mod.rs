@@ -11,10 +11,13 @@
 //! | `POST /v1/vms/{id}/fork` | host-initiated fork → `{family, clones}` |
 //! | `DELETE /v1/vms/{id}` | kill the VM and its clones → 204 |
 //!
-//! Errors are `{"error": "..."}` with 400/404/405/409/422/429/500/503.
-//! The server has no authentication: the Unix socket is made 0600 and TCP
-//! binds to loopback unless `--tcp-allow-remote` is given.
+//! Errors are `{"error": "..."}` with 400/401/404/405/409/422/429/500/503.
+//! The Unix socket is made 0600 and needs nothing more. TCP binds to
+//! loopback unless `--tcp-allow-remote` is given, which needs
+//! `--token-file`: with a token file every TCP request must carry
+//! `Authorization: Bearer <token>` (401 otherwise, see `auth`).
 
+pub mod auth;
 pub mod error;
 pub mod http;
 pub mod registry;
@@ -43,8 +46,10 @@ const DRAIN: Duration = Duration::from_secs(3);
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub tcp: Option<SocketAddr>,
-    /// Allow a non-loopback TCP address (the API has no authentication).
+    /// Allow a non-loopback TCP address (needs `token_file`).
     pub tcp_allow_remote: bool,
+    /// TCP requests must carry the bearer token in this file.
+    pub token_file: Option<PathBuf>,
     pub limits: Limits,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
@@ -59,8 +64,12 @@ pub enum ServeError {
     NotASocket(PathBuf),
     #[error("socket {path}: {source}")]
     Socket { path: PathBuf, source: io::Error },
-    #[error("{0} is not a loopback address; the API has no authentication (pass --tcp-allow-remote to listen there anyway)")]
+    #[error("{0} is not a loopback address; pass --tcp-allow-remote and --token-file to listen there with a bearer token")]
     RemoteTcp(SocketAddr),
+    #[error("--tcp-allow-remote needs --token-file: a non-loopback API must check a bearer token")]
+    RemoteWithoutToken,
+    #[error(transparent)]
+    Token(#[from] auth::TokenError),
     #[error("cannot listen on tcp {addr}: {source}")]
     Tcp { addr: SocketAddr, source: io::Error },
     #[error("cannot start the memory server")]
@@ -235,6 +244,7 @@ async fn run(
     l: Listeners,
     mut sig: Signals,
     registry: Arc<Registry>,
+    token: Option<auth::Token>,
     on_listening: fn(&str),
 ) -> Result<(), ServeError> {
     let setup = |what| move |source| ServeError::Setup { what, source };
@@ -253,6 +263,10 @@ async fn run(
     if let Some(tcp) = l.tcp {
         let addr = tcp.local_addr().map_err(setup("tcp address"))?;
         where_.push_str(&format!(" tcp:{addr}"));
+        let app = match token {
+            Some(t) => app.layer(axum::middleware::from_fn_with_state(t, auth::require_token)),
+            None => app,
+        };
         servers.spawn(
             axum::serve(tcp, app)
                 .with_graceful_shutdown(stopped(stop_rx))
@@ -289,6 +303,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             return Err(ServeError::RemoteTcp(addr));
         }
     }
+    if cfg.tcp_allow_remote && cfg.token_file.is_none() {
+        return Err(ServeError::RemoteWithoutToken);
+    }
+    let token = cfg
+        .token_file
+        .as_deref()
+        .map(auth::Token::from_file)
+        .transpose()?;
     ensure_fd_limit(&cfg.limits)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -313,7 +335,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             what: "reaper thread",
             source,
         })?;
-    let served = rt.block_on(run(listeners, sig, registry.clone(), cfg.on_listening));
+    let served = rt.block_on(run(
+        listeners,
+        sig,
+        registry.clone(),
+        token,
+        cfg.on_listening,
+    ));
     registry.shutdown();
     let _ = reaper.join();
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -1,4 +1,5 @@
-//! The `forkd` command line: `guest-path`, `run`, `restore` and `serve`.
+//! The `forkd` command line: `guest-path`, `run`, `restore`, `serve` and
+//! `cluster`.
 
 use crate::fork::parent::{ForkHub, ForkOptions};
 use crate::guest::default_guest;
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod cluster;
 mod fork_summary;
 
 #[derive(Parser, Debug)]
@@ -60,6 +62,10 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Serve the host fork API (JSON over HTTP) until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// A local cluster: N hosts on this machine, each a network namespace
+    /// with its own `forkd serve` (needs root).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Args, Debug)]
@@ -141,9 +147,14 @@ pub struct ServeArgs {
     /// Also listen on TCP: PORT (127.0.0.1) or IP:PORT.
     #[arg(long, value_parser = crate::api::parse_tcp)]
     pub tcp: Option<SocketAddr>,
-    /// Allow --tcp on a non-loopback address (the API has no authentication).
-    #[arg(long, requires = "tcp")]
+    /// Allow --tcp on a non-loopback address (needs --token-file).
+    #[arg(long, requires = "tcp", requires = "token_file")]
     pub tcp_allow_remote: bool,
+    /// TCP requests must carry `Authorization: Bearer <token>` with the
+    /// token in this file (mode 0600; its first line). The Unix socket
+    /// needs none.
+    #[arg(long, requires = "tcp")]
+    pub token_file: Option<PathBuf>,
     /// Most VMs registered at once (exited ones count until deleted).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_vms: u64,
@@ -350,11 +361,13 @@ pub fn main() -> ExitCode {
         }
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
+        Command::Cluster(c) => cluster::run(c),
         Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
             on_listening: |at| eprintln!("forkd: listening on {at}"),
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
             tcp: a.tcp,
             tcp_allow_remote: a.tcp_allow_remote,
+            token_file: a.token_file,
             limits: crate::api::Limits {
                 max_vms: a.max_vms as usize,
                 max_clones: a.max_clones,

@@ -70,15 +70,30 @@ fn decode_chunked(mut raw: &[u8]) -> Vec<u8> {
 
 /// Sends one request on `stream` and reads the whole response.
 pub fn exchange<S: Read + Write>(
-    mut stream: S,
+    stream: S,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Response {
+    exchange_with(stream, method, path, body, &[])
+}
+
+/// [`exchange`] with extra request headers.
+pub fn exchange_with<S: Read + Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Response {
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         Content-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).expect("send the request");
@@ -125,6 +140,27 @@ pub fn check_spec(method: &str, path: &str, resp: &Response) {
     if let Err(e) = spec().check_response(method, path, resp.status, body.as_ref()) {
         panic!("response does not match the OpenAPI spec: {e}");
     }
+}
+
+/// One request over the Unix socket at `socket`, checked against the spec.
+pub fn call_unix(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Response {
+    let stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let resp = exchange(stream, method, path, body);
+    check_spec(method, path, &resp);
+    resp
+}
+
+/// One request over TCP with extra headers, checked against the spec.
+pub fn call_tcp_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let resp = exchange_with(stream, method, path, None, headers);
+    check_spec(method, path, &resp);
+    resp
 }
 
 pub struct Server {
@@ -207,13 +243,7 @@ impl Server {
 
     /// One request over the Unix socket, checked against the spec.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Response {
-        let stream = UnixStream::connect(&self.socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        let resp = exchange(stream, method, path, body);
-        check_spec(method, path, &resp);
-        resp
+        call_unix(&self.socket, method, path, body)
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -226,11 +256,7 @@ impl Server {
 
     /// One request over TCP, checked against the spec.
     pub fn call_tcp(addr: &str, method: &str, path: &str) -> Response {
-        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        let resp = exchange(stream, method, path, None);
-        check_spec(method, path, &resp);
-        resp
+        call_tcp_with(addr, method, path, &[])
     }
 
     /// Sends `signal` and waits (bounded) for the server to exit.

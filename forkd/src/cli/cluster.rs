@@ -1,0 +1,129 @@
+//! `forkd cluster up|status|down`: a local cluster on this machine (see
+//! `crate::cluster`).
+
+use crate::cluster::{local, state, status};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Make N hosts h1..hN (a network namespace each, a veth into a bridge
+    /// in a namespace of its own, an address on 10.77.X.0/24) and start
+    /// `forkd serve` in each.
+    Up(UpArgs),
+    /// List the hosts and the state of their daemons.
+    Status(StatusArgs),
+    /// Remove everything the cluster is made of (idempotent).
+    Down(Which),
+}
+
+#[derive(Args, Debug)]
+pub struct Which {
+    /// Cluster name (1-12 of a-z, 0-9).
+    #[arg(long, default_value = "local")]
+    pub name: String,
+    /// The cluster's directory (state file, token, sockets, logs)
+    /// [default: /run/forkd/clusters/NAME].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// How many hosts.
+    #[arg(long)]
+    pub hosts: u32,
+    /// TCP port of every host's API (on the host's address).
+    #[arg(long, default_value_t = status::DEFAULT_PORT)]
+    pub port: u16,
+    /// Print the cluster's status as JSON when it is up.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub which: Which,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub which: Which,
+}
+
+impl Which {
+    fn dir(&self) -> Result<PathBuf> {
+        let dir = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| state::default_dir(&self.name));
+        if dir.is_absolute() {
+            return Ok(dir);
+        }
+        Ok(std::env::current_dir()
+            .context("cannot resolve --dir")?
+            .join(dir))
+    }
+}
+
+fn print_status(name: &str, dir: &std::path::Path, json: bool) -> Result<status::ClusterStatus> {
+    let st = status::status(name, dir)?;
+    if json {
+        println!("{}", serde_json::to_string(&st)?);
+    } else {
+        print!("{}", status::table(&st));
+    }
+    Ok(st)
+}
+
+pub fn run(cmd: ClusterCommand) -> Result<ExitCode> {
+    match cmd {
+        ClusterCommand::Up(a) => {
+            let dir = a.which.dir()?;
+            let forkd = std::env::current_exe().context("cannot find the forkd binary")?;
+            let s = local::up(&local::UpOptions {
+                name: a.which.name.clone(),
+                dir: dir.clone(),
+                hosts: a.hosts,
+                port: a.port,
+                forkd,
+            })?;
+            if !a.json {
+                eprintln!(
+                    "forkd: cluster {} is up: {} hosts on {}; TCP needs the token in {}",
+                    s.name,
+                    s.hosts.len(),
+                    s.subnet,
+                    s.token_file.display()
+                );
+            }
+            print_status(&s.name, &dir, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Status(a) => {
+            print_status(&a.which.name, &a.which.dir()?, a.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Down(w) => {
+            let r = local::down(&w.name, &w.dir()?)?;
+            for n in &r.notes {
+                eprintln!("forkd: {n}");
+            }
+            if r.is_empty() {
+                eprintln!("forkd: cluster {}: nothing to remove", w.name);
+            } else {
+                eprintln!(
+                    "forkd: cluster {} is down: stopped {} processes, removed {} namespaces and {} files",
+                    w.name,
+                    r.stopped.len(),
+                    r.namespaces.len(),
+                    r.files.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
