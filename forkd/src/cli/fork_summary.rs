@@ -35,8 +35,11 @@ pub fn failed_clones(families: &[Arc<Family>]) -> Vec<(u64, String)> {
 pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
     let reports: Vec<_> = families.iter().map(|f| f.report()).collect();
     // Clone starts in µs; fetch latencies in µs, merged from the clones.
-    let mut starts = Histogram::<u64>::new(3).expect("3 significant digits is valid");
-    let mut lat = Histogram::<u64>::new(2).expect("2 significant digits is valid");
+    // Bounded: up to an hour of clone start, a minute of fetch latency.
+    let mut starts = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("bounds and 3 significant digits are valid");
+    let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000, 2)
+        .expect("bounds and 2 significant digits are valid");
     let (mut fetched, mut avoided, mut declared, mut faults) = (0u64, 0u64, 0u64, 0u64);
     let mut prefetched = 0u64;
     let mut clones = Vec::new();
