@@ -531,3 +531,80 @@ fn clones_of_two_families_get_distinct_identities() {
         }
     }
 }
+
+/// The API's DELETE of a VM whose clones' fault handlers died (the memory
+/// server stopped under them, in the daemon's own registry): the clones
+/// end with a clear error, and DELETE returns within seconds.
+#[test]
+fn delete_after_the_clones_lost_their_memory_returns_promptly() {
+    use forkd::api::registry::{Limits, Registry};
+    use forkd::api::types::{CloneState, CreateVm};
+    require_kvm();
+    let server = memserver();
+    let reg = Registry::new(
+        server.clone(),
+        Limits {
+            max_vms: 4,
+            max_clones: 4,
+        },
+    );
+    let id = reg
+        .create(CreateVm {
+            cmdline: "ticks=100000 seed=46 state_mib=64 tick_us=1000".into(),
+            mem_mib: MEM,
+            vcpus: 1,
+            guest: None,
+            name: None,
+        })
+        .expect("create");
+    let t = Instant::now();
+    loop {
+        match reg.fork(id, 2) {
+            Ok(_) => break,
+            Err(e)
+                if e.to_string().contains("try again")
+                    || format!("{e:?}").contains("AgentNotReady") =>
+            {
+                assert!(t.elapsed() < Duration::from_secs(30), "never forkable: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("fork: {e:?}"),
+        }
+    }
+    // The clones fault their 64 MiB in from a server that is now gone.
+    server.stop();
+    let t = Instant::now();
+    let clones = loop {
+        let d = reg.detail(id).expect("detail");
+        let clones = d.families[0].clones.clone();
+        if clones.iter().all(|c| c.state != CloneState::Running) {
+            break clones;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "clones still running: {clones:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for c in &clones {
+        let why = c
+            .exit
+            .as_ref()
+            .map(|e| e.reason.clone())
+            .or(c.error.clone())
+            .unwrap_or_default();
+        assert!(
+            why.contains("memory") || why.contains("did not answer"),
+            "clone {}: {why}",
+            c.clone_id
+        );
+    }
+    let t = Instant::now();
+    reg.remove(id).expect("DELETE");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "DELETE took {:?}",
+        t.elapsed()
+    );
+    reg.shutdown();
+}
