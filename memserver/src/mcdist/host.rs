@@ -76,7 +76,7 @@ impl HostConfig {
             cache_pages: 32 << 10,
             wait_timeout: Duration::from_secs(5),
             max_subscribers: 1024,
-            retry_timeout: Duration::from_millis(20),
+            retry_timeout: Duration::from_millis(40),
             loss: None,
         }
     }
