@@ -8,10 +8,13 @@
 //! - [`wire`]: the versioned UDP wire format (page requests and replies).
 //! - [`server`]: the page server, one session per fork family.
 //! - [`client`]: a [`PageSource`] that fetches from a server over UDP.
+//! - [`mcdist`]: pages by IP multicast: the server's per-family senders
+//!   and the per-host receiver with its page cache.
 
 pub mod auth;
 pub mod client;
 pub mod image;
+pub mod mcdist;
 pub mod server;
 pub mod source;
 pub mod wire;

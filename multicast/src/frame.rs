@@ -48,7 +48,7 @@ pub const DATA_HEADER_LEN: usize = 20;
 /// Length of the request payload's header (before the block indices).
 pub const REQUEST_HEADER_LEN: usize = 10;
 /// Sequence numbers below the highest seen that are still accepted once.
-pub const REPLAY_WINDOW: u64 = 256;
+pub const REPLAY_WINDOW: u64 = 4096;
 
 /// Request flag: every block in this request was asked for before.
 pub const FLAG_RETRY: u16 = 1 << 0;
@@ -350,10 +350,19 @@ impl Request {
 
 /// The highest sequence number seen from one origin and a window of the
 /// [`REPLAY_WINDOW`] numbers below it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReplayWindow {
     highest: u64,
     seen: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl Default for ReplayWindow {
+    fn default() -> ReplayWindow {
+        ReplayWindow {
+            highest: 0,
+            seen: [0; (REPLAY_WINDOW / 64) as usize],
+        }
+    }
 }
 
 impl ReplayWindow {
@@ -366,11 +375,9 @@ impl ReplayWindow {
         if seq > self.highest {
             let shift = seq - self.highest;
             if shift >= REPLAY_WINDOW {
-                self.seen = Default::default();
+                self.seen = [0; (REPLAY_WINDOW / 64) as usize];
             } else {
-                for _ in 0..shift {
-                    self.shift_one();
-                }
+                self.shift_by(shift);
             }
             self.highest = seq;
             self.set(0);
@@ -384,13 +391,19 @@ impl ReplayWindow {
         true
     }
 
-    fn shift_one(&mut self) {
-        // Bit i = "highest - i seen"; shifting by one moves every bit up.
-        let mut carry = 0;
-        for w in self.seen.iter_mut() {
-            let next = *w >> 63;
-            *w = (*w << 1) | carry;
-            carry = next;
+    fn shift_by(&mut self, shift: u64) {
+        // Bit i = "highest - i seen"; shifting moves every bit up (towards
+        // older), whole words first. `shift` < REPLAY_WINDOW.
+        let (words, bits) = ((shift / 64) as usize, (shift % 64) as u32);
+        let n = self.seen.len();
+        for i in (0..n).rev() {
+            let lo = i.checked_sub(words).map_or(0, |j| self.seen[j]);
+            let below = i.checked_sub(words + 1).map_or(0, |j| self.seen[j]);
+            self.seen[i] = if bits == 0 {
+                lo
+            } else {
+                (lo << bits) | (below >> (64 - bits))
+            };
         }
     }
     fn get(&self, back: u64) -> bool {
@@ -535,10 +548,29 @@ mod tests {
         assert!(w.accept(5 + REPLAY_WINDOW - 2));
         assert!(w.accept(4), "still inside the window");
         assert!(!w.accept(3), "seen before");
-        assert!(w.accept(1000));
-        assert!(!w.accept(1000 - REPLAY_WINDOW), "older than the window");
-        assert!(w.accept(1000 - REPLAY_WINDOW + 1));
+        assert!(w.accept(10_000));
+        assert!(!w.accept(10_000 - REPLAY_WINDOW), "older than the window");
+        assert!(w.accept(10_000 - REPLAY_WINDOW + 1));
         assert!(w.accept(100_000));
-        assert!(!w.accept(1000));
+        assert!(!w.accept(10_000));
+    }
+
+    #[test]
+    fn replay_window_shifts_across_words() {
+        let mut w = ReplayWindow::default();
+        for seq in [1, 2, 64, 65, 130] {
+            assert!(w.accept(seq));
+        }
+        // Jumps of every size below the window keep what was seen.
+        let mut top = 130;
+        for jump in [1, 63, 64, 65, 127, 1000] {
+            top += jump;
+            assert!(w.accept(top));
+            for seq in [1, 2, 64, 65, 130] {
+                assert!(!w.accept(seq), "seq {seq} after a jump to {top}");
+            }
+        }
+        assert!(w.accept(3), "never seen, still inside");
+        assert!(w.accept(132));
     }
 }

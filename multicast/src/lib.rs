@@ -22,7 +22,9 @@
 //! BLAKE3 keyed hash (the session key) of header and payload, truncated to
 //! 16 bytes and compared in constant time. Frames of another session,
 //! frames with a bad MAC, and replayed frames (a sequence number seen
-//! before or older than a 256-number window) are rejected and counted on
+//! before or older than a 4096-number window: deeper than a socket
+//! buffer, as one origin's frames reach a receiver by two sockets, group
+//! and unicast) are rejected and counted on
 //! both sides, and never delivered. See [`frame`] for the layout.
 //!
 //! # Loss: re-requests
@@ -55,8 +57,9 @@
 //!
 //! # Push
 //! [`Sender::push`] queues blocks to stream to the group before anyone
-//! asks; requested blocks always go first, and a pushed block just
-//! multicast anyway is skipped.
+//! asks; requested blocks always go first, and a pushed block the group
+//! has had already (multicast on request, remembered up to
+//! `max_lockstep` blocks) is skipped: a receiver that lost it asks.
 //!
 //! # Bounds
 //! Every queue and table has a cap (requests queued, pushes, lockstep

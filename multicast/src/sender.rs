@@ -382,6 +382,9 @@ struct Run<S> {
     queued_group: HashSet<u64>,
     current: Option<Current>,
     recent: Recent,
+    /// Blocks ever sent to the group (up to `max_lockstep`): push skips
+    /// them, the group has had them once.
+    multicast_once: HashSet<u64>,
     peers: HashMap<u32, Peer>,
     detector: Detector,
     frag: usize,
@@ -411,6 +414,7 @@ impl<S: BlockSource> Run<S> {
                 last: HashMap::new(),
                 cap: cfg.max_lockstep,
             },
+            multicast_once: HashSet::new(),
             peers: HashMap::new(),
             detector: Detector {
                 cfg: cfg.end_game.clone(),
@@ -593,7 +597,9 @@ impl<S: BlockSource> Run<S> {
         }
         for _ in 0..SEND_BATCH {
             let block = lock(&self.shared.push).pop_front()?;
-            if self.recent.within(block, self.cfg.lockstep_window, now) {
+            if self.recent.within(block, self.cfg.lockstep_window, now)
+                || self.multicast_once.contains(&block)
+            {
                 stats::bump(&self.c().push_skipped);
                 continue;
             }
@@ -625,6 +631,9 @@ impl<S: BlockSource> Run<S> {
         }
         if job.dest == Dest::Group {
             self.recent.insert(job.block, now);
+            if self.multicast_once.len() < self.cfg.max_lockstep {
+                self.multicast_once.insert(job.block);
+            }
         }
         Some(Current {
             job,

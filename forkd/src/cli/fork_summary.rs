@@ -87,6 +87,25 @@ pub fn json(families: &[Arc<Family>], server: &ServerStats) -> Value {
         "fetch_us_p99": quantile(&lat, 0.99),
         "memserver_pages_sent": server.pages_sent,
         "memserver_bytes_sent": server.bytes_sent,
+        "distribution": reports.last().map(|r| r.distribution.to_string()),
+        "clone_done_ms_max": reports.iter().flat_map(|r| &r.clones).filter_map(|c| c.done_latency).max().map(|d| round3(d.as_secs_f64() * 1e3)),
+        "memserver_multicast": multicast_json(server),
+        "host_receiver": reports.last().and_then(|r| r.host_receiver).map(|h| json!({
+            "cache_hits": h.cache_hits, "cache_misses": h.cache_misses, "pages_arrived": h.pages_arrived,
+            "pages_pushed": h.pages_pushed, "evicted": h.evicted, "timeouts": h.timeouts,
+            "rerequests": h.receiver.rerequests, "forged": h.receiver.forged,
+            "replayed": h.receiver.replayed, "foreign": h.receiver.foreign, "bad_blocks": h.bad_blocks,
+        })),
         "per_clone": clones,
+    })
+}
+
+fn multicast_json(server: &ServerStats) -> Value {
+    let t = &server.multicast.total;
+    json!({
+        "bytes_sent": t.bytes_sent, "blocks_multicast": t.blocks_multicast,
+        "blocks_unicast": t.blocks_unicast, "blocks_pushed": t.blocks_pushed,
+        "lockstep_suppressed": t.lockstep_suppressed, "retries_received": t.retries_received,
+        "forged": t.forged, "replayed": t.replayed, "foreign": t.foreign,
     })
 }

@@ -122,6 +122,10 @@ pub struct RunArgs {
     /// `sf_request_ticket` on).
     #[arg(long)]
     pub no_warm_pool: bool,
+    /// How clones get their pages: unicast per clone, or multicast to the
+    /// family (needs an interface with MULTICAST and a 224.0.0.0/4 route).
+    #[arg(long, value_enum, default_value_t)]
+    pub distribution: crate::fork::mcdist::Distribution,
     #[command(flatten)]
     pub common: Common,
 }
@@ -229,6 +233,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             copy_out: !a.no_copy_out,
             prefetch: !a.no_prefetch,
             warm_pool: !a.no_warm_pool,
+            distribution: a.distribution,
             ..ForkOptions::default()
         },
         memserver.clone(),

@@ -11,6 +11,7 @@ use crate::vmm::memory;
 use crate::vmm::vm::BuildOptions;
 use crate::vmm::{Vm, VmError};
 use guest_agent::abi::{self, HypercallPage};
+use memserver::mcdist::host::HostReceiver;
 use memserver::{PageSource, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct CloneOptions {
 pub struct CloneSources {
     pub demand: Arc<dyn PageSource>,
     pub prefetch: Option<Arc<dyn PageSource>>,
+    /// Multicast: the family's host receiver, whose arriving pages are
+    /// installed into the clone as they come.
+    pub feed: Option<Arc<HostReceiver>>,
 }
 
 /// A clone's SnowFlock calls: `sf_exit` ends it, `will_overwrite` maps
@@ -235,6 +239,7 @@ pub fn prepare_clone(
                     .map(|a| a.allocated.clone())
                     .unwrap_or_default(),
             }),
+            feed: sources.feed,
         },
         &opts.name,
     )

@@ -15,9 +15,11 @@
 
 use crate::errors::chain;
 use crate::fork::descriptor::AllocAtFork;
+use crate::fork::mcdist::subscribe_clone;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::MemoryServer;
 use bitvec::prelude::{BitVec, Lsb0};
+use memserver::mcdist::host::{HostReceiver, Subscription};
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -299,6 +301,9 @@ pub struct FaultHandlerConfig {
     pub readahead: u64,
     /// Push ahead of demand: fetch these page ranges in the background.
     pub prefetch: Option<Prefetch>,
+    /// The family's host receiver (multicast): every page that arrives on
+    /// this host is installed into this clone as it comes.
+    pub feed: Option<Arc<HostReceiver>>,
 }
 
 /// Background fetching of the pages a clone will want (SnowFlock's push
@@ -317,6 +322,9 @@ pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
+    /// The subscription to the host receiver; dropped first on stop (it
+    /// waits for an install in progress), before the memory goes.
+    feed: Option<Subscription>,
     /// Wakes the handler thread out of its poll at once when stopping.
     wake: Arc<EventFd>,
     stats: Arc<Mutex<FaultStats>>,
@@ -331,6 +339,11 @@ impl FaultHandler {
         let stats = Arc::new(Mutex::new(FaultStats::default()));
         let error = Arc::new(Mutex::new(None));
         let memory = cfg.memory.clone();
+        let feed = cfg.feed.take().and_then(|r| {
+            subscribe_clone(&r, memory.clone(), stats.clone())
+                .map_err(|e| tracing::warn!("clone {name}: not fed by the host receiver: {e}"))
+                .ok()
+        });
         let prefetcher = match cfg.prefetch.take() {
             Some(p) => {
                 let (m, s, st) = (memory.clone(), stop.clone(), stats.clone());
@@ -351,6 +364,7 @@ impl FaultHandler {
             wake,
             thread: Some(thread),
             prefetcher,
+            feed,
             stats,
             error,
             memory,
@@ -383,6 +397,7 @@ impl FaultHandler {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        drop(self.feed.take());
         let _ = self.wake.write(1);
         for t in [self.thread.take(), self.prefetcher.take()]
             .into_iter()
@@ -637,6 +652,7 @@ mod tests {
                 avoidance: None,
                 readahead: 4,
                 prefetch: None,
+                feed: None,
             },
             "test",
         )
@@ -705,6 +721,7 @@ mod tests {
                 avoidance: None,
                 readahead: 1,
                 prefetch: None,
+                feed: None,
             },
             "gone",
         )

@@ -20,6 +20,7 @@ pub mod descriptor;
 pub mod fault;
 pub mod host;
 pub mod identity;
+pub mod mcdist;
 pub mod parent;
 pub mod pending;
 
@@ -50,6 +51,8 @@ pub enum ForkError {
     Key(#[source] memserver::auth::RandomError),
     #[error("memory server client")]
     PageClient(#[source] memserver::client::ClientError),
+    #[error("cannot join the family's multicast group on this host")]
+    Multicast(#[source] memserver::mcdist::host::HostReceiverError),
     #[error("cannot start the {what} thread")]
     Thread {
         what: &'static str,

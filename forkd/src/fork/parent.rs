@@ -13,6 +13,7 @@ use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, 
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::{CloneIdentity, IdentityLease, IdentityPool};
+use crate::fork::mcdist::{Distribution, FamilyMulticast};
 use crate::fork::pending::PendingImage;
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::sync::lock;
@@ -22,6 +23,7 @@ use crate::vmm::{VmError, VmExit};
 use guest_agent::abi;
 use memserver::client::{ClientOptions, PageClient};
 use memserver::image::FrozenImage;
+use memserver::mcdist::host::HostStats;
 use memserver::server::MemServer;
 use memserver::{FamilyKey, PageSource, PAGE_SIZE};
 use std::collections::HashMap;
@@ -53,8 +55,12 @@ pub struct ForkOptions {
     /// (memory: a copy of the parent's touched pages while clones run).
     pub copy_out: bool,
     /// Clones fetch the pages the guest allocator had handed out at the
-    /// fork in the background, ahead of their faults.
+    /// fork in the background, ahead of their faults (unicast; with
+    /// multicast the server pushes them to the family's group instead).
     pub prefetch: bool,
+    /// How pages go out: unicast per clone, or multicast to the family
+    /// with one shared receiver per host (`fork::mcdist`).
+    pub distribution: Distribution,
     /// Build the clones' VMs from `sf_request_ticket` on, ahead of the fork.
     pub warm_pool: bool,
     /// Where clone MACs and IPs come from (default: the process's pool,
@@ -72,6 +78,7 @@ impl Default for ForkOptions {
             readahead: 32,
             copy_out: true,
             prefetch: true,
+            distribution: Distribution::Unicast,
             warm_pool: true,
             identities: IdentityPool::global(),
         }
@@ -113,6 +120,10 @@ pub struct FamilyReport {
     pub start_failures: Vec<(u64, String)>,
     /// Every clone's identity, clone 1 first (leased at the fork).
     pub identities: Vec<CloneIdentity>,
+    pub distribution: Distribution,
+    /// Multicast: this host's receiver's counters (cache, re-requests,
+    /// rejected frames).
+    pub host_receiver: Option<HostStats>,
 }
 
 pub struct Family {
@@ -123,6 +134,8 @@ pub struct Family {
     /// Keeps the parent's mapping alive as long as the image reads it.
     _memory: GuestMemory,
     memserver: Arc<MemServer>,
+    /// Multicast distribution: the family's group and this host's receiver.
+    multicast: Option<FamilyMulticast>,
     running: AtomicU64,
     kill: AtomicBool,
     released: AtomicBool,
@@ -147,7 +160,9 @@ impl Family {
     }
 
     pub fn report(&self) -> FamilyReport {
-        lock(&self.report).clone()
+        let mut r = lock(&self.report).clone();
+        r.host_receiver = self.multicast.as_ref().and_then(|m| m.stats());
+        r
     }
 
     pub fn running(&self) -> u64 {
@@ -188,6 +203,9 @@ impl Family {
     fn release(&self) {
         if !self.released.swap(true, Ordering::AcqRel) {
             self.memserver.remove_family(self.key.id());
+            if let Some(m) = &self.multicast {
+                m.close();
+            }
             self.image.fail("the fork family has ended");
         }
     }
@@ -419,15 +437,35 @@ impl ForkHub {
             .collect::<Result<Vec<_>, _>>()?;
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
-        self.memserver
-            .add_family_with_key(key.clone(), pending.clone() as Arc<dyn PageSource>)
-            .map_err(ForkError::MemServer)?;
+        let source = pending.clone() as Arc<dyn PageSource>;
+        let multicast = match self.opts.distribution {
+            Distribution::Unicast => {
+                self.memserver
+                    .add_family_with_key(key.clone(), source)
+                    .map_err(ForkError::MemServer)?;
+                None
+            }
+            Distribution::Multicast => {
+                // Push what the guest allocator had handed out at the fork.
+                let push = desc
+                    .alloc
+                    .as_ref()
+                    .map(|a| a.allocated.clone())
+                    .unwrap_or_default();
+                let endpoint = self
+                    .memserver
+                    .add_family_multicast(key.clone(), source, push)
+                    .map_err(ForkError::MemServer)?;
+                Some(FamilyMulticast::new(endpoint))
+            }
+        };
         let family = Arc::new(Family {
             id,
             key,
             image: pending.clone(),
             _memory: req.memory.clone(),
             memserver: self.memserver.clone(),
+            multicast,
             running: AtomicU64::new(granted),
             kill: AtomicBool::new(false),
             released: AtomicBool::new(false),
@@ -437,6 +475,7 @@ impl ForkHub {
                 descriptor_bytes: encoded.len() as u64,
                 descriptor_pages: desc.pages.len() as u64,
                 identities: leases.iter().map(|l| l.identity).collect(),
+                distribution: self.opts.distribution,
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
@@ -508,6 +547,23 @@ fn launch(
         lock(&family.report).start_failures.push((clone_id, why));
         family.clone_ended();
     };
+    // Multicast: one receiver for this host's clones of the family.
+    let receiver = match &family.multicast {
+        Some(m) => {
+            let pages = family.image.pages();
+            match m.start_receiver(&family.key, pages, server) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let why = chain(&e);
+                    for lease in leases {
+                        fail(lease.identity.clone_id, why.clone());
+                    }
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     let mut prepared = Vec::new();
     for lease in leases {
         let clone_id = lease.identity.clone_id;
@@ -526,9 +582,17 @@ fn launch(
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
                         .map_err(ForkError::PageClient)
                 };
-                let sources = CloneSources {
-                    demand: client()?,
-                    prefetch: if opts.prefetch { Some(client()?) } else { None },
+                let sources = match &receiver {
+                    Some(r) => CloneSources {
+                        demand: r.clone(),
+                        prefetch: None,
+                        feed: Some(r.clone()),
+                    },
+                    None => CloneSources {
+                        demand: client()?,
+                        prefetch: if opts.prefetch { Some(client()?) } else { None },
+                        feed: None,
+                    },
                 };
                 let copts = CloneOptions {
                     echo: opts.echo,
@@ -541,6 +605,13 @@ fn launch(
         match built {
             Ok(p) => prepared.push((clone_id, p)),
             Err(e) => fail(clone_id, chain(&e)),
+        }
+    }
+    // Every local clone is subscribed now: push the allocated ranges to
+    // the group (across hosts: once every clone host has joined).
+    if receiver.is_some() && opts.prefetch {
+        if let Err(e) = family.memserver.start_push(family.id) {
+            tracing::warn!("family {}: no push: {e}", family.id);
         }
     }
     for (clone_id, p) in prepared {

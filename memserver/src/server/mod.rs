@@ -49,6 +49,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{FamilyKey, RandomError, Refusal, ReplayGuard};
+use crate::mcdist::{McEndpoint, Mcdist, McdistConfig, McdistError, McdistStats, StartPushError};
 use crate::source::lock;
 use crate::wire::{self, Body, ErrorCode, Frame, WireError, MAX_DATAGRAM, VERSION};
 use crate::{PageSource, SourceError, PAGE_SIZE};
@@ -99,6 +100,8 @@ pub enum ServerError {
     Spawn(#[source] io::Error),
     #[error("invalid server limits: {0}")]
     BadLimits(&'static str),
+    #[error("invalid multicast distribution settings")]
+    Mcdist(#[source] McdistError),
 }
 
 /// Why a family could not be added.
@@ -110,6 +113,8 @@ pub enum AddFamilyError {
     TooManyFamilies(usize),
     #[error("cannot make a family key")]
     Key(#[source] RandomError),
+    #[error("cannot distribute the family by multicast")]
+    Mcdist(#[source] McdistError),
 }
 
 /// Counters of one family.
@@ -131,7 +136,9 @@ pub struct ServerStats {
     /// Authenticated info requests received.
     pub info_requests: u64,
     pub pages_sent: u64,
-    /// Bytes of all datagrams sent (replies and errors).
+    /// Bytes of all datagrams sent: unicast replies and errors (UDP
+    /// payload) plus the multicast senders' (IP and UDP headers included,
+    /// `multicast.total.bytes_sent`).
     pub bytes_sent: u64,
     /// Datagrams that did not decode, were not requests, or asked for no
     /// pages; dropped.
@@ -159,6 +166,8 @@ pub struct ServerStats {
     pub send_errors: u64,
     /// Families currently served, by id.
     pub families: Vec<FamilyStats>,
+    /// Multicast distribution (mcdist): live families and totals.
+    pub multicast: McdistStats,
 }
 
 #[derive(Default)]
@@ -277,6 +286,7 @@ pub struct MemServer {
     shared: Arc<ServerState>,
     local: SocketAddr,
     threads: Vec<JoinHandle<()>>,
+    mcdist: Mcdist,
 }
 
 impl MemServer {
@@ -289,8 +299,21 @@ impl MemServer {
         )
     }
 
-    /// Binds `addr` (port 0 for an ephemeral port) and starts serving.
+    /// Binds `addr` (port 0 for an ephemeral port) and starts serving;
+    /// multicast families go out on the interface of `addr` (loopback if
+    /// unspecified) with default settings.
     pub fn bind(addr: SocketAddr, limits: ServerLimits) -> Result<MemServer, ServerError> {
+        let ip = crate::mcdist::host::local_ip_for(addr);
+        MemServer::bind_with(addr, limits, McdistConfig::on(ip))
+    }
+
+    /// [`MemServer::bind`] with multicast distribution settings.
+    pub fn bind_with(
+        addr: SocketAddr,
+        limits: ServerLimits,
+        mcdist: McdistConfig,
+    ) -> Result<MemServer, ServerError> {
+        let mcdist = Mcdist::new(mcdist).map_err(ServerError::Mcdist)?;
         if limits.workers == 0 || limits.max_inflight == 0 || limits.max_pages_per_request == 0 {
             return Err(ServerError::BadLimits(
                 "workers, max_inflight and max_pages_per_request must be at least 1",
@@ -324,6 +347,7 @@ impl MemServer {
             shared: shared.clone(),
             local,
             threads: Vec::new(),
+            mcdist,
         };
         for i in 0..limits.workers {
             let (shared, rx) = (shared.clone(), rx.clone());
@@ -407,10 +431,43 @@ impl MemServer {
         Ok(())
     }
 
-    /// Stops serving `family`; returns whether it was served. Requests
-    /// already queued for it still complete; the source is dropped after.
-    /// Its key is kept for a while to answer late requests `UnknownFamily`.
+    /// Serves `key.id()` from `source` by unicast and by multicast (mcdist):
+    /// the family gets a group and port of the pool and a sender; `push`
+    /// are the (first page, count) ranges [`MemServer::start_push`] streams
+    /// to the group. Hosts join with the returned endpoint and the key
+    /// ([`crate::mcdist::host::HostReceiver`]).
+    pub fn add_family_multicast(
+        &self,
+        key: FamilyKey,
+        source: Arc<dyn PageSource>,
+        push: Vec<(u64, u64)>,
+    ) -> Result<McEndpoint, AddFamilyError> {
+        let id = key.id();
+        self.add_family_with_key(key.clone(), source.clone())?;
+        self.mcdist.add_family(&key, source, push).map_err(|e| {
+            self.remove_family(id);
+            AddFamilyError::Mcdist(e)
+        })
+    }
+
+    /// Streams a multicast family's push ranges to its group (once), when
+    /// its receivers have joined; returns the pages queued.
+    pub fn start_push(&self, family: u64) -> Result<u64, StartPushError> {
+        self.mcdist.start_push(family)
+    }
+
+    /// The multicast side of the server.
+    pub fn mcdist(&self) -> &Mcdist {
+        &self.mcdist
+    }
+
+    /// Stops serving `family` (by unicast, and by multicast if it was:
+    /// its sender stops, its group is freed); returns whether it was
+    /// served. Requests already queued for it still complete; the source
+    /// is dropped after. Its key is kept for a while to answer late
+    /// requests `UnknownFamily`.
     pub fn remove_family(&self, family: u64) -> bool {
+        self.mcdist.remove_family(family);
         let mut map = self
             .shared
             .families
@@ -447,11 +504,12 @@ impl MemServer {
                 .collect()
         };
         families.sort_by_key(|f| f.family);
+        let multicast = self.mcdist.stats();
         ServerStats {
             requests: get(&c.requests),
             info_requests: get(&c.info_requests),
             pages_sent: get(&c.pages_sent),
-            bytes_sent: get(&c.bytes_sent),
+            bytes_sent: get(&c.bytes_sent) + multicast.total.bytes_sent,
             malformed: get(&c.malformed),
             dropped_unknown_family: get(&c.dropped_unknown_family),
             dropped_bad_mac: get(&c.dropped_bad_mac),
@@ -465,6 +523,7 @@ impl MemServer {
             internal_errors: get(&c.internal_errors),
             send_errors: get(&c.send_errors),
             families,
+            multicast,
         }
     }
 
