@@ -18,6 +18,7 @@
 //! `Authorization: Bearer <token>` (401 otherwise, see `auth`).
 
 pub mod auth;
+pub mod client;
 pub mod error;
 pub mod http;
 pub mod registry;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod fork_summary;
+mod vm;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,6 +67,9 @@ pub enum Command {
     /// with its own `forkd serve` (needs root).
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Talk to a host's API: create, list, get, console, fork, delete VMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 #[derive(Args, Debug)]
@@ -367,6 +371,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Cluster(c) => cluster::run(c),
+        Command::Vm(c) => vm::run(c),
         Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
             on_listening: |at| eprintln!("forkd: listening on {at}"),
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
