@@ -89,6 +89,13 @@ pub struct ForkArgs {
     /// How many clones.
     #[arg(long)]
     pub clones: u64,
+    /// Share the clones out evenly over these hosts of the cluster
+    /// (`h1,h2,...`; the VM's own host may be one of them).
+    #[arg(long, value_delimiter = ',', conflicts_with = "place")]
+    pub spread: Vec<String>,
+    /// Exactly where: `h1=8,h2=8,...` (counts add up to --clones).
+    #[arg(long, value_delimiter = ',')]
+    pub place: Vec<String>,
     /// Wait until the family has ended, showing progress, then print its
     /// report.
     #[arg(long)]
