@@ -121,6 +121,20 @@ impl std::fmt::Debug for IdentityLease {
     }
 }
 
+impl IdentityLease {
+    /// A lease made elsewhere: a clone on this host whose identity the
+    /// parent's host leased (`fork::remote`). Dropping it frees nothing.
+    pub fn foreign(identity: CloneIdentity) -> IdentityLease {
+        static FOREIGN: OnceLock<Arc<IdentityPool>> = OnceLock::new();
+        IdentityLease {
+            pool: FOREIGN.get_or_init(IdentityPool::new).clone(),
+            // Outside every pool's range: `release` ignores it.
+            index: usize::MAX,
+            identity,
+        }
+    }
+}
+
 impl Drop for IdentityLease {
     fn drop(&mut self) {
         self.pool.release(self.index);
