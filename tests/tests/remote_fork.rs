@@ -1,0 +1,295 @@
+//! Fork across hosts on a local cluster (`forkd cluster up`): a VM on h1
+//! forked through h1's API into clones on h1 and h2. h2's clones are built
+//! from the envelope h1 sends, fault their pages in from h1's memory
+//! server over the bridge, show in h2's `GET /v1/vms`, and their ends
+//! reach h1's family report; every clone prints QEMU's line for its clone
+//! id. A clone host whose daemon dies mid-family has its clones marked
+//! failed on the parent's host within a bound. Needs root and /dev/kvm
+//! (fails clearly without); each cluster has its own name and a guard
+//! that runs `cluster down`.
+
+#[allow(dead_code)]
+#[path = "api/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "api/schema.rs"]
+mod schema;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tests::{forkd_bin, qemu_done_line, require_kvm, run_with_timeout};
+
+const MEM: u64 = 512;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the remote fork tests need root (a local cluster: network namespaces); run them as root"
+    );
+    require_kvm();
+}
+
+fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("r{:x}{n}", std::process::id() % 0xff_ffff)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A cluster for one test; `down` runs on drop, whatever happened.
+struct Cluster {
+    name: String,
+    dir: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn up(hosts: u32) -> (Cluster, Value) {
+        require_root();
+        let parent = tempfile::tempdir().expect("tempdir");
+        let c = Cluster {
+            name: unique_name(),
+            dir: parent.path().join("cluster"),
+            _parent: parent,
+        };
+        let o = c.run(&["up", "--hosts", &hosts.to_string(), "--json"]);
+        assert!(o.status.success(), "cluster up: {}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("cluster up --json: {e}: {}", text(&o)));
+        (c, v)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let dir = self.dir.to_str().expect("utf-8 dir");
+        let mut all = vec!["cluster", args[0], "--name", &self.name, "--dir", dir];
+        all.extend_from_slice(&args[1..]);
+        run_with_timeout(Command::new(forkd_bin()).args(&all), tests::WAIT)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let o = self.run(&["down"]);
+        if !o.status.success() {
+            eprintln!("cleanup of cluster {}: {}", self.name, text(&o));
+        }
+    }
+}
+
+fn socket(h: &Value) -> PathBuf {
+    PathBuf::from(h["socket"].as_str().expect("socket"))
+}
+
+/// Polls `GET path` on a Unix socket until `done` holds.
+fn poll(socket: &Path, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = client::call_unix(socket, "GET", path, None);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+        let v = r.json();
+        if done(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "{path} within {limit:?}; last: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn all_ended(v: &Value) -> bool {
+    v["state"] == "exited"
+        && v["families"].as_array().is_some_and(|fs| {
+            fs.iter().all(|f| {
+                f["running"] == 0
+                    && f["clones"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["state"] != "running"))
+            })
+        })
+}
+
+/// Creates a VM on `sock` and waits until its guest runs.
+fn start_vm(sock: &Path, cmdline: &str) -> String {
+    let body = format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}}}"#);
+    let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    poll(
+        sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(30),
+        |v| v["console_lines"].as_u64() >= Some(2),
+    );
+    id
+}
+
+/// The tick the parent saw the host's fork at.
+fn fork_tick(sock: &Path, id: &str) -> u64 {
+    let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
+    let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
+}
+
+#[test]
+fn clones_on_two_hosts_match_qemu() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 4, "hosts": {"h1": 2, "h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let forked = r.json();
+    assert_eq!(forked["clones"], json!([1, 2, 3, 4]));
+    let family = forked["family"].as_u64().expect("family");
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let fam = &v["families"][0];
+    assert_eq!(fam["family"], family);
+    assert_eq!(fam["start_failures"], json!([]), "{v}");
+    let clones = fam["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 4, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["clone_id"], i);
+        assert_eq!(c["state"], "exited", "{c}");
+        assert_eq!(c["exit"]["code"], 0, "{c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}");
+        let host = if i <= 2 { Value::Null } else { json!("h2") };
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    // h2 lists its clones as its own VMs, with family and parent host.
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    let vms = list["vms"].as_array().expect("vms").clone();
+    assert_eq!(vms.len(), 2, "{list}");
+    for (v, i) in vms.iter().zip(3u64..) {
+        assert_eq!(v["family"], family, "{v}");
+        assert_eq!(v["clone_id"], i, "{v}");
+        assert_eq!(v["parent_host"], "h1", "{v}");
+        assert_eq!(v["state"], "exited", "{v}");
+        assert_eq!(v["exit"]["code"], 0, "{v}");
+        assert_eq!(v["last_line"], oracle(i).as_str(), "clone {i} on h2");
+    }
+    let cid = vms[0]["id"].as_str().expect("id");
+    let con = client::call_unix(&h2, "GET", &format!("/v1/vms/{cid}/console"), None);
+    assert_eq!(con.status, 200);
+    let lines = con.json()["lines"].clone();
+    assert!(
+        lines
+            .as_array()
+            .is_some_and(|ls| ls.iter().any(|l| l == oracle(3).as_str())),
+        "{lines}"
+    );
+    let st = client::call_unix(&h2, "GET", &format!("/v1/families/{family}"), None);
+    assert_eq!(st.status, 200);
+    assert_eq!(st.json()["running"], 0);
+    // A hosted clone is deletable like any VM.
+    let del = client::call_unix(&h2, "DELETE", &format!("/v1/vms/{cid}"), None);
+    assert_eq!(del.status, 204);
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(1), "{list}");
+
+    // Placements that cannot be honoured.
+    for (body, status, what) in [
+        (
+            r#"{"clones": 2, "hosts": {"h1": 1, "h9": 1}}"#,
+            422,
+            "unknown host 'h9'",
+        ),
+        (
+            r#"{"clones": 3, "hosts": {"h1": 1, "h2": 1}}"#,
+            422,
+            "add up to 2",
+        ),
+        (r#"{"clones": 2, "spread": ["h3"]}"#, 422, "unknown host"),
+        (
+            r#"{"clones": 2, "spread": ["h1"], "hosts": {"h1": 2}}"#,
+            400,
+            "not both",
+        ),
+    ] {
+        let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+        assert_eq!(r.status, status, "{body}: {}", r.error());
+        assert!(r.error().contains(what), "{body}: {}", r.error());
+    }
+}
+
+#[test]
+fn a_vanished_clone_host_fails_its_clones_within_a_bound() {
+    let (c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    // Clones that run ~3 s after the fork.
+    let cmdline = "ticks=600 seed=7 state_mib=4 dirty_pages=4 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 2, "spread": ["h1", "h2"]}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    // h2's clone runs, then its daemon dies with it.
+    let h2 = socket(&hs[1]);
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"][0]["state"] == "running"
+    });
+    let pid = hs[1]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) on the pid of h2's daemon, which this test's cluster
+    // started; the cluster guard cleans up after a dead daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let v = poll(&h1, &vm, Duration::from_secs(20), |v| {
+        v["families"][0]["running"] == 0
+    });
+    assert!(killed.elapsed() < Duration::from_secs(10), "{v}");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones[1]["state"], "failed", "{v}");
+    assert_eq!(clones[1]["host"], "h2", "{v}");
+    let why = clones[1]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("h2 stopped answering"), "{why}");
+    // The parent and the clone on its own host end as QEMU says.
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    assert_eq!(
+        v["families"][0]["clones"][0]["last_line"],
+        oracle(1).as_str()
+    );
+    drop(c);
+}
