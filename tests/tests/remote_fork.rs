@@ -293,3 +293,31 @@ fn a_vanished_clone_host_fails_its_clones_within_a_bound() {
     );
     drop(c);
 }
+
+#[test]
+fn deleting_the_parent_kills_its_clones_on_other_hosts() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=2000 seed=9 state_mib=4 dirty_pages=4 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let family = r.json()["family"].as_u64().expect("family");
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.len() == 2 && vs.iter().all(|v| v["state"] == "running"))
+    });
+    let t = Instant::now();
+    let del = client::call_unix(&h1, "DELETE", &vm, None);
+    assert_eq!(del.status, 204, "{}", del.error());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The family is gone from h2: its clones were killed.
+    let st = client::call_unix(&h2, "GET", &format!("/v1/families/{family}"), None);
+    assert_eq!(st.status, 404, "{:?}", String::from_utf8_lossy(&st.body));
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"], json!([]), "{list}");
+}
