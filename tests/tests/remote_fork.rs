@@ -152,7 +152,7 @@ fn fork_tick(sock: &Path, id: &str) -> u64 {
 
 #[test]
 fn clones_on_two_hosts_match_qemu() {
-    let (_c, up) = Cluster::up(2);
+    let (c, up) = Cluster::up(2);
     let hs = up["hosts"].as_array().expect("hosts").clone();
     let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
     let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
@@ -218,6 +218,8 @@ fn clones_on_two_hosts_match_qemu() {
     let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
     assert_eq!(list["vms"].as_array().map(Vec::len), Some(1), "{list}");
 
+    bad_envelopes_are_refused(&c, &h2);
+
     // Placements that cannot be honoured.
     for (body, status, what) in [
         (
@@ -241,6 +243,53 @@ fn clones_on_two_hosts_match_qemu() {
         assert_eq!(r.status, status, "{body}: {}", r.error());
         assert!(r.error().contains(what), "{body}: {}", r.error());
     }
+}
+
+/// Envelopes that h2 must refuse: forged (another key), corrupted, from
+/// a host with other CPU features, malformed.
+fn bad_envelopes_are_refused(c: &Cluster, h2: &Path) {
+    use forkd::fork::envelope::{envelope_key, to_hex, EnvelopeBody, EnvelopeClone};
+    let token = std::fs::read_to_string(c.dir.join("token")).expect("token");
+    let key = envelope_key(token.trim().as_bytes());
+    let body = EnvelopeBody {
+        family: 99,
+        secret: [7; 32],
+        parent_host: "h1".into(),
+        memserver: "10.77.0.1:9".parse().expect("addr"),
+        multicast: None,
+        cpu: [0; 32],
+        clones: vec![EnvelopeClone {
+            clone_id: 1,
+            mac: [2, 0xfd, 0, 0, 0, 1],
+            ip: std::net::Ipv4Addr::new(10, 200, 0, 1),
+            generation: [1, 2],
+        }],
+        descriptor: vec![0; 64],
+    };
+    let post = |bytes: &[u8]| {
+        let b = format!(r#"{{"envelope": "{}"}}"#, to_hex(bytes));
+        client::call_unix(h2, "POST", "/v1/families", Some(&b))
+    };
+    let forged = body
+        .seal(&envelope_key(b"not the cluster token"))
+        .expect("seal");
+    let r = post(&forged);
+    assert_eq!(r.status, 403, "{}", r.error());
+    assert!(r.error().contains("MAC"), "{}", r.error());
+    let mut corrupt = body.seal(&key).expect("seal");
+    corrupt[20] ^= 1;
+    let r = post(&corrupt);
+    assert_eq!(r.status, 400, "{}", r.error());
+    assert!(r.error().contains("checksum"), "{}", r.error());
+    let r = post(&body.seal(&key).expect("seal"));
+    assert_eq!(r.status, 409, "{}", r.error());
+    assert!(r.error().contains("CPU mismatch"), "{}", r.error());
+    let r = post(b"short");
+    assert_eq!(r.status, 400, "{}", r.error());
+    assert_eq!(
+        client::call_unix(h2, "GET", "/v1/families/99", None).status,
+        404
+    );
 }
 
 #[test]
@@ -320,4 +369,41 @@ fn deleting_the_parent_kills_its_clones_on_other_hosts() {
     assert_eq!(st.status, 404, "{:?}", String::from_utf8_lossy(&st.body));
     let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
     assert_eq!(list["vms"], json!([]), "{list}");
+}
+
+#[test]
+fn a_guest_fork_follows_the_vms_default_placement() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=40 seed=21 state_mib=8 dirty_pages=10 tick_us=2000 fork_at=10 clones=4";
+    let body = format!(
+        r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}, "placement": {{"spread": ["h1", "h2"]}}}}"#
+    );
+    let r = client::call_unix(&h1, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let v = poll(&h1, &format!("/v1/vms/{id}"), tests::WAIT, |v| {
+        all_ended(v) && v["families"].as_array().is_some_and(|f| !f.is_empty())
+    });
+    let oracle = |i: u64| qemu_done_line(&format!("{cmdline} as_clone={i}"), MEM);
+    // The parent's sf_join waited for the clones on h2 too.
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 4, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+    }
+    assert_eq!(clones[2]["host"], "h2");
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(2), "{list}");
+    // A placement naming an unknown host is refused at create.
+    let body = r#"{"cmdline": "ticks=1", "placement": {"spread": ["h7"]}}"#;
+    let r = client::call_unix(&h1, "POST", "/v1/vms", Some(body));
+    assert_eq!(r.status, 422, "{}", r.error());
+    assert!(r.error().contains("unknown host 'h7'"), "{}", r.error());
 }

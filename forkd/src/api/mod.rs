@@ -77,7 +77,7 @@ pub enum ServeError {
     RemoteTcp(SocketAddr),
     #[error("--tcp-allow-remote needs --token-file: a non-loopback API must check a bearer token")]
     RemoteWithoutToken,
-    #[error("--name and --peer need each other's company and --token-file: peers are reached with the cluster's token")]
+    #[error("--name and --peer need --token-file (peers are reached with the cluster's token), and --peer needs --name")]
     PeersWithoutCluster,
     #[error(transparent)]
     Token(#[from] auth::TokenError),

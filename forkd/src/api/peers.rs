@@ -12,10 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fork::envelope::{envelope_key, to_hex, MAX_HOST_NAME};
-use crate::fork::remote::{CloneHosts, RemoteClone, RemoteCloneState, RemoteError, RemotePlan};
+use crate::fork::remote::{
+    spread_counts, CloneHosts, DefaultPlacement, RemoteClone, RemoteCloneState, RemoteError,
+    RemotePlan,
+};
 
 use super::error::ApiError;
-use super::types::{FamilyStatus, ForkVm, PostFamily};
+use super::types::{FamilyStatus, ForkVm, Placement, PostFamily};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Building a host's clones answers well within this.
@@ -134,6 +137,28 @@ impl Peers {
         }
     }
 
+    /// A VM's default placement for its guest's forks (`"placement"` at
+    /// create): the names must be known; counts are checked at each fork.
+    pub fn default_placement(
+        self: &Arc<Self>,
+        p: &Placement,
+    ) -> Result<Option<DefaultPlacement>, ApiError> {
+        let req = ForkVm {
+            clones: match (&p.hosts, &p.spread) {
+                (Some(h), _) => h.values().fold(0u64, |a, n| a.saturating_add(*n)),
+                (None, Some(s)) => s.len() as u64,
+                (None, None) => 0,
+            },
+            hosts: p.hosts.clone(),
+            spread: p.spread.clone(),
+        };
+        let counts = placement_counts(&req, |h| self.known(h))?;
+        Ok(counts.map(|counts| DefaultPlacement {
+            hosts: self.clone() as Arc<dyn CloneHosts>,
+            counts,
+        }))
+    }
+
     /// The placement of a fork request: `None` if every clone stays here.
     pub fn plan(self: &Arc<Self>, req: &ForkVm) -> Result<Option<RemotePlan>, ApiError> {
         let counts = placement_counts(req, |h| self.known(h))?;
@@ -200,13 +225,7 @@ pub fn placement_counts(
                     return Err(ApiError::Placement(format!("host '{h}' named twice")));
                 }
             }
-            // Evenly, the first hosts named taking the remainder.
-            let n = spread.len() as u64;
-            for (i, h) in spread.iter().enumerate() {
-                let share = req.clones / n + u64::from((i as u64) < req.clones % n);
-                counts.insert(h.clone(), share);
-            }
-            Ok(Some(counts))
+            Ok(Some(spread_counts(req.clones, spread)))
         }
     }
 }

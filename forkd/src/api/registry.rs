@@ -268,6 +268,21 @@ impl Registry {
     /// Boots a VM with its own fork hub; returns its id.
     pub fn create(&self, req: CreateVm) -> Result<u64, ApiError> {
         validate(&req)?;
+        let placement = match (&req.placement, &self.peers) {
+            (None, _) => None,
+            (Some(p), Some(peers)) => peers.default_placement(p)?,
+            (Some(p), None) => {
+                let names = p
+                    .hosts
+                    .iter()
+                    .flat_map(|h| h.keys())
+                    .chain(p.spread.iter().flatten());
+                return Err(match names.into_iter().next() {
+                    Some(h) => ApiError::Placement(format!("unknown host '{h}'")),
+                    None => ApiError::BadRequest("placement: names no host".into()),
+                });
+            }
+        };
         let slot = self.reserve()?;
         let guest = req.guest.clone().unwrap_or_else(default_guest);
         let id = self.next_vm_id();
@@ -280,6 +295,7 @@ impl Registry {
             },
             self.memserver.clone(),
         );
+        hub.set_placement(placement);
         let cfg = VmConfig {
             guest: guest.clone(),
             mem_mib: req.mem_mib,

@@ -35,6 +35,19 @@ pub struct CreateVm {
     pub guest: Option<PathBuf>,
     #[serde(default)]
     pub name: Option<String>,
+    /// Where the guest's own forks (`fork_at`, `sf_clone`) place clones.
+    #[serde(default)]
+    pub placement: Option<Placement>,
+}
+
+/// A default placement: clones per host, or hosts to spread them over.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub hosts: Option<BTreeMap<String, u64>>,
+    #[serde(default)]
+    pub spread: Option<Vec<String>>,
 }
 
 /// `POST /v1/vms/{id}/fork`.

@@ -94,12 +94,22 @@ pub fn envelope_key(token: &[u8]) -> [u8; 32] {
 }
 
 /// This host's CPU-compatibility fingerprint: BLAKE3 over the entries of
-/// KVM_GET_SUPPORTED_CPUID (function, index, flags, eax..edx).
+/// KVM_GET_SUPPORTED_CPUID (function, index, flags, eax..edx), without
+/// the APIC id of the CPU the calling thread happens to run on (KVM
+/// reports it in leaf 1 EBX[31:24] and the x2APIC id in leaves 0xB and
+/// 0x1F EDX, and AMD's 0x8000001E EAX), which differs between calls.
 pub fn cpu_fingerprint() -> Result<[u8; 32], EnvelopeError> {
     let ctx = KvmContext::get().map_err(EnvelopeError::Kvm)?;
     let mut h = blake3::Hasher::new();
     for e in ctx.cpuid.as_slice() {
-        for w in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+        let (mut eax, mut ebx, mut edx) = (e.eax, e.ebx, e.edx);
+        match e.function {
+            0x1 => ebx &= 0x00ff_ffff,
+            0xb | 0x1f => edx = 0,
+            0x8000_001e => eax = 0,
+            _ => {}
+        }
+        for w in [e.function, e.index, e.flags, eax, ebx, e.ecx, edx] {
             h.update(&w.to_le_bytes());
         }
     }

@@ -15,7 +15,7 @@ use crate::fork::envelope::cpu_fingerprint;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::{CloneIdentity, IdentityLease, IdentityPool};
 use crate::fork::pending::PendingImage;
-use crate::fork::remote::{self, RemotePlan};
+use crate::fork::remote::{self, DefaultPlacement, RemotePlan};
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::sync::lock;
 use crate::vmm::memory::GuestMemory;
@@ -297,6 +297,8 @@ pub struct ForkHub {
     memserver: Arc<MemServer>,
     inner: Mutex<HubInner>,
     families: Mutex<Vec<Arc<Family>>>,
+    /// Where the guest's own forks (`sf_clone`) place clones (`None`: here).
+    placement: Mutex<Option<DefaultPlacement>>,
 }
 
 impl ForkHub {
@@ -306,7 +308,13 @@ impl ForkHub {
             memserver,
             inner: Mutex::new(HubInner::default()),
             families: Mutex::new(Vec::new()),
+            placement: Mutex::new(None),
         })
+    }
+
+    /// Places the clones of the guest's own forks (see `fork::remote`).
+    pub fn set_placement(&self, placement: Option<DefaultPlacement>) {
+        *lock(&self.placement) = placement;
     }
 
     pub fn max_clones(&self) -> u64 {
@@ -427,7 +435,8 @@ impl ForkHub {
             memory: guest.memory().clone(),
             requested_at,
         };
-        match self.do_fork(req, granted, pool, None) {
+        let plan = lock(&self.placement).as_ref().and_then(|p| p.plan(granted));
+        match self.do_fork(req, granted, pool, plan) {
             Ok(family) => {
                 lock(&self.inner)
                     .tickets

@@ -103,6 +103,51 @@ impl RemotePlan {
     }
 }
 
+/// `clones` shared out evenly over `hosts` (the first named take the
+/// remainder).
+pub fn spread_counts(clones: u64, hosts: &[String]) -> BTreeMap<String, u64> {
+    let n = hosts.len().max(1) as u64;
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.clone(), clones / n + u64::from((i as u64) < clones % n)))
+        .collect()
+}
+
+/// A VM's default placement for the forks its guest starts (`sf_clone`):
+/// fixed counts per host, or an even spread.
+#[derive(Clone)]
+pub struct DefaultPlacement {
+    pub hosts: Arc<dyn CloneHosts>,
+    /// Clones per host; used when they add up to the clones granted,
+    /// otherwise the clones are spread over the same hosts.
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl DefaultPlacement {
+    /// The plan for a fork of `clones` (`None`: all here).
+    pub fn plan(&self, clones: u64) -> Option<RemotePlan> {
+        let sum: u64 = self.counts.values().sum();
+        let counts = if sum == clones {
+            self.counts.clone()
+        } else {
+            let names: Vec<String> = self.counts.keys().cloned().collect();
+            spread_counts(clones, &names)
+        };
+        let me = self.hosts.local_name();
+        let local = counts.get(me).copied().unwrap_or(0);
+        let remote: Vec<(String, u64)> = counts
+            .into_iter()
+            .filter(|(h, n)| h != me && *n > 0)
+            .collect();
+        (!remote.is_empty()).then(|| RemotePlan {
+            hosts: self.hosts.clone(),
+            local,
+            remote,
+        })
+    }
+}
+
 /// The remote hosts' leases (held here until their clones end).
 pub struct RemoteShare {
     pub hosts: Vec<(String, Vec<IdentityLease>)>,
