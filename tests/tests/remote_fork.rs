@@ -4,9 +4,10 @@
 //! server over the bridge, show in h2's `GET /v1/vms`, and their ends
 //! reach h1's family report; every clone prints QEMU's line for its clone
 //! id. A clone host whose daemon dies mid-family has its clones marked
-//! failed on the parent's host within a bound. Needs root and /dev/kvm
-//! (fails clearly without); each cluster has its own name and a guard
-//! that runs `cluster down`.
+//! failed on the parent's host within a bound; clones whose memory
+//! server's host dies fail with a clear error within seconds. Needs root
+//! and /dev/kvm (fails clearly without); each cluster has its own name and
+//! a guard that runs `cluster down`.
 
 #[allow(dead_code)]
 #[path = "api/client.rs"]
@@ -406,4 +407,86 @@ fn a_guest_fork_follows_the_vms_default_placement() {
     let r = client::call_unix(&h1, "POST", "/v1/vms", Some(body));
     assert_eq!(r.status, 422, "{}", r.error());
     assert!(r.error().contains("unknown host 'h7'"), "{}", r.error());
+}
+
+#[test]
+fn clones_spread_over_three_hosts_match_qemu() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdline = "ticks=50 seed=11 state_mib=8 dirty_pages=8 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 7, "spread": ["h2", "h3", "h1"]}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=7 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    // h1 gets 2 (named last), h2 3, h3 2; ids in host-name order.
+    let hosts = [
+        Value::Null,
+        Value::Null,
+        json!("h2"),
+        json!("h2"),
+        json!("h2"),
+    ]
+    .into_iter()
+    .chain([json!("h3"), json!("h3")]);
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 7, "{v}");
+    for ((c, i), host) in clones.iter().zip(1u64..).zip(hosts) {
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    // Every clone's MAC and IP differ.
+    let mut ips: Vec<_> = clones.iter().map(|c| c["ip"].to_string()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 7, "{v}");
+}
+
+#[test]
+fn clones_fail_clearly_when_the_memory_servers_host_dies() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    // A large zone state: h2's clones still fetch it when h1 dies.
+    let cmdline = "ticks=400 seed=3 state_mib=128 dirty_pages=16 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"].as_array().is_some_and(|vs| vs.len() == 2)
+    });
+    let pid = hs[0]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) on the pid of h1's daemon, which this test's cluster
+    // started; the cluster guard cleans up after a dead daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    let v = poll(&h2, "/v1/vms", Duration::from_secs(20), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.iter().all(|v| v["state"] == "exited"))
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "{:?}: {v}",
+        t.elapsed()
+    );
+    for c in v["vms"].as_array().expect("vms") {
+        assert_eq!(c["exit"]["code"], 103, "{c}");
+        let why = c["exit"]["reason"].as_str().unwrap_or_default();
+        assert!(why.contains("memory server"), "{why}");
+    }
 }
