@@ -77,6 +77,14 @@ impl Peers {
         &self.name
     }
 
+    /// This host's share of the clone identity pool: its place among the
+    /// sorted names of itself and its peers, and how many they are.
+    pub fn share(&self) -> (usize, usize) {
+        let part = self.peers.keys().filter(|p| **p < self.name).count();
+        let parts = self.peers.keys().filter(|p| **p != self.name).count() + 1;
+        (part, parts)
+    }
+
     fn addr(&self, host: &str) -> Result<SocketAddr, RemoteError> {
         self.peers
             .get(host)

@@ -25,6 +25,7 @@ use super::types::{
 };
 use crate::fork::host::{fork_vm_placed, HostForkError};
 use crate::fork::hosted::HostedFamily;
+use crate::fork::identity::IdentityPool;
 use crate::fork::parent::{Family, ForkHub, ForkOptions};
 use crate::fork::remote::CloneHosts;
 use crate::guest::default_guest;
@@ -113,6 +114,9 @@ pub struct Registry {
     peers: Option<Arc<Peers>>,
     /// Families hosted here for parents elsewhere (`api::hosted`).
     pub(super) hosted: Mutex<BTreeMap<u64, Arc<HostedFamily>>>,
+    /// Where clone MACs and IPs come from: this host's share of the pool
+    /// in a cluster, the process's pool otherwise.
+    identities: Arc<IdentityPool>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -213,11 +217,19 @@ impl Registry {
         limits: Limits,
         peers: Option<Arc<Peers>>,
     ) -> Arc<Registry> {
+        let identities = match &peers {
+            Some(p) => {
+                let (part, parts) = p.share();
+                IdentityPool::share(part, parts)
+            }
+            None => IdentityPool::global(),
+        };
         Arc::new(Registry {
             memserver,
             limits,
             inner: Mutex::new(Inner::default()),
             closed: AtomicBool::new(false),
+            identities,
             peers,
             hosted: Mutex::new(BTreeMap::new()),
         })
@@ -291,6 +303,7 @@ impl Registry {
                 max_clones: self.limits.max_clones,
                 echo: false,
                 name_prefix: format!("{}.", vm_id(id)),
+                identities: self.identities.clone(),
                 ..ForkOptions::default()
             },
             self.memserver.clone(),
