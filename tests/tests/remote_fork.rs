@@ -490,3 +490,43 @@ fn clones_fail_clearly_when_the_memory_servers_host_dies() {
         assert!(why.contains("memory server"), "{why}");
     }
 }
+
+#[test]
+fn sixteen_clones_over_four_hosts_match_qemu() {
+    let (_c, up) = Cluster::up(4);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 16, "hosts": {"h2": 4, "h3": 4, "h4": 4, "h1": 4}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=16 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 16, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["state"], "exited", "clone {i}: {c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+        let host = match (i - 1) / 4 {
+            0 => Value::Null,
+            h => json!(format!("h{}", h + 1)),
+        };
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    for h in &hs[1..] {
+        let list = client::call_unix(&socket(h), "GET", "/v1/vms", None).json();
+        assert_eq!(list["vms"].as_array().map(Vec::len), Some(4), "{list}");
+    }
+}
