@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::fork::envelope::{envelope_key, to_hex, MAX_HOST_NAME};
 use crate::fork::remote::{
@@ -126,10 +126,28 @@ impl Peers {
         s.write_all(head.as_bytes())
             .and_then(|()| s.write_all(body))
             .map_err(|e| err(format!("send {method} {path}: {e}")))?;
+        // The whole response within the bound, however slowly it drips.
+        let deadline = Instant::now() + timeout;
         let mut raw = Vec::new();
-        s.take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
-            .map_err(|e| err(format!("{method} {path}: {e}")))?;
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            if Instant::now() > deadline {
+                return Err(err(format!(
+                    "{method} {path}: no whole answer in {timeout:?}"
+                )));
+            }
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if (raw.len() + n) as u64 <= MAX_RESPONSE => raw.extend_from_slice(&buf[..n]),
+                Ok(_) => {
+                    return Err(err(format!(
+                        "{method} {path}: answer over {MAX_RESPONSE} bytes"
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(err(format!("{method} {path}: {e}"))),
+            }
+        }
         parse_response(&raw).ok_or_else(|| err(format!("{method} {path}: malformed response")))
     }
 
