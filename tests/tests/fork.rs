@@ -547,6 +547,7 @@ fn delete_after_the_clones_lost_their_memory_returns_promptly() {
             max_vms: 4,
             max_clones: 4,
         },
+        None,
     );
     let id = reg
         .create(CreateVm {
@@ -555,11 +556,17 @@ fn delete_after_the_clones_lost_their_memory_returns_promptly() {
             vcpus: 1,
             guest: None,
             name: None,
+            placement: None,
         })
         .expect("create");
     let t = Instant::now();
     loop {
-        match reg.fork(id, 2) {
+        let req = forkd::api::types::ForkVm {
+            clones: 2,
+            hosts: None,
+            spread: None,
+        };
+        match reg.fork(id, req) {
             Ok(_) => break,
             Err(e)
                 if e.to_string().contains("try again")

@@ -73,6 +73,11 @@ impl Token {
         Ok(Token(token.as_bytes().into()))
     }
 
+    /// The token itself (for the daemon's own requests to its peers).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Whether an `Authorization` header value carries this token.
     pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
         let Some(value) = authorization else {

@@ -1,6 +1,8 @@
 //! API errors: each one knows its HTTP status and becomes `{"error": "..."}`.
 
+use crate::fork::envelope::EnvelopeError;
 use crate::fork::host::HostForkError;
+use crate::fork::hosted::HostedError;
 use crate::fork::ForkError;
 use crate::vmm::memory::MemoryError;
 use crate::vmm::VmError;
@@ -39,6 +41,15 @@ pub enum ApiError {
     TooManyVms(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A placement naming unknown hosts or counts that do not add up.
+    #[error("placement: {0}")]
+    Placement(String),
+    #[error("no family {0} on this host")]
+    NoSuchFamily(u64),
+    #[error("cannot host the family's clones")]
+    Hosted(#[source] HostedError),
+    #[error("this daemon has no cluster token (--token-file) and no peers: it cannot {0}")]
+    NoCluster(&'static str),
     #[error("{0}")]
     Internal(String),
 }
@@ -66,6 +77,15 @@ impl ApiError {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::TooManyVms(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Placement(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NoSuchFamily(_) => StatusCode::NOT_FOUND,
+            ApiError::NoCluster(_) => StatusCode::CONFLICT,
+            ApiError::Hosted(e) => match e {
+                HostedError::Envelope(EnvelopeError::Mac) => StatusCode::FORBIDDEN,
+                HostedError::Envelope(EnvelopeError::CpuMismatch { .. }) => StatusCode::CONFLICT,
+                HostedError::Envelope(EnvelopeError::Kvm(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

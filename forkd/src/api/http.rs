@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::registry::Registry;
-use super::types::{parse_vm_id, vm_id, CreateVm, Created, ForkVm, VmList, VmState};
+use super::types::{parse_vm_id, vm_id, CreateVm, Created, ForkVm, PostFamily, VmList, VmState};
 
 type Reg = State<Arc<Registry>>;
 
@@ -25,6 +25,11 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/vms/{id}", get(show).delete(remove))
         .route("/v1/vms/{id}/fork", axum::routing::post(fork))
         .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/families", axum::routing::post(post_family))
+        .route(
+            "/v1/families/{family}",
+            get(show_family).delete(remove_family),
+        )
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -112,8 +117,41 @@ async fn fork(
 ) -> Result<Response, ApiError> {
     let id = vm_path(path)?;
     let req: ForkVm = parse_body(body)?;
-    let forked = blocking(move || reg.fork(id, req.clones)).await?;
+    let forked = blocking(move || reg.fork(id, req)).await?;
     Ok(Json(forked).into_response())
+}
+
+fn family_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    id.parse()
+        .map_err(|_| ApiError::BadRequest(format!("family id '{id}': expected an integer")))
+}
+
+/// Daemon to daemon: a family envelope from a parent's host.
+async fn post_family(
+    State(reg): Reg,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: PostFamily = parse_body(body)?;
+    let st = blocking(move || reg.host_family(req)).await?;
+    Ok((StatusCode::CREATED, Json(st)).into_response())
+}
+
+async fn show_family(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = family_path(path)?;
+    Ok(Json(reg.family_status(id)?).into_response())
+}
+
+async fn remove_family(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = family_path(path)?;
+    blocking(move || reg.kill_family(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn remove(

@@ -10,6 +10,9 @@
 //! | `GET /v1/vms/{id}/console` | the console lines kept |
 //! | `POST /v1/vms/{id}/fork` | host-initiated fork → `{family, clones}` |
 //! | `DELETE /v1/vms/{id}` | kill the VM and its clones → 204 |
+//! | `POST /v1/families` | daemon to daemon: host clones of a parent elsewhere → 201 |
+//! | `GET /v1/families/{family}` | the hosted clones' state (polled by the parent's host) |
+//! | `DELETE /v1/families/{family}` | kill the hosted clones → 204 |
 //!
 //! Errors are `{"error": "..."}` with 400/401/404/405/409/422/429/500/503.
 //! The Unix socket is made 0600 and needs nothing more. TCP binds to
@@ -20,7 +23,9 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod hosted;
 pub mod http;
+pub mod peers;
 pub mod registry;
 pub mod types;
 
@@ -32,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use memserver::server::MemServer;
+use memserver::server::{MemServer, ServerLimits};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
@@ -51,6 +56,10 @@ pub struct ServeConfig {
     pub tcp_allow_remote: bool,
     /// TCP requests must carry the bearer token in this file.
     pub token_file: Option<PathBuf>,
+    /// This host's name among its peers (`--name`).
+    pub name: Option<String>,
+    /// Other hosts clones may be placed on (`--peer NAME=IP:PORT`).
+    pub peers: Vec<(String, SocketAddr)>,
     pub limits: Limits,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
@@ -69,6 +78,8 @@ pub enum ServeError {
     RemoteTcp(SocketAddr),
     #[error("--tcp-allow-remote needs --token-file: a non-loopback API must check a bearer token")]
     RemoteWithoutToken,
+    #[error("--name and --peer need --token-file (peers are reached with the cluster's token), and --peer needs --name")]
+    PeersWithoutCluster,
     #[error(transparent)]
     Token(#[from] auth::TokenError),
     #[error("cannot listen on tcp {addr}: {source}")]
@@ -307,6 +318,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if cfg.tcp_allow_remote && cfg.token_file.is_none() {
         return Err(ServeError::RemoteWithoutToken);
     }
+    if (!cfg.peers.is_empty() || cfg.name.is_some())
+        && (cfg.token_file.is_none() || cfg.name.is_none())
+    {
+        return Err(ServeError::PeersWithoutCluster);
+    }
     let token = cfg
         .token_file
         .as_deref()
@@ -328,8 +344,23 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         signals()?
     };
     let (listeners, file) = rt.block_on(listen(&cfg))?;
-    let memserver = MemServer::loopback().map_err(ServeError::MemServer)?;
-    let registry = Registry::new(Arc::new(memserver), cfg.limits);
+    // Clones on other hosts reach the memory server at the API's address.
+    let memserver = match cfg.tcp {
+        Some(addr) if !addr.ip().is_loopback() => {
+            MemServer::bind(SocketAddr::new(addr.ip(), 0), ServerLimits::default())
+        }
+        _ => MemServer::loopback(),
+    }
+    .map_err(ServeError::MemServer)?;
+    let peers = match (&token, &cfg.name) {
+        (Some(t), Some(name)) => Some(Arc::new(peers::Peers::new(
+            name.clone(),
+            cfg.peers.clone(),
+            t.bytes(),
+        ))),
+        _ => None,
+    };
+    let registry = Registry::new(Arc::new(memserver), cfg.limits, peers);
     let reaper = registry
         .start_reaper()
         .map_err(|source| ServeError::Setup {

@@ -18,12 +18,16 @@ use std::time::Duration;
 use memserver::server::MemServer;
 
 use super::error::ApiError;
+use super::peers::{placement_counts, Peers};
 use super::types::{
-    vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, Forked,
+    vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, ForkVm, Forked,
     StartFailure, VmDetail, VmState, VmSummary, MAX_NAME,
 };
-use crate::fork::host::{fork_vm, HostForkError};
+use crate::fork::host::{fork_vm_placed, HostForkError};
+use crate::fork::hosted::HostedFamily;
+use crate::fork::identity::IdentityPool;
 use crate::fork::parent::{Family, ForkHub, ForkOptions};
+use crate::fork::remote::CloneHosts;
 use crate::guest::default_guest;
 use crate::vmm::devices::Console;
 use crate::vmm::memory::check_size;
@@ -86,6 +90,9 @@ impl Entry {
             exit: exit.as_ref().map(ExitInfo::from),
             last_line,
             console_lines,
+            family: None,
+            clone_id: None,
+            parent_host: None,
         }
     }
 }
@@ -103,6 +110,13 @@ pub struct Registry {
     limits: Limits,
     inner: Mutex<Inner>,
     closed: AtomicBool,
+    /// The other hosts clones may go to (`--name`, `--peer`, the token).
+    peers: Option<Arc<Peers>>,
+    /// Families hosted here for parents elsewhere (`api::hosted`).
+    pub(super) hosted: Mutex<BTreeMap<u64, Arc<HostedFamily>>>,
+    /// Where clone MACs and IPs come from: this host's share of the pool
+    /// in a cluster, the process's pool otherwise.
+    identities: Arc<IdentityPool>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -157,6 +171,7 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
 
 fn family_info(f: &Family) -> FamilyInfo {
     let report = f.report();
+    let host = |i: u64| report.hosts.get(&i).cloned();
     let clones = report
         .identities
         .iter()
@@ -166,13 +181,17 @@ fn family_info(f: &Family) -> FamilyInfo {
                 let mut info = CloneInfo::new(identity, CloneState::Exited);
                 info.exit = Some(ExitInfo::from(&c.exit));
                 info.last_line = c.last_line.clone();
+                info.host = host(i);
                 info
             } else if let Some((_, why)) = report.start_failures.iter().find(|(id, _)| *id == i) {
                 let mut info = CloneInfo::new(identity, CloneState::Failed);
                 info.error = Some(why.clone());
+                info.host = host(i);
                 info
             } else {
-                CloneInfo::new(identity, CloneState::Running)
+                let mut info = CloneInfo::new(identity, CloneState::Running);
+                info.host = host(i);
+                info
             }
         })
         .collect();
@@ -193,13 +212,46 @@ fn family_info(f: &Family) -> FamilyInfo {
 }
 
 impl Registry {
-    pub fn new(memserver: Arc<MemServer>, limits: Limits) -> Arc<Registry> {
+    pub fn new(
+        memserver: Arc<MemServer>,
+        limits: Limits,
+        peers: Option<Arc<Peers>>,
+    ) -> Arc<Registry> {
+        let identities = match &peers {
+            Some(p) => {
+                let (part, parts) = p.share();
+                IdentityPool::share(part, parts)
+            }
+            None => IdentityPool::global(),
+        };
         Arc::new(Registry {
             memserver,
             limits,
             inner: Mutex::new(Inner::default()),
             closed: AtomicBool::new(false),
+            identities,
+            peers,
+            hosted: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(super) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub(super) fn envelope_key(&self) -> Option<[u8; 32]> {
+        self.peers.as_ref().map(|p| p.envelope_key())
+    }
+
+    /// A fresh VM id (booted VMs and hosted clones share the space).
+    pub(super) fn next_vm_id(&self) -> u64 {
+        let mut inner = lock(&self.inner);
+        inner.next_id += 1;
+        inner.next_id
     }
 
     fn entry(&self, id: u64) -> Result<Arc<Entry>, ApiError> {
@@ -228,22 +280,35 @@ impl Registry {
     /// Boots a VM with its own fork hub; returns its id.
     pub fn create(&self, req: CreateVm) -> Result<u64, ApiError> {
         validate(&req)?;
+        let placement = match (&req.placement, &self.peers) {
+            (None, _) => None,
+            (Some(p), Some(peers)) => peers.default_placement(p)?,
+            (Some(p), None) => {
+                let names = p
+                    .hosts
+                    .iter()
+                    .flat_map(|h| h.keys())
+                    .chain(p.spread.iter().flatten());
+                return Err(match names.into_iter().next() {
+                    Some(h) => ApiError::Placement(format!("unknown host '{h}'")),
+                    None => ApiError::BadRequest("placement: names no host".into()),
+                });
+            }
+        };
         let slot = self.reserve()?;
         let guest = req.guest.clone().unwrap_or_else(default_guest);
-        let id = {
-            let mut inner = lock(&self.inner);
-            inner.next_id += 1;
-            inner.next_id
-        };
+        let id = self.next_vm_id();
         let hub = ForkHub::new(
             ForkOptions {
                 max_clones: self.limits.max_clones,
                 echo: false,
                 name_prefix: format!("{}.", vm_id(id)),
+                identities: self.identities.clone(),
                 ..ForkOptions::default()
             },
             self.memserver.clone(),
         );
+        hub.set_placement(placement);
         let cfg = VmConfig {
             guest: guest.clone(),
             mem_mib: req.mem_mib,
@@ -282,10 +347,15 @@ impl Registry {
 
     pub fn list(&self) -> Vec<VmSummary> {
         let entries: Vec<_> = lock(&self.inner).vms.values().cloned().collect();
-        entries.iter().map(|e| e.summary()).collect()
+        let mut all: Vec<_> = entries.iter().map(|e| e.summary()).collect();
+        all.extend(self.hosted_summaries());
+        all
     }
 
     pub fn detail(&self, id: u64) -> Result<VmDetail, ApiError> {
+        if let Some(d) = self.hosted_detail(id) {
+            return Ok(d);
+        }
         let e = self.entry(id)?;
         Ok(VmDetail {
             summary: e.summary(),
@@ -298,6 +368,9 @@ impl Registry {
     }
 
     pub fn console(&self, id: u64) -> Result<ConsoleLines, ApiError> {
+        if let Some(c) = self.hosted_console(id) {
+            return Ok(c);
+        }
         let e = self.entry(id)?;
         let log = e.console.log();
         Ok(ConsoleLines {
@@ -306,8 +379,15 @@ impl Registry {
         })
     }
 
-    /// Host-initiated fork of a running VM into `clones` clones.
-    pub fn fork(&self, id: u64, clones: u64) -> Result<Forked, ApiError> {
+    /// Host-initiated fork of a running VM into `req.clones` clones, on
+    /// this host or as `req` places them.
+    pub fn fork(&self, id: u64, req: ForkVm) -> Result<Forked, ApiError> {
+        let clones = req.clones;
+        let plan = match &self.peers {
+            Some(p) => p.plan(&req)?,
+            // No peers: no host is known, any placement names one.
+            None => placement_counts(&req, |_| false).map(|_| None)?,
+        };
         let entry = self.entry(id)?;
         let mut guard = lock(&entry.vm);
         let Some(vm) = guard.as_mut() else {
@@ -331,7 +411,7 @@ impl Registry {
         };
         // `fork_vm` checks the count first (422 whatever the VM's state),
         // then whether the VM still runs (409).
-        match fork_vm(vm, &entry.hub, clones) {
+        match fork_vm_placed(vm, &entry.hub, clones, plan) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
                 clones: (1..=clones).collect(),
@@ -350,6 +430,9 @@ impl Registry {
 
     /// Kills a VM and its clones and forgets it.
     pub fn remove(&self, id: u64) -> Result<(), ApiError> {
+        if self.remove_hosted(id) {
+            return Ok(());
+        }
         let entry = lock(&self.inner)
             .vms
             .remove(&id)
@@ -369,6 +452,7 @@ impl Registry {
         for e in &entries {
             kill(e);
         }
+        self.kill_hosted();
         self.memserver.stop();
     }
 

@@ -2,6 +2,7 @@
 //! Optional response fields are left out rather than `null`.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::fork::identity::CloneIdentity;
@@ -34,6 +35,19 @@ pub struct CreateVm {
     pub guest: Option<PathBuf>,
     #[serde(default)]
     pub name: Option<String>,
+    /// Where the guest's own forks (`fork_at`, `sf_clone`) place clones.
+    #[serde(default)]
+    pub placement: Option<Placement>,
+}
+
+/// A default placement: clones per host, or hosts to spread them over.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub hosts: Option<BTreeMap<String, u64>>,
+    #[serde(default)]
+    pub spread: Option<Vec<String>>,
 }
 
 /// `POST /v1/vms/{id}/fork`.
@@ -41,6 +55,45 @@ pub struct CreateVm {
 #[serde(deny_unknown_fields)]
 pub struct ForkVm {
     pub clones: u64,
+    /// Clones per host (the daemon's own name: here); must add up to
+    /// `clones`.
+    #[serde(default)]
+    pub hosts: Option<BTreeMap<String, u64>>,
+    /// Hosts to share the clones out among evenly.
+    #[serde(default)]
+    pub spread: Option<Vec<String>>,
+}
+
+/// `POST /v1/families` (daemon to daemon): a sealed family envelope, hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostFamily {
+    pub envelope: String,
+}
+
+/// A clone of a family hosted here for a parent on another host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostedCloneInfo {
+    pub clone_id: u64,
+    /// Its VM id on this host.
+    pub id: String,
+    /// `running`, `exited` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_line: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/families/{family}`, and the answer to `POST /v1/families`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FamilyStatus {
+    pub family: u64,
+    pub parent_host: String,
+    pub running: u64,
+    pub clones: Vec<HostedCloneInfo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,7 +120,7 @@ pub struct Created {
 
 /// How a VM or clone ended: `code` as `forkd run` would exit (the guest's
 /// status, or 100+ for VMM-side endings), `reason` in words.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitInfo {
     pub code: i32,
     pub reason: String,
@@ -95,6 +148,14 @@ pub struct VmSummary {
     pub last_line: Option<String>,
     /// Lines the guest printed so far (including any dropped from the log).
     pub console_lines: u64,
+    /// A clone of a parent on another host: its family, clone id and the
+    /// parent's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clone_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_host: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +196,9 @@ pub struct CloneInfo {
     /// Why the clone could not start (state "failed").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The host it runs on, if not the parent's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub ip: String,
     pub mac: String,
     /// The clone's generation id (32 hex digits), new in every clone.
@@ -150,6 +214,7 @@ impl CloneInfo {
             exit: None,
             last_line: None,
             error: None,
+            host: None,
             ip: identity.ip.to_string(),
             mac: identity.mac_string(),
             generation: identity.generation_hex(),

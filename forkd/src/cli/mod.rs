@@ -163,6 +163,14 @@ pub struct ServeArgs {
     /// needs none.
     #[arg(long, requires = "tcp")]
     pub token_file: Option<PathBuf>,
+    /// This host's name among its peers: a fork placement naming it means
+    /// here (needs --token-file).
+    #[arg(long, requires = "token_file", value_parser = |s: &str| crate::api::peers::check_name(s).map(|()| s.to_owned()))]
+    pub name: Option<String>,
+    /// Another host clones may be placed on, NAME=IP:PORT (its TCP API,
+    /// reached with the token of --token-file); repeatable.
+    #[arg(long = "peer", requires = "name", value_parser = crate::api::peers::parse_peer)]
+    pub peers: Vec<(String, SocketAddr)>,
     /// Most VMs registered at once (exited ones count until deleted).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_vms: u64,
@@ -378,6 +386,8 @@ pub fn main() -> ExitCode {
             tcp: a.tcp,
             tcp_allow_remote: a.tcp_allow_remote,
             token_file: a.token_file,
+            name: a.name,
+            peers: a.peers,
             limits: crate::api::Limits {
                 max_vms: a.max_vms as usize,
                 max_clones: a.max_clones,

@@ -317,6 +317,14 @@ fn spawn_daemon(o: &UpOptions, s: &ClusterState, h: &HostRecord) -> Result<Child
         .arg("--tcp-allow-remote")
         .arg("--token-file")
         .arg(&s.token_file)
+        .arg("--name")
+        .arg(&h.name)
+        .args(
+            s.hosts
+                .iter()
+                .filter(|p| p.name != h.name)
+                .flat_map(|p| ["--peer".to_owned(), format!("{}={}", p.name, p.tcp)]),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

@@ -4,6 +4,7 @@
 //! (clone id 0 in the parent, 1..=clones in the clones).
 
 use crate::fork::parent::{Family, ForkHub};
+use crate::fork::remote::RemotePlan;
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::vmm::{Vm, VmError};
 use guest_agent::abi;
@@ -50,6 +51,17 @@ impl HostForkError {
 /// Forks the running `vm` (whose hypercall service is `hub`) into
 /// `clones` clones.
 pub fn fork_vm(vm: &mut Vm, hub: &ForkHub, clones: u64) -> Result<Arc<Family>, HostForkError> {
+    fork_vm_placed(vm, hub, clones, None)
+}
+
+/// [`fork_vm`] with some clones on other hosts (`plan`, whose total must
+/// be `clones`).
+pub fn fork_vm_placed(
+    vm: &mut Vm,
+    hub: &ForkHub,
+    clones: u64,
+    plan: Option<RemotePlan>,
+) -> Result<Arc<Family>, HostForkError> {
     let requested_at = Instant::now();
     if clones == 0 || clones > hub.max_clones() {
         return Err(HostForkError::BadClones {
@@ -86,17 +98,18 @@ pub fn fork_vm(vm: &mut Vm, hub: &ForkHub, clones: u64) -> Result<Arc<Family>, H
         }
         let state = vm.capture_state()?;
         let epoch = read(vm, abi::AGENT_WORD_EPOCH)?.wrapping_add(1);
-        let family = hub.fork_paused(
-            ForkRequest {
-                ticket: 0,
-                page_gpa: agent,
-                answer: Answer::Agent { epoch },
-                state,
-                memory: vm.memory().clone(),
-                requested_at,
-            },
-            clones,
-        )?;
+        let req = ForkRequest {
+            ticket: 0,
+            page_gpa: agent,
+            answer: Answer::Agent { epoch },
+            state,
+            memory: vm.memory().clone(),
+            requested_at,
+        };
+        let family = match plan {
+            Some(plan) => hub.fork_paused_placed(req, plan)?,
+            None => hub.fork_paused(req, clones)?,
+        };
         // The parent is clone 0 of the same fork.
         vm.memory()
             .write_obj(0u64, word(abi::AGENT_WORD_CLONE_ID))

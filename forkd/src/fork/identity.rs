@@ -23,7 +23,7 @@ const POOL_SIZE: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("no clone identity left: {live} clones hold every address of 10.200.0.0/16")]
+    #[error("no clone identity left: {live} clones hold every address of this daemon's share of 10.200.0.0/16")]
     Exhausted { live: usize },
     #[error("cannot draw random bytes for a clone's generation id and entropy")]
     Random(#[source] memserver::auth::RandomError),
@@ -121,6 +121,20 @@ impl std::fmt::Debug for IdentityLease {
     }
 }
 
+impl IdentityLease {
+    /// A lease made elsewhere: a clone on this host whose identity the
+    /// parent's host leased (`fork::remote`). Dropping it frees nothing.
+    pub fn foreign(identity: CloneIdentity) -> IdentityLease {
+        static FOREIGN: OnceLock<Arc<IdentityPool>> = OnceLock::new();
+        IdentityLease {
+            pool: FOREIGN.get_or_init(IdentityPool::new).clone(),
+            // Outside every pool's range: `release` ignores it.
+            index: usize::MAX,
+            identity,
+        }
+    }
+}
+
 impl Drop for IdentityLease {
     fn drop(&mut self) {
         self.pool.release(self.index);
@@ -140,6 +154,24 @@ impl IdentityPool {
                 live: 0,
             }),
         })
+    }
+
+    /// Share `part` of `parts` of the addresses (`part` < `parts`): the
+    /// daemons of a cluster each lease from their own share, so clones of
+    /// parents on different hosts never share an address either.
+    pub fn share(part: usize, parts: usize) -> Arc<IdentityPool> {
+        let parts = parts.clamp(1, POOL_SIZE / 4);
+        let part = part.min(parts - 1);
+        let (lo, hi) = (POOL_SIZE * part / parts, POOL_SIZE * (part + 1) / parts);
+        let pool = IdentityPool::new();
+        {
+            let mut st = crate::sync::lock(&pool.used);
+            for i in (0..lo).chain(hi..POOL_SIZE) {
+                st.bits.set(i, true);
+            }
+            st.next = lo.max(1);
+        }
+        pool
     }
 
     /// The process-wide pool: every fork hub of a daemon shares it, so
@@ -200,6 +232,22 @@ impl IdentityPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_do_not_overlap() {
+        let (a, b) = (IdentityPool::share(0, 2), IdentityPool::share(1, 2));
+        let la: Vec<_> = (0..3).map(|i| a.lease(i).unwrap()).collect();
+        let lb: Vec<_> = (0..3).map(|i| b.lease(i).unwrap()).collect();
+        for l in &la {
+            assert!(l.identity.ip.octets()[2] < 128, "{:?}", l.identity);
+            assert!(lb.iter().all(|m| m.identity.ip != l.identity.ip));
+        }
+        assert_eq!(lb[0].identity.ip, Ipv4Addr::new(10, 200, 128, 0));
+        let tiny = IdentityPool::share(3, 4);
+        let n = (0..20_000).take_while(|i| tiny.lease(*i).map(std::mem::forget).is_ok());
+        // The last quarter less .255.255.
+        assert_eq!(n.count(), POOL_SIZE / 4 - 1);
+    }
     use std::collections::HashSet;
 
     #[test]

@@ -17,12 +17,15 @@
 pub mod calls;
 pub mod clone;
 pub mod descriptor;
+pub mod envelope;
 pub mod fault;
 pub mod host;
+pub mod hosted;
 pub mod identity;
 pub mod mcdist;
 pub mod parent;
 pub mod pending;
+pub mod remote;
 
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::persist::VmState;
@@ -71,6 +74,8 @@ pub enum ForkError {
     BadClones { requested: u64, max: u64 },
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Envelope(#[from] envelope::EnvelopeError),
 }
 
 /// How each clone learns it is a clone.

@@ -11,10 +11,12 @@
 use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
+use crate::fork::envelope::cpu_fingerprint;
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::{CloneIdentity, IdentityLease, IdentityPool};
 use crate::fork::mcdist::{Distribution, FamilyMulticast};
 use crate::fork::pending::PendingImage;
+use crate::fork::remote::{self, DefaultPlacement, RemotePlan};
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::sync::lock;
 use crate::vmm::memory::GuestMemory;
@@ -124,6 +126,8 @@ pub struct FamilyReport {
     /// Multicast: this host's receiver's counters (cache, re-requests,
     /// rejected frames).
     pub host_receiver: Option<HostStats>,
+    /// Clones placed on other hosts: clone id → host (`fork::remote`).
+    pub hosts: std::collections::BTreeMap<u64, String>,
 }
 
 pub struct Family {
@@ -167,6 +171,27 @@ impl Family {
 
     pub fn running(&self) -> u64 {
         self.running.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn key(&self) -> &FamilyKey {
+        &self.key
+    }
+
+    /// Whether the family was killed (`sf_kill`, or the parent ended).
+    pub(crate) fn killed(&self) -> bool {
+        self.kill.load(Ordering::Acquire)
+    }
+
+    /// A clone on another host ended (`fork::remote`).
+    pub(crate) fn remote_ended(&self, report: CloneReport) {
+        lock(&self.report).clones.push(report);
+        self.clone_ended();
+    }
+
+    /// A clone on another host could not start, or its host vanished.
+    pub(crate) fn remote_failed(&self, clone_id: u64, why: String) {
+        lock(&self.report).start_failures.push((clone_id, why));
+        self.clone_ended();
     }
 
     fn clone_ended(&self) {
@@ -290,6 +315,8 @@ pub struct ForkHub {
     memserver: Arc<MemServer>,
     inner: Mutex<HubInner>,
     families: Mutex<Vec<Arc<Family>>>,
+    /// Where the guest's own forks (`sf_clone`) place clones (`None`: here).
+    placement: Mutex<Option<DefaultPlacement>>,
 }
 
 impl ForkHub {
@@ -299,7 +326,13 @@ impl ForkHub {
             memserver,
             inner: Mutex::new(HubInner::default()),
             families: Mutex::new(Vec::new()),
+            placement: Mutex::new(None),
         })
+    }
+
+    /// Places the clones of the guest's own forks (see `fork::remote`).
+    pub fn set_placement(&self, placement: Option<DefaultPlacement>) {
+        *lock(&self.placement) = placement;
     }
 
     pub fn max_clones(&self) -> u64 {
@@ -337,7 +370,27 @@ impl ForkHub {
             });
         }
         self.check_forkable(&req.memory)?;
-        let family = self.do_fork(req, clones, None)?;
+        let family = self.do_fork(req, clones, None, None)?;
+        self.add_family(family.clone());
+        Ok(family)
+    }
+
+    /// [`ForkHub::fork_paused`] with clones on other hosts too
+    /// (`fork::remote`): `plan.total()` clones in all.
+    pub fn fork_paused_placed(
+        &self,
+        req: ForkRequest,
+        plan: RemotePlan,
+    ) -> Result<Arc<Family>, ForkError> {
+        let clones = plan.total();
+        if clones == 0 || clones > self.opts.max_clones {
+            return Err(ForkError::BadClones {
+                requested: clones,
+                max: self.opts.max_clones,
+            });
+        }
+        self.check_forkable(&req.memory)?;
+        let family = self.do_fork(req, clones, None, Some(plan))?;
         self.add_family(family.clone());
         Ok(family)
     }
@@ -400,7 +453,8 @@ impl ForkHub {
             memory: guest.memory().clone(),
             requested_at,
         };
-        match self.do_fork(req, granted, pool) {
+        let plan = lock(&self.placement).as_ref().and_then(|p| p.plan(granted));
+        match self.do_fork(req, granted, pool, plan) {
             Ok(family) => {
                 lock(&self.inner)
                     .tickets
@@ -420,6 +474,7 @@ impl ForkHub {
         req: ForkRequest,
         granted: u64,
         pool: Option<Arc<ShellPool>>,
+        plan: Option<RemotePlan>,
     ) -> Result<Arc<Family>, ForkError> {
         // A random id and a secret per family: only holders of the secret
         // (the family's clones) can read its pages from the memory server.
@@ -435,6 +490,14 @@ impl ForkHub {
         let leases = (1..=granted)
             .map(|i| self.opts.identities.lease(i))
             .collect::<Result<Vec<_>, _>>()?;
+        let (leases, remote) = match &plan {
+            Some(p) => {
+                let cpu = cpu_fingerprint()?;
+                let (local, share) = p.split(leases);
+                (local, Some((p.hosts.clone(), share, cpu)))
+            }
+            None => (leases, None),
+        };
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         let source = pending.clone() as Arc<dyn PageSource>;
@@ -474,13 +537,28 @@ impl ForkHub {
                 clones_granted: granted,
                 descriptor_bytes: encoded.len() as u64,
                 descriptor_pages: desc.pages.len() as u64,
-                identities: leases.iter().map(|l| l.identity).collect(),
+                identities: (leases.iter().map(|l| l.identity))
+                    .chain(remote.iter().flat_map(|(_, s, _)| {
+                        s.hosts
+                            .iter()
+                            .flat_map(|(_, ls)| ls.iter().map(|l| l.identity))
+                    }))
+                    .collect(),
+                hosts: remote
+                    .as_ref()
+                    .map(|(_, s, _)| s.placement())
+                    .unwrap_or_default(),
                 distribution: self.opts.distribution,
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
             ended: (Mutex::new(()), Condvar::new()),
         });
+        let encoded_remote = if remote.is_some() {
+            encoded.clone()
+        } else {
+            Vec::new()
+        };
         let launcher = {
             let family = family.clone();
             let opts = self.opts.clone();
@@ -501,6 +579,20 @@ impl ForkHub {
                 })?
         };
         lock(&family.threads).push(launcher);
+        if let Some((hosts, share, cpu)) = remote {
+            let server = self.memserver.local_addr();
+            match remote::start(family.clone(), hosts, share, encoded_remote, server, cpu) {
+                Ok(t) => lock(&family.threads).push(t),
+                Err(source) => {
+                    family.kill.store(true, Ordering::Release);
+                    self.memserver.remove_family(id);
+                    return Err(ForkError::Thread {
+                        what: "remote clones",
+                        source,
+                    });
+                }
+            }
+        }
         let t = Instant::now();
         // SAFETY: the region is the parent's private anonymous guest memory
         // mapping (page aligned); the GuestMemory clone stored in the family

@@ -1,0 +1,285 @@
+//! Clones on other hosts, the clone host's side: a [`HostedFamily`] is the
+//! share of a family a parent's host sent here in an envelope. Its clones
+//! are built with the same `prepare_clone` as local ones, their pages
+//! fetched from the parent host's memory server with the family's key;
+//! each is watched by a reaper thread. Killing the family (or dropping
+//! it) stops and joins them all.
+
+use crate::errors::chain;
+use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources, StartedClone};
+use crate::fork::descriptor::ForkDescriptor;
+use crate::fork::envelope::{cpu_fingerprint, EnvelopeBody, EnvelopeError};
+use crate::fork::identity::{CloneIdentity, IdentityLease};
+use crate::fork::remote::{RemoteClone, RemoteCloneState};
+use crate::fork::ForkError;
+use crate::sync::lock;
+use crate::vmm::devices::Console;
+use crate::vmm::{VmError, VmExit};
+use memserver::client::{ClientOptions, PageClient};
+use memserver::{FamilyKey, PageSource, PAGE_SIZE};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const REAP_SLICE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostedError {
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("the family's descriptor")]
+    Descriptor(#[from] crate::fork::descriptor::DescriptorError),
+}
+
+#[derive(Debug, Clone)]
+pub struct HostedOptions {
+    pub name_prefix: String,
+    pub avoidance: bool,
+    pub readahead: u64,
+    pub prefetch: bool,
+}
+
+#[derive(Debug, Clone)]
+enum HostedState {
+    Running,
+    Exited(VmExit),
+    Failed(String),
+}
+
+/// One clone of a hosted family: a VM of this host (`vm_id`).
+pub struct HostedClone {
+    pub clone_id: u64,
+    pub vm_id: u64,
+    pub identity: CloneIdentity,
+    pub mem_bytes: u64,
+    /// Set once the clone's VM exists (never, if it could not be built).
+    pub console: OnceLock<Console>,
+    state: Mutex<HostedState>,
+    kill: AtomicBool,
+    removed: AtomicBool,
+}
+
+impl HostedClone {
+    pub fn is_running(&self) -> bool {
+        matches!(*lock(&self.state), HostedState::Running)
+    }
+
+    /// The exit, once ended (a clone that failed to start: `Failed`).
+    pub fn exit(&self) -> Option<VmExit> {
+        match &*lock(&self.state) {
+            HostedState::Running => None,
+            HostedState::Exited(e) => Some(e.clone()),
+            HostedState::Failed(why) => Some(VmExit::Failed(why.clone())),
+        }
+    }
+
+    /// The `zone: done` line if the clone printed one, else its last line.
+    pub fn last_line(&self) -> Option<String> {
+        let log = self.console.get()?.log();
+        log.lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("zone: done"))
+            .or(log.lines.last())
+            .cloned()
+    }
+
+    /// Stops this clone (its reaper notices within a slice).
+    pub fn kill(&self) {
+        self.kill.store(true, Ordering::Release);
+    }
+
+    /// Killed and deleted by the host's user (`DELETE /v1/vms/{id}`).
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.kill();
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> RemoteClone {
+        let state = match &*lock(&self.state) {
+            HostedState::Running => RemoteCloneState::Running,
+            HostedState::Exited(e) => RemoteCloneState::Exited {
+                code: e.exit_code(),
+                reason: e.to_string(),
+            },
+            HostedState::Failed(why) => RemoteCloneState::Failed(why.clone()),
+        };
+        RemoteClone {
+            clone_id: self.clone_id,
+            state,
+            last_line: self.last_line(),
+        }
+    }
+}
+
+/// This host's share of a family whose parent runs elsewhere.
+pub struct HostedFamily {
+    pub family: u64,
+    pub parent_host: String,
+    pub clones: Vec<Arc<HostedClone>>,
+    kill: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for HostedFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostedFamily")
+            .field("family", &self.family)
+            .field("parent_host", &self.parent_host)
+            .finish()
+    }
+}
+
+impl HostedFamily {
+    /// Builds and starts the clones an opened envelope asks for; `vm_id`
+    /// gives each its VM id on this host. A clone that cannot be built is
+    /// recorded as failed (the parent learns it by polling); an envelope
+    /// from an incompatible CPU is refused whole.
+    pub fn start(
+        body: EnvelopeBody,
+        opts: &HostedOptions,
+        mut vm_id: impl FnMut() -> u64,
+    ) -> Result<Arc<HostedFamily>, HostedError> {
+        body.check_cpu(&cpu_fingerprint()?)?;
+        let desc = ForkDescriptor::decode(&body.descriptor)?;
+        let key = FamilyKey::from_parts(body.family, body.secret);
+        let pages = desc.state.mem_bytes / PAGE_SIZE as u64;
+        let kill = Arc::new(AtomicBool::new(false));
+        let mut clones = Vec::new();
+        let mut prepared = Vec::new();
+        for c in &body.clones {
+            let identity = CloneIdentity {
+                clone_id: c.clone_id,
+                mac: c.mac,
+                ip: c.ip,
+                generation: (c.generation[1] as u128) << 64 | c.generation[0] as u128,
+            };
+            let id = vm_id();
+            let name = format!("{}vm-{id}", opts.name_prefix);
+            let client = || {
+                PageClient::with_pages(body.memserver, key.clone(), pages, ClientOptions::default())
+                    .map(|c| Arc::new(c) as Arc<dyn PageSource>)
+                    .map_err(ForkError::PageClient)
+            };
+            let built = (|| {
+                let sources = CloneSources {
+                    demand: client()?,
+                    prefetch: if opts.prefetch { Some(client()?) } else { None },
+                    // Remote clones take their pages by unicast for now.
+                    feed: None,
+                };
+                let copts = CloneOptions {
+                    echo: false,
+                    name: name.clone(),
+                    avoidance: opts.avoidance,
+                    readahead: opts.readahead,
+                };
+                prepare_clone(
+                    &desc,
+                    IdentityLease::foreign(identity),
+                    sources,
+                    &copts,
+                    None,
+                )
+            })();
+            let state = match &built {
+                Ok(_) => HostedState::Running,
+                Err(e) => HostedState::Failed(chain(e)),
+            };
+            let clone = Arc::new(HostedClone {
+                clone_id: c.clone_id,
+                vm_id: id,
+                identity,
+                mem_bytes: desc.state.mem_bytes,
+                console: OnceLock::new(),
+                state: Mutex::new(state),
+                kill: AtomicBool::new(false),
+                removed: AtomicBool::new(false),
+            });
+            if let Ok(p) = built {
+                prepared.push((clones.len(), p));
+            }
+            clones.push(clone);
+        }
+        // All built, then all started (as on the parent's host).
+        let mut threads = Vec::new();
+        for (i, p) in prepared {
+            let started = match p.start() {
+                Ok(s) => s,
+                Err(e) => {
+                    *lock(&clones[i].state) = HostedState::Failed(chain(&e));
+                    continue;
+                }
+            };
+            let _ = clones[i].console.set(started.vm.console().clone());
+            let (clone, kill) = (clones[i].clone(), kill.clone());
+            let reaper = std::thread::Builder::new()
+                .name(format!("hosted-{}", clone.clone_id))
+                .spawn(move || reap(clone, started, kill));
+            match reaper {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    *lock(&clones[i].state) = HostedState::Failed(format!("reaper thread: {e}"))
+                }
+            }
+        }
+        Ok(Arc::new(HostedFamily {
+            family: body.family,
+            parent_host: body.parent_host,
+            clones,
+            kill,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    pub fn running(&self) -> usize {
+        self.clones.iter().filter(|c| c.is_running()).count()
+    }
+
+    pub fn status(&self) -> Vec<RemoteClone> {
+        self.clones.iter().map(|c| c.status()).collect()
+    }
+
+    /// Kills every clone and waits for their reapers.
+    pub fn kill(&self) {
+        self.kill.store(true, Ordering::Release);
+        loop {
+            let t = lock(&self.threads).pop();
+            match t {
+                Some(t) => {
+                    let _ = t.join();
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+impl Drop for HostedFamily {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Watches one hosted clone until it ends or is killed.
+fn reap(clone: Arc<HostedClone>, started: StartedClone, family_kill: Arc<AtomicBool>) {
+    let mut vm = started.vm;
+    let exit = loop {
+        if clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire) {
+            vm.kill();
+            break VmExit::Stopped;
+        }
+        match vm.wait(Some(REAP_SLICE)) {
+            Ok(e) => break e,
+            Err(VmError::WaitTimeout(_)) => continue,
+            Err(e) => break VmExit::Failed(chain(&e)),
+        }
+    };
+    drop(vm);
+    *lock(&clone.state) = HostedState::Exited(exit);
+}

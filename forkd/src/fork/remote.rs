@@ -1,0 +1,342 @@
+//! Clones on other hosts, the parent's side. The parent's host leases every
+//! clone's identity, builds the descriptor once and sends each clone host
+//! one sealed envelope ([`crate::fork::envelope`]) naming its clones; then
+//! a watcher thread polls every clone host (every [`POLL_EVERY`]) for its
+//! clones' state, so the family's `running` count and report cover remote
+//! clones, forwards `sf_kill` (and the parent's end) as a kill of the
+//! family on each host, and marks the clones of a host that stops
+//! answering for [`HOST_SILENCE`] as failed, so `sf_join` returns.
+//!
+//! The transport is the layer above's: it implements [`CloneHosts`].
+
+use crate::fork::envelope::{EnvelopeBody, EnvelopeClone};
+use crate::fork::fault::FaultStats;
+use crate::fork::identity::IdentityLease;
+use crate::fork::parent::{CloneReport, Family};
+use crate::vmm::VmExit;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the parent's host asks each clone host about its clones.
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
+/// A clone host silent this long has its clones marked failed.
+pub const HOST_SILENCE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("unknown host '{0}'")]
+    UnknownHost(String),
+    #[error("host {host}: {why}")]
+    Transport { host: String, why: String },
+    #[error("host {host} refused: {status} {error}")]
+    Refused {
+        host: String,
+        status: u16,
+        error: String,
+    },
+}
+
+/// A remote clone's state as its host reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteCloneState {
+    Running,
+    /// Ended: `forkd run`'s exit code and the reason in words.
+    Exited {
+        code: i32,
+        reason: String,
+    },
+    /// Could not be built or started.
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteClone {
+    pub clone_id: u64,
+    pub state: RemoteCloneState,
+    pub last_line: Option<String>,
+}
+
+/// The other hosts a daemon can place clones on (implemented by the API
+/// layer: HTTP with the cluster's bearer token).
+pub trait CloneHosts: Send + Sync {
+    /// This daemon's own host name.
+    fn local_name(&self) -> &str;
+    /// The key envelopes are sealed with.
+    fn envelope_key(&self) -> [u8; 32];
+    /// Hands a sealed envelope to `host`, which builds and starts its
+    /// clones.
+    fn send_family(&self, host: &str, envelope: &[u8]) -> Result<(), RemoteError>;
+    /// The clones of `family` on `host`.
+    fn family_status(&self, host: &str, family: u64) -> Result<Vec<RemoteClone>, RemoteError>;
+    /// Kills the clones of `family` on `host`.
+    fn kill_family(&self, host: &str, family: u64) -> Result<(), RemoteError>;
+}
+
+/// Where a fork's clones go: `local` on this host, the rest on others.
+#[derive(Clone)]
+pub struct RemotePlan {
+    pub hosts: Arc<dyn CloneHosts>,
+    pub local: u64,
+    /// Other hosts and their clone counts, in clone-id order.
+    pub remote: Vec<(String, u64)>,
+}
+
+impl RemotePlan {
+    pub fn total(&self) -> u64 {
+        self.local + self.remote.iter().map(|(_, n)| n).sum::<u64>()
+    }
+
+    /// Splits the leases (clone 1 first): this host's come first, then
+    /// each remote host's in order.
+    pub fn split(&self, mut leases: Vec<IdentityLease>) -> (Vec<IdentityLease>, RemoteShare) {
+        let rest = leases.split_off((self.local as usize).min(leases.len()));
+        let mut rest = rest.into_iter();
+        let hosts = self
+            .remote
+            .iter()
+            .map(|(h, n)| (h.clone(), rest.by_ref().take(*n as usize).collect()))
+            .collect();
+        (leases, RemoteShare { hosts })
+    }
+}
+
+/// `clones` shared out evenly over `hosts` (the first named take the
+/// remainder).
+pub fn spread_counts(clones: u64, hosts: &[String]) -> BTreeMap<String, u64> {
+    let n = hosts.len().max(1) as u64;
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.clone(), clones / n + u64::from((i as u64) < clones % n)))
+        .collect()
+}
+
+/// A VM's default placement for the forks its guest starts (`sf_clone`):
+/// fixed counts per host, or an even spread.
+#[derive(Clone)]
+pub struct DefaultPlacement {
+    pub hosts: Arc<dyn CloneHosts>,
+    /// Clones per host; used when they add up to the clones granted,
+    /// otherwise the clones are spread over the same hosts.
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl DefaultPlacement {
+    /// The plan for a fork of `clones` (`None`: all here).
+    pub fn plan(&self, clones: u64) -> Option<RemotePlan> {
+        let sum: u64 = self.counts.values().sum();
+        let counts = if sum == clones {
+            self.counts.clone()
+        } else {
+            let names: Vec<String> = self.counts.keys().cloned().collect();
+            spread_counts(clones, &names)
+        };
+        let me = self.hosts.local_name();
+        let local = counts.get(me).copied().unwrap_or(0);
+        let remote: Vec<(String, u64)> = counts
+            .into_iter()
+            .filter(|(h, n)| h != me && *n > 0)
+            .collect();
+        (!remote.is_empty()).then(|| RemotePlan {
+            hosts: self.hosts.clone(),
+            local,
+            remote,
+        })
+    }
+}
+
+/// The remote hosts' leases (held here until their clones end).
+pub struct RemoteShare {
+    pub hosts: Vec<(String, Vec<IdentityLease>)>,
+}
+
+impl RemoteShare {
+    /// Clone id → host, for the family's report.
+    pub fn placement(&self) -> BTreeMap<u64, String> {
+        self.hosts
+            .iter()
+            .flat_map(|(h, ls)| ls.iter().map(move |l| (l.identity.clone_id, h.clone())))
+            .collect()
+    }
+}
+
+fn exit_of(code: i32, reason: String) -> VmExit {
+    match code {
+        0..=99 => VmExit::Guest(code as u8),
+        101 => VmExit::Halted,
+        102 => VmExit::TripleFault,
+        104 => VmExit::Stopped,
+        _ => VmExit::Failed(reason),
+    }
+}
+
+fn report(lease: &IdentityLease, exit: VmExit, last_line: Option<String>) -> CloneReport {
+    CloneReport {
+        clone_id: lease.identity.clone_id,
+        identity: lease.identity,
+        start_latency: None,
+        done_latency: None,
+        exit,
+        last_line,
+        identity_line: None,
+        faults: Arc::new(FaultStats::default()),
+        pages_declared: 0,
+    }
+}
+
+/// One clone host's clones still running, and when it last answered.
+struct HostWatch {
+    name: String,
+    pending: Vec<IdentityLease>,
+    last_ok: Instant,
+}
+
+/// Sends the envelopes and starts the watcher thread.
+pub fn start(
+    family: Arc<Family>,
+    hosts: Arc<dyn CloneHosts>,
+    share: RemoteShare,
+    descriptor: Vec<u8>,
+    memserver: SocketAddr,
+    cpu: [u8; 32],
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("remote-{}", family.id()))
+        .spawn(move || run(family, hosts, share, descriptor, memserver, cpu))
+}
+
+fn run(
+    family: Arc<Family>,
+    hosts: Arc<dyn CloneHosts>,
+    share: RemoteShare,
+    descriptor: Vec<u8>,
+    memserver: SocketAddr,
+    cpu: [u8; 32],
+) {
+    let key = hosts.envelope_key();
+    let mut watches = Vec::new();
+    for (host, leases) in share.hosts {
+        if leases.is_empty() {
+            continue;
+        }
+        let body = EnvelopeBody {
+            family: family.key().id(),
+            secret: *family.key().secret(),
+            parent_host: hosts.local_name().to_owned(),
+            memserver,
+            multicast: None,
+            cpu,
+            clones: leases
+                .iter()
+                .map(|l| EnvelopeClone {
+                    clone_id: l.identity.clone_id,
+                    mac: l.identity.mac,
+                    ip: l.identity.ip,
+                    generation: [
+                        l.identity.generation as u64,
+                        (l.identity.generation >> 64) as u64,
+                    ],
+                })
+                .collect(),
+            descriptor: descriptor.clone(),
+        };
+        let sent = body
+            .seal(&key)
+            .map_err(|e| crate::errors::chain(&e))
+            .and_then(|b| {
+                hosts
+                    .send_family(&host, &b)
+                    .map_err(|e| crate::errors::chain(&e))
+            });
+        match sent {
+            Ok(()) => watches.push(HostWatch {
+                name: host,
+                pending: leases,
+                last_ok: Instant::now(),
+            }),
+            Err(why) => {
+                tracing::warn!("family {}: clones on {host}: {why}", family.id());
+                for l in leases {
+                    family.remote_failed(l.identity.clone_id, format!("on {host}: {why}"));
+                }
+            }
+        }
+    }
+    watch(&family, hosts.as_ref(), watches);
+}
+
+/// Polls the clone hosts until every remote clone has ended.
+fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
+    while watches.iter().any(|w| !w.pending.is_empty()) {
+        if family.killed() {
+            for w in &mut watches {
+                if w.pending.is_empty() {
+                    continue;
+                }
+                if let Err(e) = hosts.kill_family(&w.name, family.id()) {
+                    tracing::warn!("family {}: kill on {}: {e}", family.id(), w.name);
+                }
+                for l in w.pending.drain(..) {
+                    family.remote_ended(report(&l, VmExit::Stopped, None));
+                }
+            }
+            return;
+        }
+        for w in &mut watches {
+            if w.pending.is_empty() {
+                continue;
+            }
+            match hosts.family_status(&w.name, family.id()) {
+                Ok(clones) => {
+                    w.last_ok = Instant::now();
+                    settle(family, w, &clones);
+                }
+                Err(e) => {
+                    if w.last_ok.elapsed() > HOST_SILENCE {
+                        let why = format!(
+                            "host {} stopped answering for more than {HOST_SILENCE:?}: {e}",
+                            w.name
+                        );
+                        tracing::warn!("family {}: {why}", family.id());
+                        for l in w.pending.drain(..) {
+                            family.remote_failed(l.identity.clone_id, why.clone());
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Records the clones a host says have ended.
+fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
+    let mut i = 0;
+    while i < w.pending.len() {
+        let id = w.pending[i].identity.clone_id;
+        let state = clones.iter().find(|c| c.clone_id == id);
+        let done = match state {
+            None => Some(Err(format!("host {} does not know clone {id}", w.name))),
+            Some(c) => match &c.state {
+                RemoteCloneState::Running => None,
+                RemoteCloneState::Exited { code, reason } => {
+                    Some(Ok((exit_of(*code, reason.clone()), c.last_line.clone())))
+                }
+                RemoteCloneState::Failed(why) => Some(Err(format!("on {}: {why}", w.name))),
+            },
+        };
+        match done {
+            None => i += 1,
+            Some(r) => {
+                let lease = w.pending.swap_remove(i);
+                match r {
+                    Ok((exit, line)) => family.remote_ended(report(&lease, exit, line)),
+                    Err(why) => family.remote_failed(id, why),
+                }
+            }
+        }
+    }
+}

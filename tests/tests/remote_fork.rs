@@ -1,0 +1,532 @@
+//! Fork across hosts on a local cluster (`forkd cluster up`): a VM on h1
+//! forked through h1's API into clones on h1 and h2. h2's clones are built
+//! from the envelope h1 sends, fault their pages in from h1's memory
+//! server over the bridge, show in h2's `GET /v1/vms`, and their ends
+//! reach h1's family report; every clone prints QEMU's line for its clone
+//! id. A clone host whose daemon dies mid-family has its clones marked
+//! failed on the parent's host within a bound; clones whose memory
+//! server's host dies fail with a clear error within seconds. Needs root
+//! and /dev/kvm (fails clearly without); each cluster has its own name and
+//! a guard that runs `cluster down`.
+
+#[allow(dead_code)]
+#[path = "api/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "api/schema.rs"]
+mod schema;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tests::{forkd_bin, qemu_done_line, require_kvm, run_with_timeout};
+
+const MEM: u64 = 512;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the remote fork tests need root (a local cluster: network namespaces); run them as root"
+    );
+    require_kvm();
+}
+
+fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("r{:x}{n}", std::process::id() % 0xff_ffff)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A cluster for one test; `down` runs on drop, whatever happened.
+struct Cluster {
+    name: String,
+    dir: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn up(hosts: u32) -> (Cluster, Value) {
+        require_root();
+        let parent = tempfile::tempdir().expect("tempdir");
+        let c = Cluster {
+            name: unique_name(),
+            dir: parent.path().join("cluster"),
+            _parent: parent,
+        };
+        let o = c.run(&["up", "--hosts", &hosts.to_string(), "--json"]);
+        assert!(o.status.success(), "cluster up: {}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("cluster up --json: {e}: {}", text(&o)));
+        (c, v)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let dir = self.dir.to_str().expect("utf-8 dir");
+        let mut all = vec!["cluster", args[0], "--name", &self.name, "--dir", dir];
+        all.extend_from_slice(&args[1..]);
+        run_with_timeout(Command::new(forkd_bin()).args(&all), tests::WAIT)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let o = self.run(&["down"]);
+        if !o.status.success() {
+            eprintln!("cleanup of cluster {}: {}", self.name, text(&o));
+        }
+    }
+}
+
+fn socket(h: &Value) -> PathBuf {
+    PathBuf::from(h["socket"].as_str().expect("socket"))
+}
+
+/// Polls `GET path` on a Unix socket until `done` holds.
+fn poll(socket: &Path, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = client::call_unix(socket, "GET", path, None);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+        let v = r.json();
+        if done(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "{path} within {limit:?}; last: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn all_ended(v: &Value) -> bool {
+    v["state"] == "exited"
+        && v["families"].as_array().is_some_and(|fs| {
+            fs.iter().all(|f| {
+                f["running"] == 0
+                    && f["clones"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["state"] != "running"))
+            })
+        })
+}
+
+/// Creates a VM on `sock` and waits until its guest runs.
+fn start_vm(sock: &Path, cmdline: &str) -> String {
+    let body = format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}}}"#);
+    let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    poll(
+        sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(30),
+        |v| v["console_lines"].as_u64() >= Some(2),
+    );
+    id
+}
+
+/// The tick the parent saw the host's fork at.
+fn fork_tick(sock: &Path, id: &str) -> u64 {
+    let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
+    let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
+}
+
+#[test]
+fn clones_on_two_hosts_match_qemu() {
+    let (c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 4, "hosts": {"h1": 2, "h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let forked = r.json();
+    assert_eq!(forked["clones"], json!([1, 2, 3, 4]));
+    let family = forked["family"].as_u64().expect("family");
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let fam = &v["families"][0];
+    assert_eq!(fam["family"], family);
+    assert_eq!(fam["start_failures"], json!([]), "{v}");
+    let clones = fam["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 4, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["clone_id"], i);
+        assert_eq!(c["state"], "exited", "{c}");
+        assert_eq!(c["exit"]["code"], 0, "{c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}");
+        let host = if i <= 2 { Value::Null } else { json!("h2") };
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    // h2 lists its clones as its own VMs, with family and parent host.
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    let vms = list["vms"].as_array().expect("vms").clone();
+    assert_eq!(vms.len(), 2, "{list}");
+    for (v, i) in vms.iter().zip(3u64..) {
+        assert_eq!(v["family"], family, "{v}");
+        assert_eq!(v["clone_id"], i, "{v}");
+        assert_eq!(v["parent_host"], "h1", "{v}");
+        assert_eq!(v["state"], "exited", "{v}");
+        assert_eq!(v["exit"]["code"], 0, "{v}");
+        assert_eq!(v["last_line"], oracle(i).as_str(), "clone {i} on h2");
+    }
+    let cid = vms[0]["id"].as_str().expect("id");
+    let con = client::call_unix(&h2, "GET", &format!("/v1/vms/{cid}/console"), None);
+    assert_eq!(con.status, 200);
+    let lines = con.json()["lines"].clone();
+    assert!(
+        lines
+            .as_array()
+            .is_some_and(|ls| ls.iter().any(|l| l == oracle(3).as_str())),
+        "{lines}"
+    );
+    let st = client::call_unix(&h2, "GET", &format!("/v1/families/{family}"), None);
+    assert_eq!(st.status, 200);
+    assert_eq!(st.json()["running"], 0);
+    // A hosted clone is deletable like any VM.
+    let del = client::call_unix(&h2, "DELETE", &format!("/v1/vms/{cid}"), None);
+    assert_eq!(del.status, 204);
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(1), "{list}");
+
+    bad_envelopes_are_refused(&c, &h2);
+
+    // Placements that cannot be honoured.
+    for (body, status, what) in [
+        (
+            r#"{"clones": 2, "hosts": {"h1": 1, "h9": 1}}"#,
+            422,
+            "unknown host 'h9'",
+        ),
+        (
+            r#"{"clones": 3, "hosts": {"h1": 1, "h2": 1}}"#,
+            422,
+            "add up to 2",
+        ),
+        (r#"{"clones": 2, "spread": ["h3"]}"#, 422, "unknown host"),
+        (
+            r#"{"clones": 2, "spread": ["h1"], "hosts": {"h1": 2}}"#,
+            400,
+            "not both",
+        ),
+    ] {
+        let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+        assert_eq!(r.status, status, "{body}: {}", r.error());
+        assert!(r.error().contains(what), "{body}: {}", r.error());
+    }
+}
+
+/// Envelopes that h2 must refuse: forged (another key), corrupted, from
+/// a host with other CPU features, malformed.
+fn bad_envelopes_are_refused(c: &Cluster, h2: &Path) {
+    use forkd::fork::envelope::{envelope_key, to_hex, EnvelopeBody, EnvelopeClone};
+    let token = std::fs::read_to_string(c.dir.join("token")).expect("token");
+    let key = envelope_key(token.trim().as_bytes());
+    let body = EnvelopeBody {
+        family: 99,
+        secret: [7; 32],
+        parent_host: "h1".into(),
+        memserver: "10.77.0.1:9".parse().expect("addr"),
+        multicast: None,
+        cpu: [0; 32],
+        clones: vec![EnvelopeClone {
+            clone_id: 1,
+            mac: [2, 0xfd, 0, 0, 0, 1],
+            ip: std::net::Ipv4Addr::new(10, 200, 0, 1),
+            generation: [1, 2],
+        }],
+        descriptor: vec![0; 64],
+    };
+    let post = |bytes: &[u8]| {
+        let b = format!(r#"{{"envelope": "{}"}}"#, to_hex(bytes));
+        client::call_unix(h2, "POST", "/v1/families", Some(&b))
+    };
+    let forged = body
+        .seal(&envelope_key(b"not the cluster token"))
+        .expect("seal");
+    let r = post(&forged);
+    assert_eq!(r.status, 403, "{}", r.error());
+    assert!(r.error().contains("MAC"), "{}", r.error());
+    let mut corrupt = body.seal(&key).expect("seal");
+    corrupt[20] ^= 1;
+    let r = post(&corrupt);
+    assert_eq!(r.status, 400, "{}", r.error());
+    assert!(r.error().contains("checksum"), "{}", r.error());
+    let r = post(&body.seal(&key).expect("seal"));
+    assert_eq!(r.status, 409, "{}", r.error());
+    assert!(r.error().contains("CPU mismatch"), "{}", r.error());
+    let r = post(b"short");
+    assert_eq!(r.status, 400, "{}", r.error());
+    assert_eq!(
+        client::call_unix(h2, "GET", "/v1/families/99", None).status,
+        404
+    );
+}
+
+#[test]
+fn a_vanished_clone_host_fails_its_clones_within_a_bound() {
+    let (c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    // Clones that run ~3 s after the fork.
+    let cmdline = "ticks=600 seed=7 state_mib=4 dirty_pages=4 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 2, "spread": ["h1", "h2"]}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    // h2's clone runs, then its daemon dies with it.
+    let h2 = socket(&hs[1]);
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"][0]["state"] == "running"
+    });
+    let pid = hs[1]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) on the pid of h2's daemon, which this test's cluster
+    // started; the cluster guard cleans up after a dead daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let v = poll(&h1, &vm, Duration::from_secs(20), |v| {
+        v["families"][0]["running"] == 0
+    });
+    assert!(killed.elapsed() < Duration::from_secs(10), "{v}");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones[1]["state"], "failed", "{v}");
+    assert_eq!(clones[1]["host"], "h2", "{v}");
+    let why = clones[1]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("h2 stopped answering"), "{why}");
+    // The parent and the clone on its own host end as QEMU says.
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    assert_eq!(
+        v["families"][0]["clones"][0]["last_line"],
+        oracle(1).as_str()
+    );
+    drop(c);
+}
+
+#[test]
+fn deleting_the_parent_kills_its_clones_on_other_hosts() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=2000 seed=9 state_mib=4 dirty_pages=4 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let family = r.json()["family"].as_u64().expect("family");
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.len() == 2 && vs.iter().all(|v| v["state"] == "running"))
+    });
+    let t = Instant::now();
+    let del = client::call_unix(&h1, "DELETE", &vm, None);
+    assert_eq!(del.status, 204, "{}", del.error());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The family is gone from h2: its clones were killed.
+    let st = client::call_unix(&h2, "GET", &format!("/v1/families/{family}"), None);
+    assert_eq!(st.status, 404, "{:?}", String::from_utf8_lossy(&st.body));
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"], json!([]), "{list}");
+}
+
+#[test]
+fn a_guest_fork_follows_the_vms_default_placement() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=40 seed=21 state_mib=8 dirty_pages=10 tick_us=2000 fork_at=10 clones=4";
+    let body = format!(
+        r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}, "placement": {{"spread": ["h1", "h2"]}}}}"#
+    );
+    let r = client::call_unix(&h1, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let v = poll(&h1, &format!("/v1/vms/{id}"), tests::WAIT, |v| {
+        all_ended(v) && v["families"].as_array().is_some_and(|f| !f.is_empty())
+    });
+    let oracle = |i: u64| qemu_done_line(&format!("{cmdline} as_clone={i}"), MEM);
+    // The parent's sf_join waited for the clones on h2 too.
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 4, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+    }
+    assert_eq!(clones[2]["host"], "h2");
+    let list = client::call_unix(&h2, "GET", "/v1/vms", None).json();
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(2), "{list}");
+    // A placement naming an unknown host is refused at create.
+    let body = r#"{"cmdline": "ticks=1", "placement": {"spread": ["h7"]}}"#;
+    let r = client::call_unix(&h1, "POST", "/v1/vms", Some(body));
+    assert_eq!(r.status, 422, "{}", r.error());
+    assert!(r.error().contains("unknown host 'h7'"), "{}", r.error());
+}
+
+#[test]
+fn clones_spread_over_three_hosts_match_qemu() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdline = "ticks=50 seed=11 state_mib=8 dirty_pages=8 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 7, "spread": ["h2", "h3", "h1"]}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=7 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    // h1 gets 2 (named last), h2 3, h3 2; ids in host-name order.
+    let hosts = [
+        Value::Null,
+        Value::Null,
+        json!("h2"),
+        json!("h2"),
+        json!("h2"),
+    ]
+    .into_iter()
+    .chain([json!("h3"), json!("h3")]);
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 7, "{v}");
+    for ((c, i), host) in clones.iter().zip(1u64..).zip(hosts) {
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    // Every clone's MAC and IP differ.
+    let mut ips: Vec<_> = clones.iter().map(|c| c["ip"].to_string()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 7, "{v}");
+}
+
+#[test]
+fn clones_fail_clearly_when_the_memory_servers_host_dies() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    // A large zone state: h2's clones still fetch it when h1 dies.
+    let cmdline = "ticks=400 seed=3 state_mib=128 dirty_pages=16 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"].as_array().is_some_and(|vs| vs.len() == 2)
+    });
+    let pid = hs[0]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) on the pid of h1's daemon, which this test's cluster
+    // started; the cluster guard cleans up after a dead daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    let v = poll(&h2, "/v1/vms", Duration::from_secs(20), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.iter().all(|v| v["state"] == "exited"))
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "{:?}: {v}",
+        t.elapsed()
+    );
+    for c in v["vms"].as_array().expect("vms") {
+        assert_eq!(c["exit"]["code"], 103, "{c}");
+        let why = c["exit"]["reason"].as_str().unwrap_or_default();
+        assert!(why.contains("memory server"), "{why}");
+    }
+}
+
+#[test]
+fn sixteen_clones_over_four_hosts_match_qemu() {
+    let (_c, up) = Cluster::up(4);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 16, "hosts": {"h2": 4, "h3": 4, "h4": 4, "h1": 4}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=16 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 16, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["state"], "exited", "clone {i}: {c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+        let host = match (i - 1) / 4 {
+            0 => Value::Null,
+            h => json!(format!("h{}", h + 1)),
+        };
+        assert_eq!(c["host"], host, "clone {i}");
+    }
+    for h in &hs[1..] {
+        let list = client::call_unix(&socket(h), "GET", "/v1/vms", None).json();
+        assert_eq!(list["vms"].as_array().map(Vec::len), Some(4), "{list}");
+    }
+}
