@@ -463,7 +463,12 @@ struct Run<F> {
     meter: RateMeter,
     rng: u64,
     partial: HashMap<u64, Partial>,
-    senders: HashMap<u32, (ReplayWindow, Instant)>,
+    /// Replay windows per (sender, path): frames come by the group and, in
+    /// the end game, by unicast, on two sockets read in turn, so one
+    /// path's frames can lag the other's by many sequence numbers; each
+    /// path alone arrives in order. The path is the MAC'd UNICAST flag,
+    /// not the socket, so a frame cannot be replayed by switching paths.
+    senders: HashMap<(u32, bool), (ReplayWindow, Instant)>,
     recent: (VecDeque<u64>, HashSet<u64>),
     buf: Vec<u8>,
     next_scan: Instant,
@@ -556,8 +561,10 @@ impl<F: FnMut(Event)> Run<F> {
         });
     }
 
-    fn replay_ok(&mut self, origin: u32, seq: u64, now: Instant) -> bool {
-        if !self.senders.contains_key(&origin) && self.senders.len() >= self.cfg.max_senders.max(1)
+    fn replay_ok(&mut self, origin: u32, unicast: bool, seq: u64, now: Instant) -> bool {
+        let origin = (origin, unicast);
+        if !self.senders.contains_key(&origin)
+            && self.senders.len() >= 2 * self.cfg.max_senders.max(1)
         {
             if let Some(k) = self
                 .senders
@@ -594,7 +601,8 @@ impl<F: FnMut(Event)> Run<F> {
             return self.reject(Rejection::Malformed);
         }
         let now = Instant::now();
-        if !self.replay_ok(h.origin, h.seq, now) {
+        let unicast = h.flags & frame::FLAG_UNICAST != 0;
+        if !self.replay_ok(h.origin, unicast, h.seq, now) {
             return self.reject(Rejection::Replayed);
         }
         stats::bump(&self.c().frames);

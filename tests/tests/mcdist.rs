@@ -99,9 +99,17 @@ fn four_clones_by_multicast_match_qemu_and_cost_little() {
     }
     let host = &four.fork["host_receiver"];
     assert_eq!(host["timeouts"], 0, "{host}");
-    for k in ["forged", "replayed", "foreign", "bad_blocks"] {
+    for k in ["forged", "foreign", "bad_blocks"] {
         assert_eq!(host[k], 0, "{k}: {host}");
     }
+    // A genuine frame can reach the receiver twice (group and end-game
+    // unicast) or late, behind a deep socket backlog: it is dropped as a
+    // replay, harmlessly. Many would mean the window is too small.
+    let (replayed, arrived) = (
+        host["replayed"].as_u64().unwrap_or(u64::MAX),
+        host["pages_arrived"].as_u64().unwrap_or(0),
+    );
+    assert!(replayed <= arrived / 20, "replayed: {host}");
     let one = run_in_netns(&format!("{BASE} clones=1"), "multicast");
     assert_eq!(one.clones.len(), 1);
     let unicast = run_in_netns(&cmdline, "unicast");
