@@ -22,9 +22,11 @@ pub mod fault;
 pub mod host;
 pub mod hosted;
 pub mod identity;
+pub mod launch;
 pub mod mcdist;
 pub mod parent;
 pub mod pending;
+pub mod pool;
 pub mod remote;
 
 use crate::vmm::memory::GuestMemory;

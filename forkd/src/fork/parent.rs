@@ -9,21 +9,21 @@
 //! the frozen image is released.
 
 use crate::errors::chain;
-use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::envelope::cpu_fingerprint;
 use crate::fork::fault::FaultStats;
-use crate::fork::identity::{CloneIdentity, IdentityLease, IdentityPool};
+use crate::fork::identity::{CloneIdentity, IdentityPool};
+use crate::fork::launch::launch;
 use crate::fork::mcdist::{Distribution, FamilyMulticast};
 use crate::fork::pending::PendingImage;
+use crate::fork::pool::ShellPool;
 use crate::fork::remote::{self, DefaultPlacement, RemotePlan};
 use crate::fork::{Answer, ForkError, ForkRequest};
 use crate::sync::lock;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::GuestCall;
-use crate::vmm::{VmError, VmExit};
+use crate::vmm::VmExit;
 use guest_agent::abi;
-use memserver::client::{ClientOptions, PageClient};
 use memserver::image::FrozenImage;
 use memserver::mcdist::host::HostStats;
 use memserver::server::MemServer;
@@ -35,7 +35,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-const REAP_SLICE: Duration = Duration::from_millis(50);
 /// Ended families kept for their reports (`GET /v1/vms/{id}`).
 const ENDED_FAMILIES_KEPT: usize = 16;
 /// Tickets a VM may hold that have not forked yet.
@@ -131,20 +130,20 @@ pub struct FamilyReport {
 }
 
 pub struct Family {
-    id: u64,
+    pub(super) id: u64,
     /// The family's id and secret on the memory server.
-    key: FamilyKey,
-    image: Arc<PendingImage>,
+    pub(super) key: FamilyKey,
+    pub(super) image: Arc<PendingImage>,
     /// Keeps the parent's mapping alive as long as the image reads it.
     _memory: GuestMemory,
-    memserver: Arc<MemServer>,
+    pub(super) memserver: Arc<MemServer>,
     /// Multicast distribution: the family's group and this host's receiver.
-    multicast: Option<FamilyMulticast>,
-    running: AtomicU64,
-    kill: AtomicBool,
+    pub(super) multicast: Option<FamilyMulticast>,
+    pub(super) running: AtomicU64,
+    pub(super) kill: AtomicBool,
     released: AtomicBool,
-    report: Mutex<FamilyReport>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) report: Mutex<FamilyReport>,
+    pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
     /// Signalled whenever a clone ends.
     ended: (Mutex<()>, Condvar),
 }
@@ -194,7 +193,7 @@ impl Family {
         self.clone_ended();
     }
 
-    fn clone_ended(&self) {
+    pub(super) fn clone_ended(&self) {
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.release();
         }
@@ -252,55 +251,6 @@ enum Ticket {
     /// Clones granted, and the warm pool of their VMs being built.
     Reserved(u64, Option<Arc<ShellPool>>),
     Forked(Arc<Family>),
-}
-
-/// Clone VMs built ahead of the fork, from `sf_request_ticket` on, by a
-/// background thread (a shell costs a few ms, mostly the memory slot).
-pub struct ShellPool {
-    shells: Mutex<Vec<CloneShell>>,
-    stop: AtomicBool,
-    builder: Mutex<Option<JoinHandle<()>>>,
-    created: Instant,
-}
-
-impl ShellPool {
-    fn start(count: u64, mem_bytes: u64) -> Arc<ShellPool> {
-        let pool = Arc::new(ShellPool {
-            shells: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-            builder: Mutex::new(None),
-            created: Instant::now(),
-        });
-        let p = pool.clone();
-        let builder = std::thread::Builder::new()
-            .name("clone-pool".into())
-            .spawn(move || {
-                for _ in 0..count {
-                    if p.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    match CloneShell::create(mem_bytes, 0) {
-                        Ok(s) => lock(&p.shells).push(s),
-                        Err(e) => {
-                            tracing::warn!("warm pool: {}", chain(&e));
-                            return;
-                        }
-                    }
-                }
-            });
-        // Without the thread the clones are simply built at the fork.
-        *lock(&pool.builder) = builder.ok();
-        pool
-    }
-
-    /// Stops building and hands over what is built.
-    fn take(&self) -> Vec<CloneShell> {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = lock(&self.builder).take() {
-            let _ = t.join();
-        }
-        std::mem::take(&mut *lock(&self.shells))
-    }
 }
 
 #[derive(Default)]
@@ -619,161 +569,6 @@ impl ForkHub {
         lock(&family.report).parent_stopped = req.requested_at.elapsed();
         Ok(family)
     }
-}
-
-/// Starts the clones of a family, one reaper thread each. All clones are
-/// built first and only then started: a running clone faulting its memory
-/// in would otherwise slow the building of the next ones (they share the
-/// process's address space and the 2 cores).
-fn launch(
-    family: Arc<Family>,
-    descriptor: Vec<u8>,
-    leases: Vec<IdentityLease>,
-    opts: ForkOptions,
-    server: std::net::SocketAddr,
-    requested_at: Instant,
-    mut shells: Vec<CloneShell>,
-) {
-    let fail = |clone_id: u64, why: String| {
-        tracing::warn!("clone {clone_id} of family {}: {why}", family.id);
-        lock(&family.report).start_failures.push((clone_id, why));
-        family.clone_ended();
-    };
-    // Multicast: one receiver for this host's clones of the family.
-    let receiver = match &family.multicast {
-        Some(m) => {
-            let pages = family.image.pages();
-            match m.start_receiver(&family.key, pages, server) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    let why = chain(&e);
-                    for lease in leases {
-                        fail(lease.identity.clone_id, why.clone());
-                    }
-                    return;
-                }
-            }
-        }
-        None => None,
-    };
-    let mut prepared = Vec::new();
-    for lease in leases {
-        let clone_id = lease.identity.clone_id;
-        if family.kill.load(Ordering::Acquire) {
-            fail(clone_id, "killed before start".into());
-            continue;
-        }
-        let built = ForkDescriptor::decode(&descriptor)
-            .map_err(ForkError::from)
-            .and_then(|desc| {
-                // The image size is the descriptor's memory: no round trip.
-                let client = || {
-                    let pages = desc.state.mem_bytes / PAGE_SIZE as u64;
-                    let key = family.key.clone();
-                    PageClient::with_pages(server, key, pages, ClientOptions::default())
-                        .map(|c| Arc::new(c) as Arc<dyn PageSource>)
-                        .map_err(ForkError::PageClient)
-                };
-                let sources = match &receiver {
-                    Some(r) => CloneSources {
-                        demand: r.clone(),
-                        prefetch: None,
-                        feed: Some(r.clone()),
-                    },
-                    None => CloneSources {
-                        demand: client()?,
-                        prefetch: if opts.prefetch { Some(client()?) } else { None },
-                        feed: None,
-                    },
-                };
-                let copts = CloneOptions {
-                    echo: opts.echo,
-                    name: format!("{}clone-{clone_id}", opts.name_prefix),
-                    avoidance: opts.avoidance,
-                    readahead: opts.readahead,
-                };
-                prepare_clone(&desc, lease, sources, &copts, shells.pop())
-            });
-        match built {
-            Ok(p) => prepared.push((clone_id, p)),
-            Err(e) => fail(clone_id, chain(&e)),
-        }
-    }
-    // Every local clone is subscribed now: push the allocated ranges to
-    // the group (across hosts: once every clone host has joined).
-    if receiver.is_some() && opts.prefetch {
-        if let Err(e) = family.memserver.start_push(family.id) {
-            tracing::warn!("family {}: no push: {e}", family.id);
-        }
-    }
-    for (clone_id, p) in prepared {
-        if family.kill.load(Ordering::Acquire) {
-            fail(clone_id, "killed before start".into());
-            continue;
-        }
-        let started = match p.start() {
-            Ok(c) => c,
-            Err(e) => {
-                fail(clone_id, chain(&e));
-                continue;
-            }
-        };
-        let f = family.clone();
-        let reaper = std::thread::Builder::new()
-            .name(format!("clone-{clone_id}"))
-            .spawn(move || reap(f, started, requested_at));
-        match reaper {
-            Ok(t) => lock(&family.threads).push(t),
-            // The clone (moved into the failed closure) is dropped: stopped.
-            Err(e) => fail(clone_id, format!("reaper thread: {e}")),
-        }
-    }
-}
-
-/// Watches one clone until it ends (or the family is killed).
-fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
-    let mut vm = clone.vm;
-    let exit = loop {
-        if family.kill.load(Ordering::Acquire) {
-            vm.kill();
-            break VmExit::Stopped;
-        }
-        match vm.wait(Some(REAP_SLICE)) {
-            Ok(e) => break e,
-            Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => break VmExit::Failed(chain(&e)),
-        }
-    };
-    let lines = vm.console().lines();
-    let report = CloneReport {
-        clone_id: clone.lease.identity.clone_id,
-        identity: clone.lease.identity,
-        start_latency: vm
-            .times
-            .first_run
-            .get()
-            .map(|t| t.saturating_duration_since(requested_at)),
-        done_latency: vm
-            .console()
-            .line_time("zone: done")
-            .map(|t| t.saturating_duration_since(requested_at)),
-        exit,
-        last_line: lines
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("zone: done"))
-            .or(lines.last())
-            .cloned(),
-        identity_line: lines
-            .iter()
-            .find(|l| l.starts_with("zone: clone identity"))
-            .cloned(),
-        faults: Arc::new(clone.faults.get()),
-        pages_declared: clone.service.pages_declared(),
-    };
-    drop(vm);
-    lock(&family.report).clones.push(report);
-    family.clone_ended();
 }
 
 impl ForkHub {
