@@ -530,3 +530,70 @@ fn sixteen_clones_over_four_hosts_match_qemu() {
         assert_eq!(list["vms"].as_array().map(Vec::len), Some(4), "{list}");
     }
 }
+
+/// `forkd vm` drives the cluster by host name: create on h1, fork with
+/// `--place h1=1,h2=1 --wait`; the family report shows clone 2 on h2 and
+/// both clones end with QEMU's lines.
+#[test]
+fn the_vm_cli_places_clones_on_hosts() {
+    let (c, _up) = Cluster::up(2);
+    let dir = c.dir.to_str().expect("utf-8 dir").to_owned();
+    let vm = |args: &[&str]| {
+        let mut all: Vec<&str> = vec!["vm"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--host", "h1", "--cluster", &c.name, "--cluster-dir", &dir]);
+        run_with_timeout(Command::new(forkd_bin()).args(&all), tests::WAIT)
+    };
+    let cmdline = "ticks=60 seed=12 state_mib=8 dirty_pages=8 tick_us=5000";
+    let o = vm(&[
+        "create",
+        "--mem",
+        &MEM.to_string(),
+        "--cmdline",
+        cmdline,
+        "--json",
+    ]);
+    assert!(o.status.success(), "create: {}", text(&o));
+    let id = serde_json::from_slice::<Value>(&o.stdout).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let t = std::time::Instant::now();
+    let family = loop {
+        let o = vm(&[
+            "fork",
+            &id,
+            "--clones",
+            "2",
+            "--place",
+            "h1=1,h2=1",
+            "--wait",
+            "--json",
+        ]);
+        if !o.status.success()
+            && text(&o).contains("try again")
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        assert!(o.status.success(), "fork: {}", text(&o));
+        break serde_json::from_slice::<Value>(&o.stdout).expect("family json");
+    };
+    let sock = c.dir.join("h1").join("api.sock");
+    let tick = fork_tick(&sock, &id);
+    let clones = family["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 2, "{family}");
+    for (cl, (i, host)) in clones.iter().zip([(1u64, Value::Null), (2, json!("h2"))]) {
+        assert_eq!(cl["host"], host, "{cl}");
+        assert_eq!(
+            cl["last_line"],
+            qemu_done_line(
+                &format!("{cmdline} fork_at={tick} clones=2 as_clone={i}"),
+                MEM
+            )
+            .as_str(),
+            "clone {i}"
+        );
+    }
+}

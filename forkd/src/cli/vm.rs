@@ -245,6 +245,7 @@ fn family_rows(families: &[Value]) -> String {
                     text(&c["clone_id"]),
                     text(&c["state"]),
                     exit_text(c),
+                    c["host"].as_str().unwrap_or("here").to_owned(),
                     text(&c["ip"]),
                     text(&c["mac"]),
                     c["last_line"]
@@ -255,7 +256,10 @@ fn family_rows(families: &[Value]) -> String {
                 ]
             })
             .collect();
-        out += &table(&["CLONE", "STATE", "EXIT", "IP", "MAC", "LAST LINE"], &rows);
+        out += &table(
+            &["CLONE", "STATE", "EXIT", "HOST", "IP", "MAC", "LAST LINE"],
+            &rows,
+        );
     }
     out
 }
@@ -282,11 +286,24 @@ fn progress(detail: &Value, family: &Value) -> Option<(usize, usize, usize)> {
 fn fork(a: ForkArgs) -> Result<()> {
     let api = a.target.endpoint()?;
     let path = vm_path(&a.id)?;
-    let forked = api.request(
-        "POST",
-        &format!("{path}/fork"),
-        Some(&json!({"clones": a.clones})),
-    )?;
+    let mut body = json!({"clones": a.clones});
+    if !a.spread.is_empty() {
+        body["spread"] = json!(a.spread);
+    }
+    if !a.place.is_empty() {
+        let mut hosts = serde_json::Map::new();
+        for p in &a.place {
+            let (h, n) = p
+                .split_once('=')
+                .with_context(|| format!("--place '{p}': expected HOST=COUNT"))?;
+            let n: u64 = n
+                .parse()
+                .with_context(|| format!("--place '{p}': '{n}' is not a count"))?;
+            hosts.insert(h.to_owned(), json!(n));
+        }
+        body["hosts"] = Value::Object(hosts);
+    }
+    let forked = api.request("POST", &format!("{path}/fork"), Some(&body))?;
     if !a.wait {
         print(a.target.json, &forked, |v| {
             format!(
