@@ -23,6 +23,8 @@ installed linux-libc-dev || missing+=(linux-libc-dev)
 # The multicast tests run in private network namespaces (unshare, ip).
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v ip >/dev/null || missing+=(iproute2)
+# Loss injection in the cluster tests (this kernel has no netem).
+command -v nft >/dev/null || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

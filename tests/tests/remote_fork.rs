@@ -597,3 +597,79 @@ fn the_vm_cli_places_clones_on_hosts() {
         );
     }
 }
+
+/// Runs `nft` inside a host's network namespace (nftables from Debian's
+/// packages; scripts/setup.sh installs it).
+fn nft_in(netns: &str, args: &[&str]) -> String {
+    let mut all = vec!["netns", "exec", netns, "nft"];
+    all.extend_from_slice(args);
+    let o = run_with_timeout(Command::new("ip").args(&all), Duration::from_secs(10));
+    assert!(o.status.success(), "nft {args:?} in {netns}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// 10 % of every UDP datagram arriving at the clone hosts is dropped
+/// (nftables in their namespaces; this kernel has no netem): every clone
+/// still ends with QEMU's line, nothing hangs, and the drops happened.
+#[test]
+fn clones_repair_ten_percent_loss_on_their_hosts() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    for h in &hs[1..] {
+        let ns = h["netns"].as_str().expect("netns");
+        nft_in(ns, &["add", "table", "inet", "loss"]);
+        nft_in(
+            ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                "loss",
+                "input",
+                "{ type filter hook input priority 0; }",
+            ],
+        );
+        nft_in(
+            ns,
+            &[
+                "add", "rule", "inet", "loss", "input", "meta", "l4proto", "udp", "numgen",
+                "random", "mod", "100", "<", "10", "counter", "drop",
+            ],
+        );
+    }
+    let cmdline = "ticks=60 seed=13 state_mib=8 dirty_pages=8 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let vm = format!("/v1/vms/{id}");
+    let body = r#"{"clones": 4, "hosts": {"h2": 2, "h3": 2}}"#;
+    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let v = poll(&h1, &vm, tests::WAIT, all_ended);
+    let tick = fork_tick(&h1, &id);
+    let oracle = |i: u64| {
+        qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
+    let clones = v["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 4, "{v}");
+    for (c, i) in clones.iter().zip(1u64..) {
+        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
+    }
+    for h in &hs[1..] {
+        let ns = h["netns"].as_str().expect("netns");
+        let rules = nft_in(ns, &["list", "table", "inet", "loss"]);
+        let dropped: u64 = rules
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(dropped > 0, "no datagram dropped in {ns}: {rules}");
+    }
+}
