@@ -673,3 +673,42 @@ fn clones_repair_ten_percent_loss_on_their_hosts() {
         assert!(dropped > 0, "no datagram dropped in {ns}: {rules}");
     }
 }
+
+/// Two families forked at once from two parents on h1, their clones on h2
+/// and h3: each clone ends with its own family's QEMU line (no clone ever
+/// sees the other family's pages).
+#[test]
+fn two_families_at_once_never_mix() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdlines = [
+        "ticks=60 seed=21 state_mib=8 dirty_pages=8 tick_us=5000",
+        "ticks=60 seed=22 state_mib=8 dirty_pages=8 tick_us=5000",
+    ];
+    let ids: Vec<String> = cmdlines.iter().map(|c| start_vm(&h1, c)).collect();
+    for id in &ids {
+        let body = r#"{"clones": 4, "hosts": {"h2": 2, "h3": 2}}"#;
+        let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
+        assert_eq!(r.status, 200, "fork {id}: {}", r.error());
+    }
+    for (id, cmdline) in ids.iter().zip(cmdlines) {
+        let v = poll(&h1, &format!("/v1/vms/{id}"), tests::WAIT, all_ended);
+        let tick = fork_tick(&h1, id);
+        let oracle = |i: u64| {
+            qemu_done_line(
+                &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
+                MEM,
+            )
+        };
+        assert_eq!(v["last_line"], oracle(0).as_str(), "parent {id}");
+        let clones = v["families"][0]["clones"]
+            .as_array()
+            .expect("clones")
+            .clone();
+        assert_eq!(clones.len(), 4, "{v}");
+        for (c, i) in clones.iter().zip(1u64..) {
+            assert_eq!(c["last_line"], oracle(i).as_str(), "{id} clone {i}: {c}");
+        }
+    }
+}
