@@ -170,6 +170,10 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
 }
 
 fn family_info(f: &Family) -> FamilyInfo {
+    // The count first: a clone's report entry is written before the count
+    // drops, so a count of 0 read here means every clone's entry is in the
+    // report read next.
+    let running = f.running();
     let report = f.report();
     let host = |i: u64| report.hosts.get(&i).cloned();
     let clones = report
@@ -198,7 +202,7 @@ fn family_info(f: &Family) -> FamilyInfo {
     FamilyInfo {
         family: report.family,
         clones_granted: report.clones_granted,
-        running: f.running(),
+        running,
         clones,
         start_failures: report
             .start_failures
