@@ -613,7 +613,14 @@ impl ForkHub {
             .tickets
             .values()
             .any(|t| matches!(t, Ticket::Reserved(_, Some(_))));
-        let pool = (self.opts.warm_pool && !pooled).then(|| ShellPool::start(granted, mem_bytes));
+        // Only the clones this host will run get a warm VM: with a default
+        // placement the others are built on their own hosts.
+        let local = lock(&self.placement)
+            .as_ref()
+            .and_then(|p| p.plan(granted))
+            .map_or(granted, |p| p.local);
+        let pool = (self.opts.warm_pool && !pooled && local > 0)
+            .then(|| ShellPool::start(local, mem_bytes));
         inner.tickets.insert(t, Ticket::Reserved(granted, pool));
         Ok((t, granted))
     }
