@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long one request may take (a create boots a VM; a fork builds
 /// clones).
@@ -71,11 +71,30 @@ pub struct Reply {
     pub body: Value,
 }
 
+/// Bounds of one exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// To connect (TCP).
+    pub connect: Duration,
+    /// For the whole exchange, however slowly the answer drips.
+    pub total: Duration,
+    /// Largest response read.
+    pub max_response: u64,
+}
+
+/// What `forkd vm` allows a request: a create boots a VM, a fork builds
+/// clones.
+pub const CLI_BOUNDS: Bounds = Bounds {
+    connect: Duration::from_secs(5),
+    total: REQUEST_TIMEOUT,
+    max_response: MAX_RESPONSE,
+};
+
 trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
 impl Endpoint {
-    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+    fn connect(&self, b: &Bounds) -> Result<Box<dyn Stream>, ClientError> {
         let err = |source| ClientError::Connect {
             at: self.to_string(),
             source,
@@ -83,27 +102,28 @@ impl Endpoint {
         let stream: Box<dyn Stream> = match self {
             Endpoint::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(err)?;
-                s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(err)?;
-                s.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(err)?;
+                s.set_read_timeout(Some(b.total)).map_err(err)?;
+                s.set_write_timeout(Some(b.total)).map_err(err)?;
                 Box::new(s)
             }
             Endpoint::Tcp { addr, .. } => {
-                let s = TcpStream::connect_timeout(addr, Duration::from_secs(5)).map_err(err)?;
-                s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(err)?;
-                s.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(err)?;
+                let s = TcpStream::connect_timeout(addr, b.connect).map_err(err)?;
+                s.set_read_timeout(Some(b.total)).map_err(err)?;
+                s.set_write_timeout(Some(b.total)).map_err(err)?;
                 Box::new(s)
             }
         };
         Ok(stream)
     }
 
-    /// Sends a request; any status is returned as a [`Reply`].
-    pub fn call(
+    /// One request within `b`; the status and the raw (de-chunked) body.
+    pub fn exchange(
         &self,
         method: &str,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Reply, ClientError> {
+        body: &[u8],
+        b: &Bounds,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let io = |source| ClientError::Io {
             method: method.into(),
             path: path.into(),
@@ -114,51 +134,57 @@ impl Endpoint {
             path: path.into(),
             why,
         };
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
         let auth = match self {
             Endpoint::Tcp { token: Some(t), .. } => format!("Authorization: Bearer {t}\r\n"),
             _ => String::new(),
         };
-        let request = format!(
+        let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: forkd\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n{body}",
+             Content-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n",
             body.len()
         );
-        let mut stream = self.connect()?;
-        stream.write_all(request.as_bytes()).map_err(io)?;
-        let mut raw = Vec::new();
+        let mut stream = self.connect(b)?;
         stream
-            .take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body))
             .map_err(io)?;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| malformed("no end of headers"))?;
-        let head =
-            std::str::from_utf8(&raw[..split]).map_err(|_| malformed("headers not UTF-8"))?;
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| malformed("no status line"))?;
-        let chunked = lines.any(|l| {
-            l.split_once(':').is_some_and(|(k, v)| {
-                k.trim().eq_ignore_ascii_case("transfer-encoding")
-                    && v.trim().eq_ignore_ascii_case("chunked")
-            })
-        });
-        let payload = &raw[split + 4..];
-        let payload = if chunked {
-            dechunk(payload).ok_or_else(|| malformed("bad chunked body"))?
-        } else {
-            payload.to_vec()
-        };
+        let deadline = Instant::now() + b.total;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            if Instant::now() > deadline {
+                return Err(malformed("no whole answer in time"));
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if (raw.len() + n) as u64 <= b.max_response => {
+                    raw.extend_from_slice(&buf[..n])
+                }
+                Ok(_) => return Err(malformed("answer too large")),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io(e)),
+            }
+        }
+        parse_response(&raw).ok_or_else(|| malformed("not an HTTP response"))
+    }
+
+    /// Sends a request; any status is returned as a [`Reply`].
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply, ClientError> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, payload) = self.exchange(method, path, body.as_bytes(), &CLI_BOUNDS)?;
         let body = if payload.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&payload).map_err(|_| malformed("body is not JSON"))?
+            serde_json::from_slice(&payload).map_err(|_| ClientError::Malformed {
+                method: method.into(),
+                path: path.into(),
+                why: "body is not JSON",
+            })?
         };
         Ok(Reply { status, body })
     }
@@ -185,6 +211,26 @@ impl Endpoint {
                 .unwrap_or_else(|| r.body.to_string()),
         })
     }
+}
+
+/// Status and body of a whole HTTP/1.1 response (Content-Length or
+/// chunked).
+pub fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    let body = &raw[split + 4..];
+    if !chunked {
+        return Some((status, body.to_vec()));
+    }
+    dechunk(body).map(|b| (status, b))
 }
 
 /// Decodes a chunked transfer-encoded body.

@@ -6,10 +6,9 @@
 //! fork request's placement into a [`RemotePlan`].
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::fork::envelope::{envelope_key, to_hex, MAX_HOST_NAME};
 use crate::fork::remote::{
@@ -17,8 +16,10 @@ use crate::fork::remote::{
     RemotePlan,
 };
 
+use super::client::{Bounds, Endpoint};
 use super::error::ApiError;
 use super::types::{FamilyStatus, ForkVm, Placement, PostFamily};
+use crate::errors::chain;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Building a host's clones answers well within this.
@@ -96,7 +97,8 @@ impl Peers {
         host == self.name || self.peers.contains_key(host)
     }
 
-    /// One request to `host`; the status and body.
+    /// One request to `host` (the API's own client, with the cluster's
+    /// token); the status and body.
     fn call(
         &self,
         host: &str,
@@ -105,50 +107,21 @@ impl Peers {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(u16, Vec<u8>), RemoteError> {
-        let addr = self.addr(host)?;
-        let err = |why: String| RemoteError::Transport {
-            host: host.to_owned(),
-            why,
+        let endpoint = Endpoint::Tcp {
+            addr: self.addr(host)?,
+            token: Some(String::from_utf8_lossy(&self.token).into_owned()),
         };
-        let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .map_err(|e| err(format!("connect {addr}: {e}")))?;
-        s.set_read_timeout(Some(timeout))
-            .and_then(|()| s.set_write_timeout(Some(timeout)))
-            .map_err(|e| err(format!("socket: {e}")))?;
-        let body = body.unwrap_or(b"");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\
-             Authorization: Bearer {}\r\n\r\n",
-            body.len(),
-            String::from_utf8_lossy(&self.token)
-        );
-        s.write_all(head.as_bytes())
-            .and_then(|()| s.write_all(body))
-            .map_err(|e| err(format!("send {method} {path}: {e}")))?;
-        // The whole response within the bound, however slowly it drips.
-        let deadline = Instant::now() + timeout;
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 16 << 10];
-        loop {
-            if Instant::now() > deadline {
-                return Err(err(format!(
-                    "{method} {path}: no whole answer in {timeout:?}"
-                )));
-            }
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) if (raw.len() + n) as u64 <= MAX_RESPONSE => raw.extend_from_slice(&buf[..n]),
-                Ok(_) => {
-                    return Err(err(format!(
-                        "{method} {path}: answer over {MAX_RESPONSE} bytes"
-                    )))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(err(format!("{method} {path}: {e}"))),
-            }
-        }
-        parse_response(&raw).ok_or_else(|| err(format!("{method} {path}: malformed response")))
+        let bounds = Bounds {
+            connect: CONNECT_TIMEOUT,
+            total: timeout,
+            max_response: MAX_RESPONSE,
+        };
+        endpoint
+            .exchange(method, path, body.unwrap_or(b""), &bounds)
+            .map_err(|e| RemoteError::Transport {
+                host: host.to_owned(),
+                why: chain(&e),
+            })
     }
 
     fn refused(host: &str, status: u16, body: &[u8]) -> RemoteError {
@@ -256,36 +229,6 @@ pub fn placement_counts(
     }
 }
 
-/// Status and body of a whole HTTP/1.1 response (Content-Length or
-/// chunked).
-fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked"
-        })
-    });
-    let mut body = &raw[split + 4..];
-    if !chunked {
-        return Some((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    loop {
-        let end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&body[..end]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        body = body.get(end + 2..)?;
-        if size == 0 {
-            return Some((status, out));
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
-    }
-}
-
 impl CloneHosts for Peers {
     fn local_name(&self) -> &str {
         &self.name
@@ -352,6 +295,7 @@ impl CloneHosts for Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::client::parse_response;
 
     fn req(json: &str) -> ForkVm {
         serde_json::from_str(json).unwrap()
