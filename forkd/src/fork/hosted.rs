@@ -10,19 +10,17 @@ use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources, StartedClone
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::envelope::{cpu_fingerprint, EnvelopeBody, EnvelopeError};
 use crate::fork::identity::{CloneIdentity, IdentityLease};
+use crate::fork::launch::run_to_end;
 use crate::fork::remote::{RemoteClone, RemoteCloneState};
 use crate::fork::ForkError;
-use crate::sync::lock;
+use crate::sync::{join_all, lock};
 use crate::vmm::devices::Console;
-use crate::vmm::{VmError, VmExit};
+use crate::vmm::VmExit;
 use memserver::client::{ClientOptions, PageClient};
 use memserver::{FamilyKey, PageSource, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-const REAP_SLICE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostedError {
@@ -248,15 +246,7 @@ impl HostedFamily {
     /// Kills every clone and waits for their reapers.
     pub fn kill(&self) {
         self.kill.store(true, Ordering::Release);
-        loop {
-            let t = lock(&self.threads).pop();
-            match t {
-                Some(t) => {
-                    let _ = t.join();
-                }
-                None => return,
-            }
-        }
+        join_all(&self.threads);
     }
 }
 
@@ -269,17 +259,9 @@ impl Drop for HostedFamily {
 /// Watches one hosted clone until it ends or is killed.
 fn reap(clone: Arc<HostedClone>, started: StartedClone, family_kill: Arc<AtomicBool>) {
     let mut vm = started.vm;
-    let exit = loop {
-        if clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire) {
-            vm.kill();
-            break VmExit::Stopped;
-        }
-        match vm.wait(Some(REAP_SLICE)) {
-            Ok(e) => break e,
-            Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => break VmExit::Failed(chain(&e)),
-        }
-    };
+    let exit = run_to_end(&mut vm, || {
+        clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire)
+    });
     drop(vm);
     *lock(&clone.state) = HostedState::Exited(exit);
 }

@@ -9,7 +9,7 @@ use crate::fork::identity::IdentityLease;
 use crate::fork::parent::{CloneReport, Family, ForkOptions};
 use crate::fork::ForkError;
 use crate::sync::lock;
-use crate::vmm::{VmError, VmExit};
+use crate::vmm::{Vm, VmError, VmExit};
 use memserver::client::{ClientOptions, PageClient};
 use memserver::{PageSource, PAGE_SIZE};
 use std::sync::atomic::Ordering;
@@ -128,20 +128,25 @@ pub(super) fn launch(
     }
 }
 
+/// Waits for a clone VM to end, or kills it once `killed` says so.
+pub(crate) fn run_to_end(vm: &mut Vm, killed: impl Fn() -> bool) -> VmExit {
+    loop {
+        if killed() {
+            vm.kill();
+            return VmExit::Stopped;
+        }
+        match vm.wait(Some(REAP_SLICE)) {
+            Ok(e) => return e,
+            Err(VmError::WaitTimeout(_)) => continue,
+            Err(e) => return VmExit::Failed(chain(&e)),
+        }
+    }
+}
+
 /// Watches one clone until it ends (or the family is killed).
 fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
     let mut vm = clone.vm;
-    let exit = loop {
-        if family.kill.load(Ordering::Acquire) {
-            vm.kill();
-            break VmExit::Stopped;
-        }
-        match vm.wait(Some(REAP_SLICE)) {
-            Ok(e) => break e,
-            Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => break VmExit::Failed(chain(&e)),
-        }
-    };
+    let exit = run_to_end(&mut vm, || family.kill.load(Ordering::Acquire));
     let lines = vm.console().lines();
     let report = CloneReport {
         clone_id: clone.lease.identity.clone_id,

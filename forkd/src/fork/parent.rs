@@ -235,15 +235,7 @@ impl Family {
     }
 
     fn join_threads(&self) {
-        loop {
-            let t = lock(&self.threads).pop();
-            match t {
-                Some(t) => {
-                    let _ = t.join();
-                }
-                None => return,
-            }
-        }
+        crate::sync::join_all(&self.threads);
     }
 }
 
