@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::source::lock;
+use crate::sync::lock;
 
 /// Length of a family secret.
 pub const SECRET_LEN: usize = 32;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{random_u64, FamilyKey, RandomError};
-use crate::source::lock;
+use crate::sync::lock;
 use crate::wire::{self, Body, ErrorCode, Frame, MAX_DATAGRAM};
 use crate::{PageSource, SourceError, PAGE_SIZE};
 

@@ -62,7 +62,8 @@ use userfaultfd::{
     Event, EventBuffer, FaultKind, FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder,
 };
 
-use crate::source::{lock, PageSource, SourceError, PAGE_SIZE};
+use crate::source::{PageSource, SourceError, PAGE_SIZE};
+use crate::sync::lock;
 
 const STRIPES: usize = 64;
 const PM_PRESENT: u64 = 1 << 63;

@@ -17,6 +17,7 @@ pub mod image;
 pub mod mcdist;
 pub mod server;
 pub mod source;
+mod sync;
 pub mod wire;
 
 pub use auth::FamilyKey;

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use crate::wire::ErrorCode;
 
@@ -141,10 +141,4 @@ pub trait PageSource: Send + Sync {
         }
         Ok(())
     }
-}
-
-/// Locks `m`, taking the data of a poisoned lock as is (every holder in
-/// this crate leaves its data consistent at each step).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

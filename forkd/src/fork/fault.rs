@@ -15,11 +15,10 @@
 
 use crate::errors::chain;
 use crate::fork::descriptor::AllocAtFork;
-use crate::fork::mcdist::subscribe_clone;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::MemoryServer;
 use bitvec::prelude::{BitVec, Lsb0};
-use memserver::mcdist::host::{HostReceiver, Subscription};
+use memserver::mcdist::host::{HostReceiver, PageFn, SubscribeError, Subscription};
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -317,6 +316,23 @@ pub struct Prefetch {
 
 /// Pages per prefetch request.
 const PREFETCH_RUN: u64 = 64;
+
+/// Subscribes a clone's memory to `receiver`: every page that arrives and
+/// is missing in the clone is installed (counted as prefetched). Pages
+/// cached already are installed now.
+fn subscribe_clone(
+    receiver: &HostReceiver,
+    memory: Arc<CloneMemory>,
+    stats: Arc<Mutex<FaultStats>>,
+) -> Result<Subscription, SubscribeError> {
+    let f: Arc<PageFn> = Arc::new(move |page, data| {
+        // Errors are left to the fault path: it fetches and reports.
+        if !memory.presence.test(page) && memory.install(page, data).is_ok() {
+            crate::sync::lock(&stats).pages_prefetched += 1;
+        }
+    });
+    receiver.subscribe(f, true)
+}
 
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,

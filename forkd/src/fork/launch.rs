@@ -5,8 +5,8 @@
 use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneShell, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
+use crate::fork::family::{CloneReport, Family, ForkOptions};
 use crate::fork::identity::IdentityLease;
-use crate::fork::parent::{CloneReport, Family, ForkOptions};
 use crate::fork::ForkError;
 use crate::sync::lock;
 use crate::vmm::{Vm, VmError, VmExit};

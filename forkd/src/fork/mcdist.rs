@@ -15,11 +15,8 @@
 //! the family key; each clone host starts its own receiver the same way
 //! and the parent's host starts the push once every host has joined.
 
-use crate::fork::fault::{CloneMemory, FaultStats};
 use crate::fork::ForkError;
-use memserver::mcdist::host::{
-    local_ip_for, HostConfig, HostReceiver, HostStats, PageFn, SubscribeError, Subscription,
-};
+use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver, HostStats};
 use memserver::mcdist::McEndpoint;
 use memserver::FamilyKey;
 use std::net::SocketAddr;
@@ -93,21 +90,4 @@ impl FamilyMulticast {
             None => *crate::sync::lock(&self.last),
         }
     }
-}
-
-/// Subscribes a clone's memory to `receiver`: every page that arrives and
-/// is missing in the clone is installed (counted as prefetched). Pages
-/// cached already are installed now.
-pub fn subscribe_clone(
-    receiver: &HostReceiver,
-    memory: Arc<CloneMemory>,
-    stats: Arc<Mutex<FaultStats>>,
-) -> Result<Subscription, SubscribeError> {
-    let f: Arc<PageFn> = Arc::new(move |page, data| {
-        // Errors are left to the fault path: it fetches and reports.
-        if !memory.presence.test(page) && memory.install(page, data).is_ok() {
-            crate::sync::lock(&stats).pages_prefetched += 1;
-        }
-    });
-    receiver.subscribe(f, true)
 }

@@ -18,6 +18,7 @@ pub mod calls;
 pub mod clone;
 pub mod descriptor;
 pub mod envelope;
+pub mod family;
 pub mod fault;
 pub mod host;
 pub mod hosted;

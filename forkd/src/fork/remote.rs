@@ -10,9 +10,9 @@
 //! The transport is the layer above's: it implements [`CloneHosts`].
 
 use crate::fork::envelope::{EnvelopeBody, EnvelopeClone};
+use crate::fork::family::{CloneReport, Family};
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::IdentityLease;
-use crate::fork::parent::{CloneReport, Family};
 use crate::vmm::VmExit;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -32,7 +32,7 @@ use multicast::{
 
 use super::{session, McEndpoint};
 use crate::auth::FamilyKey;
-use crate::source::lock;
+use crate::sync::lock;
 use crate::{PageSource, SourceError, PAGE_SIZE};
 
 /// Smallest cache (a fault's read-ahead must fit while it waits).

@@ -39,7 +39,7 @@ use multicast::{
 };
 
 use crate::auth::{random_u64, FamilyKey};
-use crate::source::lock;
+use crate::sync::lock;
 use crate::{PageSource, PAGE_SIZE};
 
 pub mod host;

@@ -50,7 +50,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{FamilyKey, RandomError, Refusal, ReplayGuard};
 use crate::mcdist::{McEndpoint, Mcdist, McdistConfig, McdistError, McdistStats, StartPushError};
-use crate::source::lock;
+use crate::sync::lock;
 use crate::wire::{self, Body, ErrorCode, Frame, WireError, MAX_DATAGRAM, VERSION};
 use crate::{PageSource, SourceError, PAGE_SIZE};
 
