@@ -3,7 +3,7 @@
 //! touches) or a private mapping of a snapshot's memory file (pages load on
 //! first touch; the file is never written through).
 
-use crate::vmm::integrity::{data_extents, hash_zeros, IntegrityError, MemoryDigest, ZeroCrc};
+use crate::vmm::digest::{data_extents, hash_zeros, IntegrityError, MemoryDigest, ZeroCrc};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod builder;
 pub mod cpu_state;
 pub mod devices;
+pub mod digest;
 pub mod integrity;
 pub mod kvm;
 pub mod memory;
