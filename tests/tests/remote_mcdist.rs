@@ -138,3 +138,8 @@ fn two_multicast_families_at_once_never_mix() {
         }
     }
 }
+
+#[test]
+fn multicast_clones_fail_clearly_when_the_memory_servers_host_dies() {
+    memory_servers_host_dies("multicast");
+}
