@@ -146,7 +146,12 @@ const PM_PRESENT_OR_SWAPPED: u64 = (1 << 63) | (1 << 62);
 
 /// Whether each page of `pages` host pages from `addr` is populated (in
 /// RAM or in swap), from `/proc/self/pagemap` (8 bytes per page).
-fn populated(pagemap: &File, addr: usize, raw: &mut Vec<u8>, out: &mut [bool]) -> io::Result<()> {
+pub(crate) fn populated(
+    pagemap: &File,
+    addr: usize,
+    raw: &mut Vec<u8>,
+    out: &mut [bool],
+) -> io::Result<()> {
     raw.resize(out.len() * 8, 0);
     pagemap.read_exact_at(raw, (addr / PAGE) as u64 * 8)?;
     for (o, e) in out.iter_mut().zip(raw.chunks_exact(8)) {

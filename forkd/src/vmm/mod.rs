@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cpu_state;
 pub mod devices;
 pub mod digest;
+pub mod dirty;
 pub mod integrity;
 pub mod kvm;
 pub mod memory;

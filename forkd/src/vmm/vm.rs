@@ -258,6 +258,27 @@ impl Vm {
         &self.shared.memory
     }
 
+    /// Guest memory size in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.shared.mem_bytes()
+    }
+
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.shared.vm_fd
+    }
+
+    /// The record of guest pages the VMM writes itself (KVM's dirty log
+    /// does not see them). A layer above that writes guest memory while
+    /// dirty tracking is on records its writes here.
+    pub fn vmm_writes(&self) -> crate::vmm::dirty::VmmWrites {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hypercall
+            .writes()
+            .clone()
+    }
+
     /// What the guest announced through `OP_HELLO`, if it did.
     pub fn guest_info(&self) -> Option<GuestInfo> {
         self.devices

@@ -3,6 +3,7 @@
 //! out and write the answer back. One exit per call.
 
 use super::console::Console;
+use crate::vmm::dirty::VmmWrites;
 use crate::vmm::memory::GuestMemory;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub struct HypercallDevice {
     memory: GuestMemory,
     console: Console,
     state: HypercallState,
+    /// Pages this device writes, recorded while dirty tracking is on.
+    writes: VmmWrites,
 }
 
 /// What the vCPU loop must do after a doorbell.
@@ -63,6 +66,7 @@ impl HypercallDevice {
             memory,
             console,
             state: HypercallState::default(),
+            writes: VmmWrites::default(),
         }
     }
 
@@ -71,6 +75,7 @@ impl HypercallDevice {
             memory,
             console,
             state: state.clone(),
+            writes: VmmWrites::default(),
         }
     }
 
@@ -80,6 +85,19 @@ impl HypercallDevice {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// The pages this device writes into guest memory (dirty tracking).
+    pub fn writes(&self) -> &VmmWrites {
+        &self.writes
+    }
+
+    /// Writes an answered page back into the guest, recording the write.
+    fn write_page(&self, page: &HypercallPage, gpa: u64) {
+        let bytes = page.to_bytes();
+        // The page was just read from memory, so the write cannot fail.
+        let _ = self.memory.write_slice(&bytes, GuestAddress(gpa));
+        self.writes.record(gpa, bytes.len() as u64);
     }
 
     pub fn guest_info(&self) -> Option<GuestInfo> {
@@ -146,7 +164,7 @@ impl HypercallDevice {
             let ns = page.args[0].min(abi::SLEEP_MAX_NS);
             page.status = abi::STATUS_OK;
             page.ret = [ns, 0, 0, 0];
-            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+            self.write_page(&page, gpa);
             return HypercallAction::Sleep { ns };
         }
         if page.op == abi::OP_HELLO {
@@ -156,7 +174,7 @@ impl HypercallDevice {
             }
             page.status = abi::STATUS_OK;
             page.ret = [0; 4];
-            let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+            self.write_page(&page, gpa);
             return HypercallAction::Done;
         }
         if page.op != abi::OP_CONSOLE {
@@ -166,8 +184,7 @@ impl HypercallDevice {
             };
         }
         page.status = self.handle(&mut page);
-        // The page was just read from memory, so the write cannot fail.
-        let _ = self.memory.write_slice(&page.to_bytes(), GuestAddress(gpa));
+        self.write_page(&page, gpa);
         HypercallAction::Done
     }
 
@@ -182,9 +199,7 @@ impl HypercallDevice {
             let mut page = HypercallPage::from_bytes(&raw);
             page.status = status;
             page.ret = ret;
-            let _ = self
-                .memory
-                .write_slice(&page.to_bytes(), GuestAddress(page_gpa));
+            self.write_page(&page, page_gpa);
         }
     }
 

@@ -1,0 +1,373 @@
+//! Dirty page tracking: which 4 KiB pages of guest memory changed since the
+//! last look. Two sources are OR'd together:
+//!
+//! - KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` on slot 0, read and reset
+//!   with `KVM_GET_DIRTY_LOG`): every page the *guest* wrote;
+//! - [`VmmWrites`]: every page the *VMM* wrote through its own mapping
+//!   (the hypercall device's answers), which KVM never sees.
+//!
+//! Bitmaps are `bitvec` ([`PageBitmap`], bit i = page i) and become page
+//! range tables ([`ranges`]) for whoever copies the pages (the migration
+//! layer). Populated pages ([`populated_pages`], from pagemap) tell what a
+//! first full copy must carry: a MAP_NORESERVE page never touched is zero.
+
+use crate::vmm::memory::{self, GuestMemory};
+use crate::vmm::vm::Vm;
+use bitvec::prelude::{BitVec, Lsb0};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One bit per 4 KiB page of guest memory.
+pub type PageBitmap = BitVec<u64, Lsb0>;
+
+/// `count` pages from page `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PageRange {
+    pub first: u64,
+    pub count: u64,
+}
+
+impl PageRange {
+    pub fn gpa(&self) -> u64 {
+        self.first * PAGE_SIZE
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.count * PAGE_SIZE
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("dirty tracking is not on for this VM")]
+    NotTracking,
+    #[error("guest memory has no region")]
+    NoRegion,
+    #[error("cannot read the populated pages (pagemap)")]
+    Pagemap(#[source] io::Error),
+}
+
+/// The runs of set bits of `bits`, in order.
+pub fn ranges(bits: &PageBitmap) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut run: Option<u64> = None;
+    for (i, b) in bits.iter().by_vals().enumerate() {
+        match (b, run) {
+            (true, None) => run = Some(i as u64),
+            (false, Some(s)) => {
+                out.push(PageRange {
+                    first: s,
+                    count: i as u64 - s,
+                });
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = run {
+        out.push(PageRange {
+            first: s,
+            count: bits.len() as u64 - s,
+        });
+    }
+    out
+}
+
+/// Splits ranges so that none is longer than `max` pages (a message's
+/// bound); `max` of 0 is taken as 1.
+pub fn split(ranges: &[PageRange], max: u64) -> Vec<PageRange> {
+    let max = max.max(1);
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let mut first = r.first;
+        let end = r.first + r.count;
+        while first < end {
+            let count = (end - first).min(max);
+            out.push(PageRange { first, count });
+            first += count;
+        }
+    }
+    out
+}
+
+/// A bitmap of `pages` pages from KVM's words (bit i of word w = page
+/// 64w + i); bits past `pages` are dropped.
+pub fn from_kvm_words(words: &[u64], pages: usize) -> PageBitmap {
+    let mut bits = PageBitmap::from_vec(words.to_vec());
+    bits.resize(pages, false);
+    bits
+}
+
+/// Pages the VMM wrote itself while tracking is on. Cheap to clone (one
+/// shared bitmap); recording costs an atomic load when tracking is off.
+#[derive(Debug, Clone, Default)]
+pub struct VmmWrites {
+    on: Arc<AtomicBool>,
+    pages: Arc<Mutex<PageBitmap>>,
+}
+
+impl VmmWrites {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PageBitmap> {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts recording, for a guest of `pages` pages.
+    pub fn start(&self, pages: usize) {
+        *self.lock() = PageBitmap::repeat(false, pages);
+        self.on.store(true, Ordering::Release);
+    }
+
+    pub fn stop(&self) {
+        self.on.store(false, Ordering::Release);
+        *self.lock() = PageBitmap::new();
+    }
+
+    /// The VMM wrote `len` bytes at `gpa`.
+    pub fn record(&self, gpa: u64, len: u64) {
+        if !self.on.load(Ordering::Acquire) || len == 0 {
+            return;
+        }
+        let mut pages = self.lock();
+        let first = (gpa / PAGE_SIZE) as usize;
+        let end = (gpa.saturating_add(len).div_ceil(PAGE_SIZE) as usize).min(pages.len());
+        if first < end {
+            pages[first..end].fill(true);
+        }
+    }
+
+    /// What was recorded since the last take; the record starts over.
+    pub fn take(&self) -> Option<PageBitmap> {
+        if !self.on.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut pages = self.lock();
+        let len = pages.len();
+        Some(std::mem::replace(
+            &mut *pages,
+            PageBitmap::repeat(false, len),
+        ))
+    }
+}
+
+/// Which pages of guest memory a first full copy must carry: pages in RAM
+/// or swap (pagemap). A file-backed (lazily restored) guest's untouched
+/// pages are its file's content, so there every page counts.
+pub fn populated_pages(mem: &GuestMemory) -> Result<PageBitmap, DirtyError> {
+    let region = mem.iter().next().ok_or(DirtyError::NoRegion)?;
+    let pages = (region.len() / PAGE_SIZE) as usize;
+    if region.file_offset().is_some() {
+        return Ok(PageBitmap::repeat(true, pages));
+    }
+    let mut out = PageBitmap::repeat(false, pages);
+    let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(DirtyError::Pagemap)?;
+    // 2 MiB at a time: 4 KiB of pagemap per read.
+    const STEP: usize = 512;
+    let (mut raw, mut chunk) = (Vec::new(), vec![false; STEP]);
+    let base = region.as_ptr() as usize;
+    let mut first = 0;
+    while first < pages {
+        let n = STEP.min(pages - first);
+        chunk.resize(n, false);
+        memory::populated(
+            &pagemap,
+            base + first * PAGE_SIZE as usize,
+            &mut raw,
+            &mut chunk,
+        )
+        .map_err(DirtyError::Pagemap)?;
+        for (i, p) in chunk.iter().enumerate() {
+            if *p {
+                out.set(first + i, true);
+            }
+        }
+        first += n;
+    }
+    Ok(out)
+}
+
+fn set_slot_flags(vm: &Vm, flags: u32) -> Result<(), DirtyError> {
+    let mem = vm.memory();
+    let region = mem.iter().next().ok_or(DirtyError::NoRegion)?;
+    let r = kvm_userspace_memory_region {
+        slot: 0,
+        flags,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: the same live mapping slot 0 was registered with (owned by
+    // the VM, which outlives its VM fd's use of it); only the flags change.
+    unsafe { vm.vm_fd().set_user_memory_region(r) }.map_err(|source| DirtyError::Ioctl {
+        op: "KVM_SET_USER_MEMORY_REGION (dirty log)",
+        source,
+    })
+}
+
+impl Vm {
+    /// Pages of guest memory (4 KiB).
+    pub fn mem_pages(&self) -> usize {
+        (self.mem_bytes() / PAGE_SIZE) as usize
+    }
+
+    /// Turns dirty tracking on: KVM logs the guest's writes to slot 0 and
+    /// the VMM records its own. The log starts empty.
+    pub fn start_dirty_log(&self) -> Result<(), DirtyError> {
+        self.vmm_writes().start(self.mem_pages());
+        set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.dirty_log_kvm().map(drop)
+    }
+
+    /// Turns dirty tracking off again.
+    pub fn stop_dirty_log(&self) -> Result<(), DirtyError> {
+        self.vmm_writes().stop();
+        set_slot_flags(self, 0)
+    }
+
+    fn dirty_log_kvm(&self) -> Result<PageBitmap, DirtyError> {
+        let bytes = self.mem_bytes() as usize;
+        let words = self
+            .vm_fd()
+            .get_dirty_log(0, bytes)
+            .map_err(|source| DirtyError::Ioctl {
+                op: "KVM_GET_DIRTY_LOG",
+                source,
+            })?;
+        Ok(from_kvm_words(&words, self.mem_pages()))
+    }
+
+    /// Pages written (by the guest or the VMM) since tracking started or
+    /// since the last call; the log starts over.
+    pub fn dirty_pages(&self) -> Result<PageBitmap, DirtyError> {
+        let vmm = self.vmm_writes().take().ok_or(DirtyError::NotTracking)?;
+        let mut bits = self.dirty_log_kvm()?;
+        bits |= vmm;
+        Ok(bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(s: &str) -> PageBitmap {
+        s.chars().map(|c| c == '1').collect()
+    }
+
+    #[test]
+    fn bitmap_to_ranges() {
+        assert_eq!(ranges(&bits("")), vec![]);
+        assert_eq!(ranges(&bits("0000")), vec![]);
+        assert_eq!(
+            ranges(&bits("1111")),
+            vec![PageRange { first: 0, count: 4 }]
+        );
+        assert_eq!(
+            ranges(&bits("0110011101")),
+            vec![
+                PageRange { first: 1, count: 2 },
+                PageRange { first: 5, count: 3 },
+                PageRange { first: 9, count: 1 },
+            ]
+        );
+        // Across word boundaries.
+        let mut b = PageBitmap::repeat(false, 200);
+        b[60..70].fill(true);
+        b[127..129].fill(true);
+        b.set(199, true);
+        assert_eq!(
+            ranges(&b),
+            vec![
+                PageRange {
+                    first: 60,
+                    count: 10
+                },
+                PageRange {
+                    first: 127,
+                    count: 2
+                },
+                PageRange {
+                    first: 199,
+                    count: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn split_bounds_ranges() {
+        let r = [PageRange { first: 3, count: 5 }];
+        assert_eq!(
+            split(&r, 2),
+            vec![
+                PageRange { first: 3, count: 2 },
+                PageRange { first: 5, count: 2 },
+                PageRange { first: 7, count: 1 },
+            ]
+        );
+        assert_eq!(split(&r, 0).len(), 5);
+    }
+
+    #[test]
+    fn kvm_words_become_pages() {
+        let b = from_kvm_words(&[0b101, 1 << 63, u64::MAX], 130);
+        assert_eq!(b.len(), 130);
+        assert_eq!(
+            ranges(&b),
+            vec![
+                PageRange { first: 0, count: 1 },
+                PageRange { first: 2, count: 1 },
+                PageRange {
+                    first: 127,
+                    count: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn vmm_writes_only_while_on() {
+        let w = VmmWrites::default();
+        w.record(0x1000, 8);
+        assert!(w.take().is_none());
+        w.start(16);
+        w.record(0x1ff8, 16); // pages 1 and 2
+        w.record(0xf000, 1 << 20); // clipped at the end
+        let t = w.take().unwrap();
+        assert_eq!(
+            ranges(&t),
+            vec![
+                PageRange { first: 1, count: 2 },
+                PageRange {
+                    first: 15,
+                    count: 1
+                }
+            ]
+        );
+        assert!(ranges(&w.take().unwrap()).is_empty());
+        w.stop();
+        assert!(w.take().is_none());
+    }
+
+    #[test]
+    fn populated_pages_of_anonymous_memory() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = memory::anonymous(8 << 20).unwrap();
+        mem.write_slice(&[1u8; 8], GuestAddress(0x3000)).unwrap();
+        mem.write_slice(&[1u8; 8], GuestAddress(0x7ff000)).unwrap();
+        let p = populated_pages(&mem).unwrap();
+        assert_eq!(p.len(), 2048);
+        assert!(p[3] && p[2047]);
+        // THP may populate neighbours; untouched far pages stay clear.
+        assert!(p.count_ones() < 2048);
+    }
+}
