@@ -6,5 +6,6 @@ pub mod cluster;
 pub mod errors;
 pub mod fork;
 pub mod guest;
+pub mod migrate;
 pub mod sync;
 pub mod vmm;

@@ -59,3 +59,122 @@ fn dirty_log_of_a_running_zone() {
     assert!(vm.dirty_pages().is_err(), "the log is off");
     assert_eq!(finish(&mut vm), qemu_done_line(cmdline, 512));
 }
+
+mod local {
+    //! The library's sender and receiver on loopback in one process (real
+    //! VMs, real TCP): what the daemons do, without them.
+    use forkd::migrate::receiver::{receive, CommitGate, Incoming, ReceiveProgress};
+    use forkd::migrate::sender::{migrate, MigrateError, Outgoing};
+    use forkd::migrate::{MigrateOptions, Phase, Progress};
+    use forkd::vmm::devices::Console;
+    use forkd::vmm::vm::BuildOptions;
+    use forkd::vmm::Vm;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    use tests::{boot, finish, qemu_done_line};
+
+    pub const CMDLINE: &str = "ticks=400 seed=5 state_mib=32 dirty_pages=16 tick_us=5000";
+
+    fn incoming(mem_bytes: u64) -> (TcpListener, Incoming) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let inc = Incoming {
+            secret: [42; 32],
+            mem_bytes,
+            accept_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(5),
+        };
+        (l, inc)
+    }
+
+    fn build_options() -> BuildOptions {
+        BuildOptions {
+            console: Console::new(false, None),
+            hypercalls: None,
+            memory_server: None,
+            started: Instant::now(),
+        }
+    }
+
+    fn wait_running(vm: &Vm) {
+        let t = Instant::now();
+        while vm.console().lines().len() < 2 {
+            assert!(t.elapsed() < Duration::from_secs(20), "guest started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn loopback_migration_ends_with_qemus_line() {
+        let mut vm = boot(CMDLINE, 512);
+        wait_running(&vm);
+        std::thread::sleep(Duration::from_millis(300));
+        let (listener, inc) = incoming(vm.mem_bytes());
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = mpsc::channel();
+        let recv = std::thread::spawn(move || {
+            let gate = CommitGate::default();
+            let progress = ReceiveProgress::default();
+            receive(listener, &inc, build_options(), &gate, &progress, |vm| {
+                tx.send(vm).map_err(|e| e.to_string())?;
+                Ok("vm-dest".into())
+            })
+        });
+        let out = Outgoing {
+            addr,
+            secret: [42; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let report = migrate(&mut vm, &out, &MigrateOptions::default(), &progress)
+            .expect("migration commits");
+        assert_eq!(progress.phase(), Phase::Committed);
+        assert_eq!(report.destination_vm, "vm-dest");
+        assert!(report.rounds >= 1 && report.bytes_sent > 0, "{report:?}");
+        // Round 0 sent the touched memory only: ~32 MiB state, not 512 MiB.
+        assert!(report.bytes_sent < 200 << 20, "{report:?}");
+        eprintln!("report: {report:?}");
+        let id = recv.join().expect("receiver thread").expect("received");
+        assert_eq!(id, "vm-dest");
+        let console_before = vm.console().lines();
+        vm.kill();
+        let mut dest = rx.recv_timeout(Duration::from_secs(5)).expect("the VM");
+        let line = finish(&mut dest);
+        assert_eq!(line, qemu_done_line(CMDLINE, 512));
+        // The source never printed the end.
+        assert!(!console_before.iter().any(|l| l.starts_with("zone: done")));
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_and_the_guest_runs_on() {
+        let mut vm = boot(CMDLINE, 512);
+        wait_running(&vm);
+        let (listener, mut inc) = incoming(vm.mem_bytes());
+        inc.accept_timeout = Duration::from_secs(3);
+        let addr = listener.local_addr().expect("addr");
+        let recv = std::thread::spawn(move || {
+            let gate = CommitGate::default();
+            let progress = ReceiveProgress::default();
+            let r = receive(listener, &inc, build_options(), &gate, &progress, |_| {
+                Ok("never".into())
+            });
+            (r, progress.view())
+        });
+        let out = Outgoing {
+            addr,
+            secret: [1; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let err = migrate(&mut vm, &out, &MigrateOptions::default(), &progress).unwrap_err();
+        assert!(
+            matches!(&err, MigrateError::Refused(r) if r.contains("secret")),
+            "{err}"
+        );
+        assert_eq!(progress.phase(), Phase::Aborted);
+        let (r, view) = recv.join().expect("receiver");
+        assert!(r.is_err());
+        assert_eq!(view.rejected, 1);
+        assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
+    }
+}

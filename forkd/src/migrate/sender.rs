@@ -1,0 +1,448 @@
+//! The source side: an explicit state machine (see the module docs of
+//! [`crate::migrate`]) driven by [`migrate`]. The caller owns the VM; on
+//! any error before commit the VM is running again when `migrate` returns.
+
+use super::converge::{Convergence, Decision, StopReason};
+use super::protocol::{self, Hello, Message, ProtocolError, MAX_PAGES_PER_MESSAGE};
+use super::{micros, MigrateOptions, Phase, Progress, Report};
+use crate::vmm::dirty::{self, DirtyError, PageBitmap, PageRange, PAGE_SIZE};
+use crate::vmm::{Vm, VmError};
+use bincode::Options;
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Where to send the VM.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub addr: SocketAddr,
+    pub secret: [u8; 32],
+    /// This VM's name for the destination's logs (`h1/vm-3`).
+    pub source: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect to the destination {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("talking to the destination: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("the destination sent {got} while {expected} was expected")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] DirtyError),
+    #[error("the guest ended during the migration ({0})")]
+    GuestEnded(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot read guest memory at {gpa:#x}: {why}")]
+    Memory { gpa: u64, why: String },
+    #[error("the VM state cannot be encoded: {0}")]
+    Encode(String),
+    /// `Commit` was sent and no answer came: the VM stays paused; ask the
+    /// destination whether it committed.
+    #[error("commit sent, no answer from the destination: {0}")]
+    InDoubt(String),
+}
+
+/// The sender's states (the diagram in [`crate::migrate`]).
+enum State {
+    Connect,
+    Handshake,
+    Round(u32),
+    StopAndCopy { rounds: u32, reason: StopReason },
+    Commit { rounds: u32, reason: StopReason },
+    Done(Report),
+}
+
+struct Sender<'a> {
+    vm: &'a mut Vm,
+    out: &'a Outgoing,
+    opts: &'a MigrateOptions,
+    progress: &'a Progress,
+    stream: Option<TcpStream>,
+    writer: Option<BufWriter<TcpStream>>,
+    started: Instant,
+    /// Time spent writing pages and the bytes written, for the bandwidth.
+    send_time: Duration,
+    send_bytes: u64,
+    /// Dirty set found after the last round.
+    dirty: PageBitmap,
+    paused: bool,
+    tracking: bool,
+    conv: Convergence,
+    last_round_end: Instant,
+    // Downtime parts.
+    pause_start: Option<Instant>,
+    pause: Duration,
+    last_round: Duration,
+    last_round_pages: u64,
+    state_time: Duration,
+}
+
+/// Migrates the running `vm` to `out`. `Ok`: the destination runs the
+/// guest; destroy `vm` (it is paused and must never run again). `Err`:
+/// nothing was committed and the guest runs here again — except
+/// [`MigrateError::InDoubt`], where it stays paused.
+pub fn migrate(
+    vm: &mut Vm,
+    out: &Outgoing,
+    opts: &MigrateOptions,
+    progress: &Progress,
+) -> Result<Report, MigrateError> {
+    let now = Instant::now();
+    let mut s = Sender {
+        vm,
+        out,
+        opts,
+        progress,
+        stream: None,
+        writer: None,
+        started: now,
+        send_time: Duration::ZERO,
+        send_bytes: 0,
+        dirty: PageBitmap::new(),
+        paused: false,
+        tracking: false,
+        conv: Convergence::new(opts.downtime, opts.max_rounds),
+        last_round_end: now,
+        pause_start: None,
+        pause: Duration::ZERO,
+        last_round: Duration::ZERO,
+        last_round_pages: 0,
+        state_time: Duration::ZERO,
+    };
+    let mut state = State::Connect;
+    loop {
+        let step = match state {
+            State::Done(report) => {
+                progress.finish(Phase::Committed, Some(report.clone()), None);
+                return Ok(report);
+            }
+            st => s.step(st),
+        };
+        match step {
+            Ok(next) => state = next,
+            Err(e) => {
+                if matches!(e, MigrateError::InDoubt(_)) {
+                    progress.finish(Phase::InDoubt, None, Some(e.to_string()));
+                } else {
+                    s.abort(&e);
+                    progress.finish(Phase::Aborted, None, Some(e.to_string()));
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Sender<'_> {
+    fn step(&mut self, state: State) -> Result<State, MigrateError> {
+        match state {
+            State::Connect => {
+                self.progress.set_phase(Phase::Connecting);
+                let addr = self.out.addr;
+                let stream = TcpStream::connect_timeout(&addr, self.opts.io_timeout)
+                    .map_err(|source| MigrateError::Connect { addr, source })?;
+                let io = |source| MigrateError::Connect { addr, source };
+                stream.set_nodelay(true).map_err(io)?;
+                stream
+                    .set_read_timeout(Some(self.opts.io_timeout))
+                    .map_err(io)?;
+                stream
+                    .set_write_timeout(Some(self.opts.io_timeout))
+                    .map_err(io)?;
+                let w = stream.try_clone().map_err(io)?;
+                self.writer = Some(BufWriter::with_capacity(1 << 20, w));
+                self.stream = Some(stream);
+                Ok(State::Handshake)
+            }
+            State::Handshake => {
+                let hello = Hello {
+                    secret: self.out.secret,
+                    mem_bytes: self.vm.mem_bytes(),
+                    vcpus: self.vm.vcpu_count(),
+                    irqchip: self.vm.vcpu_count() > 1,
+                    source: self.out.source.clone(),
+                };
+                self.send(&Message::Hello(hello))?;
+                self.flush()?;
+                match self.recv()? {
+                    Message::Welcome => Ok(State::Round(0)),
+                    other => Err(self.unexpected("Welcome", other)),
+                }
+            }
+            State::Round(round) => self.round(round),
+            State::StopAndCopy { rounds, reason } => self.stop_and_copy(rounds, reason),
+            State::Commit { rounds, reason } => self.commit(rounds, reason),
+            State::Done(r) => Ok(State::Done(r)),
+        }
+    }
+
+    /// One pre-copy round: round 0 copies every populated page that is not
+    /// zero (the destination's memory starts zero), later rounds the dirty
+    /// set. Then the convergence rule decides.
+    fn round(&mut self, round: u32) -> Result<State, MigrateError> {
+        self.progress.set_phase(Phase::Precopy);
+        if let Some(exit) = self.vm.poll_exit() {
+            return Err(MigrateError::GuestEnded(exit.to_string()));
+        }
+        let pages = if round == 0 {
+            self.vm.start_dirty_log()?;
+            self.tracking = true;
+            let populated = dirty::populated_pages(self.vm.memory())?;
+            self.send_pages(&populated, true)?
+        } else {
+            let set = std::mem::take(&mut self.dirty);
+            self.send_pages(&set, false)?
+        };
+        self.send(&Message::RoundEnd { round, pages })?;
+        self.flush()?;
+        let now = Instant::now();
+        let took = now.duration_since(self.last_round_end);
+        self.last_round_end = now;
+        self.dirty = self.vm.dirty_pages()?;
+        let dirty = self.dirty.count_ones() as u64;
+        let per_s = (dirty as f64 / took.as_secs_f64().max(1e-6)) as u64;
+        let bw = self.bandwidth();
+        let estimate = Convergence::estimate(dirty * PAGE_SIZE, 64 << 10, bw);
+        self.progress.round(round, dirty, per_s, estimate);
+        tracing::debug!(round, pages, dirty, per_s, ?estimate, "pre-copy round");
+        match self.conv.decide(round, dirty * PAGE_SIZE, 64 << 10, bw) {
+            Decision::Continue => Ok(State::Round(round + 1)),
+            Decision::Stop(reason) => Ok(State::StopAndCopy {
+                rounds: round + 1,
+                reason,
+            }),
+        }
+    }
+
+    fn stop_and_copy(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        self.progress.set_phase(Phase::StopAndCopy);
+        let t = Instant::now();
+        self.pause_start = Some(t);
+        self.vm.pause().map_err(|e| match e {
+            VmError::Exited => MigrateError::GuestEnded("exited".into()),
+            e => MigrateError::Vm(e),
+        })?;
+        self.paused = true;
+        self.pause = t.elapsed();
+        let t = Instant::now();
+        let mut set = std::mem::take(&mut self.dirty);
+        set |= self.vm.dirty_pages()?;
+        self.last_round_pages = self.send_pages(&set, false)?;
+        self.send(&Message::RoundEnd {
+            round: rounds,
+            pages: self.last_round_pages,
+        })?;
+        self.last_round = t.elapsed();
+        let t = Instant::now();
+        let state = self.vm.capture_state()?;
+        let bytes = bincode::DefaultOptions::new()
+            .with_limit(protocol::MAX_PAYLOAD as u64)
+            .serialize(&state)
+            .map_err(|e| MigrateError::Encode(e.to_string()))?;
+        self.send(&Message::State(bytes))?;
+        self.flush()?;
+        match self.recv()? {
+            Message::Ready => {}
+            Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
+            other => return Err(self.unexpected("Ready", other)),
+        }
+        self.state_time = t.elapsed();
+        Ok(State::Commit { rounds, reason })
+    }
+
+    fn commit(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        self.progress.set_phase(Phase::Committing);
+        let t = Instant::now();
+        // From here on the guest is never resumed here unless the
+        // destination says it aborted.
+        let sent = self.send(&Message::Commit).and_then(|_| self.flush());
+        if let Err(e) = sent {
+            return Err(MigrateError::InDoubt(e.to_string()));
+        }
+        let vm = match self.recv() {
+            Ok(Message::Committed { vm }) => vm,
+            Ok(Message::Abort { reason }) => return Err(MigrateError::Refused(reason)),
+            Ok(other) => {
+                return Err(MigrateError::InDoubt(format!(
+                    "{} instead of Committed",
+                    other.kind()
+                )))
+            }
+            Err(e) => return Err(MigrateError::InDoubt(e.to_string())),
+        };
+        let resume = t.elapsed();
+        let downtime = self.pause_start.map(|p| p.elapsed()).unwrap_or_default();
+        let v = self.progress.view();
+        Ok(State::Done(Report {
+            rounds,
+            stop_reason: reason,
+            bytes_sent: v.bytes_sent,
+            pages_sent: v.pages_sent,
+            last_round_pages: self.last_round_pages,
+            total_us: micros(self.started.elapsed()),
+            downtime_us: micros(downtime),
+            pause_us: micros(self.pause),
+            last_round_us: micros(self.last_round),
+            state_us: micros(self.state_time),
+            resume_us: micros(resume),
+            bandwidth_mib_s: self.bandwidth() / (1 << 20) as f64,
+            destination_vm: vm,
+        }))
+    }
+
+    /// Before commit: tell the destination (best effort), stop tracking,
+    /// resume the guest if this migration paused it.
+    fn abort(&mut self, why: &MigrateError) {
+        if self.writer.is_some() && !matches!(why, MigrateError::Refused(_)) {
+            let _ = self.send(&Message::Abort {
+                reason: why.to_string(),
+            });
+            let _ = self.flush();
+        }
+        if self.tracking {
+            if let Err(e) = self.vm.stop_dirty_log() {
+                tracing::warn!("cannot stop the dirty log after an aborted migration: {e}");
+            }
+        }
+        if self.paused {
+            if let Err(e) = self.vm.resume() {
+                tracing::warn!("cannot resume the guest after an aborted migration: {e}");
+            }
+            self.paused = false;
+        }
+    }
+
+    fn bandwidth(&self) -> f64 {
+        self.send_bytes as f64 / self.send_time.as_secs_f64().max(1e-6)
+    }
+
+    /// Sends the pages set in `set`; with `skip_zero`, zero pages are left
+    /// out (the destination starts from zeros). Returns the pages sent.
+    fn send_pages(&mut self, set: &PageBitmap, skip_zero: bool) -> Result<u64, MigrateError> {
+        let mut buf = vec![0u8; (MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
+        let mut sent = 0;
+        for r in dirty::split(&dirty::ranges(set), MAX_PAGES_PER_MESSAGE) {
+            let len = r.bytes() as usize;
+            self.vm
+                .memory()
+                .read_slice(&mut buf[..len], GuestAddress(r.gpa()))
+                .map_err(|e| MigrateError::Memory {
+                    gpa: r.gpa(),
+                    why: e.to_string(),
+                })?;
+            if !skip_zero {
+                sent += self.send_run(r, &buf[..len])?;
+                continue;
+            }
+            // Runs of non-zero pages within the range.
+            let mut start = None;
+            for i in 0..=r.count as usize {
+                let zero = i == r.count as usize || {
+                    let p = &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+                    p == &ZERO_PAGE[..]
+                };
+                match (zero, start) {
+                    (false, None) => start = Some(i),
+                    (true, Some(s)) => {
+                        let run = PageRange {
+                            first: r.first + s as u64,
+                            count: (i - s) as u64,
+                        };
+                        let bytes = &buf[s * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
+                        sent += self.send_run(run, bytes)?;
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    fn send_run(&mut self, r: PageRange, bytes: &[u8]) -> Result<u64, MigrateError> {
+        let t = Instant::now();
+        let n = self.send(&Message::Pages {
+            first: r.first,
+            count: r.count as u32,
+            data: bytes.to_vec(),
+        })?;
+        self.send_time += t.elapsed();
+        self.send_bytes += n as u64;
+        self.progress.sent(r.count, n as u64);
+        self.throttle();
+        Ok(r.count)
+    }
+
+    /// With a bandwidth cap: sleep until the bytes sent fit it (this thread
+    /// holds no lock).
+    fn throttle(&self) {
+        if self.opts.bandwidth_mib_s == 0 {
+            return;
+        }
+        let cap = (self.opts.bandwidth_mib_s << 20) as f64;
+        let due = Duration::from_secs_f64(self.progress.view().bytes_sent as f64 / cap);
+        let spent = self.started.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+    }
+
+    fn send(&mut self, m: &Message) -> Result<usize, MigrateError> {
+        let w = self.writer.as_mut().ok_or(ProtocolError::Closed)?;
+        match protocol::write_message(w, m) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.peer_reason().unwrap_or(MigrateError::Protocol(e))),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        let w = self.writer.as_mut().ok_or(ProtocolError::Closed)?;
+        match w.flush() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self
+                .peer_reason()
+                .unwrap_or(MigrateError::Protocol(ProtocolError::Io(e)))),
+        }
+    }
+
+    /// After a failed write: the destination's `Abort`, if it sent one.
+    fn peer_reason(&mut self) -> Option<MigrateError> {
+        let s = self.stream.as_mut()?;
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        let m = protocol::read_message(s).ok();
+        let _ = s.set_read_timeout(Some(self.opts.io_timeout));
+        match m? {
+            Message::Abort { reason } => Some(MigrateError::Refused(reason)),
+            _ => None,
+        }
+    }
+
+    fn recv(&mut self) -> Result<Message, MigrateError> {
+        let s = self.stream.as_mut().ok_or(ProtocolError::Closed)?;
+        Ok(protocol::read_message(s)?)
+    }
+
+    fn unexpected(&self, expected: &'static str, got: Message) -> MigrateError {
+        match got {
+            Message::Abort { reason } => MigrateError::Refused(reason),
+            other => MigrateError::Unexpected {
+                expected,
+                got: other.kind(),
+            },
+        }
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
