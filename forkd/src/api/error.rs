@@ -50,6 +50,15 @@ pub enum ApiError {
     Hosted(#[source] HostedError),
     #[error("this daemon has no cluster token (--token-file) and no peers: it cannot {0}")]
     NoCluster(&'static str),
+    /// A well-formed request this host cannot carry out (e.g. a migration
+    /// mode not implemented yet, an unknown destination).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// Another daemon this request needed refused or did not answer.
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("no migration of '{0}' on this host")]
+    NoSuchMigration(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -87,6 +96,9 @@ impl ApiError {
                 _ => StatusCode::BAD_REQUEST,
             },
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NoSuchMigration(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::migration;
 use super::registry::Registry;
 use super::types::{
     parse_vm_id, vm_id, CreateVm, Created, ForkVm, MemServerInfo, PostFamily, VmList, VmState,
@@ -27,6 +28,19 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/vms/{id}", get(show).delete(remove))
         .route("/v1/vms/{id}/fork", axum::routing::post(fork))
         .route("/v1/vms/{id}/console", get(console))
+        .route(
+            "/v1/vms/{id}/migrate",
+            axum::routing::post(migration::post_migrate),
+        )
+        .route("/v1/vms/{id}/migration", get(migration::get_migration))
+        .route(
+            "/v1/migrations",
+            axum::routing::post(migration::post_incoming),
+        )
+        .route(
+            "/v1/migrations/{id}",
+            get(migration::get_incoming).delete(migration::delete_incoming),
+        )
         .route("/v1/families", axum::routing::post(post_family))
         .route(
             "/v1/families/{family}",
@@ -40,7 +54,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
 }
 
 /// Runs blocking registry work off the async executor.
-async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+pub(super) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
     T: Send + 'static,
@@ -50,7 +64,9 @@ where
         .map_err(|e| ApiError::Internal(format!("request worker failed: {e}")))?
 }
 
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest(
@@ -60,7 +76,7 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
     serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
 }
 
-fn vm_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
+pub(super) fn vm_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
     let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     parse_vm_id(&id).ok_or(ApiError::NoSuchVm(id))
 }

@@ -25,6 +25,7 @@ pub mod client;
 pub mod error;
 pub mod hosted;
 pub mod http;
+pub mod migration;
 pub mod peers;
 pub mod registry;
 pub mod types;

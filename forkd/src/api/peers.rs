@@ -86,7 +86,7 @@ impl Peers {
         (part, parts)
     }
 
-    fn addr(&self, host: &str) -> Result<SocketAddr, RemoteError> {
+    pub(super) fn addr(&self, host: &str) -> Result<SocketAddr, RemoteError> {
         self.peers
             .get(host)
             .copied()
@@ -99,7 +99,7 @@ impl Peers {
 
     /// One request to `host` (the API's own client, with the cluster's
     /// token); the status and body.
-    fn call(
+    pub(super) fn call(
         &self,
         host: &str,
         method: &str,
@@ -124,7 +124,7 @@ impl Peers {
             })
     }
 
-    fn refused(host: &str, status: u16, body: &[u8]) -> RemoteError {
+    pub(super) fn refused(host: &str, status: u16, body: &[u8]) -> RemoteError {
         let error = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_owned))

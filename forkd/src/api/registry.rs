@@ -46,20 +46,23 @@ pub struct Limits {
     pub max_clones: u64,
 }
 
-struct Entry {
-    id: u64,
-    name: Option<String>,
-    cmdline: String,
-    mem_mib: u64,
-    vcpus: u64,
-    guest: PathBuf,
+pub(super) struct Entry {
+    pub(super) id: u64,
+    pub(super) name: Option<String>,
+    pub(super) cmdline: String,
+    pub(super) mem_mib: u64,
+    pub(super) vcpus: u64,
+    pub(super) guest: PathBuf,
     console: Console,
-    hub: Arc<ForkHub>,
+    pub(super) hub: Arc<ForkHub>,
+    /// Its VM is out with a migration worker (`api::migration`): fork and
+    /// removal are refused until it is given back or gone.
+    pub(super) migrating: AtomicBool,
     /// Set once the VM has ended (by the reaper, a fork that found it
     /// ended, or removal).
     exit: Mutex<Option<VmExit>>,
-    /// `None` once removed.
-    vm: Mutex<Option<Vm>>,
+    /// `None` once removed (or while a migration worker holds it).
+    pub(super) vm: Mutex<Option<Vm>>,
 }
 
 impl Entry {
@@ -121,6 +124,8 @@ pub struct Registry {
     /// This host's clones read the frozen image directly (default), or
     /// through the memory server like remote ones.
     local_direct: AtomicBool,
+    /// Migrations out of and into this host (`api::migration`).
+    pub(super) migrations: super::migration::Migrations,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -266,6 +271,7 @@ impl Registry {
             local_direct: AtomicBool::new(true),
             peers,
             hosted: Mutex::new(BTreeMap::new()),
+            migrations: Default::default(),
         })
     }
 
@@ -288,7 +294,15 @@ impl Registry {
         inner.next_id
     }
 
-    fn entry(&self, id: u64) -> Result<Arc<Entry>, ApiError> {
+    pub(super) fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
+    }
+
+    pub(super) fn memserver_ip(&self) -> std::net::IpAddr {
+        self.memserver.local_addr().ip()
+    }
+
+    pub(super) fn entry(&self, id: u64) -> Result<Arc<Entry>, ApiError> {
         lock(&self.inner)
             .vms
             .get(&id)
@@ -332,20 +346,12 @@ impl Registry {
         let slot = self.reserve()?;
         let guest = req.guest.clone().unwrap_or_else(default_guest);
         let id = self.next_vm_id();
-        let hub = ForkHub::new(
-            ForkOptions {
-                max_clones: self.limits.max_clones,
-                echo: false,
-                name_prefix: format!("{}.", vm_id(id)),
-                identities: self.identities.clone(),
-                local_direct: self.local_direct.load(Ordering::Relaxed),
-                ..ForkOptions::default()
-            }
-            .tuned(Some(ForkTuning {
+        let hub = self.new_hub(
+            id,
+            ForkTuning {
                 distribution: req.distribution.unwrap_or_default(),
                 heuristics: req.heuristics.unwrap_or(true),
-            })),
-            self.memserver.clone(),
+            },
         );
         hub.set_placement(placement);
         let cfg = VmConfig {
@@ -366,6 +372,7 @@ impl Registry {
             guest,
             console: vm.console().clone(),
             hub,
+            migrating: AtomicBool::new(false),
             exit: Mutex::new(None),
             vm: Mutex::new(Some(vm)),
         });
@@ -382,6 +389,103 @@ impl Registry {
         drop(slot);
         kill(&entry);
         Err(ApiError::ShuttingDown)
+    }
+
+    /// The fork hub of VM `id` (booted here or migrated in).
+    pub(super) fn new_hub(&self, id: u64, tuning: ForkTuning) -> Arc<ForkHub> {
+        ForkHub::new(
+            ForkOptions {
+                max_clones: self.limits.max_clones,
+                echo: false,
+                name_prefix: format!("{}.", vm_id(id)),
+                identities: self.identities.clone(),
+                local_direct: self.local_direct.load(Ordering::Relaxed),
+                ..ForkOptions::default()
+            }
+            .tuned(Some(tuning)),
+            self.memserver.clone(),
+        )
+    }
+
+    /// Registers a running VM that arrived by migration as VM `id`.
+    pub(super) fn adopt(&self, vm: Vm, hub: Arc<ForkHub>, meta: Adopted) -> Result<(), ApiError> {
+        let entry = Arc::new(Entry {
+            id: meta.id,
+            name: meta.name,
+            cmdline: meta.cmdline,
+            mem_mib: meta.mem_mib,
+            vcpus: meta.vcpus,
+            guest: meta.guest,
+            console: vm.console().clone(),
+            hub,
+            migrating: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            vm: Mutex::new(Some(vm)),
+        });
+        let mut inner = lock(&self.inner);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
+        if inner.vms.len() + inner.booting >= self.limits.max_vms {
+            return Err(ApiError::TooManyVms(self.limits.max_vms));
+        }
+        inner.vms.insert(meta.id, entry);
+        Ok(())
+    }
+
+    /// Takes VM `id` out of its entry for a migration worker: refused for
+    /// a clone, an exited VM, one with a live fork family or one already
+    /// migrating.
+    pub(super) fn take_for_migration(&self, id: u64) -> Result<(Arc<Entry>, Vm), ApiError> {
+        if self.hosted_detail(id).is_some() {
+            return Err(ApiError::Conflict(format!(
+                "{} is a clone of a family hosted here; migrating clones is not implemented yet",
+                vm_id(id)
+            )));
+        }
+        let entry = self.entry(id)?;
+        let mut guard = lock(&entry.vm);
+        if entry.migrating.load(Ordering::Acquire) {
+            return Err(ApiError::Conflict(format!(
+                "{} is being migrated already",
+                vm_id(id)
+            )));
+        }
+        if entry.hub.families().iter().any(|f| !f.is_released()) {
+            return Err(ApiError::Conflict(format!(
+                "{} has a live fork family (its clones read its memory); migrating a parent is not implemented yet",
+                vm_id(id)
+            )));
+        }
+        let exited = match guard.as_mut() {
+            Some(vm) => entry.record_exit(vm).is_some(),
+            None => true,
+        };
+        if exited {
+            let exit = lock(&entry.exit).clone().unwrap_or(VmExit::Stopped);
+            return Err(ApiError::Conflict(format!(
+                "{} has exited ({exit})",
+                vm_id(id)
+            )));
+        }
+        let vm = guard.take().ok_or(ApiError::Conflict("no VM".into()))?;
+        entry.migrating.store(true, Ordering::Release);
+        drop(guard);
+        Ok((entry, vm))
+    }
+
+    /// A migration that did not commit hands the VM back.
+    pub(super) fn give_back(&self, entry: &Entry, vm: Vm) {
+        *lock(&entry.vm) = Some(vm);
+        entry.migrating.store(false, Ordering::Release);
+    }
+
+    /// A committed migration: the VM runs elsewhere; forget it here.
+    pub(super) fn forget_migrated(&self, id: u64) {
+        let entry = lock(&self.inner).vms.remove(&id);
+        if let Some(e) = entry {
+            kill(&e);
+        }
     }
 
     pub fn list(&self) -> Vec<VmSummary> {
@@ -428,6 +532,12 @@ impl Registry {
             None => placement_counts(&req, |_| false).map(|_| None)?,
         };
         let entry = self.entry(id)?;
+        if entry.migrating.load(Ordering::Acquire) {
+            return Err(ApiError::Conflict(format!(
+                "{} is being migrated",
+                vm_id(id)
+            )));
+        }
         let mut guard = lock(&entry.vm);
         let Some(vm) = guard.as_mut() else {
             // Its memory was released at its exit. The count is checked
@@ -514,6 +624,15 @@ impl Registry {
         if self.remove_hosted(id) {
             return Ok(());
         }
+        if self
+            .entry(id)
+            .is_ok_and(|e| e.migrating.load(Ordering::Acquire))
+        {
+            return Err(ApiError::Conflict(format!(
+                "{} is being migrated; cancelling a migration is not implemented yet",
+                vm_id(id)
+            )));
+        }
         let entry = lock(&self.inner)
             .vms
             .remove(&id)
@@ -569,6 +688,16 @@ impl Registry {
                 }
             })
     }
+}
+
+/// What a VM that arrived by migration is registered with.
+pub(super) struct Adopted {
+    pub id: u64,
+    pub name: Option<String>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub guest: PathBuf,
 }
 
 /// Stops the VM; dropping it shuts its fork hub down, which kills and

@@ -1,0 +1,574 @@
+//! Live migration through the API.
+//!
+//! Source: `POST /v1/vms/{id}/migrate` takes the VM out of its registry
+//! entry (fork and DELETE answer 409 meanwhile), asks the destination
+//! daemon to open an incoming migration (`POST /v1/migrations`, daemon to
+//! daemon with the cluster's bearer token: a port on its address and a
+//! one-time secret), answers 202 and hands the VM to a worker thread that
+//! runs [`sender::migrate`] — no registry lock is held while it runs.
+//! Committed: the VM is destroyed and forgotten here. Aborted: the VM,
+//! running again, goes back into its entry. In doubt (commit sent, no
+//! answer): the worker asks the destination to abort
+//! (`DELETE /v1/migrations/{id}`), which answers with its one decision
+//! (see [`crate::migrate::receiver::CommitGate`]); the VM resumes here only
+//! if the destination aborted or its daemon is gone (connection refused).
+//! `GET /v1/vms/{id}/migration` shows the progress and the report, also
+//! after the VM has left.
+//!
+//! Destination: `POST /v1/migrations` binds a listener, starts a receiver
+//! thread ([`receiver::receive`]) and answers with the port and secret; at
+//! commit the VM is registered under an id reserved at open time, with a
+//! fork hub of its own. `GET /v1/migrations/{id}` shows what arrived.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::http::{blocking, parse_body, vm_path};
+use super::registry::{Adopted, Registry};
+use super::types::vm_id;
+use crate::fork::envelope::{from_hex, to_hex};
+use crate::fork::parent::ForkTuning;
+use crate::guest::default_guest;
+use crate::migrate::receiver::{self, CommitGate, GateState, Incoming, ReceiveProgress};
+use crate::migrate::sender::{self, MigrateError, Outgoing};
+use crate::migrate::{MigrateOptions, Phase, Progress, ProgressView};
+use crate::sync::lock;
+use crate::vmm::devices::Console;
+use crate::vmm::memory::check_size;
+use crate::vmm::vm::{BuildOptions, MAX_VCPUS};
+
+/// Records kept per direction (finished ones beyond this are dropped).
+const KEPT: usize = 64;
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a destination waits for its source to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_DOWNTIME_MS: u64 = 60_000;
+
+fn default_downtime() -> u64 {
+    30
+}
+
+fn default_mode() -> String {
+    "precopy".into()
+}
+
+/// `POST /v1/vms/{id}/migrate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    pub destination: String,
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    #[serde(default)]
+    pub bandwidth_mib_s: u64,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigrationStarted {
+    pub vm: String,
+    pub destination: String,
+    pub phase: Phase,
+}
+
+/// `GET /v1/vms/{id}/migration`.
+#[derive(Debug, Serialize)]
+pub struct MigrationStatus {
+    pub vm: String,
+    pub destination: String,
+    pub mode: String,
+    pub downtime_ms: u64,
+    pub bandwidth_mib_s: u64,
+    #[serde(flatten)]
+    pub progress: ProgressView,
+}
+
+/// `POST /v1/migrations` (daemon to daemon).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenIncoming {
+    /// The source's host and VM id, for the record.
+    pub source: String,
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub cmdline: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub guest: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IncomingOpened {
+    pub id: u64,
+    pub port: u16,
+    /// 32 bytes, hex.
+    pub secret: String,
+    /// The id the VM will have here once committed.
+    pub vm: String,
+}
+
+/// `GET|DELETE /v1/migrations/{id}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IncomingStatus {
+    pub id: u64,
+    pub source: String,
+    /// `open`, `committed` or `aborted`.
+    pub state: String,
+    pub vm: String,
+    pub pages_received: u64,
+    pub bytes_received: u64,
+    pub rounds: u32,
+    pub rejected: u64,
+    pub last_rejection: Option<String>,
+    pub error: Option<String>,
+}
+
+struct OutRecord {
+    vm: String,
+    destination: String,
+    mode: String,
+    downtime_ms: u64,
+    bandwidth_mib_s: u64,
+    progress: Progress,
+}
+
+struct InRecord {
+    id: u64,
+    source: String,
+    vm: String,
+    gate: CommitGate,
+    progress: ReceiveProgress,
+    error: Mutex<Option<String>>,
+}
+
+/// The registry's migrations, both ways.
+#[derive(Default)]
+pub struct Migrations {
+    out: Mutex<BTreeMap<u64, Arc<OutRecord>>>,
+    incoming: Mutex<BTreeMap<u64, Arc<InRecord>>>,
+    next_in: AtomicU64,
+}
+
+fn trim<T>(map: &mut BTreeMap<u64, Arc<T>>, done: impl Fn(&T) -> bool) {
+    while map.len() > KEPT {
+        let Some(k) = map.iter().find(|(_, v)| done(v)).map(|(k, _)| *k) else {
+            return;
+        };
+        map.remove(&k);
+    }
+}
+
+fn random_secret() -> Result<[u8; 32], ApiError> {
+    let mut s = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut s))
+        .map_err(|e| ApiError::Internal(format!("random secret: {e}")))?;
+    Ok(s)
+}
+
+fn gate_name(s: GateState) -> &'static str {
+    match s {
+        GateState::Open => "open",
+        GateState::Committed => "committed",
+        GateState::Aborted => "aborted",
+    }
+}
+
+fn in_status(r: &InRecord, state: GateState) -> IncomingStatus {
+    let v = r.progress.view();
+    IncomingStatus {
+        id: r.id,
+        source: r.source.clone(),
+        state: gate_name(state).into(),
+        vm: r.vm.clone(),
+        pages_received: v.pages_received,
+        bytes_received: v.bytes_received,
+        rounds: v.rounds,
+        rejected: v.rejected,
+        last_rejection: v.last_rejection,
+        error: lock(&r.error).clone(),
+    }
+}
+
+impl Registry {
+    /// `POST /v1/vms/{id}/migrate`: checks, opens the destination, starts
+    /// the worker; the migration runs on after this returns.
+    pub fn migrate(
+        self: &Arc<Self>,
+        id: u64,
+        req: MigrateVm,
+    ) -> Result<MigrationStarted, ApiError> {
+        match req.mode.as_str() {
+            "precopy" => {}
+            "postcopy" | "auto" => {
+                return Err(ApiError::Unprocessable(format!(
+                    "mode '{}': not implemented yet (only \"precopy\")",
+                    req.mode
+                )))
+            }
+            m => {
+                return Err(ApiError::BadRequest(format!(
+                    "mode '{m}': expected \"precopy\", \"postcopy\" or \"auto\""
+                )))
+            }
+        }
+        if req.downtime_ms == 0 || req.downtime_ms > MAX_DOWNTIME_MS {
+            return Err(ApiError::BadRequest(format!(
+                "downtime_ms: 1..={MAX_DOWNTIME_MS}"
+            )));
+        }
+        let peers = self
+            .peers()
+            .cloned()
+            .ok_or(ApiError::NoCluster("migrate VMs"))?;
+        if req.destination == peers.name() {
+            return Err(ApiError::Unprocessable(format!(
+                "destination '{}' is this host",
+                req.destination
+            )));
+        }
+        let dest_addr = peers
+            .addr(&req.destination)
+            .map_err(|_| ApiError::Unprocessable(format!("unknown host '{}'", req.destination)))?;
+        let (entry, vm) = self.take_for_migration(id)?;
+        let open = OpenIncoming {
+            source: format!("{}/{}", peers.name(), vm_id(id)),
+            mem_mib: entry.mem_mib,
+            vcpus: entry.vcpus,
+            cmdline: entry.cmdline.clone(),
+            name: entry.name.clone(),
+            guest: Some(entry.guest.clone()),
+        };
+        let opened = serde_json::to_vec(&open)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+            .and_then(|body| {
+                let (status, resp) = peers
+                    .call(
+                        &req.destination,
+                        "POST",
+                        "/v1/migrations",
+                        Some(&body),
+                        OPEN_TIMEOUT,
+                    )
+                    .map_err(|e| ApiError::BadGateway(e.to_string()))?;
+                if status != 201 {
+                    return Err(ApiError::BadGateway(
+                        super::peers::Peers::refused(&req.destination, status, &resp).to_string(),
+                    ));
+                }
+                serde_json::from_slice::<IncomingOpened>(&resp)
+                    .map_err(|e| ApiError::BadGateway(format!("the destination's answer: {e}")))
+            });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                self.give_back(&entry, vm);
+                return Err(e);
+            }
+        };
+        let mut secret = [0u8; 32];
+        match from_hex(&opened.secret) {
+            Some(s) if s.len() == 32 => secret.copy_from_slice(&s),
+            _ => {
+                self.give_back(&entry, vm);
+                return Err(ApiError::BadGateway(
+                    "the destination's secret is malformed".into(),
+                ));
+            }
+        }
+        let record = Arc::new(OutRecord {
+            vm: vm_id(id),
+            destination: req.destination.clone(),
+            mode: req.mode.clone(),
+            downtime_ms: req.downtime_ms,
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            progress: Progress::default(),
+        });
+        {
+            let mut out = lock(&self.migrations.out);
+            out.insert(id, record.clone());
+            trim(&mut out, |r| r.progress.phase().is_final());
+        }
+        let out = Outgoing {
+            addr: SocketAddr::new(dest_addr.ip(), opened.port),
+            secret,
+            source: open.source,
+        };
+        let opts = MigrateOptions {
+            downtime: Duration::from_millis(req.downtime_ms),
+            bandwidth_mib_s: req.bandwidth_mib_s,
+            ..MigrateOptions::default()
+        };
+        let reg = self.clone();
+        let dest = req.destination.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("migrate-{}", vm_id(id)))
+            .spawn(move || {
+                let mut vm = vm;
+                let result = sender::migrate(&mut vm, &out, &opts, &record.progress);
+                let committed = match result {
+                    Ok(_) => true,
+                    Err(MigrateError::InDoubt(why)) => {
+                        reg.resolve_in_doubt(&dest, opened.id, &why, &mut vm, &record)
+                    }
+                    Err(e) => {
+                        tracing::warn!("migration of {} aborted: {e}", vm_id(id));
+                        false
+                    }
+                };
+                if committed {
+                    vm.kill();
+                    drop(vm);
+                    reg.forget_migrated(id);
+                } else {
+                    reg.give_back(&entry, vm);
+                }
+            });
+        if let Err(e) = worker {
+            return Err(ApiError::Internal(format!("migration worker: {e}")));
+        }
+        Ok(MigrationStarted {
+            vm: vm_id(id),
+            destination: req.destination,
+            phase: Phase::Connecting,
+        })
+    }
+
+    /// Commit sent, no answer: the destination decides (it aborts unless
+    /// it committed). Whether the guest now runs there.
+    fn resolve_in_doubt(
+        &self,
+        dest: &str,
+        mig: u64,
+        why: &str,
+        vm: &mut crate::vmm::Vm,
+        record: &OutRecord,
+    ) -> bool {
+        let Some(peers) = self.peers() else {
+            return false;
+        };
+        let path = format!("/v1/migrations/{mig}");
+        let answer = peers.call(dest, "DELETE", &path, None, OPEN_TIMEOUT);
+        let state = match &answer {
+            Ok((200, body)) => serde_json::from_slice::<IncomingStatus>(body)
+                .map(|s| s.state)
+                .unwrap_or_default(),
+            // No daemon there any more: nothing of the guest runs there.
+            Err(e) if e.to_string().contains("refused") => "aborted".into(),
+            _ => String::new(),
+        };
+        match state.as_str() {
+            "committed" => {
+                record.progress.finish(
+                    Phase::Committed,
+                    None,
+                    Some(format!("{why}; the destination confirmed the commit")),
+                );
+                true
+            }
+            "aborted" => {
+                let resumed = vm.resume();
+                let msg = format!("{why}; the destination aborted, the guest runs here again");
+                record.progress.finish(Phase::Aborted, None, Some(msg));
+                if let Err(e) = resumed {
+                    tracing::warn!("resuming after an aborted commit: {e}");
+                }
+                false
+            }
+            _ => {
+                let msg = format!("{why}; the destination cannot say whether it committed: the guest stays paused here");
+                record.progress.finish(Phase::InDoubt, None, Some(msg));
+                false
+            }
+        }
+    }
+
+    pub fn migration_status(&self, id: u64) -> Result<MigrationStatus, ApiError> {
+        let r = lock(&self.migrations.out)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSuchMigration(vm_id(id)))?;
+        Ok(MigrationStatus {
+            vm: r.vm.clone(),
+            destination: r.destination.clone(),
+            mode: r.mode.clone(),
+            downtime_ms: r.downtime_ms,
+            bandwidth_mib_s: r.bandwidth_mib_s,
+            progress: r.progress.view(),
+        })
+    }
+
+    /// `POST /v1/migrations`: a VM is coming; listen for it.
+    pub fn open_incoming(self: &Arc<Self>, req: OpenIncoming) -> Result<IncomingOpened, ApiError> {
+        if self.peers().is_none() {
+            return Err(ApiError::NoCluster("receive migrations"));
+        }
+        if self.is_closed() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let mem_bytes =
+            check_size(req.mem_mib).map_err(|e| ApiError::BadRequest(format!("mem_mib: {e}")))?;
+        if req.vcpus == 0 || req.vcpus > MAX_VCPUS as u64 {
+            return Err(ApiError::BadRequest(format!("vcpus: 1..={MAX_VCPUS}")));
+        }
+        if req.source.len() > 256 || req.name.as_ref().is_some_and(|n| n.len() > 256) {
+            return Err(ApiError::BadRequest("source or name too long".into()));
+        }
+        let listener = TcpListener::bind(SocketAddr::new(self.memserver_ip(), 0))
+            .map_err(|e| ApiError::Internal(format!("migration listener: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .port();
+        let secret = random_secret()?;
+        let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
+        let vm_num = self.next_vm_id();
+        let record = Arc::new(InRecord {
+            id: mig,
+            source: req.source.clone(),
+            vm: vm_id(vm_num),
+            gate: CommitGate::default(),
+            progress: ReceiveProgress::default(),
+            error: Mutex::new(None),
+        });
+        {
+            let mut all = lock(&self.migrations.incoming);
+            all.insert(mig, record.clone());
+            trim(&mut all, |r| r.gate.state().0 != GateState::Open);
+        }
+        let hub = self.new_hub(
+            vm_num,
+            ForkTuning {
+                distribution: Default::default(),
+                heuristics: true,
+            },
+        );
+        let inc = Incoming {
+            secret,
+            mem_bytes,
+            accept_timeout: ACCEPT_TIMEOUT,
+            io_timeout: MigrateOptions::default().io_timeout,
+        };
+        let build = BuildOptions {
+            console: Console::new(false, req.name.as_deref()),
+            hypercalls: Some(hub.clone()),
+            memory_server: None,
+            started: Instant::now(),
+        };
+        let meta = Adopted {
+            id: vm_num,
+            name: req.name.clone(),
+            cmdline: req.cmdline.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            guest: req.guest.clone().unwrap_or_else(default_guest),
+        };
+        let reg = self.clone();
+        let rec = record.clone();
+        std::thread::Builder::new()
+            .name(format!("migrate-in-{mig}"))
+            .spawn(move || {
+                let r = receiver::receive(listener, &inc, build, &rec.gate, &rec.progress, |vm| {
+                    reg.adopt(vm, hub, meta)
+                        .map(|()| vm_id(vm_num))
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    tracing::warn!("incoming migration {mig} from {}: {e}", rec.source);
+                    *lock(&rec.error) = Some(e.to_string());
+                }
+            })
+            .map_err(|e| ApiError::Internal(format!("migration receiver: {e}")))?;
+        Ok(IncomingOpened {
+            id: mig,
+            port,
+            secret: to_hex(&secret),
+            vm: vm_id(vm_num),
+        })
+    }
+
+    fn incoming(&self, mig: u64) -> Result<Arc<InRecord>, ApiError> {
+        lock(&self.migrations.incoming)
+            .get(&mig)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSuchMigration(mig.to_string()))
+    }
+
+    pub fn incoming_status(&self, mig: u64) -> Result<IncomingStatus, ApiError> {
+        let r = self.incoming(mig)?;
+        Ok(in_status(&r, r.gate.state().0))
+    }
+
+    /// Aborts an incoming migration unless it committed; the decision.
+    pub fn abort_incoming(&self, mig: u64) -> Result<IncomingStatus, ApiError> {
+        let r = self.incoming(mig)?;
+        let (state, _) = r.gate.abort();
+        Ok(in_status(&r, state))
+    }
+}
+
+pub(super) async fn post_migrate(
+    State(reg): State<Arc<Registry>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    let req: MigrateVm = parse_body(body)?;
+    let started = blocking(move || reg.migrate(id, req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)).into_response())
+}
+
+pub(super) async fn get_migration(
+    State(reg): State<Arc<Registry>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    Ok(Json(reg.migration_status(id)?).into_response())
+}
+
+fn mig_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    id.parse()
+        .map_err(|_| ApiError::BadRequest(format!("migration id '{id}': expected an integer")))
+}
+
+pub(super) async fn post_incoming(
+    State(reg): State<Arc<Registry>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: OpenIncoming = parse_body(body)?;
+    let opened = blocking(move || reg.open_incoming(req)).await?;
+    Ok((StatusCode::CREATED, Json(opened)).into_response())
+}
+
+pub(super) async fn get_incoming(
+    State(reg): State<Arc<Registry>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = mig_path(path)?;
+    Ok(Json(reg.incoming_status(id)?).into_response())
+}
+
+pub(super) async fn delete_incoming(
+    State(reg): State<Arc<Registry>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = mig_path(path)?;
+    Ok(Json(reg.abort_incoming(id)?).into_response())
+}
