@@ -107,9 +107,9 @@ pub struct OpenIncoming {
     pub mem_mib: u64,
     pub vcpus: u64,
     pub cmdline: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<PathBuf>,
 }
 
@@ -135,7 +135,9 @@ pub struct IncomingStatus {
     pub bytes_received: u64,
     pub rounds: u32,
     pub rejected: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_rejection: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

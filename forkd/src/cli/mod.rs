@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 mod fork_summary;
+mod migrate;
 mod vm;
 
 #[derive(Parser, Debug)]

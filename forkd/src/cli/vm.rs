@@ -1,4 +1,4 @@
-//! `forkd vm create|list|get|console|fork|delete`: a client of one host's
+//! `forkd vm create|list|get|console|fork|migrate|delete`: a client of one host's
 //! API. The host is a name of the local cluster (`--host h1`), a Unix
 //! socket (`--socket PATH`), or a TCP address with a token (`--url
 //! IP:PORT --token-file F`); by default the local daemon's socket. Tables
@@ -26,6 +26,8 @@ pub enum VmCommand {
     Console(IdArgs),
     /// Fork a running VM into clones (host-initiated).
     Fork(ForkArgs),
+    /// Live-migrate a running VM to another host (pre-copy).
+    Migrate(super::migrate::MigrateArgs),
     /// Stop a VM (and its clones) and forget it.
     Delete(IdArgs),
 }
@@ -135,7 +137,7 @@ pub struct ForkArgs {
 }
 
 impl Target {
-    fn endpoint(&self) -> Result<Endpoint> {
+    pub(super) fn endpoint(&self) -> Result<Endpoint> {
         if let Some(host) = &self.host {
             state::check_name(&self.cluster)?;
             let dir = self
@@ -185,7 +187,7 @@ impl Target {
 }
 
 /// `vm-N` or `N`, as the API path wants it.
-fn vm_path(id: &str) -> Result<String> {
+pub(super) fn vm_path(id: &str) -> Result<String> {
     let n = id.strip_prefix("vm-").unwrap_or(id);
     if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
         bail!("'{id}' is not a VM id (vm-N)");
@@ -193,7 +195,7 @@ fn vm_path(id: &str) -> Result<String> {
     Ok(format!("/v1/vms/vm-{n}"))
 }
 
-fn text(v: &Value) -> String {
+pub(super) fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -291,7 +293,7 @@ fn family_rows(families: &[Value]) -> String {
     out
 }
 
-fn print(json: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+pub(super) fn print(json: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
     if json {
         println!("{v}");
     } else {
@@ -441,6 +443,7 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
             });
         }
         VmCommand::Fork(a) => fork(a)?,
+        VmCommand::Migrate(a) => super::migrate::migrate(a)?,
         VmCommand::Delete(a) => {
             a.target
                 .endpoint()?

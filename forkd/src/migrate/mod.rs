@@ -128,7 +128,9 @@ pub struct ProgressView {
     pub dirty_pages: u64,
     pub dirty_pages_per_s: u64,
     pub estimated_downtime_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<Report>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
