@@ -6,6 +6,16 @@
 //! refused. Needs /dev/kvm (and root for the cluster); fails clearly
 //! without.
 
+#[allow(dead_code)]
+#[path = "api/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "remote/common.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "api/schema.rs"]
+mod schema;
+
 use forkd::vmm::dirty::ranges;
 use std::time::Duration;
 use tests::{boot, finish, qemu_done_line};
@@ -176,5 +186,232 @@ mod local {
         assert!(r.is_err());
         assert_eq!(view.rejected, 1);
         assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
+    }
+}
+
+mod cluster {
+    //! Two hosts of a local cluster: real daemons in network namespaces,
+    //! the migration over real TCP on the cluster's bridge.
+    use super::client;
+    use super::common::*;
+    use forkd::migrate::protocol::{read_message, Hello, Message, HEADER_LEN};
+    use serde_json::Value;
+    use std::io::Write;
+    use std::net::{Shutdown, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    use tests::{forkd_bin, qemu_done_line, run_with_timeout};
+
+    const CMDLINE: &str = super::local::CMDLINE;
+
+    fn vms(sock: &Path) -> Vec<Value> {
+        let r = client::call_unix(sock, "GET", "/v1/vms", None);
+        assert_eq!(r.status, 200, "{}", r.error());
+        r.json()["vms"].as_array().expect("vms").clone()
+    }
+
+    fn last_line(sock: &Path, id: &str, limit: Duration) -> String {
+        let v = poll(sock, &format!("/v1/vms/{id}"), limit, |v| {
+            v["state"] == "exited"
+        });
+        assert_eq!(v["exit"]["code"], 0, "{v}");
+        v["last_line"].as_str().expect("last line").to_owned()
+    }
+
+    /// A zone guest migrated h1→h2 mid-run with `forkd vm migrate --wait`
+    /// ends on h2 with QEMU's line; h1 no longer has it.
+    #[test]
+    fn zone_migrated_mid_run_ends_with_qemus_line() {
+        let (c, up) = Cluster::up(2);
+        let hs = up["hosts"].as_array().expect("hosts").clone();
+        let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+        let id = start_vm(&h1, CMDLINE);
+        std::thread::sleep(Duration::from_millis(500));
+        let dir = c.dir.to_str().expect("dir");
+        let o = run_with_timeout(
+            Command::new(forkd_bin()).args([
+                "vm",
+                "migrate",
+                &id,
+                "--host",
+                "h1",
+                "--cluster",
+                &c.name,
+                "--cluster-dir",
+                dir,
+                "--to",
+                "h2",
+                "--wait",
+                "--json",
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "vm migrate: {}", text(&o));
+        let status: Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(status["phase"], "committed", "{status}");
+        let report = &status["report"];
+        let dest = report["destination_vm"]
+            .as_str()
+            .expect("dest vm")
+            .to_owned();
+        eprintln!("report: {report}");
+        assert!(report["rounds"].as_u64() >= Some(1));
+        // Round 0 carried the touched memory, not the 512 MiB guest.
+        assert!(report["bytes_sent"].as_u64() < Some(200 << 20), "{report}");
+        // The status again, through the API (checked against the spec).
+        let r = client::call_unix(&h1, "GET", &format!("/v1/vms/{id}/migration"), None);
+        assert_eq!(r.status, 200, "{}", r.error());
+        assert!(
+            vms(&h1).iter().all(|v| v["id"] != id.as_str()),
+            "the source still lists {id}"
+        );
+        assert!(vms(&h2).iter().any(|v| v["id"] == dest.as_str()));
+        let line = last_line(&h2, &dest, Duration::from_secs(30));
+        assert_eq!(line, qemu_done_line(CMDLINE, MEM));
+        // Refusals: an unknown destination, a mode not built yet.
+        let id2 = start_vm(&h1, CMDLINE);
+        let path = format!("/v1/vms/{id2}/migrate");
+        let r = client::call_unix(&h1, "POST", &path, Some(r#"{"destination": "h9"}"#));
+        assert_eq!(r.status, 422, "{}", r.error());
+        let r = client::call_unix(
+            &h1,
+            "POST",
+            &path,
+            Some(r#"{"destination": "h2", "mode": "postcopy"}"#),
+        );
+        assert_eq!(r.status, 422, "{}", r.error());
+        assert!(r.error().contains("not implemented"), "{}", r.error());
+        let line = last_line(&h1, &id2, Duration::from_secs(30));
+        assert_eq!(line, qemu_done_line(CMDLINE, MEM));
+    }
+
+    /// h2's daemon killed during pre-copy: the migration aborts, the guest
+    /// runs on on h1 and ends with QEMU's line.
+    #[test]
+    fn destination_killed_mid_migration_source_continues() {
+        let (_c, up) = Cluster::up(2);
+        let hs = up["hosts"].as_array().expect("hosts").clone();
+        let h1 = socket(&hs[0]);
+        let cmdline = "ticks=1000 seed=5 state_mib=32 dirty_pages=16 tick_us=5000";
+        let id = start_vm(&h1, cmdline);
+        // A capped link: round 0 (~40 MiB) takes ~10 s at 4 MiB/s.
+        let body = r#"{"destination": "h2", "downtime_ms": 30, "bandwidth_mib_s": 4}"#;
+        let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/migrate"), Some(body));
+        assert_eq!(r.status, 202, "{}", r.error());
+        let path = format!("/v1/vms/{id}/migration");
+        poll(&h1, &path, Duration::from_secs(20), |v| {
+            v["phase"] == "precopy" && v["bytes_sent"].as_u64() > Some(2 << 20)
+        });
+        // While migrating, the VM is not forked or deleted.
+        let r = client::call_unix(
+            &h1,
+            "POST",
+            &format!("/v1/vms/{id}/fork"),
+            Some(r#"{"clones": 1}"#),
+        );
+        assert_eq!(r.status, 409, "{}", r.error());
+        let pid = hs[1]["pid"].as_u64().expect("pid") as i32;
+        // SAFETY: kill(2) on the pid of h2's daemon, which this test's
+        // cluster started; the cluster guard cleans up after it.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        let v = poll(&h1, &path, Duration::from_secs(15), |v| {
+            v["phase"] == "aborted"
+        });
+        eprintln!("aborted after {:?}: {}", t.elapsed(), v["error"]);
+        assert!(v["error"].as_str().is_some(), "{v}");
+        let line = last_line(&h1, &id, Duration::from_secs(60));
+        assert_eq!(line, qemu_done_line(cmdline, MEM));
+    }
+
+    /// Runs `f` on a thread inside network namespace `ns`.
+    fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a namespace file we opened; it changes the
+            // network namespace of this thread only.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// Sends `bytes` (then closes the writing half) and returns the
+    /// receiver's `Abort` reason.
+    fn refused(addr: String, bytes: Vec<u8>) -> String {
+        let mut s =
+            TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(5))
+                .expect("connect to the migration port");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(&bytes).expect("send");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        match read_message(&mut s) {
+            Ok(Message::Abort { reason }) => reason,
+            other => panic!("expected Abort, got {other:?}"),
+        }
+    }
+
+    /// Garbage, another protocol version, a truncated message and a wrong
+    /// secret on h2's migration port: each refused with a clear reason;
+    /// the incoming migration stays open, and a VM on h1 runs to QEMU's
+    /// line meanwhile.
+    #[test]
+    fn bad_input_on_the_migration_port_is_refused() {
+        let (_c, up) = Cluster::up(2);
+        let hs = up["hosts"].as_array().expect("hosts").clone();
+        let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+        let id = start_vm(&h1, CMDLINE);
+        let body = r#"{"source": "test", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
+        let r = client::call_unix(&h2, "POST", "/v1/migrations", Some(body));
+        assert_eq!(r.status, 201, "{}", r.error());
+        let opened = r.json();
+        let mig = opened["id"].as_u64().expect("id");
+        let addr = format!(
+            "{}:{}",
+            hs[1]["address"].as_str().expect("address"),
+            opened["port"]
+        );
+        let ns = hs[0]["netns"].as_str().expect("netns").to_owned();
+        let hello = Message::Hello(Hello {
+            secret: [0; 32],
+            mem_bytes: 512 << 20,
+            vcpus: 1,
+            irqchip: false,
+            source: "test".into(),
+        })
+        .encode()
+        .expect("encode");
+        let mut wrong_version = hello.clone();
+        wrong_version[4] = 7;
+        let truncated = hello[..HEADER_LEN + 5].to_vec();
+        let cases = [
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "bad magic"),
+            (wrong_version, "version 7"),
+            (truncated, "truncated"),
+            (hello, "wrong secret"),
+        ];
+        for (i, (bytes, want)) in cases.into_iter().enumerate() {
+            let a = addr.clone();
+            let why = in_netns(&ns, move || refused(a, bytes));
+            assert!(why.contains(want), "case {i}: {why}");
+            let r = client::call_unix(&h2, "GET", &format!("/v1/migrations/{mig}"), None);
+            assert_eq!(r.status, 200, "{}", r.error());
+            let st = r.json();
+            assert_eq!(st["rejected"], i as u64 + 1, "{st}");
+            assert_eq!(st["state"], "open", "{st}");
+        }
+        // The source's host decides nothing here; abort it from the API.
+        let r = client::call_unix(&h2, "DELETE", &format!("/v1/migrations/{mig}"), None);
+        assert_eq!(r.status, 200, "{}", r.error());
+        assert_eq!(r.json()["state"], "aborted");
+        assert!(vms(&h2).is_empty(), "nothing was built on h2");
+        let line = last_line(&h1, &id, Duration::from_secs(30));
+        assert_eq!(line, qemu_done_line(CMDLINE, MEM));
     }
 }
