@@ -304,7 +304,11 @@ mod cluster {
         poll(&h1, &path, Duration::from_secs(20), |v| {
             v["phase"] == "precopy" && v["bytes_sent"].as_u64() > Some(2 << 20)
         });
-        // While migrating, the VM is not forked or deleted.
+        // While migrating, the VM is not migrated again, forked or deleted.
+        let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/migrate"), Some(body));
+        assert_eq!(r.status, 409, "{}", r.error());
+        let r = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{id}"), None);
+        assert_eq!(r.status, 409, "{}", r.error());
         let r = client::call_unix(
             &h1,
             "POST",
@@ -351,6 +355,40 @@ mod cluster {
             .expect("timeout");
         s.write_all(&bytes).expect("send");
         s.shutdown(Shutdown::Write).expect("shutdown");
+        match read_message(&mut s) {
+            Ok(Message::Abort { reason }) => reason,
+            other => panic!("expected Abort, got {other:?}"),
+        }
+    }
+
+    /// A valid handshake, then a page range past the guest's end: the
+    /// receiver's `Abort` reason.
+    fn outside_memory(addr: String, secret_hex: &str) -> String {
+        let secret: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&secret_hex[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        let mut s =
+            TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(5))
+                .expect("connect to the migration port");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let hello = Message::Hello(Hello {
+            secret: secret.try_into().expect("32 bytes"),
+            mem_bytes: 512 << 20,
+            vcpus: 1,
+            irqchip: false,
+            source: "test".into(),
+        });
+        s.write_all(&hello.encode().expect("encode"))
+            .expect("hello");
+        assert_eq!(read_message(&mut s).expect("welcome"), Message::Welcome);
+        let pages = Message::Pages {
+            first: (512 << 20) / 4096 - 1,
+            count: 2,
+            data: vec![1; 8192],
+        };
+        s.write_all(&pages.encode().expect("encode"))
+            .expect("pages");
         match read_message(&mut s) {
             Ok(Message::Abort { reason }) => reason,
             other => panic!("expected Abort, got {other:?}"),
@@ -406,7 +444,22 @@ mod cluster {
             assert_eq!(st["rejected"], i as u64 + 1, "{st}");
             assert_eq!(st["state"], "open", "{st}");
         }
-        // The source's host decides nothing here; abort it from the API.
+        // The right secret, then pages outside guest memory: refused, and
+        // this incoming migration is over (nothing was built).
+        let secret = opened["secret"].as_str().expect("secret").to_owned();
+        let a = addr.clone();
+        let why = in_netns(&ns, move || outside_memory(a, &secret));
+        assert!(why.contains("outside guest memory"), "{why}");
+        let st = poll(
+            &h2,
+            &format!("/v1/migrations/{mig}"),
+            Duration::from_secs(10),
+            |v| v["state"] == "aborted",
+        );
+        assert!(
+            st["error"].as_str().is_some_and(|e| e.contains("outside")),
+            "{st}"
+        );
         let r = client::call_unix(&h2, "DELETE", &format!("/v1/migrations/{mig}"), None);
         assert_eq!(r.status, 200, "{}", r.error());
         assert_eq!(r.json()["state"], "aborted");
