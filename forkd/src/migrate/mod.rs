@@ -198,9 +198,10 @@ pub struct Report {
     pub downtime_us: u64,
     /// Pausing the vCPUs.
     pub pause_us: u64,
-    /// Copying the last dirty set.
+    /// Handing the last dirty set to the connection.
     pub last_round_us: u64,
-    /// Capturing and sending the state, until the destination had built the VM.
+    /// Capturing and sending the state until the destination had built the
+    /// VM: includes the destination draining the last pages still in flight.
     pub state_us: u64,
     /// Commit until the destination's acknowledgement (its vCPUs started).
     pub resume_us: u64,

@@ -341,6 +341,40 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
     Message::decode_payload(kind, payload)
 }
 
+/// Writes a `Pages` frame straight from `data` (no intermediate copy):
+/// the same bytes as `Message::Pages { .. }.encode()`.
+pub fn write_pages(
+    w: &mut impl Write,
+    first: u64,
+    count: u32,
+    data: &[u8],
+) -> Result<usize, ProtocolError> {
+    if count == 0
+        || count as u64 > MAX_PAGES_PER_MESSAGE
+        || data.len() as u64 != count as u64 * PAGE_SIZE
+    {
+        return Err(ProtocolError::Encode(format!(
+            "{count} pages in {} bytes",
+            data.len()
+        )));
+    }
+    let len = 12 + data.len() as u32;
+    let mut head = [0u8; HEADER_LEN + 12];
+    head[..4].copy_from_slice(&MAGIC);
+    head[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    head[6..8].copy_from_slice(&T_PAGES.to_le_bytes());
+    head[8..12].copy_from_slice(&len.to_le_bytes());
+    head[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&first.to_le_bytes());
+    head[HEADER_LEN + 8..].copy_from_slice(&count.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(data);
+    w.write_all(&head)?;
+    w.write_all(data)?;
+    w.write_all(&h.finalize().to_le_bytes())?;
+    Ok(head.len() + data.len() + 4)
+}
+
 pub fn write_message(w: &mut impl Write, m: &Message) -> Result<usize, ProtocolError> {
     let f = m.encode()?;
     w.write_all(&f)?;
@@ -381,6 +415,22 @@ mod tests {
         round_trip(Message::Abort {
             reason: "no".into(),
         });
+    }
+
+    #[test]
+    fn write_pages_is_a_pages_frame() {
+        let data = vec![5u8; 3 * 4096];
+        let mut out = Vec::new();
+        let n = write_pages(&mut out, 11, 3, &data).unwrap();
+        assert_eq!(n, out.len());
+        let m = Message::Pages {
+            first: 11,
+            count: 3,
+            data,
+        };
+        assert_eq!(out, m.encode().unwrap());
+        assert!(write_pages(&mut out, 0, 2, &[0; 4096]).is_err());
+        assert!(write_pages(&mut out, 0, 0, &[]).is_err());
     }
 
     #[test]

@@ -152,11 +152,11 @@ enum State {
     Accept,
     Receiving {
         conn: Conn,
-        memory: GuestMemory,
+        shell: VmShell,
     },
     Building {
         conn: Conn,
-        memory: GuestMemory,
+        shell: VmShell,
         state: Box<VmState>,
     },
     Done(String),
@@ -196,17 +196,13 @@ pub fn receive(
     let result = loop {
         let step = match state {
             State::Done(id) => break Ok(id),
-            State::Accept => accept(&listener, inc, progress).map(|(conn, memory)| {
+            State::Accept => accept(&listener, inc, progress).map(|(conn, shell)| {
                 conn_for_abort = conn.writer.try_clone().ok();
-                State::Receiving { conn, memory }
+                State::Receiving { conn, shell }
             }),
-            State::Receiving { conn, memory } => receiving(conn, memory, progress),
-            State::Building {
-                conn,
-                memory,
-                state,
-            } => match (build.take(), commit.take()) {
-                (Some(b), Some(c)) => building(conn, memory, &state, b, c, gate, progress),
+            State::Receiving { conn, shell } => receiving(conn, shell, progress),
+            State::Building { conn, shell, state } => match (build.take(), commit.take()) {
+                (Some(b), Some(c)) => building(conn, shell, &state, b, c, gate, progress),
                 _ => Err(ReceiveError::Aborted),
             },
         };
@@ -238,7 +234,7 @@ fn accept(
     listener: &TcpListener,
     inc: &Incoming,
     progress: &ReceiveProgress,
-) -> Result<(Conn, GuestMemory), ReceiveError> {
+) -> Result<(Conn, VmShell), ReceiveError> {
     let deadline = Instant::now() + inc.accept_timeout;
     listener
         .set_nonblocking(true)
@@ -278,7 +274,9 @@ fn accept(
 
 type Refusal = (ReceiveError, Option<TcpStream>);
 
-fn handshake(stream: TcpStream, inc: &Incoming) -> Result<(Conn, GuestMemory), Refusal> {
+/// A valid `Hello` → fresh guest memory in a VM shell (KVM VM, memory
+/// slot, vCPUs): made now, so its cost is not part of the downtime.
+fn handshake(stream: TcpStream, inc: &Incoming) -> Result<(Conn, VmShell), Refusal> {
     let setup = |s: &TcpStream| -> std::io::Result<TcpStream> {
         s.set_nonblocking(false)?;
         s.set_nodelay(true)?;
@@ -305,9 +303,12 @@ fn handshake(stream: TcpStream, inc: &Incoming) -> Result<(Conn, GuestMemory), R
     };
     check_hello(&hello, inc).map_err(|e| refuse(e, &conn))?;
     let memory = memory::anonymous(inc.mem_bytes).map_err(|e| refuse(e.into(), &conn))?;
+    let ids: Vec<u8> = (0..hello.vcpus).collect();
+    let shell =
+        VmShell::create(memory, &ids, hello.irqchip).map_err(|e| refuse(e.into(), &conn))?;
     conn.send(&Message::Welcome)
         .map_err(|e| refuse(e.into(), &conn))?;
-    Ok((conn, memory))
+    Ok((conn, shell))
 }
 
 fn check_hello(h: &Hello, inc: &Incoming) -> Result<(), ReceiveError> {
@@ -331,9 +332,10 @@ fn check_hello(h: &Hello, inc: &Incoming) -> Result<(), ReceiveError> {
 
 fn receiving(
     mut conn: Conn,
-    memory: GuestMemory,
+    shell: VmShell,
     progress: &ReceiveProgress,
 ) -> Result<State, ReceiveError> {
+    let memory = shell.memory().clone();
     let pages = mem_pages(&memory);
     let zeros = vec![0u8; (protocol::MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
     loop {
@@ -362,7 +364,7 @@ fn receiving(
                     .map_err(|e| ReceiveError::BadState(e.to_string()))?;
                 return Ok(State::Building {
                     conn,
-                    memory,
+                    shell,
                     state: Box::new(state),
                 });
             }
@@ -399,7 +401,7 @@ fn write(memory: &GuestMemory, first: u64, data: &[u8]) -> Result<(), ReceiveErr
 
 fn building(
     mut conn: Conn,
-    memory: GuestMemory,
+    shell: VmShell,
     state: &VmState,
     build: BuildOptions,
     commit: impl FnOnce(Vm) -> Result<String, String>,
@@ -413,8 +415,6 @@ fn building(
             state.vcpus.len()
         )));
     }
-    let ids: Vec<u8> = state.vcpus.iter().map(|v| v.id).collect();
-    let shell = VmShell::create(memory, &ids, state.irqchip.is_some())?;
     let prepared = shell.build(state, build)?;
     conn.send(&Message::Ready)?;
     match conn.recv()? {

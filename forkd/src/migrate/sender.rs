@@ -238,7 +238,7 @@ impl Sender<'_> {
         self.pause = t.elapsed();
         let t = Instant::now();
         let mut set = std::mem::take(&mut self.dirty);
-        set |= self.vm.dirty_pages()?;
+        dirty::or_into(&mut set, &self.vm.dirty_pages()?);
         self.last_round_pages = self.send_pages(&set, false)?;
         self.send(&Message::RoundEnd {
             round: rounds,
@@ -373,11 +373,11 @@ impl Sender<'_> {
 
     fn send_run(&mut self, r: PageRange, bytes: &[u8]) -> Result<u64, MigrateError> {
         let t = Instant::now();
-        let n = self.send(&Message::Pages {
-            first: r.first,
-            count: r.count as u32,
-            data: bytes.to_vec(),
-        })?;
+        let w = self.writer.as_mut().ok_or(ProtocolError::Closed)?;
+        let n = match protocol::write_pages(w, r.first, r.count as u32, bytes) {
+            Ok(n) => n,
+            Err(e) => return Err(self.peer_reason().unwrap_or(MigrateError::Protocol(e))),
+        };
         self.send_time += t.elapsed();
         self.send_bytes += n as u64;
         self.progress.sent(r.count, n as u64);

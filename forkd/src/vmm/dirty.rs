@@ -57,30 +57,46 @@ pub enum DirtyError {
     Pagemap(#[source] io::Error),
 }
 
-/// The runs of set bits of `bits`, in order.
+/// The runs of set bits of `bits`, in order. Works a word at a time
+/// (zero words skipped, runs found with trailing-zero counts), so a mostly
+/// clean bitmap of a large guest costs little even unoptimized.
 pub fn ranges(bits: &PageBitmap) -> Vec<PageRange> {
-    let mut out = Vec::new();
-    let mut run: Option<u64> = None;
-    for (i, b) in bits.iter().by_vals().enumerate() {
-        match (b, run) {
-            (true, None) => run = Some(i as u64),
-            (false, Some(s)) => {
-                out.push(PageRange {
-                    first: s,
-                    count: i as u64 - s,
-                });
-                run = None;
-            }
-            _ => {}
+    let len = bits.len() as u64;
+    let mut out: Vec<PageRange> = Vec::new();
+    let mut push = |first: u64, count: u64| match out.last_mut() {
+        Some(last) if last.first + last.count == first => last.count += count,
+        _ => out.push(PageRange { first, count }),
+    };
+    for (w, &word) in bits.as_raw_slice().iter().enumerate() {
+        let base = w as u64 * 64;
+        if base >= len {
+            break;
+        }
+        // Bits past the end are not the bitmap's.
+        let mut word = if len - base < 64 {
+            word & ((1u64 << (len - base)) - 1)
+        } else {
+            word
+        };
+        while word != 0 {
+            let start = word.trailing_zeros() as u64;
+            let run = (!(word >> start)).trailing_zeros() as u64;
+            push(base + start, run);
+            word = if start + run >= 64 {
+                0
+            } else {
+                word & !(((1u64 << run) - 1) << start)
+            };
         }
     }
-    if let Some(s) = run {
-        out.push(PageRange {
-            first: s,
-            count: bits.len() as u64 - s,
-        });
-    }
     out
+}
+
+/// `into |= other`, a word at a time (the shorter length wins).
+pub fn or_into(into: &mut PageBitmap, other: &PageBitmap) {
+    for (a, b) in into.as_raw_mut_slice().iter_mut().zip(other.as_raw_slice()) {
+        *a |= *b;
+    }
 }
 
 /// Splits ranges so that none is longer than `max` pages (a message's
@@ -185,9 +201,11 @@ pub fn populated_pages(mem: &GuestMemory) -> Result<PageBitmap, DirtyError> {
             &mut chunk,
         )
         .map_err(DirtyError::Pagemap)?;
+        // STEP is a multiple of 64: whole words of the bitmap.
+        let words = &mut out.as_raw_mut_slice()[first / 64..];
         for (i, p) in chunk.iter().enumerate() {
             if *p {
-                out.set(first + i, true);
+                words[i / 64] |= 1 << (i % 64);
             }
         }
         first += n;
@@ -250,7 +268,7 @@ impl Vm {
     pub fn dirty_pages(&self) -> Result<PageBitmap, DirtyError> {
         let vmm = self.vmm_writes().take().ok_or(DirtyError::NotTracking)?;
         let mut bits = self.dirty_log_kvm()?;
-        bits |= vmm;
+        or_into(&mut bits, &vmm);
         Ok(bits)
     }
 }
@@ -301,6 +319,46 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn ranges_match_a_bit_by_bit_scan() {
+        let mut seed = 7u64;
+        for len in [0usize, 1, 63, 64, 65, 127, 128, 129, 1000] {
+            let mut b = PageBitmap::repeat(false, len);
+            for i in 0..len {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                b.set(i, (seed >> 61) < 3);
+            }
+            let mut slow = Vec::new();
+            let mut run: Option<u64> = None;
+            for (i, bit) in b.iter().by_vals().chain([false]).enumerate() {
+                match (bit, run) {
+                    (true, None) => run = Some(i as u64),
+                    (false, Some(s)) => {
+                        slow.push(PageRange {
+                            first: s,
+                            count: i as u64 - s,
+                        });
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(ranges(&b), slow, "len {len}");
+        }
+        // Garbage past the end of the last word is ignored.
+        let mut b = PageBitmap::from_vec(vec![u64::MAX]);
+        b.truncate(3);
+        assert_eq!(ranges(&b), vec![PageRange { first: 0, count: 3 }]);
+        let mut a = PageBitmap::repeat(false, 130);
+        a.set(1, true);
+        let mut c = PageBitmap::repeat(false, 130);
+        c.set(129, true);
+        or_into(&mut a, &c);
+        assert_eq!(a.count_ones(), 2);
     }
 
     #[test]
