@@ -155,6 +155,56 @@ mod local {
         assert!(!console_before.iter().any(|l| l.starts_with("zone: done")));
     }
 
+    /// A destination that takes the commit and vanishes without a word
+    /// (it died, or the acknowledgement was lost): the source is in doubt
+    /// and keeps the guest paused — it never resumes it on its own. Told
+    /// the destination aborted (what the API asks it), it resumes the guest
+    /// intact.
+    #[test]
+    fn commit_without_answer_keeps_the_guest_paused() {
+        use forkd::migrate::protocol::{read_message, write_message, Message};
+        let mut vm = boot(CMDLINE, 512);
+        wait_running(&vm);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Speaks the protocol up to Commit, then hangs up.
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            assert!(matches!(read_message(&mut s), Ok(Message::Hello(_))));
+            write_message(&mut s, &Message::Welcome).expect("welcome");
+            loop {
+                match read_message(&mut s).expect("message") {
+                    Message::State(_) => break,
+                    Message::Pages { .. } | Message::RoundEnd { .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            write_message(&mut s, &Message::Ready).expect("ready");
+            assert_eq!(read_message(&mut s).expect("commit"), Message::Commit);
+        });
+        let out = Outgoing {
+            addr,
+            secret: [42; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let err = migrate(&mut vm, &out, &MigrateOptions::default(), &progress).unwrap_err();
+        peer.join().expect("peer");
+        assert!(matches!(err, MigrateError::InDoubt(_)), "{err}");
+        assert_eq!(progress.phase(), Phase::InDoubt);
+        assert!(
+            vm.is_paused(),
+            "the source resumed a guest it sent a commit for"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(vm.is_paused());
+        vm.stop_dirty_log().expect("stop the dirty log");
+        vm.resume().expect("resume");
+        assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
+    }
+
     #[test]
     fn wrong_secret_is_refused_and_the_guest_runs_on() {
         let mut vm = boot(CMDLINE, 512);

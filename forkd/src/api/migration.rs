@@ -385,6 +385,9 @@ impl Registry {
                 true
             }
             "aborted" => {
+                if let Err(e) = vm.stop_dirty_log() {
+                    tracing::warn!("stopping the dirty log after an aborted commit: {e}");
+                }
                 let resumed = vm.resume();
                 let msg = format!("{why}; the destination aborted, the guest runs here again");
                 record.progress.finish(Phase::Aborted, None, Some(msg));

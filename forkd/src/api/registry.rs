@@ -475,8 +475,16 @@ impl Registry {
     }
 
     /// A migration that did not commit hands the VM back.
-    pub(super) fn give_back(&self, entry: &Entry, vm: Vm) {
-        *lock(&entry.vm) = Some(vm);
+    pub(super) fn give_back(&self, entry: &Entry, mut vm: Vm) {
+        let mut guard = lock(&entry.vm);
+        // Shut down meanwhile: the entry was drained; the VM goes too.
+        if self.closed.load(Ordering::Acquire) {
+            drop(guard);
+            vm.kill();
+            entry.migrating.store(false, Ordering::Release);
+            return;
+        }
+        *guard = Some(vm);
         entry.migrating.store(false, Ordering::Release);
     }
 

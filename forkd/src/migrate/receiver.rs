@@ -450,3 +450,60 @@ fn building(
     }
     Ok(State::Done(id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_decides_once() {
+        let g = CommitGate::default();
+        assert_eq!(g.state().0, GateState::Open);
+        // Committed first: an abort afterwards learns it.
+        *g.lock() = (GateState::Committed, Some("vm-3".into()));
+        assert_eq!(g.abort(), (GateState::Committed, Some("vm-3".into())));
+        // Aborted first: it stays aborted.
+        let g = CommitGate::default();
+        assert_eq!(g.abort().0, GateState::Aborted);
+        assert_eq!(g.abort().0, GateState::Aborted);
+        assert_eq!(g.state().0, GateState::Aborted);
+    }
+
+    #[test]
+    fn hello_checks() {
+        let inc = Incoming {
+            secret: [9; 32],
+            mem_bytes: 64 << 20,
+            accept_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(1),
+        };
+        let mut h = Hello {
+            secret: [9; 32],
+            mem_bytes: 64 << 20,
+            vcpus: 1,
+            irqchip: false,
+            source: "t".into(),
+        };
+        assert!(check_hello(&h, &inc).is_ok());
+        h.secret[31] ^= 1;
+        assert!(matches!(
+            check_hello(&h, &inc),
+            Err(ReceiveError::BadSecret)
+        ));
+        h.secret[31] ^= 1;
+        h.mem_bytes = 128 << 20;
+        assert!(matches!(
+            check_hello(&h, &inc),
+            Err(ReceiveError::Mismatch { .. })
+        ));
+        h.mem_bytes = 64 << 20;
+        h.vcpus = 0;
+        assert!(check_hello(&h, &inc).is_err());
+        assert!(check_range(10, 6, 16).is_ok());
+        assert!(matches!(
+            check_range(10, 7, 16),
+            Err(ReceiveError::OutsideMemory { .. })
+        ));
+        assert!(check_range(u64::MAX, 1, 16).is_err());
+    }
+}
