@@ -380,6 +380,65 @@ mod cluster {
         assert_eq!(line, qemu_done_line(cmdline, MEM));
     }
 
+    /// The connection cut mid-migration (nftables drops every TCP segment
+    /// into h2 but its API's): the source's next write times out, the
+    /// migration aborts within the I/O timeout, and the guest runs on on h1
+    /// to QEMU's line; h2 built nothing.
+    #[test]
+    fn connection_cut_mid_migration_aborts_within_the_timeout() {
+        let (_c, up) = Cluster::up(2);
+        let hs = up["hosts"].as_array().expect("hosts").clone();
+        let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+        let cmdline = "ticks=1200 seed=5 state_mib=32 dirty_pages=16 tick_us=5000";
+        let id = start_vm(&h1, cmdline);
+        let body = r#"{"destination": "h2", "downtime_ms": 30, "bandwidth_mib_s": 4}"#;
+        let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/migrate"), Some(body));
+        assert_eq!(r.status, 202, "{}", r.error());
+        let path = format!("/v1/vms/{id}/migration");
+        poll(&h1, &path, Duration::from_secs(20), |v| {
+            v["phase"] == "precopy" && v["bytes_sent"].as_u64() > Some(2 << 20)
+        });
+        let ns = hs[1]["netns"].as_str().expect("netns");
+        let api_port = hs[1]["tcp"]
+            .as_str()
+            .and_then(|t| t.rsplit(':').next())
+            .expect("tcp")
+            .to_owned();
+        nft_in(ns, &["add", "table", "inet", "cut"]);
+        nft_in(
+            ns,
+            &[
+                "add",
+                "chain",
+                "inet",
+                "cut",
+                "input",
+                "{ type filter hook input priority 0; }",
+            ],
+        );
+        nft_in(
+            ns,
+            &[
+                "add", "rule", "inet", "cut", "input", "tcp", "dport", "!=", &api_port, "drop",
+            ],
+        );
+        let t = Instant::now();
+        let v = poll(&h1, &path, Duration::from_secs(20), |v| {
+            v["phase"] == "aborted"
+        });
+        eprintln!("aborted after {:?}: {}", t.elapsed(), v["error"]);
+        // The 5 s I/O timeout (the destination's read, then the source's
+        // write once the socket buffers are full), not an unbounded hang.
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("timed out")),
+            "{v}"
+        );
+        let line = last_line(&h1, &id, Duration::from_secs(60));
+        assert_eq!(line, qemu_done_line(cmdline, MEM));
+        assert!(vms(&h2).is_empty(), "h2 built nothing");
+    }
+
     /// Runs `f` on a thread inside network namespace `ns`.
     fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{ns}");

@@ -36,7 +36,9 @@ pub const MAX_TEXT: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("connection: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    #[error("timed out: the connection made no progress within the I/O timeout")]
+    TimedOut,
     #[error("the peer closed the connection")]
     Closed,
     #[error("bad magic {0:02x?}: not a forkd migration stream")]
@@ -115,6 +117,15 @@ const T_READY: u16 = 7;
 const T_COMMIT: u16 = 8;
 const T_COMMITTED: u16 = 9;
 const T_ABORT: u16 = 10;
+
+impl From<io::Error> for ProtocolError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtocolError::TimedOut,
+            _ => ProtocolError::Io(e),
+        }
+    }
+}
 
 fn codec() -> impl Options {
     bincode::DefaultOptions::new().with_limit(MAX_PAYLOAD as u64)
@@ -299,7 +310,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], at_start: bool) -> Result<(), Pr
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ProtocolError::Io(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

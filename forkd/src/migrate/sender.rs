@@ -31,7 +31,7 @@ pub enum MigrateError {
     },
     #[error("talking to the destination: {0}")]
     Protocol(#[from] ProtocolError),
-    #[error("the destination refused: {0}")]
+    #[error("the destination aborted: {0}")]
     Refused(String),
     #[error("the destination sent {got} while {expected} was expected")]
     Unexpected {
@@ -413,7 +413,7 @@ impl Sender<'_> {
             Ok(()) => Ok(()),
             Err(e) => Err(self
                 .peer_reason()
-                .unwrap_or(MigrateError::Protocol(ProtocolError::Io(e)))),
+                .unwrap_or(MigrateError::Protocol(e.into()))),
         }
     }
 
