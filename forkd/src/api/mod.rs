@@ -9,12 +9,17 @@
 //! | `GET /v1/vms/{id}` | state, exit, console tail, fork families and clones |
 //! | `GET /v1/vms/{id}/console` | the console lines kept |
 //! | `POST /v1/vms/{id}/fork` | host-initiated fork → `{family, clones}` |
+//! | `POST /v1/vms/{id}/migrate` | live-migrate the VM to another host → 202 (`migration`) |
+//! | `GET /v1/vms/{id}/migration` | the VM's last migration: progress, report |
 //! | `DELETE /v1/vms/{id}` | kill the VM and its clones → 204 |
 //! | `POST /v1/families` | daemon to daemon: host clones of a parent elsewhere → 201 |
 //! | `GET /v1/families/{family}` | the hosted clones' state (polled by the parent's host) |
 //! | `DELETE /v1/families/{family}` | kill the hosted clones → 204 |
+//! | `POST /v1/migrations` | daemon to daemon: open an incoming migration → 201 (port, secret) |
+//! | `GET /v1/migrations/{id}` | what an incoming migration received |
+//! | `DELETE /v1/migrations/{id}` | abort it unless committed → the decision |
 //!
-//! Errors are `{"error": "..."}` with 400/401/404/405/409/422/429/500/503.
+//! Errors are `{"error": "..."}` with 400/401/404/405/409/422/429/500/502/503.
 //! The Unix socket is made 0600 and needs nothing more. TCP binds to
 //! loopback unless `--tcp-allow-remote` is given, which needs
 //! `--token-file`: with a token file every TCP request must carry
