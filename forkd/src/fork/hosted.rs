@@ -239,18 +239,7 @@ impl HostedFamily {
                     .map_err(ForkError::PageClient)
             };
             let built = (|| {
-                let sources = match &receiver {
-                    Some(r) => CloneSources {
-                        demand: r.clone(),
-                        prefetch: None,
-                        feed: Some(r.clone()),
-                    },
-                    None => CloneSources {
-                        demand: client()?,
-                        prefetch: if body.prefetch { Some(client()?) } else { None },
-                        feed: None,
-                    },
-                };
+                let sources = CloneSources::network(receiver.as_ref(), body.prefetch, client)?;
                 let copts = CloneOptions {
                     echo: false,
                     name: name.clone(),

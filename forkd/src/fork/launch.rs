@@ -75,23 +75,15 @@ pub(super) fn launch(
                         .map_err(ForkError::PageClient)
                 };
                 let image = || family.image.clone() as Arc<dyn PageSource>;
-                let sources = match &receiver {
+                let sources = if opts.local_direct {
                     // The frozen image itself: a fault is a copy from it.
-                    _ if opts.local_direct => CloneSources {
+                    CloneSources {
                         demand: image(),
                         prefetch: opts.prefetch.then(image),
                         feed: None,
-                    },
-                    Some(r) => CloneSources {
-                        demand: r.clone(),
-                        prefetch: None,
-                        feed: Some(r.clone()),
-                    },
-                    None => CloneSources {
-                        demand: client()?,
-                        prefetch: if opts.prefetch { Some(client()?) } else { None },
-                        feed: None,
-                    },
+                    }
+                } else {
+                    CloneSources::network(receiver.as_ref(), opts.prefetch, client)?
                 };
                 let copts = CloneOptions {
                     echo: opts.echo,
