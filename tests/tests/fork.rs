@@ -557,6 +557,8 @@ fn delete_after_the_clones_lost_their_memory_returns_promptly() {
             guest: None,
             name: None,
             placement: None,
+            distribution: None,
+            heuristics: None,
         })
         .expect("create");
     let t = Instant::now();
@@ -565,6 +567,8 @@ fn delete_after_the_clones_lost_their_memory_returns_promptly() {
             clones: 2,
             hosts: None,
             spread: None,
+            distribution: None,
+            heuristics: None,
         };
         match reg.fork(id, req) {
             Ok(_) => break,

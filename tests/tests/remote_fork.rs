@@ -13,143 +13,19 @@
 #[path = "api/client.rs"]
 mod client;
 #[allow(dead_code)]
+#[path = "remote/common.rs"]
+mod common;
+#[allow(dead_code)]
 #[path = "api/schema.rs"]
 mod schema;
 
+use common::*;
+
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use tests::{forkd_bin, qemu_done_line, require_kvm, run_with_timeout};
-
-const MEM: u64 = 512;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the remote fork tests need root (a local cluster: network namespaces); run them as root"
-    );
-    require_kvm();
-}
-
-fn unique_name() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    format!("r{:x}{n}", std::process::id() % 0xff_ffff)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A cluster for one test; `down` runs on drop, whatever happened.
-struct Cluster {
-    name: String,
-    dir: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn up(hosts: u32) -> (Cluster, Value) {
-        require_root();
-        let parent = tempfile::tempdir().expect("tempdir");
-        let c = Cluster {
-            name: unique_name(),
-            dir: parent.path().join("cluster"),
-            _parent: parent,
-        };
-        let o = c.run(&["up", "--hosts", &hosts.to_string(), "--json"]);
-        assert!(o.status.success(), "cluster up: {}", text(&o));
-        let v: Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("cluster up --json: {e}: {}", text(&o)));
-        (c, v)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let dir = self.dir.to_str().expect("utf-8 dir");
-        let mut all = vec!["cluster", args[0], "--name", &self.name, "--dir", dir];
-        all.extend_from_slice(&args[1..]);
-        run_with_timeout(Command::new(forkd_bin()).args(&all), tests::WAIT)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let o = self.run(&["down"]);
-        if !o.status.success() {
-            eprintln!("cleanup of cluster {}: {}", self.name, text(&o));
-        }
-    }
-}
-
-fn socket(h: &Value) -> PathBuf {
-    PathBuf::from(h["socket"].as_str().expect("socket"))
-}
-
-/// Polls `GET path` on a Unix socket until `done` holds.
-fn poll(socket: &Path, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let r = client::call_unix(socket, "GET", path, None);
-        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
-        let v = r.json();
-        if done(&v) {
-            return v;
-        }
-        assert!(t.elapsed() < limit, "{path} within {limit:?}; last: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn all_ended(v: &Value) -> bool {
-    v["state"] == "exited"
-        && v["families"].as_array().is_some_and(|fs| {
-            fs.iter().all(|f| {
-                f["running"] == 0
-                    && f["clones"]
-                        .as_array()
-                        .is_some_and(|cs| cs.iter().all(|c| c["state"] != "running"))
-            })
-        })
-}
-
-/// Creates a VM on `sock` and waits until its guest runs.
-fn start_vm(sock: &Path, cmdline: &str) -> String {
-    let body = format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}}}"#);
-    let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
-    assert_eq!(r.status, 201, "create: {}", r.error());
-    let id = r.json()["id"].as_str().expect("id").to_owned();
-    poll(
-        sock,
-        &format!("/v1/vms/{id}"),
-        Duration::from_secs(30),
-        |v| v["console_lines"].as_u64() >= Some(2),
-    );
-    id
-}
-
-/// The tick the parent saw the host's fork at.
-fn fork_tick(sock: &Path, id: &str) -> u64 {
-    let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
-    let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
-    lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("zone: forked by the host before tick ")?
-                .strip_suffix(": clone=0")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
-}
+use tests::{forkd_bin, qemu_done_line, run_with_timeout};
 
 #[test]
 fn clones_on_two_hosts_match_qemu() {
@@ -258,6 +134,8 @@ fn bad_envelopes_are_refused(c: &Cluster, h2: &Path) {
         parent_host: "h1".into(),
         memserver: "10.77.0.1:9".parse().expect("addr"),
         multicast: None,
+        avoidance: true,
+        prefetch: true,
         cpu: [0; 32],
         clones: vec![EnvelopeClone {
             clone_id: 1,
@@ -598,16 +476,6 @@ fn the_vm_cli_places_clones_on_hosts() {
     }
 }
 
-/// Runs `nft` inside a host's network namespace (nftables from Debian's
-/// packages; scripts/setup.sh installs it).
-fn nft_in(netns: &str, args: &[&str]) -> String {
-    let mut all = vec!["netns", "exec", netns, "nft"];
-    all.extend_from_slice(args);
-    let o = run_with_timeout(Command::new("ip").args(&all), Duration::from_secs(10));
-    assert!(o.status.success(), "nft {args:?} in {netns}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// 10 % of every UDP datagram arriving at the clone hosts is dropped
 /// (nftables in their namespaces; this kernel has no netem): every clone
 /// still ends with QEMU's line, nothing hangs, and the drops happened.
@@ -617,26 +485,7 @@ fn clones_repair_ten_percent_loss_on_their_hosts() {
     let hs = up["hosts"].as_array().expect("hosts").clone();
     let h1 = socket(&hs[0]);
     for h in &hs[1..] {
-        let ns = h["netns"].as_str().expect("netns");
-        nft_in(ns, &["add", "table", "inet", "loss"]);
-        nft_in(
-            ns,
-            &[
-                "add",
-                "chain",
-                "inet",
-                "loss",
-                "input",
-                "{ type filter hook input priority 0; }",
-            ],
-        );
-        nft_in(
-            ns,
-            &[
-                "add", "rule", "inet", "loss", "input", "meta", "l4proto", "udp", "numgen",
-                "random", "mod", "100", "<", "10", "counter", "drop",
-            ],
-        );
+        add_udp_loss(h["netns"].as_str().expect("netns"), 10);
     }
     let cmdline = "ticks=60 seed=13 state_mib=8 dirty_pages=8 tick_us=5000";
     let id = start_vm(&h1, cmdline);
@@ -663,14 +512,7 @@ fn clones_repair_ten_percent_loss_on_their_hosts() {
     }
     for h in &hs[1..] {
         let ns = h["netns"].as_str().expect("netns");
-        let rules = nft_in(ns, &["list", "table", "inet", "loss"]);
-        let dropped: u64 = rules
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        assert!(dropped > 0, "no datagram dropped in {ns}: {rules}");
+        assert!(udp_dropped(ns) > 0, "no datagram dropped in {ns}");
     }
 }
 

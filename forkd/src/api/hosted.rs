@@ -31,6 +31,7 @@ fn clone_info(c: &HostedClone) -> HostedCloneInfo {
         }
         RemoteCloneState::Failed(why) => ("failed", None, Some(why)),
     };
+    let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     HostedCloneInfo {
         clone_id: c.clone_id,
         id: vm_id(c.vm_id),
@@ -38,6 +39,9 @@ fn clone_info(c: &HostedClone) -> HostedCloneInfo {
         exit,
         last_line: st.last_line,
         error,
+        start_us: st.start_after.map(us),
+        done_us: st.done_after.map(us),
+        faults: st.faults,
     }
 }
 
@@ -47,6 +51,8 @@ fn status(f: &HostedFamily) -> FamilyStatus {
         parent_host: f.parent_host.clone(),
         running: f.running() as u64,
         clones: f.clones.iter().map(|c| clone_info(c)).collect(),
+        receiver: f.receiver(),
+        handled_us: None,
     }
 }
 
@@ -108,13 +114,12 @@ impl Registry {
         }
         let opts = HostedOptions {
             name_prefix: format!("{}.", body.parent_host),
-            avoidance: true,
             readahead: 32,
-            prefetch: true,
         };
         let family =
             HostedFamily::start(body, &opts, || self.next_vm_id()).map_err(ApiError::Hosted)?;
-        let st = status(&family);
+        let mut st = status(&family);
+        st.handled_us = Some(u64::try_from(family.received.elapsed().as_micros()).unwrap_or(0));
         let mut hosted = lock(&self.hosted);
         hosted.insert(family.family, family);
         // Forget the oldest ended families beyond the last few.

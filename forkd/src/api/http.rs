@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::registry::Registry;
-use super::types::{parse_vm_id, vm_id, CreateVm, Created, ForkVm, PostFamily, VmList, VmState};
+use super::types::{
+    parse_vm_id, vm_id, CreateVm, Created, ForkVm, MemServerInfo, PostFamily, VmList, VmState,
+};
 
 type Reg = State<Arc<Registry>>;
 
@@ -30,6 +32,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
             "/v1/families/{family}",
             get(show_family).delete(remove_family),
         )
+        .route("/v1/memserver", get(memserver))
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -67,6 +70,10 @@ pub const OPENAPI: &str = include_str!("../../api/openapi.json");
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn memserver(State(reg): Reg) -> Json<MemServerInfo> {
+    Json(reg.memserver_info())
 }
 
 async fn list(State(reg): Reg) -> Json<VmList> {

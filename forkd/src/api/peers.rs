@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::fork::envelope::{envelope_key, to_hex, MAX_HOST_NAME};
 use crate::fork::remote::{
     spread_counts, CloneHosts, DefaultPlacement, RemoteClone, RemoteCloneState, RemoteError,
-    RemotePlan,
+    RemoteFamily, RemotePlan,
 };
 
 use super::client::{Bounds, Endpoint};
@@ -150,6 +150,8 @@ impl Peers {
             },
             hosts: p.hosts.clone(),
             spread: p.spread.clone(),
+            distribution: None,
+            heuristics: None,
         };
         let counts = placement_counts(&req, |h| self.known(h))?;
         Ok(counts.map(|counts| DefaultPlacement {
@@ -238,7 +240,7 @@ impl CloneHosts for Peers {
         self.key
     }
 
-    fn send_family(&self, host: &str, envelope: &[u8]) -> Result<(), RemoteError> {
+    fn send_family(&self, host: &str, envelope: &[u8]) -> Result<Duration, RemoteError> {
         let body = serde_json::to_vec(&PostFamily {
             envelope: to_hex(envelope),
         })
@@ -250,10 +252,16 @@ impl CloneHosts for Peers {
         if status != 201 {
             return Err(Self::refused(host, status, &resp));
         }
-        Ok(())
+        // How long the host took: the rest of the round trip is transit.
+        let handled = serde_json::from_slice::<FamilyStatus>(&resp)
+            .ok()
+            .and_then(|st| st.handled_us)
+            .map(Duration::from_micros)
+            .unwrap_or_default();
+        Ok(handled)
     }
 
-    fn family_status(&self, host: &str, family: u64) -> Result<Vec<RemoteClone>, RemoteError> {
+    fn family_status(&self, host: &str, family: u64) -> Result<RemoteFamily, RemoteError> {
         let path = format!("/v1/families/{family}");
         let (status, resp) = self.call(host, "GET", &path, None, POLL_TIMEOUT)?;
         if status != 200 {
@@ -264,7 +272,7 @@ impl CloneHosts for Peers {
                 host: host.to_owned(),
                 why: format!("GET {path}: {e}"),
             })?;
-        Ok(st
+        let clones = st
             .clones
             .into_iter()
             .map(|c| RemoteClone {
@@ -278,8 +286,15 @@ impl CloneHosts for Peers {
                     _ => RemoteCloneState::Failed(c.error.unwrap_or_else(|| "failed".into())),
                 },
                 last_line: c.last_line,
+                start_after: c.start_us.map(Duration::from_micros),
+                done_after: c.done_us.map(Duration::from_micros),
+                faults: c.faults,
             })
-            .collect())
+            .collect();
+        Ok(RemoteFamily {
+            clones,
+            receiver: st.receiver,
+        })
     }
 
     fn kill_family(&self, host: &str, family: u64) -> Result<(), RemoteError> {

@@ -21,12 +21,13 @@ use super::error::ApiError;
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, ForkVm, Forked,
-    StartFailure, VmDetail, VmState, VmSummary, MAX_NAME,
+    HostReceiverInfo, MemServerInfo, MulticastInfo, StartFailure, VmDetail, VmState, VmSummary,
+    MAX_NAME,
 };
 use crate::fork::host::{fork_vm_placed, HostForkError};
 use crate::fork::hosted::HostedFamily;
 use crate::fork::identity::IdentityPool;
-use crate::fork::parent::{Family, ForkHub, ForkOptions};
+use crate::fork::parent::{Family, ForkHub, ForkOptions, ForkTuning};
 use crate::fork::remote::CloneHosts;
 use crate::guest::default_guest;
 use crate::vmm::devices::Console;
@@ -169,6 +170,10 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn family_info(f: &Family) -> FamilyInfo {
     // The count first: a clone's report entry is written before the count
     // drops, so a count of 0 read here means every clone's entry is in the
@@ -181,28 +186,48 @@ fn family_info(f: &Family) -> FamilyInfo {
         .iter()
         .map(|identity| {
             let i = identity.clone_id;
-            if let Some(c) = report.clones.iter().find(|c| c.clone_id == i) {
+            let mut info = if let Some(c) = report.clones.iter().find(|c| c.clone_id == i) {
                 let mut info = CloneInfo::new(identity, CloneState::Exited);
                 info.exit = Some(ExitInfo::from(&c.exit));
                 info.last_line = c.last_line.clone();
-                info.host = host(i);
+                info.start_us = c.start_latency.map(micros);
+                info.done_us = c.done_latency.map(micros);
+                info.faults = Some(c.faults.counts());
                 info
             } else if let Some((_, why)) = report.start_failures.iter().find(|(id, _)| *id == i) {
                 let mut info = CloneInfo::new(identity, CloneState::Failed);
                 info.error = Some(why.clone());
-                info.host = host(i);
                 info
             } else {
-                let mut info = CloneInfo::new(identity, CloneState::Running);
-                info.host = host(i);
-                info
-            }
+                CloneInfo::new(identity, CloneState::Running)
+            };
+            info.host = host(i);
+            info
         })
+        .collect();
+    let local = report.host_receiver.as_ref().map(|s| HostReceiverInfo {
+        host: "local".into(),
+        figures: s.into(),
+    });
+    let receivers = local
+        .into_iter()
+        .chain(
+            report
+                .remote_receivers
+                .iter()
+                .map(|(h, figures)| HostReceiverInfo {
+                    host: h.clone(),
+                    figures: *figures,
+                }),
+        )
         .collect();
     FamilyInfo {
         family: report.family,
         clones_granted: report.clones_granted,
         running,
+        distribution: report.distribution,
+        heuristics: report.heuristics,
+        parent_stopped_us: micros(report.parent_stopped),
         clones,
         start_failures: report
             .start_failures
@@ -212,6 +237,7 @@ fn family_info(f: &Family) -> FamilyInfo {
                 error: error.clone(),
             })
             .collect(),
+        receivers,
     }
 }
 
@@ -309,7 +335,11 @@ impl Registry {
                 name_prefix: format!("{}.", vm_id(id)),
                 identities: self.identities.clone(),
                 ..ForkOptions::default()
-            },
+            }
+            .tuned(Some(ForkTuning {
+                distribution: req.distribution.unwrap_or_default(),
+                heuristics: req.heuristics.unwrap_or(true),
+            })),
             self.memserver.clone(),
         );
         hub.set_placement(placement);
@@ -415,7 +445,14 @@ impl Registry {
         };
         // `fork_vm` checks the count first (422 whatever the VM's state),
         // then whether the VM still runs (409).
-        match fork_vm_placed(vm, &entry.hub, clones, plan) {
+        let tuning = match (req.distribution, req.heuristics) {
+            (None, None) => None,
+            (d, h) => Some(ForkTuning {
+                distribution: d.unwrap_or(entry.hub.options().distribution),
+                heuristics: h.unwrap_or(entry.hub.options().heuristics()),
+            }),
+        };
+        match fork_vm_placed(vm, &entry.hub, clones, plan, tuning) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
                 clones: (1..=clones).collect(),
@@ -429,6 +466,34 @@ impl Registry {
                     source,
                 })
             }
+        }
+    }
+
+    /// `GET /v1/memserver`: this host's memory server counters.
+    pub fn memserver_info(&self) -> MemServerInfo {
+        let s = self.memserver.stats();
+        let m = s.multicast.total;
+        MemServerInfo {
+            address: self.memserver.local_addr().to_string(),
+            requests: s.requests,
+            pages_sent: s.pages_sent,
+            bytes_sent: s.bytes_sent,
+            families: s.families.len() as u64,
+            multicast: MulticastInfo {
+                bytes_sent: m.bytes_sent,
+                frames_sent: m.frames_sent,
+                blocks_requested: m.blocks_requested,
+                blocks_multicast: m.blocks_multicast,
+                blocks_unicast: m.blocks_unicast,
+                blocks_pushed: m.blocks_pushed,
+                push_skipped: m.push_skipped,
+                lockstep_suppressed: m.lockstep_suppressed,
+                retries_received: m.retries_received,
+                end_game_entered: m.end_game_entered,
+                forged: m.forged,
+                replayed: m.replayed,
+                foreign: m.foreign,
+            },
         }
     }
 

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::fork::fault::FaultCounts;
 use crate::fork::identity::CloneIdentity;
+use crate::fork::mcdist::{Distribution, ReceiverFigures};
 use crate::vmm::VmExit;
 
 pub const DEFAULT_MEM_MIB: u64 = 512;
@@ -38,6 +40,12 @@ pub struct CreateVm {
     /// Where the guest's own forks (`fork_at`, `sf_clone`) place clones.
     #[serde(default)]
     pub placement: Option<Placement>,
+    /// How this VM's forks send pages to their clones (default unicast).
+    #[serde(default)]
+    pub distribution: Option<Distribution>,
+    /// Page avoidance and push/prefetch in this VM's forks (default on).
+    #[serde(default)]
+    pub heuristics: Option<bool>,
 }
 
 /// A default placement: clones per host, or hosts to spread them over.
@@ -62,6 +70,12 @@ pub struct ForkVm {
     /// Hosts to share the clones out among evenly.
     #[serde(default)]
     pub spread: Option<Vec<String>>,
+    /// This fork's distribution (default: the VM's).
+    #[serde(default)]
+    pub distribution: Option<Distribution>,
+    /// This fork's heuristics (default: the VM's).
+    #[serde(default)]
+    pub heuristics: Option<bool>,
 }
 
 /// `POST /v1/families` (daemon to daemon): a sealed family envelope, hex.
@@ -85,6 +99,15 @@ pub struct HostedCloneInfo {
     pub last_line: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The envelope's arrival here → the clone's first KVM_RUN, in µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_us: Option<u64>,
+    /// The envelope's arrival here → its `zone: done` line, in µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_us: Option<u64>,
+    /// Its fault counters, once it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultCounts>,
 }
 
 /// `GET /v1/families/{family}`, and the answer to `POST /v1/families`.
@@ -94,6 +117,51 @@ pub struct FamilyStatus {
     pub parent_host: String,
     pub running: u64,
     pub clones: Vec<HostedCloneInfo>,
+    /// Multicast: this host's receiver of the family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<ReceiverFigures>,
+    /// In the answer to `POST`: the envelope's arrival → this answer, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_us: Option<u64>,
+}
+
+/// A family's multicast receiver on one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReceiverInfo {
+    pub host: String,
+    #[serde(flatten)]
+    pub figures: ReceiverFigures,
+}
+
+/// `GET /v1/memserver`: this host's memory server, counters since the
+/// daemon started.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemServerInfo {
+    pub address: String,
+    pub requests: u64,
+    pub pages_sent: u64,
+    /// Every datagram sent, unicast and multicast.
+    pub bytes_sent: u64,
+    pub families: u64,
+    pub multicast: MulticastInfo,
+}
+
+/// The multicast senders' counters (all families, ended ones included).
+#[derive(Debug, Clone, Serialize)]
+pub struct MulticastInfo {
+    pub bytes_sent: u64,
+    pub frames_sent: u64,
+    pub blocks_requested: u64,
+    pub blocks_multicast: u64,
+    pub blocks_unicast: u64,
+    pub blocks_pushed: u64,
+    pub push_skipped: u64,
+    pub lockstep_suppressed: u64,
+    pub retries_received: u64,
+    pub end_game_entered: u64,
+    pub forged: u64,
+    pub replayed: u64,
+    pub foreign: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -181,8 +249,15 @@ pub struct FamilyInfo {
     pub clones_granted: u64,
     /// Clones still running (started or about to start).
     pub running: u64,
+    pub distribution: Distribution,
+    pub heuristics: bool,
+    /// The fork request → the parent may run again, in µs (0 until then).
+    pub parent_stopped_us: u64,
     pub clones: Vec<CloneInfo>,
     pub start_failures: Vec<StartFailure>,
+    /// Multicast: each host's receiver (this one's first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub receivers: Vec<HostReceiverInfo>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,6 +278,16 @@ pub struct CloneInfo {
     pub mac: String,
     /// The clone's generation id (32 hex digits), new in every clone.
     pub generation: String,
+    /// The fork request → the clone's first KVM_RUN, in µs (on another
+    /// host: estimated, see ARCHITECTURE.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_us: Option<u64>,
+    /// The fork request → its `zone: done` line, in µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done_us: Option<u64>,
+    /// Its fault counters, once it has ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultCounts>,
 }
 
 impl CloneInfo {
@@ -218,6 +303,9 @@ impl CloneInfo {
             ip: identity.ip.to_string(),
             mac: identity.mac_string(),
             generation: identity.generation_hex(),
+            start_us: None,
+            done_us: None,
+            faults: None,
         }
     }
 }

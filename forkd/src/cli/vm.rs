@@ -70,8 +70,27 @@ pub struct CreateArgs {
     /// Guest ELF (on the daemon's machine); default: the zone guest.
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// How this VM's forks send pages to their clones (default unicast).
+    #[arg(long, value_enum)]
+    pub distribution: Option<crate::fork::mcdist::Distribution>,
+    /// Page avoidance and push/prefetch in this VM's forks (default on).
+    #[arg(long, value_enum)]
+    pub heuristics: Option<Switch>,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +115,14 @@ pub struct ForkArgs {
     /// Exactly where: `h1=8,h2=8,...` (counts add up to --clones).
     #[arg(long, value_delimiter = ',')]
     pub place: Vec<String>,
+    /// How pages reach the clones (default: the VM's, unicast unless it
+    /// was created with another).
+    #[arg(long, value_enum)]
+    pub distribution: Option<crate::fork::mcdist::Distribution>,
+    /// Page avoidance and push/prefetch of the allocated pages (default:
+    /// the VM's, on).
+    #[arg(long, value_enum)]
+    pub heuristics: Option<Switch>,
     /// Wait until the family has ended, showing progress, then print its
     /// report.
     #[arg(long)]
@@ -287,6 +314,12 @@ fn fork(a: ForkArgs) -> Result<()> {
     let api = a.target.endpoint()?;
     let path = vm_path(&a.id)?;
     let mut body = json!({"clones": a.clones});
+    if let Some(d) = a.distribution {
+        body["distribution"] = json!(d.to_string());
+    }
+    if let Some(h) = a.heuristics {
+        body["heuristics"] = json!(h.on());
+    }
     if !a.spread.is_empty() {
         body["spread"] = json!(a.spread);
     }
@@ -360,6 +393,12 @@ pub fn run(cmd: VmCommand) -> Result<ExitCode> {
             }
             if let Some(g) = a.guest {
                 body["guest"] = json!(g);
+            }
+            if let Some(d) = a.distribution {
+                body["distribution"] = json!(d.to_string());
+            }
+            if let Some(h) = a.heuristics {
+                body["heuristics"] = json!(h.on());
             }
             let v = api.request("POST", "/v1/vms", Some(&body))?;
             print(a.target.json, &v, |v| {

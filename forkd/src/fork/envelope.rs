@@ -6,7 +6,7 @@
 //! | bytes | what |
 //! |---|---|
 //! | 8 | magic `FKDFAMv1` |
-//! | 2 | format version (1) |
+//! | 2 | format version (2: multicast endpoint and heuristics added) |
 //! | 4 | payload length N |
 //! | N | payload: bincode of [`EnvelopeBody`] |
 //! | 32 | checksum: BLAKE3 of everything before |
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 
 const MAGIC: &[u8; 8] = b"FKDFAMv1";
-pub const ENVELOPE_VERSION: u16 = 1;
+pub const ENVELOPE_VERSION: u16 = 2;
 const HEAD: usize = 8 + 2 + 4;
 const TAIL: usize = 32 + 32;
 /// Largest envelope accepted (a descriptor is ~63 KB; clones are small).
@@ -70,6 +70,15 @@ pub struct EnvelopeClone {
     pub generation: [u64; 2],
 }
 
+/// Where the family's pages are multicast (mcdist): the group and data
+/// port to join, and the sender's request address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvelopeMulticast {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub server: SocketAddr,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvelopeBody {
     /// The family id (the memory server's) and its secret.
@@ -79,8 +88,13 @@ pub struct EnvelopeBody {
     pub parent_host: String,
     /// The memory server's unicast endpoint.
     pub memserver: SocketAddr,
-    /// The family's multicast group, once the memory server has one.
-    pub multicast: Option<SocketAddr>,
+    /// The family's multicast endpoint (`None`: unicast distribution).
+    pub multicast: Option<EnvelopeMulticast>,
+    /// The clones zero-fill pages the guest will overwrite (avoidance).
+    pub avoidance: bool,
+    /// Unicast: the clones prefetch the allocated-at-fork pages (with
+    /// multicast the parent's host pushes them instead).
+    pub prefetch: bool,
     /// BLAKE3 of the parent host's KVM_GET_SUPPORTED_CPUID entries.
     pub cpu: [u8; 32],
     pub clones: Vec<EnvelopeClone>,
@@ -180,6 +194,13 @@ impl EnvelopeBody {
         if b.parent_host.is_empty() || b.parent_host.len() > MAX_HOST_NAME {
             return Err(EnvelopeError::Invalid("the parent host's name"));
         }
+        if b.multicast
+            .is_some_and(|m| !m.group.is_multicast() || m.port == 0)
+        {
+            return Err(EnvelopeError::Invalid(
+                "the multicast group must be in 224.0.0.0/4 with a port",
+            ));
+        }
         Ok(b)
     }
 
@@ -227,7 +248,13 @@ mod tests {
             secret: [9; 32],
             parent_host: "h1".into(),
             memserver: "10.77.1.1:4000".parse().unwrap(),
-            multicast: None,
+            multicast: Some(EnvelopeMulticast {
+                group: Ipv4Addr::new(239, 77, 0, 9),
+                port: 47009,
+                server: "10.77.1.1:4001".parse().unwrap(),
+            }),
+            avoidance: true,
+            prefetch: false,
             cpu: [1; 32],
             clones: vec![EnvelopeClone {
                 clone_id: 3,
@@ -271,11 +298,21 @@ mod tests {
             EnvelopeBody::open(&bad, &key),
             Err(EnvelopeError::Mac)
         ));
-        let mut v2 = sealed.clone();
-        v2[8] = 2;
+        let mut v1 = sealed.clone();
+        v1[8] = 1;
         assert!(matches!(
-            EnvelopeBody::open(&v2, &key),
-            Err(EnvelopeError::Version(2))
+            EnvelopeBody::open(&v1, &key),
+            Err(EnvelopeError::Version(1))
+        ));
+        let mut unicast_group = body();
+        unicast_group.multicast = Some(EnvelopeMulticast {
+            group: Ipv4Addr::new(10, 0, 0, 1),
+            port: 1,
+            server: "10.77.1.1:4001".parse().unwrap(),
+        });
+        assert!(matches!(
+            EnvelopeBody::open(&unicast_group.seal(&key).unwrap(), &key),
+            Err(EnvelopeError::Invalid(_))
         ));
         assert!(matches!(
             EnvelopeBody::open(&sealed[..20], &key),

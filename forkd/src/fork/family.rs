@@ -4,7 +4,7 @@
 
 use crate::fork::fault::FaultStats;
 use crate::fork::identity::{CloneIdentity, IdentityPool};
-use crate::fork::mcdist::{Distribution, FamilyMulticast};
+use crate::fork::mcdist::{Distribution, FamilyMulticast, ReceiverFigures};
 use crate::fork::pending::PendingImage;
 use crate::sync::lock;
 use crate::vmm::memory::GuestMemory;
@@ -61,6 +61,34 @@ impl Default for ForkOptions {
     }
 }
 
+/// One fork's choices that may differ from its hub's options (the fork
+/// API's `distribution` and `heuristics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkTuning {
+    pub distribution: Distribution,
+    /// Page avoidance and the push (multicast) or prefetch (unicast) of
+    /// the pages allocated at the fork; off: every page on demand.
+    pub heuristics: bool,
+}
+
+impl ForkOptions {
+    /// These options with `tuning` applied.
+    pub fn tuned(&self, tuning: Option<ForkTuning>) -> ForkOptions {
+        let mut o = self.clone();
+        if let Some(t) = tuning {
+            o.distribution = t.distribution;
+            o.avoidance = t.heuristics;
+            o.prefetch = t.heuristics;
+        }
+        o
+    }
+
+    /// Whether both heuristics are on.
+    pub fn heuristics(&self) -> bool {
+        self.avoidance && self.prefetch
+    }
+}
+
 /// How one clone went.
 #[derive(Debug, Clone)]
 pub struct CloneReport {
@@ -97,11 +125,15 @@ pub struct FamilyReport {
     /// Every clone's identity, clone 1 first (leased at the fork).
     pub identities: Vec<CloneIdentity>,
     pub distribution: Distribution,
+    /// Avoidance and push/prefetch were on.
+    pub heuristics: bool,
     /// Multicast: this host's receiver's counters (cache, re-requests,
     /// rejected frames).
     pub host_receiver: Option<HostStats>,
     /// Clones placed on other hosts: clone id → host (`fork::remote`).
     pub hosts: std::collections::BTreeMap<u64, String>,
+    /// Multicast: the other hosts' receivers, as they last reported.
+    pub remote_receivers: std::collections::BTreeMap<String, ReceiverFigures>,
 }
 
 pub struct Family {
@@ -154,6 +186,31 @@ impl Family {
     /// Whether the family was killed (`sf_kill`, or the parent ended).
     pub(crate) fn killed(&self) -> bool {
         self.kill.load(Ordering::Acquire)
+    }
+
+    /// One party of a multicast family has joined its group (this host's
+    /// launcher, or the remote sender once every clone host answered):
+    /// the last one starts the push (if the family has push ranges).
+    pub(crate) fn ready_for_push(&self) {
+        let Some(m) = &self.multicast else { return };
+        if m.arrive() {
+            match self.memserver.start_push(self.id) {
+                Ok(n) => tracing::debug!(family = self.id, pages = n, "push started"),
+                Err(e) => tracing::warn!("family {}: no push: {e}", self.id),
+            }
+        }
+    }
+
+    /// The family's multicast endpoint, if it is distributed by multicast.
+    pub(crate) fn multicast_endpoint(&self) -> Option<memserver::mcdist::McEndpoint> {
+        self.multicast.as_ref().map(|m| m.endpoint)
+    }
+
+    /// A clone host's receiver figures (`fork::remote`).
+    pub(crate) fn remote_receiver(&self, host: &str, figures: ReceiverFigures) {
+        lock(&self.report)
+            .remote_receivers
+            .insert(host.to_owned(), figures);
     }
 
     /// A clone on another host ended (`fork::remote`).

@@ -121,6 +121,43 @@ impl Default for FaultStats {
     }
 }
 
+/// A clone's fault counters without the histogram: what crosses hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FaultCounts {
+    pub faults: u64,
+    pub pages_fetched: u64,
+    pub pages_avoided: u64,
+    pub pages_declared: u64,
+    pub pages_prefetched: u64,
+    pub fetch_requests: u64,
+}
+
+impl FaultStats {
+    pub fn counts(&self) -> FaultCounts {
+        FaultCounts {
+            faults: self.faults,
+            pages_fetched: self.pages_fetched,
+            pages_avoided: self.pages_avoided,
+            pages_declared: self.pages_declared,
+            pages_prefetched: self.pages_prefetched,
+            fetch_requests: self.fetch_requests,
+        }
+    }
+
+    /// Counters from another host (no latency histogram).
+    pub fn from_counts(c: FaultCounts) -> FaultStats {
+        FaultStats {
+            faults: c.faults,
+            pages_fetched: c.pages_fetched,
+            pages_avoided: c.pages_avoided,
+            pages_declared: c.pages_declared,
+            pages_prefetched: c.pages_prefetched,
+            fetch_requests: c.fetch_requests,
+            ..FaultStats::default()
+        }
+    }
+}
+
 /// A live view of one clone's fault counters.
 #[derive(Clone, Default)]
 pub struct FaultStatsView(Arc<Mutex<FaultStats>>);

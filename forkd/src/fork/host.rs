@@ -3,6 +3,7 @@
 //! learns of the fork at its next tick boundary through its agent page
 //! (clone id 0 in the parent, 1..=clones in the clones).
 
+use crate::fork::family::ForkTuning;
 use crate::fork::parent::{Family, ForkHub};
 use crate::fork::remote::RemotePlan;
 use crate::fork::{Answer, ForkError, ForkRequest};
@@ -51,16 +52,18 @@ impl HostForkError {
 /// Forks the running `vm` (whose hypercall service is `hub`) into
 /// `clones` clones.
 pub fn fork_vm(vm: &mut Vm, hub: &ForkHub, clones: u64) -> Result<Arc<Family>, HostForkError> {
-    fork_vm_placed(vm, hub, clones, None)
+    fork_vm_placed(vm, hub, clones, None, None)
 }
 
 /// [`fork_vm`] with some clones on other hosts (`plan`, whose total must
-/// be `clones`).
+/// be `clones`), and this fork's own distribution and heuristics
+/// (`tuning`; `None`: the hub's).
 pub fn fork_vm_placed(
     vm: &mut Vm,
     hub: &ForkHub,
     clones: u64,
     plan: Option<RemotePlan>,
+    tuning: Option<ForkTuning>,
 ) -> Result<Arc<Family>, HostForkError> {
     let requested_at = Instant::now();
     if clones == 0 || clones > hub.max_clones() {
@@ -105,6 +108,7 @@ pub fn fork_vm_placed(
             state,
             memory: vm.memory().clone(),
             requested_at,
+            tuning,
         };
         let family = match plan {
             Some(plan) => hub.fork_paused_placed(req, plan)?,

@@ -1,26 +1,34 @@
 //! Clones on other hosts, the clone host's side: a [`HostedFamily`] is the
 //! share of a family a parent's host sent here in an envelope. Its clones
 //! are built with the same `prepare_clone` as local ones, their pages
-//! fetched from the parent host's memory server with the family's key;
-//! each is watched by a reaper thread. Killing the family (or dropping
-//! it) stops and joins them all.
+//! fetched from the parent host's memory server with the family's key:
+//! by unicast per clone, or (the envelope names a multicast group) through
+//! one [`HostReceiver`] for all of this host's clones of the family, as on
+//! the parent's host (`fork::mcdist`); the receiver is closed when the last
+//! clone here ends. Each clone is watched by a reaper thread. Killing the
+//! family (or dropping it) stops and joins them all.
 
 use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::envelope::{cpu_fingerprint, EnvelopeBody, EnvelopeError};
+use crate::fork::fault::FaultCounts;
 use crate::fork::identity::{CloneIdentity, IdentityLease};
 use crate::fork::launch::run_to_end;
+use crate::fork::mcdist::ReceiverFigures;
 use crate::fork::remote::{RemoteClone, RemoteCloneState};
 use crate::fork::ForkError;
 use crate::sync::{join_all, lock};
 use crate::vmm::devices::Console;
 use crate::vmm::VmExit;
 use memserver::client::{ClientOptions, PageClient};
+use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver, HostStats};
+use memserver::mcdist::McEndpoint;
 use memserver::{FamilyKey, PageSource, PAGE_SIZE};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostedError {
@@ -28,14 +36,25 @@ pub enum HostedError {
     Envelope(#[from] EnvelopeError),
     #[error("the family's descriptor")]
     Descriptor(#[from] crate::fork::descriptor::DescriptorError),
+    #[error(transparent)]
+    Multicast(#[from] ForkError),
 }
 
+/// This host's choices for the clones it hosts (the family's own, such
+/// as its heuristics, come in the envelope).
 #[derive(Debug, Clone)]
 pub struct HostedOptions {
     pub name_prefix: String,
-    pub avoidance: bool,
     pub readahead: u64,
-    pub prefetch: bool,
+}
+
+/// How a hosted clone went, once it has ended.
+#[derive(Debug, Clone, Copy, Default)]
+struct HostedTimes {
+    /// The envelope's arrival → first KVM_RUN / `zone: done` line.
+    start_after: Option<Duration>,
+    done_after: Option<Duration>,
+    faults: Option<FaultCounts>,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +73,7 @@ pub struct HostedClone {
     /// Set once the clone's VM exists (never, if it could not be built).
     pub console: OnceLock<Console>,
     state: Mutex<HostedState>,
+    times: Mutex<HostedTimes>,
     kill: AtomicBool,
     removed: AtomicBool,
 }
@@ -107,10 +127,44 @@ impl HostedClone {
             },
             HostedState::Failed(why) => RemoteCloneState::Failed(why.clone()),
         };
+        let t = *lock(&self.times);
         RemoteClone {
             clone_id: self.clone_id,
             state,
             last_line: self.last_line(),
+            start_after: t.start_after,
+            done_after: t.done_after,
+            faults: t.faults,
+        }
+    }
+}
+
+/// The family's multicast receiver on this host, closed when the last
+/// local clone ends (or the family is killed).
+struct SharedReceiver {
+    receiver: Mutex<Option<Arc<HostReceiver>>>,
+    last: Mutex<Option<HostStats>>,
+    running: AtomicUsize,
+}
+
+impl SharedReceiver {
+    fn close(&self) {
+        if let Some(r) = lock(&self.receiver).take() {
+            r.close();
+            *lock(&self.last) = Some(r.stats());
+        }
+    }
+
+    fn clone_ended(&self) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.close();
+        }
+    }
+
+    fn stats(&self) -> Option<HostStats> {
+        match &*lock(&self.receiver) {
+            Some(r) => Some(r.stats()),
+            None => *lock(&self.last),
         }
     }
 }
@@ -120,6 +174,9 @@ pub struct HostedFamily {
     pub family: u64,
     pub parent_host: String,
     pub clones: Vec<Arc<HostedClone>>,
+    /// When the envelope arrived (the clones' times count from here).
+    pub received: Instant,
+    multicast: Option<Arc<SharedReceiver>>,
     kill: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -143,10 +200,27 @@ impl HostedFamily {
         opts: &HostedOptions,
         mut vm_id: impl FnMut() -> u64,
     ) -> Result<Arc<HostedFamily>, HostedError> {
+        let received = Instant::now();
         body.check_cpu(&cpu_fingerprint()?)?;
         let desc = ForkDescriptor::decode(&body.descriptor)?;
         let key = FamilyKey::from_parts(body.family, body.secret);
         let pages = desc.state.mem_bytes / PAGE_SIZE as u64;
+        // Multicast: join the family's group on the interface that leads
+        // to the parent's memory server, once for all clones here.
+        let receiver = match body.multicast {
+            Some(m) => {
+                let endpoint = McEndpoint {
+                    group: m.group,
+                    port: m.port,
+                    server: m.server,
+                };
+                let cfg = HostConfig::on(local_ip_for(body.memserver));
+                let r = HostReceiver::start(endpoint, &key, pages, cfg)
+                    .map_err(|e| HostedError::Multicast(ForkError::Multicast(e)))?;
+                Some(Arc::new(r))
+            }
+            None => None,
+        };
         let kill = Arc::new(AtomicBool::new(false));
         let mut clones = Vec::new();
         let mut prepared = Vec::new();
@@ -165,16 +239,22 @@ impl HostedFamily {
                     .map_err(ForkError::PageClient)
             };
             let built = (|| {
-                let sources = CloneSources {
-                    demand: client()?,
-                    prefetch: if opts.prefetch { Some(client()?) } else { None },
-                    // Remote clones take their pages by unicast for now.
-                    feed: None,
+                let sources = match &receiver {
+                    Some(r) => CloneSources {
+                        demand: r.clone(),
+                        prefetch: None,
+                        feed: Some(r.clone()),
+                    },
+                    None => CloneSources {
+                        demand: client()?,
+                        prefetch: if body.prefetch { Some(client()?) } else { None },
+                        feed: None,
+                    },
                 };
                 let copts = CloneOptions {
                     echo: false,
                     name: name.clone(),
-                    avoidance: opts.avoidance,
+                    avoidance: body.avoidance,
                     readahead: opts.readahead,
                 };
                 prepare_clone(
@@ -196,6 +276,7 @@ impl HostedFamily {
                 mem_bytes: desc.state.mem_bytes,
                 console: OnceLock::new(),
                 state: Mutex::new(state),
+                times: Mutex::new(HostedTimes::default()),
                 kill: AtomicBool::new(false),
                 removed: AtomicBool::new(false),
             });
@@ -204,25 +285,47 @@ impl HostedFamily {
             }
             clones.push(clone);
         }
+        let multicast = receiver.map(|r| {
+            Arc::new(SharedReceiver {
+                receiver: Mutex::new(Some(r)),
+                last: Mutex::new(None),
+                running: AtomicUsize::new(prepared.len()),
+            })
+        });
+        if let Some(m) = multicast.as_ref().filter(|_| prepared.is_empty()) {
+            m.close();
+        }
         // All built, then all started (as on the parent's host).
         let mut threads = Vec::new();
         for (i, p) in prepared {
+            let ended = || {
+                if let Some(m) = &multicast {
+                    m.clone_ended();
+                }
+            };
             let started = match p.start() {
                 Ok(s) => s,
                 Err(e) => {
                     *lock(&clones[i].state) = HostedState::Failed(chain(&e));
+                    ended();
                     continue;
                 }
             };
             let _ = clones[i].console.set(started.vm.console().clone());
-            let (clone, kill) = (clones[i].clone(), kill.clone());
+            let (clone, kill, rx) = (clones[i].clone(), kill.clone(), multicast.clone());
             let reaper = std::thread::Builder::new()
                 .name(format!("hosted-{}", clone.clone_id))
-                .spawn(move || reap(clone, started, kill));
+                .spawn(move || {
+                    reap(clone, started, kill, received);
+                    if let Some(m) = rx {
+                        m.clone_ended();
+                    }
+                });
             match reaper {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    *lock(&clones[i].state) = HostedState::Failed(format!("reaper thread: {e}"))
+                    *lock(&clones[i].state) = HostedState::Failed(format!("reaper thread: {e}"));
+                    ended();
                 }
             }
         }
@@ -230,9 +333,18 @@ impl HostedFamily {
             family: body.family,
             parent_host: body.parent_host,
             clones,
+            received,
+            multicast,
             kill,
             threads: Mutex::new(threads),
         }))
+    }
+
+    /// The family's receiver on this host (multicast), live or as it
+    /// ended.
+    pub fn receiver(&self) -> Option<ReceiverFigures> {
+        let m = self.multicast.as_ref()?;
+        m.stats().as_ref().map(ReceiverFigures::from)
     }
 
     pub fn running(&self) -> usize {
@@ -247,6 +359,9 @@ impl HostedFamily {
     pub fn kill(&self) {
         self.kill.store(true, Ordering::Release);
         join_all(&self.threads);
+        if let Some(m) = &self.multicast {
+            m.close();
+        }
     }
 }
 
@@ -257,11 +372,24 @@ impl Drop for HostedFamily {
 }
 
 /// Watches one hosted clone until it ends or is killed.
-fn reap(clone: Arc<HostedClone>, started: StartedClone, family_kill: Arc<AtomicBool>) {
+fn reap(
+    clone: Arc<HostedClone>,
+    started: StartedClone,
+    family_kill: Arc<AtomicBool>,
+    received: Instant,
+) {
     let mut vm = started.vm;
     let exit = run_to_end(&mut vm, || {
         clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire)
     });
+    let after = |t: Instant| t.saturating_duration_since(received);
+    let times = HostedTimes {
+        start_after: vm.times.first_run.get().map(|t| after(*t)),
+        done_after: vm.console().line_time("zone: done").map(after),
+        faults: Some(started.faults.get().counts()),
+    };
     drop(vm);
+    // Times first: a reader that sees the exit sees them too.
+    *lock(&clone.times) = times;
     *lock(&clone.state) = HostedState::Exited(exit);
 }

@@ -37,9 +37,10 @@ pub(super) fn launch(
         lock(&family.report).start_failures.push((clone_id, why));
         family.clone_ended();
     };
-    // Multicast: one receiver for this host's clones of the family.
+    // Multicast: one receiver for this host's clones of the family (none
+    // if they all run elsewhere).
     let receiver = match &family.multicast {
-        Some(m) => {
+        Some(m) if !leases.is_empty() => {
             let pages = family.image.pages();
             match m.start_receiver(&family.key, pages, server) {
                 Ok(r) => Some(r),
@@ -48,11 +49,12 @@ pub(super) fn launch(
                     for lease in leases {
                         fail(lease.identity.clone_id, why.clone());
                     }
+                    family.ready_for_push();
                     return;
                 }
             }
         }
-        None => None,
+        _ => None,
     };
     let mut prepared = Vec::new();
     for lease in leases {
@@ -97,13 +99,9 @@ pub(super) fn launch(
             Err(e) => fail(clone_id, chain(&e)),
         }
     }
-    // Every local clone is subscribed now: push the allocated ranges to
-    // the group (across hosts: once every clone host has joined).
-    if receiver.is_some() && opts.prefetch {
-        if let Err(e) = family.memserver.start_push(family.id) {
-            tracing::warn!("family {}: no push: {e}", family.id);
-        }
-    }
+    // Every local clone is subscribed now: the push of the allocated
+    // ranges may start (across hosts: once every clone host has joined).
+    family.ready_for_push();
     for (clone_id, p) in prepared {
         if family.kill.load(Ordering::Acquire) {
             fail(clone_id, "killed before start".into());

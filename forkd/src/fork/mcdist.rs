@@ -11,19 +11,34 @@
 //! replaces the per-clone prefetch thread. When the family ends the
 //! receiver is closed (cache dropped) and the server frees the group.
 //!
-//! Across hosts (to come) the descriptor envelope carries the endpoint and
-//! the family key; each clone host starts its own receiver the same way
-//! and the parent's host starts the push once every host has joined.
+//! Across hosts the family envelope carries the endpoint (and the key it
+//! already carries); each clone host starts its own receiver the same way
+//! (`fork::hosted`), and the parent's host starts the push once every
+//! party has joined: this host's launcher after subscribing its clones,
+//! the remote sender once every clone host has answered its envelope
+//! ([`FamilyMulticast::arrive`]).
 
 use crate::fork::ForkError;
 use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver, HostStats};
 use memserver::mcdist::McEndpoint;
 use memserver::FamilyKey;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How a family's pages go out to its clones.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Distribution {
     /// Each clone pulls its pages by unicast (one copy per clone).
     #[default]
@@ -41,6 +56,39 @@ impl std::fmt::Display for Distribution {
     }
 }
 
+/// A host receiver's figures as reports show them (and as clone hosts
+/// send them to the parent's host).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiverFigures {
+    /// Pages asked for again after a timeout (loss repair).
+    pub re_requests: u64,
+    pub pages_arrived: u64,
+    pub pages_pushed: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub gave_up: u64,
+    /// Frames rejected: bad MAC, replayed, another session's.
+    pub forged: u64,
+    pub replayed: u64,
+    pub foreign: u64,
+}
+
+impl From<&HostStats> for ReceiverFigures {
+    fn from(s: &HostStats) -> ReceiverFigures {
+        ReceiverFigures {
+            re_requests: s.receiver.rerequests,
+            pages_arrived: s.pages_arrived,
+            pages_pushed: s.pages_pushed,
+            cache_hits: s.cache_hits,
+            cache_misses: s.cache_misses,
+            gave_up: s.gave_up,
+            forged: s.receiver.forged,
+            replayed: s.receiver.replayed,
+            foreign: s.receiver.foreign,
+        }
+    }
+}
+
 /// A family's multicast side on the parent's host.
 pub struct FamilyMulticast {
     pub endpoint: McEndpoint,
@@ -48,15 +96,27 @@ pub struct FamilyMulticast {
     receiver: Mutex<Option<Arc<HostReceiver>>>,
     /// Its counters when the family ended.
     last: Mutex<Option<HostStats>>,
+    /// Parties still to join before the push starts.
+    parties: AtomicUsize,
 }
 
 impl FamilyMulticast {
-    pub fn new(endpoint: McEndpoint) -> FamilyMulticast {
+    /// `parties`: who must [`FamilyMulticast::arrive`] before the push.
+    pub fn new(endpoint: McEndpoint, parties: usize) -> FamilyMulticast {
         FamilyMulticast {
             endpoint,
             receiver: Mutex::new(None),
             last: Mutex::new(None),
+            parties: AtomicUsize::new(parties.max(1)),
         }
+    }
+
+    /// One party has joined (or given up); true for the last one, which
+    /// starts the push.
+    pub fn arrive(&self) -> bool {
+        self.parties
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            == Ok(1)
     }
 
     /// Joins the family's group on this host (`server`: the memory server

@@ -103,4 +103,6 @@ pub struct ForkRequest {
     pub state: VmState,
     pub memory: GuestMemory,
     pub requested_at: Instant,
+    /// This fork's distribution and heuristics, if not the hub's.
+    pub tuning: Option<family::ForkTuning>,
 }

@@ -8,7 +8,7 @@
 //! watched by a reaper thread; when the last clone of a family has ended,
 //! the frozen image is released.
 
-pub use crate::fork::family::{CloneReport, Family, FamilyReport, ForkOptions};
+pub use crate::fork::family::{CloneReport, Family, FamilyReport, ForkOptions, ForkTuning};
 
 use crate::errors::chain;
 use crate::fork::descriptor::ForkDescriptor;
@@ -79,6 +79,10 @@ impl ForkHub {
 
     pub fn max_clones(&self) -> u64 {
         self.opts.max_clones
+    }
+
+    pub fn options(&self) -> &ForkOptions {
+        &self.opts
     }
 
     pub fn families(&self) -> Vec<Arc<Family>> {
@@ -194,6 +198,7 @@ impl ForkHub {
             state,
             memory: guest.memory().clone(),
             requested_at,
+            tuning: None,
         };
         let plan = lock(&self.placement).as_ref().and_then(|p| p.plan(granted));
         match self.do_fork(req, granted, pool, plan) {
@@ -218,6 +223,8 @@ impl ForkHub {
         pool: Option<Arc<ShellPool>>,
         plan: Option<RemotePlan>,
     ) -> Result<Arc<Family>, ForkError> {
+        // This fork's distribution and heuristics.
+        let opts = self.opts.tuned(req.tuning);
         // A random id and a secret per family: only holders of the secret
         // (the family's clones) can read its pages from the memory server.
         let key = FamilyKey::generate().map_err(ForkError::Key)?;
@@ -230,7 +237,7 @@ impl ForkHub {
         // Every clone's MAC and IP, unique among the live clones of all
         // families, before anything else is set up.
         let leases = (1..=granted)
-            .map(|i| self.opts.identities.lease(i))
+            .map(|i| opts.identities.lease(i))
             .collect::<Result<Vec<_>, _>>()?;
         let (leases, remote) = match &plan {
             Some(p) => {
@@ -243,7 +250,7 @@ impl ForkHub {
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         let source = pending.clone() as Arc<dyn PageSource>;
-        let multicast = match self.opts.distribution {
+        let multicast = match opts.distribution {
             Distribution::Unicast => {
                 self.memserver
                     .add_family_with_key(key.clone(), source)
@@ -251,17 +258,20 @@ impl ForkHub {
                 None
             }
             Distribution::Multicast => {
-                // Push what the guest allocator had handed out at the fork.
-                let push = desc
-                    .alloc
-                    .as_ref()
-                    .map(|a| a.allocated.clone())
-                    .unwrap_or_default();
+                // Push what the guest allocator had handed out at the fork
+                // (a heuristic: off, every page goes out on demand).
+                let push = match (&desc.alloc, opts.prefetch) {
+                    (Some(a), true) => a.allocated.clone(),
+                    _ => Vec::new(),
+                };
                 let endpoint = self
                     .memserver
                     .add_family_multicast(key.clone(), source, push)
                     .map_err(ForkError::MemServer)?;
-                Some(FamilyMulticast::new(endpoint))
+                // The push waits for this host's launcher and, with clones
+                // elsewhere, for every clone host to have joined.
+                let parties = 1 + usize::from(remote.is_some());
+                Some(FamilyMulticast::new(endpoint, parties))
             }
         };
         let family = Arc::new(Family {
@@ -290,7 +300,8 @@ impl ForkHub {
                     .as_ref()
                     .map(|(_, s, _)| s.placement())
                     .unwrap_or_default(),
-                distribution: self.opts.distribution,
+                distribution: opts.distribution,
+                heuristics: opts.heuristics(),
                 ..Default::default()
             }),
             threads: Mutex::new(Vec::new()),
@@ -303,7 +314,7 @@ impl ForkHub {
         };
         let launcher = {
             let family = family.clone();
-            let opts = self.opts.clone();
+            let opts = opts.clone();
             let server = self.memserver.local_addr();
             let requested_at = req.requested_at;
             std::thread::Builder::new()
@@ -323,7 +334,17 @@ impl ForkHub {
         lock(&family.threads).push(launcher);
         if let Some((hosts, share, cpu)) = remote {
             let server = self.memserver.local_addr();
-            match remote::start(family.clone(), hosts, share, encoded_remote, server, cpu) {
+            let job = remote::RemoteJob {
+                hosts,
+                share,
+                descriptor: encoded_remote,
+                memserver: server,
+                cpu,
+                avoidance: opts.avoidance,
+                prefetch: opts.prefetch,
+                requested_at: req.requested_at,
+            };
+            match remote::start(family.clone(), job) {
                 Ok(t) => lock(&family.threads).push(t),
                 Err(source) => {
                     family.kill.store(true, Ordering::Release);

@@ -9,10 +9,11 @@
 //!
 //! The transport is the layer above's: it implements [`CloneHosts`].
 
-use crate::fork::envelope::{EnvelopeBody, EnvelopeClone};
+use crate::fork::envelope::{EnvelopeBody, EnvelopeClone, EnvelopeMulticast};
 use crate::fork::family::{CloneReport, Family};
-use crate::fork::fault::FaultStats;
+use crate::fork::fault::{FaultCounts, FaultStats};
 use crate::fork::identity::IdentityLease;
+use crate::fork::mcdist::ReceiverFigures;
 use crate::vmm::VmExit;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -57,6 +58,19 @@ pub struct RemoteClone {
     pub clone_id: u64,
     pub state: RemoteCloneState,
     pub last_line: Option<String>,
+    /// Its host got the envelope → the clone's first KVM_RUN.
+    pub start_after: Option<Duration>,
+    /// Its host got the envelope → its `zone: done` line.
+    pub done_after: Option<Duration>,
+    /// Its fault counters, once it has ended.
+    pub faults: Option<FaultCounts>,
+}
+
+/// A family's clones on one host, and that host's multicast receiver.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFamily {
+    pub clones: Vec<RemoteClone>,
+    pub receiver: Option<ReceiverFigures>,
 }
 
 /// The other hosts a daemon can place clones on (implemented by the API
@@ -67,10 +81,10 @@ pub trait CloneHosts: Send + Sync {
     /// The key envelopes are sealed with.
     fn envelope_key(&self) -> [u8; 32];
     /// Hands a sealed envelope to `host`, which builds and starts its
-    /// clones.
-    fn send_family(&self, host: &str, envelope: &[u8]) -> Result<(), RemoteError>;
+    /// clones; returns how long the host took (envelope in → answer out).
+    fn send_family(&self, host: &str, envelope: &[u8]) -> Result<Duration, RemoteError>;
     /// The clones of `family` on `host`.
-    fn family_status(&self, host: &str, family: u64) -> Result<Vec<RemoteClone>, RemoteError>;
+    fn family_status(&self, host: &str, family: u64) -> Result<RemoteFamily, RemoteError>;
     /// Kills the clones of `family` on `host`.
     fn kill_family(&self, host: &str, family: u64) -> Result<(), RemoteError>;
 }
@@ -173,16 +187,26 @@ fn exit_of(code: i32, reason: String) -> VmExit {
     }
 }
 
-fn report(lease: &IdentityLease, exit: VmExit, last_line: Option<String>) -> CloneReport {
+fn report(
+    lease: &IdentityLease,
+    exit: VmExit,
+    clone: Option<&RemoteClone>,
+    offset: Duration,
+) -> CloneReport {
     CloneReport {
         clone_id: lease.identity.clone_id,
         identity: lease.identity,
-        start_latency: None,
-        done_latency: None,
+        start_latency: clone.and_then(|c| c.start_after).map(|d| offset + d),
+        done_latency: clone.and_then(|c| c.done_after).map(|d| offset + d),
         exit,
-        last_line,
+        last_line: clone.and_then(|c| c.last_line.clone()),
         identity_line: None,
-        faults: Arc::new(FaultStats::default()),
+        faults: Arc::new(
+            clone
+                .and_then(|c| c.faults)
+                .map(FaultStats::from_counts)
+                .unwrap_or_default(),
+        ),
         pages_declared: 0,
     }
 }
@@ -192,72 +216,118 @@ struct HostWatch {
     name: String,
     pending: Vec<IdentityLease>,
     last_ok: Instant,
+    /// The fork request → the host's receipt of the envelope (estimated:
+    /// the send's start plus half the round trip the host did not spend
+    /// handling it), added to the times the host reports.
+    offset: Duration,
+}
+
+/// What the remote side of a fork needs besides the family.
+pub struct RemoteJob {
+    pub hosts: Arc<dyn CloneHosts>,
+    pub share: RemoteShare,
+    /// The encoded descriptor.
+    pub descriptor: Vec<u8>,
+    /// The memory server's unicast endpoint.
+    pub memserver: SocketAddr,
+    pub cpu: [u8; 32],
+    pub avoidance: bool,
+    pub prefetch: bool,
+    pub requested_at: Instant,
 }
 
 /// Sends the envelopes and starts the watcher thread.
-pub fn start(
-    family: Arc<Family>,
-    hosts: Arc<dyn CloneHosts>,
-    share: RemoteShare,
-    descriptor: Vec<u8>,
-    memserver: SocketAddr,
-    cpu: [u8; 32],
-) -> std::io::Result<JoinHandle<()>> {
+pub fn start(family: Arc<Family>, job: RemoteJob) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("remote-{}", family.id()))
-        .spawn(move || run(family, hosts, share, descriptor, memserver, cpu))
+        .spawn(move || run(family, job))
 }
 
-fn run(
-    family: Arc<Family>,
-    hosts: Arc<dyn CloneHosts>,
-    share: RemoteShare,
-    descriptor: Vec<u8>,
-    memserver: SocketAddr,
-    cpu: [u8; 32],
-) {
-    let key = hosts.envelope_key();
+fn run(family: Arc<Family>, job: RemoteJob) {
+    let key = job.hosts.envelope_key();
+    let multicast = family.multicast_endpoint().map(|e| EnvelopeMulticast {
+        group: e.group,
+        port: e.port,
+        server: e.server,
+    });
+    let envelope = |leases: &[IdentityLease]| EnvelopeBody {
+        family: family.key().id(),
+        secret: *family.key().secret(),
+        parent_host: job.hosts.local_name().to_owned(),
+        memserver: job.memserver,
+        multicast,
+        avoidance: job.avoidance,
+        prefetch: job.prefetch,
+        cpu: job.cpu,
+        clones: leases
+            .iter()
+            .map(|l| EnvelopeClone {
+                clone_id: l.identity.clone_id,
+                mac: l.identity.mac,
+                ip: l.identity.ip,
+                generation: [
+                    l.identity.generation as u64,
+                    (l.identity.generation >> 64) as u64,
+                ],
+            })
+            .collect(),
+        descriptor: job.descriptor.clone(),
+    };
+    // Every clone host at once: each builds its clones while the others
+    // get their envelopes.
+    let hosts = job.hosts.as_ref();
+    let sent: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = job
+            .share
+            .hosts
+            .into_iter()
+            .filter(|(_, leases)| !leases.is_empty())
+            .map(|(host, leases)| {
+                let body = envelope(&leases);
+                let requested_at = job.requested_at;
+                let sending = scope.spawn(move || {
+                    let t = Instant::now();
+                    let r = body
+                        .seal(&key)
+                        .map_err(|e| crate::errors::chain(&e))
+                        .and_then(|b| {
+                            hosts
+                                .send_family(&host, &b)
+                                .map_err(|e| crate::errors::chain(&e))
+                        });
+                    let offset = r.as_ref().ok().map(|handled| {
+                        let transit = t.elapsed().saturating_sub(*handled);
+                        t.saturating_duration_since(requested_at) + transit / 2
+                    });
+                    (host, r, offset)
+                });
+                (sending, leases)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(h, leases)| (h.join(), leases))
+            .collect()
+    });
     let mut watches = Vec::new();
-    for (host, leases) in share.hosts {
-        if leases.is_empty() {
-            continue;
-        }
-        let body = EnvelopeBody {
-            family: family.key().id(),
-            secret: *family.key().secret(),
-            parent_host: hosts.local_name().to_owned(),
-            memserver,
-            multicast: None,
-            cpu,
-            clones: leases
-                .iter()
-                .map(|l| EnvelopeClone {
-                    clone_id: l.identity.clone_id,
-                    mac: l.identity.mac,
-                    ip: l.identity.ip,
-                    generation: [
-                        l.identity.generation as u64,
-                        (l.identity.generation >> 64) as u64,
-                    ],
-                })
-                .collect(),
-            descriptor: descriptor.clone(),
+    for (joined, leases) in sent {
+        let (host, why, offset) = match joined {
+            Ok((host, Ok(_), offset)) => (host, None, offset.unwrap_or_default()),
+            Ok((host, Err(why), _)) => (host, Some(why), Duration::ZERO),
+            Err(_) => (
+                "?".to_owned(),
+                Some("the sending thread panicked".to_owned()),
+                Duration::ZERO,
+            ),
         };
-        let sent = body
-            .seal(&key)
-            .map_err(|e| crate::errors::chain(&e))
-            .and_then(|b| {
-                hosts
-                    .send_family(&host, &b)
-                    .map_err(|e| crate::errors::chain(&e))
-            });
-        match sent {
-            Ok(()) => watches.push(HostWatch {
+        match why {
+            None => watches.push(HostWatch {
                 name: host,
                 pending: leases,
                 last_ok: Instant::now(),
+                offset,
             }),
-            Err(why) => {
+            Some(why) => {
                 tracing::warn!("family {}: clones on {host}: {why}", family.id());
                 for l in leases {
                     family.remote_failed(l.identity.clone_id, format!("on {host}: {why}"));
@@ -265,7 +335,9 @@ fn run(
             }
         }
     }
-    watch(&family, hosts.as_ref(), watches);
+    // Every clone host has joined the group (or failed): push.
+    family.ready_for_push();
+    watch(&family, hosts, watches);
 }
 
 /// Polls the clone hosts until every remote clone has ended.
@@ -280,7 +352,7 @@ fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
                     tracing::warn!("family {}: kill on {}: {e}", family.id(), w.name);
                 }
                 for l in w.pending.drain(..) {
-                    family.remote_ended(report(&l, VmExit::Stopped, None));
+                    family.remote_ended(report(&l, VmExit::Stopped, None, w.offset));
                 }
             }
             return;
@@ -290,9 +362,12 @@ fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
                 continue;
             }
             match hosts.family_status(&w.name, family.id()) {
-                Ok(clones) => {
+                Ok(st) => {
                     w.last_ok = Instant::now();
-                    settle(family, w, &clones);
+                    if let Some(r) = st.receiver {
+                        family.remote_receiver(&w.name, r);
+                    }
+                    settle(family, w, &st.clones);
                 }
                 Err(e) => {
                     if w.last_ok.elapsed() > HOST_SILENCE {
@@ -323,7 +398,7 @@ fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
             Some(c) => match &c.state {
                 RemoteCloneState::Running => None,
                 RemoteCloneState::Exited { code, reason } => {
-                    Some(Ok((exit_of(*code, reason.clone()), c.last_line.clone())))
+                    Some(Ok((exit_of(*code, reason.clone()), c)))
                 }
                 RemoteCloneState::Failed(why) => Some(Err(format!("on {}: {why}", w.name))),
             },
@@ -333,7 +408,7 @@ fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
             Some(r) => {
                 let lease = w.pending.swap_remove(i);
                 match r {
-                    Ok((exit, line)) => family.remote_ended(report(&lease, exit, line)),
+                    Ok((exit, c)) => family.remote_ended(report(&lease, exit, Some(c), w.offset)),
                     Err(why) => family.remote_failed(id, why),
                 }
             }

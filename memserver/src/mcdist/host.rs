@@ -575,11 +575,21 @@ impl Drop for Subscription {
     }
 }
 
-/// The local address a host receiver for a server at `server` uses on a
-/// single host (the server's own address, or loopback).
+/// The local address a host receiver for a server at `server` uses: the
+/// address of the interface the route to the server leaves by (a UDP
+/// socket connected to it says; nothing is sent). On the server's own
+/// host that is the server's address; loopback if there is no route.
 pub fn local_ip_for(server: SocketAddr) -> Ipv4Addr {
-    match server {
-        SocketAddr::V4(a) if !a.ip().is_unspecified() => *a.ip(),
-        _ => Ipv4Addr::LOCALHOST,
+    let SocketAddr::V4(a) = server else {
+        return Ipv4Addr::LOCALHOST;
+    };
+    if a.ip().is_unspecified() || a.ip().is_loopback() {
+        return Ipv4Addr::LOCALHOST;
+    }
+    let routed = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.connect(a).and_then(|()| s.local_addr()));
+    match routed {
+        Ok(SocketAddr::V4(l)) if !l.ip().is_unspecified() => *l.ip(),
+        _ => *a.ip(),
     }
 }

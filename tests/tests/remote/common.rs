@@ -1,0 +1,207 @@
+//! Shared by the cluster tests: a local cluster per test (`cluster down`
+//! on drop), polling a daemon's API, starting a zone VM, the fork tick,
+//! and nftables inside a host's namespace.
+
+use super::client;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tests::{forkd_bin, require_kvm, run_with_timeout};
+
+pub const MEM: u64 = 512;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the remote fork tests need root (a local cluster: network namespaces); run them as root"
+    );
+    require_kvm();
+}
+
+pub fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("r{:x}{n}", std::process::id() % 0xff_ffff)
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A cluster for one test; `down` runs on drop, whatever happened.
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn up(hosts: u32) -> (Cluster, Value) {
+        require_root();
+        let parent = tempfile::tempdir().expect("tempdir");
+        let c = Cluster {
+            name: unique_name(),
+            dir: parent.path().join("cluster"),
+            _parent: parent,
+        };
+        let o = c.run(&["up", "--hosts", &hosts.to_string(), "--json"]);
+        assert!(o.status.success(), "cluster up: {}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("cluster up --json: {e}: {}", text(&o)));
+        (c, v)
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let dir = self.dir.to_str().expect("utf-8 dir");
+        let mut all = vec!["cluster", args[0], "--name", &self.name, "--dir", dir];
+        all.extend_from_slice(&args[1..]);
+        run_with_timeout(Command::new(forkd_bin()).args(&all), tests::WAIT)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let o = self.run(&["down"]);
+        if !o.status.success() {
+            eprintln!("cleanup of cluster {}: {}", self.name, text(&o));
+        }
+    }
+}
+
+pub fn socket(h: &Value) -> PathBuf {
+    PathBuf::from(h["socket"].as_str().expect("socket"))
+}
+
+/// Polls `GET path` on a Unix socket until `done` holds.
+pub fn poll(socket: &Path, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = client::call_unix(socket, "GET", path, None);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+        let v = r.json();
+        if done(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "{path} within {limit:?}; last: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn all_ended(v: &Value) -> bool {
+    v["state"] == "exited"
+        && v["families"].as_array().is_some_and(|fs| {
+            fs.iter().all(|f| {
+                f["running"] == 0
+                    && f["clones"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["state"] != "running"))
+            })
+        })
+}
+
+/// Creates a VM on `sock` and waits until its guest runs.
+pub fn start_vm(sock: &Path, cmdline: &str) -> String {
+    let body = format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}}}"#);
+    let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    poll(
+        sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(30),
+        |v| v["console_lines"].as_u64() >= Some(2),
+    );
+    id
+}
+
+/// The tick the parent saw the host's fork at.
+pub fn fork_tick(sock: &Path, id: &str) -> u64 {
+    let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
+    let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("zone: forked by the host before tick ")?
+                .strip_suffix(": clone=0")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
+}
+
+/// Runs `nft` inside a host's network namespace (nftables from Debian's
+/// packages; scripts/setup.sh installs it).
+pub fn nft_in(netns: &str, args: &[&str]) -> String {
+    let mut all = vec!["netns", "exec", netns, "nft"];
+    all.extend_from_slice(args);
+    let o = run_with_timeout(Command::new("ip").args(&all), Duration::from_secs(10));
+    assert!(o.status.success(), "nft {args:?} in {netns}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Drops `pct` % of the UDP datagrams arriving in `netns` (nftables; this
+/// kernel has no netem).
+pub fn add_udp_loss(netns: &str, pct: u32) {
+    nft_in(netns, &["add", "table", "inet", "loss"]);
+    nft_in(
+        netns,
+        &[
+            "add",
+            "chain",
+            "inet",
+            "loss",
+            "input",
+            "{ type filter hook input priority 0; }",
+        ],
+    );
+    let pct = pct.to_string();
+    nft_in(
+        netns,
+        &[
+            "add", "rule", "inet", "loss", "input", "meta", "l4proto", "udp", "numgen", "random",
+            "mod", "100", "<", &pct, "counter", "drop",
+        ],
+    );
+}
+
+/// The datagrams the loss rule of `netns` has dropped.
+pub fn udp_dropped(netns: &str) -> u64 {
+    let rules = nft_in(netns, &["list", "table", "inet", "loss"]);
+    rules
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for the VM `id` on `sock` and all its clones to end, checks the
+/// parent's and every clone's final line against QEMU's straight-line run
+/// of the same cmdline (`as_clone=I`), and returns the VM's detail.
+pub fn expect_qemu_lines(sock: &Path, id: &str, cmdline: &str, clones: u64) -> Value {
+    let v = poll(sock, &format!("/v1/vms/{id}"), tests::WAIT, all_ended);
+    let tick = fork_tick(sock, id);
+    let oracle = |i: u64| {
+        tests::qemu_done_line(
+            &format!("{cmdline} fork_at={tick} clones={clones} as_clone={i}"),
+            MEM,
+        )
+    };
+    assert_eq!(v["last_line"], oracle(0).as_str(), "parent {id}");
+    let list = v["families"][0]["clones"].as_array().expect("clones");
+    assert_eq!(list.len() as u64, clones, "{v}");
+    for (c, i) in list.iter().zip(1u64..) {
+        assert_eq!(c["state"], "exited", "{id} clone {i}: {c}");
+        assert_eq!(c["last_line"], oracle(i).as_str(), "{id} clone {i}: {c}");
+    }
+    v
+}
