@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 const SIZE: (u32, u32) = (800, 500);
 const FONT: &str = "sans-serif";
+/// Issue 7's target: 32 clones over 4 hosts running within 60 ms.
+const CLONE_TIME_TARGET_MS: f64 = 60.0;
 
 fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("plot: {e}")
@@ -36,20 +38,22 @@ pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let rs: Vec<&Record> = records.iter().filter(|r| usable(r)).collect();
     // The sweep: loss 0, one heuristics setting, several clone counts.
-    for (name, title, pick) in [
+    for (name, title, pick, target) in [
         (
             "clone-time-vs-clones.svg",
             "fork request → last clone running",
             (|r: &Record| r.clone_time_ms) as fn(&Record) -> Option<f64>,
+            Some(CLONE_TIME_TARGET_MS),
         ),
         (
             "all-ended-vs-clones.svg",
             "fork request → all clones ended",
             |r: &Record| r.all_ended_ms,
+            None,
         ),
     ] {
         let p = dir.join(name);
-        if sweep(&p, title, &rs, pick)? {
+        if sweep(&p, title, &rs, pick, target)? {
             out.push(p);
         }
     }
@@ -86,11 +90,13 @@ pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<PathBuf>> {
 
 /// Line per mode of `pick` against the clone count (log2 x axis); false if
 /// the records hold no sweep (fewer than 2 clone counts for any mode).
+/// `target`: a dashed line at that value (the 32-clone target).
 fn sweep(
     path: &Path,
     title: &str,
     rs: &[&Record],
     pick: fn(&Record) -> Option<f64>,
+    target: Option<f64>,
 ) -> Result<bool> {
     let mut lines: BTreeMap<String, BTreeMap<u64, f64>> = BTreeMap::new();
     for r in rs.iter().filter(|r| r.loss_pct == 0.0 && r.heuristics) {
@@ -110,7 +116,7 @@ fn sweep(
     let ymax = lines
         .values()
         .flat_map(|p| p.values())
-        .fold(1.0, |a: f64, &b| a.max(b))
+        .fold(target.unwrap_or(1.0), |a: f64, &b| a.max(b))
         * 1.1;
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -141,6 +147,22 @@ fn sweep(
             });
         chart
             .draw_series(xy.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(err)?;
+    }
+    if let Some(t) = target {
+        let x32 = 32f64.log2();
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(-0.2, t), (xmax + 0.2, t)],
+                6,
+                4,
+                BLACK.mix(0.5).stroke_width(1),
+            ))
+            .map_err(err)?
+            .label(format!("target: {t} ms at 32 clones"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+        chart
+            .draw_series([Cross::new((x32, t), 6, BLACK.stroke_width(2))])
             .map_err(err)?;
     }
     chart

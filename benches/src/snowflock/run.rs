@@ -212,7 +212,7 @@ pub fn family(
     let waited = wait_family(h1, &id, family, at, s.timeout);
     let peaks = sampler.finish();
     let (fam, polled_ended) = waited?;
-    let ms_after = h1.memserver()?;
+    let ms_after = settled_memserver(h1, ms_before.as_ref())?;
     let dropped = loss.dropped()?;
     drop(loss);
     let memserver = match (&ms_before, &ms_after) {
@@ -271,6 +271,32 @@ fn wait_family(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// The parent host's memory server counters once the family is gone from
+/// it (its `families` back to what it was before the fork) and two reads
+/// [`POLL`]×5 apart agree: a family's multicast figures move from the live
+/// family to the retired totals as it is removed, and a read in between
+/// would miss them. Bounded (5 s); the last read after that.
+fn settled_memserver(h1: &Api, before: Option<&Value>) -> Result<Option<Value>> {
+    let families = |v: &Value| v["families"].as_u64();
+    let Some(mut last) = h1.memserver()? else {
+        return Ok(None);
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        nap(POLL * 5)?;
+        let Some(now) = h1.memserver()? else {
+            return Ok(None);
+        };
+        let gone = families(&now) <= before.and_then(families);
+        if gone && now["bytes_sent"] == last["bytes_sent"] {
+            return Ok(Some(now));
+        }
+        last = now;
+    }
+    eprintln!("snowflock: the memory server's counters did not settle within 5 s");
+    Ok(Some(last))
 }
 
 /// Waits (bounded) for the parent to end; its last line.
