@@ -321,13 +321,20 @@ fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
             c.clones,
             a.loss_pct
         );
+        let load = record::load_avg();
         let r = match bench.config(c) {
-            Ok(r) => r,
+            Ok(r) => Record {
+                load_avg_1m: load,
+                ..r
+            },
             Err(e) => {
                 cluster::check_stop()?;
                 eprintln!("snowflock:   failed: {e:#}");
                 failed += 1;
-                error_record(a, &setup, c, &e)
+                Record {
+                    load_avg_1m: load,
+                    ..error_record(a, &setup, c, &e)
+                }
             }
         };
         emit(a.json, &r)?;

@@ -40,9 +40,10 @@ pub struct Record {
     pub one_clone_bytes: Option<u64>,
     /// `memserver_bytes_sent` / `one_clone_bytes`.
     pub egress_vs_one_clone: Option<f64>,
-    /// Σ over clones of `faults.pages_fetched`.
+    /// Σ over clones of `faults.pages_fetched` (fetched on demand).
     pub pages_requested: Option<u64>,
-    /// Σ over clones of `faults.pages_prefetched`.
+    /// Σ over clones of `faults.pages_prefetched` (installed ahead of
+    /// demand: prefetched, pushed or multicast to the host).
     pub pages_prefetched: Option<u64>,
     /// Σ over clones of `faults.pages_avoided` + `faults.pages_declared`.
     pub pages_avoided: Option<u64>,
@@ -76,6 +77,9 @@ pub struct Record {
     pub one_clone_matches_resident: Option<bool>,
     /// Datagrams the loss rules dropped (nftables counters, clone hosts).
     pub loss_dropped_packets: Option<u64>,
+    /// The machine's 1-minute load average when the configuration started
+    /// (/proc/loadavg; 2 cores here: above ~2 other work shared them).
+    pub load_avg_1m: Option<f64>,
     /// Contract fields the daemon did not report (their figures are null).
     pub missing: Vec<String>,
     /// Why this configuration has no figures.
@@ -160,6 +164,16 @@ pub fn counter_delta(old: &Value, new: &Value) -> Value {
         },
         _ => new.clone(),
     }
+}
+
+/// The 1-minute load average.
+pub fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 pub fn pct(clone: f64, resident: f64) -> Option<f64> {

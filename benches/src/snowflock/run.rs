@@ -181,13 +181,7 @@ pub fn family(
     };
     let started = h1.wait_started(&id, Duration::from_secs(30))?;
     let boundary = started + Duration::from_micros(s.tick_us * s.fork_tick);
-    if Instant::now() + BASELINE_LEAD > boundary {
-        bail!(
-            "tick {} of the parent comes too soon to fork before it; raise --fork-tick or --tick-us",
-            s.fork_tick
-        );
-    }
-    nap_until(boundary - BASELINE_LEAD)?;
+    // The loss rules first: a few `ip netns exec nft` take a while.
     let lossy: Vec<String> = c
         .hosts
         .iter()
@@ -195,13 +189,27 @@ pub fn family(
         .map(|h| h.netns.clone())
         .collect();
     let loss = Loss::add(&lossy, loss_pct)?;
+    let late = |what: &str| {
+        anyhow::anyhow!(
+            "{what} came after the parent's tick-{} boundary was due (a loaded machine?);              raise --fork-tick or --tick-us",
+            s.fork_tick
+        )
+    };
+    if Instant::now() + BASELINE_LEAD > boundary {
+        return Err(late("the parent's start and the loss rules"));
+    }
+    nap_until(boundary - BASELINE_LEAD)?;
     let ms_before = h1.memserver()?;
     let daemons = daemons(&c.hosts);
     let rss_before: BTreeMap<String, u64> = daemons
         .iter()
         .filter_map(|(h, pid)| Some((h.clone(), vm_rss(*pid)?)))
         .collect();
-    nap_until(boundary.checked_sub(FORK_LEAD).unwrap_or(boundary))?;
+    let fork_at = boundary.checked_sub(FORK_LEAD).unwrap_or(boundary);
+    if Instant::now() > fork_at {
+        return Err(late("reading the baselines"));
+    }
+    nap_until(fork_at)?;
     let Forked {
         family,
         at,
