@@ -185,7 +185,7 @@ fn bytes(path: &Path, clones: u64, loss: f64, kinds: &[&Record]) -> Result<()> {
         .flatten()
         .map(mb)
         .fold(1.0, f64::max)
-        * 1.15;
+        * 1.3;
     let names: Vec<String> = kinds
         .iter()
         .map(|r| {
@@ -265,7 +265,7 @@ fn bytes(path: &Path, clones: u64, loss: f64, kinds: &[&Record]) -> Result<()> {
         .map_err(err)?;
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
