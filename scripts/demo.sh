@@ -2,9 +2,9 @@
 # Demo: boot the zone guest, snapshot it mid-run, restore the snapshot, and
 # compare the final checksum with an uninterrupted run of the same cmdline;
 # then fork the zone into 4 clones and check each against QEMU running the
-# same ELF straight-line as that clone; then make a local cluster of 2 hosts
-# (network namespaces) and fork a zone on h1 into 4 clones over h1 and h2,
-# each checked against QEMU.
+# same ELF straight-line as that clone; then make a local cluster of 3 hosts
+# (network namespaces) and fork a zone on h1 into 6 clones over h1, h2 and
+# h3 with its pages by IP multicast, each checked against QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -54,11 +54,11 @@ for i in 0 1 2 3 4; do
     else echo "   MISMATCH forkd '$got' QEMU '$want'" >&2; exit 1; fi
 done
 
-echo "== 6. VM fork across hosts: a local cluster of 2 hosts (network namespaces, a forkd serve each)"
+echo "== 6. VM fork across hosts: a local cluster of 3 hosts (network namespaces, a forkd serve each)"
 cluster="demo$((RANDOM % 100000))"
 cdir="$snap/cluster"
 trap '$forkd cluster down --name "$cluster" --dir "$cdir" >/dev/null 2>&1 || true; rm -rf "$snap"' EXIT
-$forkd cluster up --hosts 2 --name "$cluster" --dir "$cdir"
+$forkd cluster up --hosts 3 --name "$cluster" --dir "$cdir"
 on_h1=(--host h1 --cluster "$cluster" --cluster-dir "$cdir")
 zone="ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000"
 id=$($forkd vm create "${on_h1[@]}" --mem 512 --cmdline "$zone" --json \
@@ -68,19 +68,32 @@ for _ in $(seq 200); do   # until the guest agent is up (a fork before is refuse
     $forkd vm console "$id" "${on_h1[@]}" | grep -q 'zone: start' && break
     sleep 0.01
 done
-$forkd vm fork "$id" "${on_h1[@]}" --clones 4 --place h1=2,h2=2 --wait --json > "$snap/family.json"
+echo "   fork into 6 clones, 2 per host, pages by IP multicast (h1's clones read the image directly)"
+$forkd vm fork "$id" "${on_h1[@]}" --clones 6 --place h1=2,h2=2,h3=2 --distribution multicast \
+    --wait --json > "$snap/family.json"
 for _ in $(seq 500); do
     $forkd vm get "$id" "${on_h1[@]}" --json | grep -q '"state":"exited"' && break
     sleep 0.02
 done
 $forkd vm get "$id" "${on_h1[@]}"
 $forkd vm list --host h2 --cluster "$cluster" --cluster-dir "$cdir"
+curl -s --unix-socket "$cdir/h1/api.sock" localhost/v1/memserver | python3 -c '
+import json, sys
+m = json.load(sys.stdin)["multicast"]
+print("   h1 memory server: %.1f MiB multicast (%d pages pushed, %d on request, %d requests answered once for all)"
+      % (m["bytes_sent"] / 2**20, m["blocks_pushed"], m["blocks_multicast"], m["lockstep_suppressed"]))'
+python3 -c '
+import json, sys
+for r in json.load(open(sys.argv[1])).get("receivers", []):
+    print("   receiver on %s: %d pages arrived (%d pushed), %d re-requests, %d frames rejected"
+          % (r["host"], r["pages_arrived"], r["pages_pushed"], r["re_requests"],
+             r["forged"] + r["replayed"] + r["foreign"]))' "$snap/family.json"
 tick=$($forkd vm console "$id" "${on_h1[@]}" | sed -n 's/^zone: forked by the host before tick \([0-9]*\): clone=0$/\1/p')
-echo "== 7. QEMU, straight-line as each VM of that fork (fork_at=$tick clones=4 as_clone=I)"
-for i in 0 1 2 3 4; do
+echo "== 7. QEMU, straight-line as each VM of that fork (fork_at=$tick clones=6 as_clone=I)"
+for i in 0 1 2 3 4 5 6; do
     want=$(timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-capabilities \
         -m 512 -nographic -no-reboot -device isa-debug-exit,iobase=0xf4 -kernel "$elf" \
-        -append "$zone fork_at=$tick clones=4 as_clone=$i" | grep 'zone: done' | tr -d '\r' || true)
+        -append "$zone fork_at=$tick clones=6 as_clone=$i" | grep 'zone: done' | tr -d '\r' || true)
     if [ "$i" = 0 ]; then
         got=$($forkd vm get "$id" "${on_h1[@]}" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["last_line"])')
         where=h1

@@ -25,6 +25,9 @@ command -v unshare >/dev/null || missing+=(util-linux)
 command -v ip >/dev/null || missing+=(iproute2)
 # Loss injection in the cluster tests (this kernel has no netem).
 command -v nft >/dev/null || missing+=(nftables)
+# The demo reads JSON with python3 and asks a daemon's API with curl.
+command -v python3 >/dev/null || missing+=(python3)
+command -v curl >/dev/null || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

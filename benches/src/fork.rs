@@ -107,6 +107,9 @@ pub fn fork_run(guest: &Path, s: &Setup) -> Result<ForkRun> {
             copy_out: s.copy_out,
             prefetch: s.prefetch,
             warm_pool: true,
+            // Through the memory server: these figures are of the fault
+            // path remote clones take.
+            local_direct: false,
             ..ForkOptions::default()
         },
         server.clone(),

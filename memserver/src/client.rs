@@ -3,10 +3,14 @@
 //! The protocol is unreliable by design: the client sends a page request,
 //! collects the replies carrying the request ids it issued for the current
 //! call, and on a timeout re-requests only the pages still missing (each
-//! contiguous run of them under a fresh request id). Replies from earlier
-//! calls, duplicates and foreign datagrams are dropped and counted. After
-//! [`ClientOptions::retries`] timeouts in a row without a new page, it
-//! gives up with [`SourceError::Unavailable`].
+//! contiguous run of them under a fresh request id). Each timeout without
+//! a new page doubles the next wait (from [`ClientOptions::timeout`] up to
+//! [`ClientOptions::max_timeout`]), so a busy server is not flooded with
+//! re-requests; progress resets it. After [`ClientOptions::retries`]
+//! timeouts in a row without a new page (3 once the server's port is
+//! known closed: ICMP port unreachable), it gives up with
+//! [`SourceError::NoAnswer`]. Replies from earlier calls, duplicates and
+//! foreign datagrams are dropped and counted.
 //!
 //! The socket is connected to the server, so the kernel drops datagrams
 //! from any other address.
@@ -40,10 +44,13 @@ const RECV_BUFFER: usize = 4 << 20;
 /// Timeouts and window of a [`PageClient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientOptions {
-    /// How long to wait for replies before re-requesting.
+    /// How long to wait for replies before the first re-request.
     pub timeout: Duration,
-    /// Re-requests without progress before giving up (so the client waits
-    /// about `timeout * (retries + 1)` for a silent server).
+    /// The longest wait between re-requests (each timeout without
+    /// progress doubles the wait up to this).
+    pub max_timeout: Duration,
+    /// Re-requests without progress before giving up (with the defaults a
+    /// silent server is given up on after about 8 s).
     pub retries: u32,
     /// Most pages asked for in one request (capped by the server's limit).
     pub max_window: u32,
@@ -53,7 +60,8 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             timeout: Duration::from_millis(50),
-            retries: 40,
+            max_timeout: Duration::from_millis(400),
+            retries: 20,
             max_window: 64,
         }
     }
@@ -188,9 +196,9 @@ impl PageClient {
         opts: ClientOptions,
         pages: Option<u64>,
     ) -> Result<PageClient, ClientError> {
-        if opts.timeout.is_zero() || opts.max_window == 0 {
+        if opts.timeout.is_zero() || opts.max_window == 0 || opts.max_timeout < opts.timeout {
             return Err(ClientError::BadOptions(
-                "timeout and max_window must be non-zero",
+                "timeout and max_window must be non-zero, max_timeout at least timeout",
             ));
         }
         let sock_err = |source| ClientError::Socket { server, source };
@@ -402,11 +410,13 @@ impl PageClient {
         let started = Instant::now();
         let first = *next_seq;
         let mut refused = false;
-        for attempt in 0..=self.opts.retries {
+        let mut tries = 0;
+        while !self.give_up(tries, refused) {
             let seq = *next_seq;
             *next_seq += 1;
-            self.send(buf, seq, Body::InfoRequest, attempt > 0);
-            let deadline = Instant::now() + self.opts.timeout;
+            self.send(buf, seq, Body::InfoRequest, tries > 0);
+            let deadline = Instant::now() + self.wait(tries);
+            tries += 1;
             while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
                 match self.classify(&buf[..n], first, seq) {
                     Outcome::Info { pages, max_window } => return Ok((pages, max_window)),
@@ -415,7 +425,24 @@ impl PageClient {
                 }
             }
         }
-        Err(self.no_answer(0, self.opts.retries + 1, started, refused))
+        Err(self.no_answer(0, tries, started, refused))
+    }
+
+    /// The wait after `idle` tries without progress: doubling from the
+    /// first timeout, capped.
+    fn wait(&self, idle: u32) -> Duration {
+        let grown = self.opts.timeout.saturating_mul(1 << idle.min(16));
+        grown.min(self.opts.max_timeout)
+    }
+
+    /// Whether `idle` tries without progress are enough.
+    fn give_up(&self, idle: u32, refused: bool) -> bool {
+        let limit = if refused {
+            self.opts.retries.min(3)
+        } else {
+            self.opts.retries
+        };
+        idle > limit
     }
 
     /// Fetches `first .. first + count` (count <= window) into `out`.
@@ -457,7 +484,7 @@ impl PageClient {
                 self.send(buf, last_seq, body, tries > 0);
             }
             tries += 1;
-            let deadline = Instant::now() + self.opts.timeout;
+            let deadline = Instant::now() + self.wait(idle_tries);
             let before = missing;
             while let Some(n) = self.recv_until(buf, deadline, &mut refused) {
                 match self.classify(&buf[..n], first_seq, last_seq) {
@@ -485,7 +512,7 @@ impl PageClient {
                 }
             }
             idle_tries = if missing < before { 0 } else { idle_tries + 1 };
-            if idle_tries > self.opts.retries {
+            if self.give_up(idle_tries, refused) {
                 let first_missing = got[..n_pages].iter().position(|g| !g).unwrap_or(0);
                 let page = first + first_missing as u64;
                 return Err(self.no_answer(page, tries, started, refused));

@@ -175,6 +175,7 @@ fn replayed_captured_request_gets_nothing_and_is_counted() {
     let relay_addr = relay.local_addr().expect("addr");
     let opts = ClientOptions {
         timeout: Duration::from_secs(2),
+        max_timeout: Duration::from_secs(2),
         ..ClientOptions::default()
     };
     let client = PageClient::with_pages(relay_addr, key.clone(), 16, opts).expect("client");
@@ -265,6 +266,7 @@ fn client_drops_forged_replies() {
         .expect("timeout");
     let opts = ClientOptions {
         timeout: Duration::from_secs(2),
+        max_timeout: Duration::from_secs(2),
         ..ClientOptions::default()
     };
     let addr = fake.local_addr().expect("addr");

@@ -343,24 +343,23 @@ fn overloaded_server_refuses_then_serves() {
 
 #[test]
 fn server_gone_gives_unavailable_in_bounded_time() {
-    let (mut s, keys) = server_with(&[(1, 8)]);
+    let (s, keys) = server_with(&[(1, 8)]);
     let c =
         PageClient::new(s.local_addr(), keys[0].clone(), ClientOptions::default()).expect("client");
-    s.shutdown();
+    drop(s);
     let t = Instant::now();
     let mut buf = [0u8; PAGE_SIZE];
     let err = c.read_page(3, &mut buf).expect_err("server is gone");
     let el = t.elapsed();
     eprintln!("server gone: gave up after {el:?}: {err}");
-    assert!(
-        el > Duration::from_secs(1) && el < Duration::from_secs(10),
-        "{el:?}"
-    );
+    // Its port is closed (ICMP port unreachable): 4 tries, well under 2 s.
+    assert!(el < Duration::from_secs(2), "{el:?}");
     match err {
         SourceError::NoAnswer {
             family,
             page: 3,
-            tries: 41,
+            tries: 4,
+            refused: true,
             ..
         } => assert_eq!(family, keys[0].id()),
         e => panic!("unexpected {e}"),
@@ -376,12 +375,13 @@ fn silent_server_gives_unavailable_in_bounded_time() {
     let t = Instant::now();
     let err = c.read_pages(0, 8, &mut |_, _| {}).expect_err("blackholed");
     let el = t.elapsed();
+    // Backing off from 50 ms to 400 ms: about 8 s for 20 re-requests.
     assert!(
-        el > Duration::from_secs(1) && el < Duration::from_secs(10),
+        el > Duration::from_secs(5) && el < Duration::from_secs(12),
         "{el:?}"
     );
     assert!(matches!(err, SourceError::NoAnswer { .. }), "{err}");
-    assert_eq!(c.stats().retries, 40);
+    assert_eq!(c.stats().retries, 20);
 }
 
 #[test]

@@ -39,7 +39,11 @@
 //! Receivers that run the same code ask for the same blocks at about the
 //! same time. The sender answers a block once: a request for a block that
 //! is queued, being sent, or was multicast less than `lockstep_window` ago
-//! is dropped (`lockstep_suppressed`); the one multicast answers all.
+//! is dropped (`lockstep_suppressed`); the one multicast answers all. A
+//! first request (not a retry) is dropped for longer, `first_request_window`:
+//! every receiver keeps what arrives, so a first request for a block just
+//! multicast crossed it on the way; if that receiver really lost it, its
+//! retry (after `retry_timeout`) is answered.
 //!
 //! # Flow control
 //! Each receiver measures its receive rate (bytes of valid data frames per

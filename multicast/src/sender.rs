@@ -73,6 +73,10 @@ pub struct SenderConfig {
     pub rate: RateConfig,
     /// Requests for a block this soon after it was multicast are dropped.
     pub lockstep_window: Duration,
+    /// First requests (not retries) for a block this soon after it was
+    /// multicast are dropped (they crossed it; a receiver that lost it
+    /// retries). At least `lockstep_window`.
+    pub first_request_window: Duration,
     /// Longest block sent (longer ones are counted and skipped).
     pub max_block_len: usize,
     /// Requested blocks waiting to be sent.
@@ -97,6 +101,7 @@ impl SenderConfig {
             mtu: frame::DEFAULT_MTU,
             rate: RateConfig::default(),
             lockstep_window: Duration::from_millis(10),
+            first_request_window: Duration::from_millis(100),
             max_block_len: 64 << 10,
             max_queued: 1 << 16,
             max_push: 1 << 20,
@@ -460,7 +465,7 @@ impl<S: BlockSource> Run<S> {
             let rate = self.flow.target(now);
             self.bucket.set_rate(rate, now);
             stats::set(&self.c().rate, rate);
-            self.recent.prune(self.cfg.lockstep_window, now);
+            self.recent.prune(self.suppress_window(false), now);
             self.send_some();
         }
         tracing::debug!("multicast sender stopped");
@@ -565,7 +570,7 @@ impl<S: BlockSource> Run<S> {
         } else {
             Dest::Group
         };
-        if dest == Dest::Group && self.recent.within(block, self.cfg.lockstep_window, now) {
+        if dest == Dest::Group && self.recent.within(block, self.suppress_window(retry), now) {
             stats::bump(&c.lockstep_suppressed);
             return;
         }
@@ -585,6 +590,15 @@ impl<S: BlockSource> Run<S> {
                 frame::FLAG_UNICAST
             },
         });
+    }
+
+    /// How long after a block was multicast a request for it is dropped.
+    fn suppress_window(&self, retry: bool) -> Duration {
+        if retry {
+            self.cfg.lockstep_window
+        } else {
+            self.cfg.first_request_window.max(self.cfg.lockstep_window)
+        }
     }
 
     /// The next block to send: requests first, then push.

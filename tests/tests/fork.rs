@@ -231,6 +231,8 @@ fn memserver_gone_mid_run_stops_clones_not_the_parent() {
     let hub = ForkHub::new(
         ForkOptions {
             readahead: 1,
+            // The clones fetch through the server this test stops.
+            local_direct: false,
             ..Default::default()
         },
         server.clone(),
@@ -549,6 +551,8 @@ fn delete_after_the_clones_lost_their_memory_returns_promptly() {
         },
         None,
     );
+    // The clones fetch through the memory server this test stops.
+    reg.set_local_direct(false);
     let id = reg
         .create(CreateVm {
             cmdline: "ticks=100000 seed=46 state_mib=64 tick_us=1000".into(),

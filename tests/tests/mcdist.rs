@@ -34,7 +34,7 @@ fn run_in_netns(cmdline: &str, distribution: &str) -> Run {
     require_root();
     let script = format!(
         "ip link set lo up multicast on && ip route add 224.0.0.0/4 dev lo && \
-         exec '{}' run --cmdline '{cmdline}' --json --timeout-s 120 --distribution {distribution}",
+         exec '{}' run --cmdline '{cmdline}' --json --timeout-s 120 --distribution {distribution} --local-pages network",
         forkd_bin().display()
     );
     let out = run_with_timeout(

@@ -118,6 +118,9 @@ pub struct Registry {
     /// Where clone MACs and IPs come from: this host's share of the pool
     /// in a cluster, the process's pool otherwise.
     identities: Arc<IdentityPool>,
+    /// This host's clones read the frozen image directly (default), or
+    /// through the memory server like remote ones.
+    local_direct: AtomicBool,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -260,6 +263,7 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             closed: AtomicBool::new(false),
             identities,
+            local_direct: AtomicBool::new(true),
             peers,
             hosted: Mutex::new(BTreeMap::new()),
         })
@@ -334,6 +338,7 @@ impl Registry {
                 echo: false,
                 name_prefix: format!("{}.", vm_id(id)),
                 identities: self.identities.clone(),
+                local_direct: self.local_direct.load(Ordering::Relaxed),
                 ..ForkOptions::default()
             }
             .tuned(Some(ForkTuning {
@@ -467,6 +472,13 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// Whether VMs created from now on have their local clones read the
+    /// frozen image directly (true, the default) or through the memory
+    /// server (the network path, e.g. to test it on one host).
+    pub fn set_local_direct(&self, direct: bool) {
+        self.local_direct.store(direct, Ordering::Relaxed);
     }
 
     /// `GET /v1/memserver`: this host's memory server counters.

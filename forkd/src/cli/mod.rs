@@ -130,8 +130,21 @@ pub struct RunArgs {
     /// family (needs an interface with MULTICAST and a 224.0.0.0/4 route).
     #[arg(long, value_enum, default_value_t)]
     pub distribution: crate::fork::mcdist::Distribution,
+    /// Where clones on this host read their pages: the frozen image
+    /// directly, or through the memory server (the network path remote
+    /// clones take; to compare distributions on one host).
+    #[arg(long, value_enum, default_value_t)]
+    pub local_pages: LocalPages,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// Where clones on the parent's host read their pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LocalPages {
+    #[default]
+    Direct,
+    Network,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +259,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
             prefetch: !a.no_prefetch,
             warm_pool: !a.no_warm_pool,
             distribution: a.distribution,
+            local_direct: a.local_pages == LocalPages::Direct,
             ..ForkOptions::default()
         },
         memserver.clone(),

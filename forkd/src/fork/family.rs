@@ -39,6 +39,10 @@ pub struct ForkOptions {
     pub distribution: Distribution,
     /// Build the clones' VMs from `sf_request_ticket` on, ahead of the fork.
     pub warm_pool: bool,
+    /// This host's clones read the frozen image directly, without the
+    /// network (off: through the memory server like remote clones, to
+    /// compare or to test the network path on one host).
+    pub local_direct: bool,
     /// Where clone MACs and IPs come from (default: the process's pool,
     /// shared by every hub, so families never collide).
     pub identities: Arc<IdentityPool>,
@@ -56,6 +60,7 @@ impl Default for ForkOptions {
             prefetch: true,
             distribution: Distribution::Unicast,
             warm_pool: true,
+            local_direct: true,
             identities: IdentityPool::global(),
         }
     }

@@ -38,9 +38,9 @@ pub(super) fn launch(
         family.clone_ended();
     };
     // Multicast: one receiver for this host's clones of the family (none
-    // if they all run elsewhere).
+    // if they all run elsewhere, or read the image directly).
     let receiver = match &family.multicast {
-        Some(m) if !leases.is_empty() => {
+        Some(m) if !leases.is_empty() && !opts.local_direct => {
             let pages = family.image.pages();
             match m.start_receiver(&family.key, pages, server) {
                 Ok(r) => Some(r),
@@ -74,7 +74,14 @@ pub(super) fn launch(
                         .map(|c| Arc::new(c) as Arc<dyn PageSource>)
                         .map_err(ForkError::PageClient)
                 };
+                let image = || family.image.clone() as Arc<dyn PageSource>;
                 let sources = match &receiver {
+                    // The frozen image itself: a fault is a copy from it.
+                    _ if opts.local_direct => CloneSources {
+                        demand: image(),
+                        prefetch: opts.prefetch.then(image),
+                        feed: None,
+                    },
                     Some(r) => CloneSources {
                         demand: r.clone(),
                         prefetch: None,

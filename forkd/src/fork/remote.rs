@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// How often the parent's host asks each clone host about its clones.
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
 /// A clone host silent this long has its clones marked failed.
-pub const HOST_SILENCE: Duration = Duration::from_secs(3);
+pub const HOST_SILENCE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {

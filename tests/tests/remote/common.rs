@@ -205,3 +205,45 @@ pub fn expect_qemu_lines(sock: &Path, id: &str, cmdline: &str, clones: u64) -> V
     }
     v
 }
+
+/// h1's daemon (the parent's, with its memory server) is killed while
+/// h2's clones still fault their 128 MiB in: they fail with an error
+/// naming the memory server within seconds; nothing hangs.
+pub fn memory_servers_host_dies(distribution: &str) {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    // A large zone state: h2's clones still fetch it when h1 dies.
+    let cmdline = "ticks=400 seed=3 state_mib=128 dirty_pages=16 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    let body =
+        format!(r#"{{"clones": 2, "hosts": {{"h2": 2}}, "distribution": "{distribution}"}}"#);
+    let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/fork"), Some(&body));
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    poll(&h2, "/v1/vms", Duration::from_secs(30), |v| {
+        v["vms"].as_array().is_some_and(|vs| vs.len() == 2)
+    });
+    let pid = hs[0]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) on the pid of h1's daemon, which this test's cluster
+    // started; the cluster guard cleans up after a dead daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    let v = poll(&h2, "/v1/vms", Duration::from_secs(20), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.iter().all(|v| v["state"] == "exited"))
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "{:?}: {v}",
+        t.elapsed()
+    );
+    for c in v["vms"].as_array().expect("vms") {
+        assert_eq!(c["exit"]["code"], 103, "{c}");
+        let why = c["exit"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("memory server") || why.contains("multicast"),
+            "{why}"
+        );
+    }
+}
