@@ -274,6 +274,11 @@ impl HostedFamily {
             }
             clones.push(clone);
         }
+        // Every clone here has subscribed: the receiver keeps only what
+        // reads wait for.
+        if let Some(r) = &receiver {
+            r.seal();
+        }
         let multicast = receiver.map(|r| {
             Arc::new(SharedReceiver {
                 receiver: Mutex::new(Some(r)),

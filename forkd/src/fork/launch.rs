@@ -98,6 +98,9 @@ pub(super) fn launch(
             Err(e) => fail(clone_id, chain(&e)),
         }
     }
+    if let Some(r) = &receiver {
+        r.seal();
+    }
     // Every local clone is subscribed now: the push of the allocated
     // ranges may start (across hosts: once every clone host has joined).
     family.ready_for_push();
