@@ -176,7 +176,7 @@ struct Cache {
 enum Kept {
     Stored,
     /// New, but nobody waits for it and every subscriber has it (sealed).
-    NotKept,
+    Passed,
     /// Already here, or the receiver is closed.
     Dropped,
 }
@@ -187,7 +187,7 @@ impl Cache {
             return Kept::Dropped;
         }
         if self.sealed && !self.wanted.contains_key(&index) {
-            return Kept::NotKept;
+            return Kept::Passed;
         }
         while self.pages.len() >= self.cap {
             let Some(old) = self.order.pop_front() else {
