@@ -84,7 +84,7 @@ impl HostConfig {
             cache_pages: 32 << 10,
             wait_timeout: Duration::from_secs(5),
             max_subscribers: 1024,
-            retry_timeout: Duration::from_millis(40),
+            retry_timeout: Duration::from_millis(20),
             loss: None,
             mtu: multicast::interface_mtu(ip).unwrap_or(multicast::frame::DEFAULT_MTU),
         }
