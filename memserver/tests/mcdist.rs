@@ -286,6 +286,40 @@ fn push_fills_hosts_and_subscribers_and_the_cache_is_bounded() {
     );
 }
 
+/// Once sealed (every local clone subscribed), the receiver keeps no page
+/// nobody waits for: pushed pages reach the subscriber, none stays cached,
+/// and a read still gets its page (asked for, kept until it is taken).
+#[test]
+fn a_sealed_receiver_keeps_only_what_reads_wait_for() {
+    in_netns("a_sealed_receiver_keeps_only_what_reads_wait_for", || {
+        let server = MemServer::loopback().expect("server");
+        let key = FamilyKey::generate().expect("key");
+        let ep = server
+            .add_family_multicast(key.clone(), Arc::new(Pattern(PAGES)), vec![(0, 200)])
+            .expect("family");
+        let r = HostReceiver::start(ep, &key, PAGES, host_cfg()).expect("receiver");
+        let seen = Arc::new(AtomicU64::new(0));
+        let s2 = seen.clone();
+        let f: Arc<PageFn> = Arc::new(move |_, _| {
+            s2.fetch_add(1, Ordering::Relaxed);
+        });
+        let _sub = r.subscribe(f, true).expect("subscribe");
+        r.seal();
+        server.start_push(key.id()).expect("push");
+        let t = Instant::now();
+        while r.stats().pages_arrived < 200 && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = r.stats();
+        assert_eq!((s.pages_arrived, s.cached), (200, 0), "{s:?}");
+        assert_eq!(seen.load(Ordering::Relaxed), 200);
+        let mut buf = [0u8; PAGE_SIZE];
+        r.read_page(700, &mut buf).expect("asked for");
+        assert!(buf == expected(700), "page 700 corrupted");
+        assert_eq!(r.stats().cached, 0, "taken, then dropped");
+    });
+}
+
 fn data_frames(s: &multicast::Session, origin: u32, seq0: u64, block: u64) -> Vec<Vec<u8>> {
     let bytes = [0xeeu8; PAGE_SIZE];
     let per = frame::max_fragment(frame::DEFAULT_MTU);

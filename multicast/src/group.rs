@@ -251,3 +251,59 @@ mod tests {
         assert_eq!(r, [false, true]);
     }
 }
+
+/// The MTU of the interface that has local address `addr` (from
+/// `getifaddrs(3)` and `/sys/class/net/NAME/mtu`), if there is one: what
+/// frames sent from that address may fill (the path MTU on one link).
+pub fn interface_mtu(addr: Ipv4Addr) -> Option<usize> {
+    let name = interface_name(addr)?;
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok()?;
+    text.trim().parse().ok()
+}
+
+/// The name of the interface with local address `addr`.
+fn interface_name(addr: Ipv4Addr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocates into
+    // `list`; on success we own it until freeifaddrs below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet
+        // freed; its `ifa_addr` is null or points to a sockaddr whose
+        // family says its type, and `ifa_name` to a NUL-terminated name.
+        unsafe {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
+                    found = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                        .to_str()
+                        .ok()
+                        .map(str::to_owned);
+                    break;
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `list` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    // A name from the kernel, but it becomes a path: no separators.
+    found.filter(|n| !n.is_empty() && !n.contains('/') && n != "." && n != "..")
+}
+
+#[cfg(test)]
+mod mtu_tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_an_mtu_and_strangers_none() {
+        let lo = interface_mtu(Ipv4Addr::LOCALHOST).expect("lo has 127.0.0.1");
+        assert!(lo >= 1280, "{lo}");
+        assert_eq!(interface_mtu(Ipv4Addr::new(192, 0, 2, 77)), None);
+    }
+}

@@ -79,7 +79,7 @@ pub mod sender;
 mod stats;
 
 pub use frame::{Session, SessionId, SessionKey};
-pub use group::{GroupConfig, GroupError};
+pub use group::{interface_mtu, GroupConfig, GroupError};
 pub use rate::RateConfig;
 pub use receiver::{
     Block, Event, LossInjection, Receiver, ReceiverConfig, ReceiverError, ReceiverStats,

@@ -345,27 +345,14 @@ fn sixteen_clones_over_four_hosts_match_qemu() {
     let h1 = socket(&hs[0]);
     let cmdline = "ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000";
     let id = start_vm(&h1, cmdline);
-    let vm = format!("/v1/vms/{id}");
-    let body = r#"{"clones": 16, "hosts": {"h2": 4, "h3": 4, "h4": 4, "h1": 4}}"#;
-    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
-    assert_eq!(r.status, 200, "fork: {}", r.error());
-    let v = poll(&h1, &vm, tests::WAIT, all_ended);
-    let tick = fork_tick(&h1, &id);
-    let oracle = |i: u64| {
-        qemu_done_line(
-            &format!("{cmdline} fork_at={tick} clones=16 as_clone={i}"),
-            MEM,
-        )
-    };
-    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
-    let clones = v["families"][0]["clones"]
-        .as_array()
-        .expect("clones")
-        .clone();
-    assert_eq!(clones.len(), 16, "{v}");
+    fork(
+        &h1,
+        &id,
+        r#"{"clones": 16, "hosts": {"h2": 4, "h3": 4, "h4": 4, "h1": 4}}"#,
+    );
+    let v = expect_qemu_lines(&h1, &id, cmdline, 16);
+    let clones = v["families"][0]["clones"].as_array().expect("clones");
     for (c, i) in clones.iter().zip(1u64..) {
-        assert_eq!(c["state"], "exited", "clone {i}: {c}");
-        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
         let host = match (i - 1) / 4 {
             0 => Value::Null,
             h => json!(format!("h{}", h + 1)),
@@ -450,39 +437,7 @@ fn the_vm_cli_places_clones_on_hosts() {
 /// still ends with QEMU's line, nothing hangs, and the drops happened.
 #[test]
 fn clones_repair_ten_percent_loss_on_their_hosts() {
-    let (_c, up) = Cluster::up(3);
-    let hs = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = socket(&hs[0]);
-    for h in &hs[1..] {
-        add_udp_loss(h["netns"].as_str().expect("netns"), 10);
-    }
-    let cmdline = "ticks=60 seed=13 state_mib=8 dirty_pages=8 tick_us=5000";
-    let id = start_vm(&h1, cmdline);
-    let vm = format!("/v1/vms/{id}");
-    let body = r#"{"clones": 4, "hosts": {"h2": 2, "h3": 2}}"#;
-    let r = client::call_unix(&h1, "POST", &format!("{vm}/fork"), Some(body));
-    assert_eq!(r.status, 200, "fork: {}", r.error());
-    let v = poll(&h1, &vm, tests::WAIT, all_ended);
-    let tick = fork_tick(&h1, &id);
-    let oracle = |i: u64| {
-        qemu_done_line(
-            &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
-            MEM,
-        )
-    };
-    assert_eq!(v["last_line"], oracle(0).as_str(), "parent");
-    let clones = v["families"][0]["clones"]
-        .as_array()
-        .expect("clones")
-        .clone();
-    assert_eq!(clones.len(), 4, "{v}");
-    for (c, i) in clones.iter().zip(1u64..) {
-        assert_eq!(c["last_line"], oracle(i).as_str(), "clone {i}: {c}");
-    }
-    for h in &hs[1..] {
-        let ns = h["netns"].as_str().expect("netns");
-        assert!(udp_dropped(ns) > 0, "no datagram dropped in {ns}");
-    }
+    fork_under_ten_percent_loss("unicast");
 }
 
 /// Two families forked at once from two parents on h1, their clones on h2
@@ -490,36 +445,5 @@ fn clones_repair_ten_percent_loss_on_their_hosts() {
 /// sees the other family's pages).
 #[test]
 fn two_families_at_once_never_mix() {
-    let (_c, up) = Cluster::up(3);
-    let hs = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = socket(&hs[0]);
-    let cmdlines = [
-        "ticks=60 seed=21 state_mib=8 dirty_pages=8 tick_us=5000",
-        "ticks=60 seed=22 state_mib=8 dirty_pages=8 tick_us=5000",
-    ];
-    let ids: Vec<String> = cmdlines.iter().map(|c| start_vm(&h1, c)).collect();
-    for id in &ids {
-        let body = r#"{"clones": 4, "hosts": {"h2": 2, "h3": 2}}"#;
-        let r = client::call_unix(&h1, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
-        assert_eq!(r.status, 200, "fork {id}: {}", r.error());
-    }
-    for (id, cmdline) in ids.iter().zip(cmdlines) {
-        let v = poll(&h1, &format!("/v1/vms/{id}"), tests::WAIT, all_ended);
-        let tick = fork_tick(&h1, id);
-        let oracle = |i: u64| {
-            qemu_done_line(
-                &format!("{cmdline} fork_at={tick} clones=4 as_clone={i}"),
-                MEM,
-            )
-        };
-        assert_eq!(v["last_line"], oracle(0).as_str(), "parent {id}");
-        let clones = v["families"][0]["clones"]
-            .as_array()
-            .expect("clones")
-            .clone();
-        assert_eq!(clones.len(), 4, "{v}");
-        for (c, i) in clones.iter().zip(1u64..) {
-            assert_eq!(c["last_line"], oracle(i).as_str(), "{id} clone {i}: {c}");
-        }
-    }
+    two_families_at_once("unicast", r#"{"h2": 2, "h3": 2}"#);
 }

@@ -22,11 +22,6 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 
-fn fork(sock: &Path, id: &str, body: &str) {
-    let r = client::call_unix(sock, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
-    assert_eq!(r.status, 200, "fork {id}: {}", r.error());
-}
-
 fn memserver(sock: &Path) -> Value {
     let r = client::call_unix(sock, "GET", "/v1/memserver", None);
     assert_eq!(r.status, 200, "GET /v1/memserver: {}", r.error());
@@ -85,56 +80,22 @@ fn sixteen_clones_over_four_hosts_by_multicast_match_qemu() {
 
 #[test]
 fn multicast_clones_repair_ten_percent_loss_on_their_hosts() {
-    let (_c, up) = Cluster::up(3);
-    let hs = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = socket(&hs[0]);
-    for h in &hs[1..] {
-        add_udp_loss(h["netns"].as_str().expect("netns"), 10);
-    }
-    let cmdline = "ticks=60 seed=13 state_mib=8 dirty_pages=8 tick_us=5000";
-    let id = start_vm(&h1, cmdline);
-    fork(
-        &h1,
-        &id,
-        r#"{"clones": 4, "hosts": {"h2": 2, "h3": 2}, "distribution": "multicast"}"#,
-    );
-    let v = expect_qemu_lines(&h1, &id, cmdline, 4);
+    let v = fork_under_ten_percent_loss("multicast");
     let rs = receivers(&v["families"][0]);
     let repaired: u64 = rs
         .iter()
-        .filter(|(h, _)| h != "local")
         .map(|(_, r)| r["re_requests"].as_u64().unwrap_or(0))
         .sum();
-    for h in &hs[1..] {
-        let ns = h["netns"].as_str().expect("netns");
-        assert!(udp_dropped(ns) > 0, "no datagram dropped in {ns}");
-    }
     assert!(repaired > 0, "no re-request on the lossy hosts: {rs:?}");
 }
 
 #[test]
 fn two_multicast_families_at_once_never_mix() {
-    let (_c, up) = Cluster::up(3);
-    let hs = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = socket(&hs[0]);
-    let cmdlines = [
-        "ticks=60 seed=21 state_mib=8 dirty_pages=8 tick_us=5000",
-        "ticks=60 seed=22 state_mib=8 dirty_pages=8 tick_us=5000",
-    ];
-    let ids: Vec<String> = cmdlines.iter().map(|c| start_vm(&h1, c)).collect();
-    for id in &ids {
-        fork(
-            &h1,
-            id,
-            r#"{"clones": 4, "hosts": {"h1": 1, "h2": 2, "h3": 1}, "distribution": "multicast"}"#,
-        );
-    }
-    for (id, cmdline) in ids.iter().zip(cmdlines) {
-        let v = expect_qemu_lines(&h1, id, cmdline, 4);
+    for v in two_families_at_once("multicast", r#"{"h1": 1, "h2": 2, "h3": 1}"#) {
         for (h, r) in receivers(&v["families"][0]) {
             // Another family's frames may reach a group only if the pools
             // collide; they would be rejected as foreign, never installed.
-            assert_eq!(r["forged"], 0, "{id} on {h}: {r}");
+            assert_eq!(r["forged"], 0, "{h}: {r}");
         }
     }
 }

@@ -38,6 +38,31 @@ pub struct CloneSources {
     pub feed: Option<Arc<HostReceiver>>,
 }
 
+impl CloneSources {
+    /// Pages over the network: the family's host receiver (multicast; it
+    /// also feeds the clone every page that arrives, so no prefetch), or
+    /// page clients of the memory server from `client` (unicast; a second
+    /// one prefetches if `prefetch`).
+    pub fn network(
+        receiver: Option<&Arc<HostReceiver>>,
+        prefetch: bool,
+        client: impl Fn() -> Result<Arc<dyn PageSource>, ForkError>,
+    ) -> Result<CloneSources, ForkError> {
+        Ok(match receiver {
+            Some(r) => CloneSources {
+                demand: r.clone(),
+                prefetch: None,
+                feed: Some(r.clone()),
+            },
+            None => CloneSources {
+                demand: client()?,
+                prefetch: if prefetch { Some(client()?) } else { None },
+                feed: None,
+            },
+        })
+    }
+}
+
 /// A clone's SnowFlock calls: `sf_exit` ends it, `will_overwrite` maps
 /// zero pages; clones do not fork again (refused).
 pub struct CloneService {

@@ -239,18 +239,7 @@ impl HostedFamily {
                     .map_err(ForkError::PageClient)
             };
             let built = (|| {
-                let sources = match &receiver {
-                    Some(r) => CloneSources {
-                        demand: r.clone(),
-                        prefetch: None,
-                        feed: Some(r.clone()),
-                    },
-                    None => CloneSources {
-                        demand: client()?,
-                        prefetch: if body.prefetch { Some(client()?) } else { None },
-                        feed: None,
-                    },
-                };
+                let sources = CloneSources::network(receiver.as_ref(), body.prefetch, client)?;
                 let copts = CloneOptions {
                     echo: false,
                     name: name.clone(),
@@ -284,6 +273,11 @@ impl HostedFamily {
                 prepared.push((clones.len(), p));
             }
             clones.push(clone);
+        }
+        // Every clone here has subscribed: the receiver keeps only what
+        // reads wait for.
+        if let Some(r) = &receiver {
+            r.seal();
         }
         let multicast = receiver.map(|r| {
             Arc::new(SharedReceiver {

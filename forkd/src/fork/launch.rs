@@ -75,23 +75,15 @@ pub(super) fn launch(
                         .map_err(ForkError::PageClient)
                 };
                 let image = || family.image.clone() as Arc<dyn PageSource>;
-                let sources = match &receiver {
+                let sources = if opts.local_direct {
                     // The frozen image itself: a fault is a copy from it.
-                    _ if opts.local_direct => CloneSources {
+                    CloneSources {
                         demand: image(),
                         prefetch: opts.prefetch.then(image),
                         feed: None,
-                    },
-                    Some(r) => CloneSources {
-                        demand: r.clone(),
-                        prefetch: None,
-                        feed: Some(r.clone()),
-                    },
-                    None => CloneSources {
-                        demand: client()?,
-                        prefetch: if opts.prefetch { Some(client()?) } else { None },
-                        feed: None,
-                    },
+                    }
+                } else {
+                    CloneSources::network(receiver.as_ref(), opts.prefetch, client)?
                 };
                 let copts = CloneOptions {
                     echo: opts.echo,
@@ -105,6 +97,9 @@ pub(super) fn launch(
             Ok(p) => prepared.push((clone_id, p)),
             Err(e) => fail(clone_id, chain(&e)),
         }
+    }
+    if let Some(r) = &receiver {
+        r.seal();
     }
     // Every local clone is subscribed now: the push of the allocated
     // ranges may start (across hosts: once every clone host has joined).

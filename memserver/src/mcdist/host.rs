@@ -15,6 +15,12 @@
 //! is fine) before the clone faults on it. A callback must not block and
 //! must not subscribe or unsubscribe.
 //!
+//! Once every local clone has subscribed, [`HostReceiver::seal`] says no
+//! more will: the cache is then only for reads waiting for a page (every
+//! subscriber has had each arriving page already), so it is emptied and
+//! arriving pages nobody waits for are not kept — host memory per family
+//! drops from the cache's bound to the pages in flight.
+//!
 //! Frames that fail the session's MAC, replays and other sessions' frames
 //! are rejected by the crate and counted ([`HostStats::receiver`]); a block
 //! that is not one of the family's pages is dropped and counted
@@ -65,6 +71,8 @@ pub struct HostConfig {
     pub retry_timeout: Duration,
     /// Test-only loss of arriving frames.
     pub loss: Option<LossInjection>,
+    /// The path MTU request frames are sized to.
+    pub mtu: usize,
 }
 
 impl HostConfig {
@@ -76,8 +84,9 @@ impl HostConfig {
             cache_pages: 32 << 10,
             wait_timeout: Duration::from_secs(5),
             max_subscribers: 1024,
-            retry_timeout: Duration::from_millis(40),
+            retry_timeout: Duration::from_millis(20),
             loss: None,
+            mtu: multicast::interface_mtu(ip).unwrap_or(multicast::frame::DEFAULT_MTU),
         }
     }
 }
@@ -156,12 +165,29 @@ struct Cache {
     cap: usize,
     gave_up: HashSet<u64>,
     closed: bool,
+    /// No subscriber will come: keep only pages a read waits for.
+    sealed: bool,
+    /// Pages reads wait for, and how many reads.
+    wanted: HashMap<u64, u32>,
+}
+
+/// What became of an arriving page.
+#[derive(PartialEq, Eq)]
+enum Kept {
+    Stored,
+    /// New, but nobody waits for it and every subscriber has it (sealed).
+    Passed,
+    /// Already here, or the receiver is closed.
+    Dropped,
 }
 
 impl Cache {
-    fn insert(&mut self, index: u64, data: Box<[u8; PAGE_SIZE]>, c: &Counters) -> bool {
+    fn insert(&mut self, index: u64, data: Box<[u8; PAGE_SIZE]>, c: &Counters) -> Kept {
         if self.closed || self.pages.contains_key(&index) {
-            return false;
+            return Kept::Dropped;
+        }
+        if self.sealed && !self.wanted.contains_key(&index) {
+            return Kept::Passed;
         }
         while self.pages.len() >= self.cap {
             let Some(old) = self.order.pop_front() else {
@@ -174,7 +200,30 @@ impl Cache {
         self.pages.insert(index, data);
         self.order.push_back(index);
         self.gave_up.remove(&index);
-        true
+        Kept::Stored
+    }
+
+    /// A read waits for `pages`.
+    fn want(&mut self, pages: &[u64]) {
+        for p in pages {
+            *self.wanted.entry(*p).or_default() += 1;
+        }
+    }
+
+    /// A read no longer waits for `pages` (it got them or gave up); once
+    /// sealed, a page no read waits for goes.
+    fn unwant(&mut self, pages: &[u64]) {
+        for p in pages {
+            if let Some(n) = self.wanted.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.wanted.remove(p);
+                    if self.sealed {
+                        self.pages.remove(p);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -214,7 +263,7 @@ impl Shared {
                     }
                     add(&self.counters.subscriber_calls, subs.list.len() as u64);
                 }
-                if lock(&self.cache).insert(b.index, page, &self.counters) {
+                if lock(&self.cache).insert(b.index, page, &self.counters) != Kept::Dropped {
                     add(&self.counters.pages_arrived, 1);
                     if b.pushed {
                         add(&self.counters.pages_pushed, 1);
@@ -271,6 +320,8 @@ impl HostReceiver {
                 cap: cfg.cache_pages.max(MIN_CACHE_PAGES),
                 gave_up: HashSet::new(),
                 closed: false,
+                sealed: false,
+                wanted: HashMap::new(),
             }),
             arrived: Condvar::new(),
             subscribers: RwLock::new(Subscribers {
@@ -288,6 +339,7 @@ impl HostReceiver {
         rcfg.max_block_len = PAGE_SIZE;
         rcfg.retry_timeout = cfg.retry_timeout;
         rcfg.loss = cfg.loss.clone();
+        rcfg.mtu = cfg.mtu;
         let sink = {
             let s = Arc::clone(&shared);
             move |e| s.on_event(e)
@@ -353,6 +405,21 @@ impl HostReceiver {
             shared: Arc::downgrade(&self.shared),
             id,
         })
+    }
+
+    /// No more subscribers will come (every local clone has one): the
+    /// cache keeps only pages that reads wait for (see the module docs).
+    pub fn seal(&self) {
+        let mut c = lock(&self.shared.cache);
+        c.sealed = true;
+        let Cache {
+            pages,
+            order,
+            wanted,
+            ..
+        } = &mut *c;
+        pages.retain(|p, _| wanted.contains_key(p));
+        order.retain(|p| pages.contains_key(p));
     }
 
     /// Stops receiving and drops the cache (the family has ended); later
@@ -499,7 +566,24 @@ impl PageSource for HostReceiver {
             for i in &missing {
                 cache.gave_up.remove(i);
             }
+            cache.want(&missing);
         }
+        let asked = missing.clone();
+        let r = self.wait_for(missing, started, out);
+        lock(&self.shared.cache).unwant(&asked);
+        r
+    }
+}
+
+impl HostReceiver {
+    /// Asks for `missing` and hands each page out as it arrives, within
+    /// the wait bound.
+    fn wait_for(
+        &self,
+        mut missing: Vec<u64>,
+        started: Instant,
+        out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
+    ) -> Result<(), SourceError> {
         self.request(&missing)?;
         let deadline = started + self.cfg.wait_timeout;
         let mut next_ask = Instant::now() + REASK;

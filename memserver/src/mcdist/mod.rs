@@ -75,6 +75,9 @@ pub struct McdistConfig {
     pub ttl: u32,
     /// The senders' pacing and flow control.
     pub rate: RateConfig,
+    /// The path MTU frames are sized to (a 4 KiB page fits one frame from
+    /// an MTU of 4188 on: a page lost is then one frame lost).
+    pub mtu: usize,
 }
 
 impl McdistConfig {
@@ -93,6 +96,7 @@ impl McdistConfig {
                 max_rate: 400 << 20,
                 ..RateConfig::default()
             },
+            mtu: multicast::interface_mtu(ip).unwrap_or(multicast::frame::DEFAULT_MTU),
         }
     }
 }
@@ -178,6 +182,36 @@ pub fn add_sender_stats(a: &mut SenderStats, b: &SenderStats) {
     a.end_game_entered += b.end_game_entered;
     a.end_game_active += b.end_game_active;
     a.rate += b.rate;
+}
+
+/// Subtracts `b`'s counters from `a` (saturating): what a sender counted
+/// after `b` was read.
+fn sub_sender_stats(a: &mut SenderStats, b: &SenderStats) {
+    macro_rules! each {
+        ($($f:ident),*) => { $( a.$f = a.$f.saturating_sub(b.$f); )* };
+    }
+    each!(
+        requests,
+        blocks_requested,
+        retries_received,
+        blocks_multicast,
+        blocks_unicast,
+        blocks_pushed,
+        push_skipped,
+        lockstep_suppressed,
+        unknown_blocks,
+        queue_full,
+        frames_sent,
+        bytes_sent,
+        send_errors,
+        forged,
+        replayed,
+        foreign,
+        malformed,
+        end_game_entered,
+        end_game_active,
+        rate
+    );
 }
 
 /// A family's pages as the sender's blocks.
@@ -296,6 +330,7 @@ impl Mcdist {
         let mut scfg = SenderConfig::new(session(key), gcfg, SocketAddrV4::new(self.cfg.bind, 0));
         scfg.rate = self.cfg.rate.clone();
         scfg.max_block_len = PAGE_SIZE;
+        scfg.mtu = self.cfg.mtu;
         let pages = source.pages();
         let sender = Sender::start(scfg, Pages(source))
             .map_err(|source| McdistError::Sender { family: id, source })?;
@@ -350,19 +385,25 @@ impl Mcdist {
     /// Stops the family's sender and frees its group; returns whether it
     /// was there.
     pub fn remove_family(&self, family: u64) -> bool {
-        let removed = {
+        // Its figures move to the totals under the same lock as it leaves
+        // the live list, so `stats` never misses them.
+        let (sender, counted) = {
             let mut inner = lock(&self.inner);
             let Some(f) = inner.families.remove(&family) else {
                 return false;
             };
             inner.used.remove(&f.slot);
-            f
+            let counted = f.sender.stats();
+            add_sender_stats(&mut inner.retired, &counted);
+            (f.sender, counted)
         };
-        // Stop outside the lock (joins the thread), then count its figures.
-        let sender = removed.sender;
+        // Stop outside the lock (joins the thread), then count what it sent
+        // meanwhile.
         let last = sender.stats();
         sender.stop();
-        add_sender_stats(&mut lock(&self.inner).retired, &last);
+        let mut late = last;
+        sub_sender_stats(&mut late, &counted);
+        add_sender_stats(&mut lock(&self.inner).retired, &late);
         true
     }
 

@@ -247,3 +247,59 @@ pub fn memory_servers_host_dies(distribution: &str) {
         );
     }
 }
+
+/// Forks the VM `id` on `sock` with the fork request `body`.
+pub fn fork(sock: &Path, id: &str, body: &str) {
+    let r = client::call_unix(sock, "POST", &format!("/v1/vms/{id}/fork"), Some(body));
+    assert_eq!(r.status, 200, "fork {id}: {}", r.error());
+}
+
+/// 10 % of every UDP datagram arriving at h2 and h3 is dropped; a zone on
+/// h1 forked into 2 clones on each by `distribution`: every VM ends with
+/// QEMU's line and the drops happened. Returns the parent's detail.
+pub fn fork_under_ten_percent_loss(distribution: &str) -> Value {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    for h in &hs[1..] {
+        add_udp_loss(h["netns"].as_str().expect("netns"), 10);
+    }
+    let cmdline = "ticks=60 seed=13 state_mib=8 dirty_pages=8 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    fork(
+        &h1,
+        &id,
+        &format!(
+            r#"{{"clones": 4, "hosts": {{"h2": 2, "h3": 2}}, "distribution": "{distribution}"}}"#
+        ),
+    );
+    let v = expect_qemu_lines(&h1, &id, cmdline, 4);
+    for h in &hs[1..] {
+        let ns = h["netns"].as_str().expect("netns");
+        assert!(udp_dropped(ns) > 0, "no datagram dropped in {ns}");
+    }
+    v
+}
+
+/// Two families forked at once from two parents on h1 by `distribution`,
+/// their clones placed by `hosts` (JSON counts) over h1..h3: each clone
+/// ends with its own family's QEMU line (no clone ever sees the other
+/// family's pages). Returns both parents' details.
+pub fn two_families_at_once(distribution: &str, hosts: &str) -> Vec<Value> {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    let cmdlines = [
+        "ticks=60 seed=21 state_mib=8 dirty_pages=8 tick_us=5000",
+        "ticks=60 seed=22 state_mib=8 dirty_pages=8 tick_us=5000",
+    ];
+    let ids: Vec<String> = cmdlines.iter().map(|c| start_vm(&h1, c)).collect();
+    let body = format!(r#"{{"clones": 4, "hosts": {hosts}, "distribution": "{distribution}"}}"#);
+    for id in &ids {
+        fork(&h1, id, &body);
+    }
+    ids.iter()
+        .zip(cmdlines)
+        .map(|(id, cmdline)| expect_qemu_lines(&h1, id, cmdline, 4))
+        .collect()
+}
