@@ -20,7 +20,7 @@ use forkd::vmm::dirty::ranges;
 use std::time::Duration;
 use tests::{boot, finish, qemu_done_line};
 
-/// A running zone guest's dirty set over ~200 ms: its per-tick client
+/// A running zone guest's dirty set over a few ticks: its per-tick client
 /// updates and moved pages land in the zone state, and a paused guest
 /// dirties nothing.
 #[test]
@@ -37,8 +37,14 @@ fn dirty_log_of_a_running_zone() {
         std::thread::sleep(Duration::from_millis(10));
     };
     vm.start_dirty_log().expect("start the dirty log");
-    std::thread::sleep(Duration::from_millis(200));
-    let dirty = vm.dirty_pages().expect("dirty pages");
+    // Collect the dirty set until it covers a few ticks' writes (a loaded
+    // machine may run the guest slowly; bounded at 10 s).
+    let t = std::time::Instant::now();
+    let mut dirty = vm.dirty_pages().expect("dirty pages");
+    while dirty.count_ones() < 300 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        forkd::vmm::dirty::or_into(&mut dirty, &vm.dirty_pages().expect("dirty pages"));
+    }
     let n = dirty.count_ones() as u64;
     let state = (info.state_gpa / 4096)..(info.state_gpa + info.state_bytes).div_ceil(4096);
     let in_state: u64 = ranges(&dirty)
@@ -50,7 +56,7 @@ fn dirty_log_of_a_running_zone() {
         .sum();
     // One tick alone touches ~256 random entities' pages + 16 moved ones;
     // ~40 ticks touch most of the 8192 state pages, and little else.
-    assert!(n >= 250, "only {n} pages dirty in 200 ms");
+    assert!(n >= 300, "only {n} pages dirty in {:?}", t.elapsed());
     assert!(
         n <= 8192 + 512,
         "{n} pages dirty: more than the zone writes"
