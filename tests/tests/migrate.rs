@@ -569,7 +569,7 @@ mod cluster {
             &h2,
             &format!("/v1/migrations/{mig}"),
             Duration::from_secs(10),
-            |v| v["state"] == "aborted",
+            |v| v["state"] == "aborted" && v["error"].is_string(),
         );
         assert!(
             st["error"].as_str().is_some_and(|e| e.contains("outside")),
