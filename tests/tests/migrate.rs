@@ -80,7 +80,7 @@ mod local {
     //! The library's sender and receiver on loopback in one process (real
     //! VMs, real TCP): what the daemons do, without them.
     use forkd::migrate::receiver::{receive, CommitGate, Incoming, ReceiveProgress};
-    use forkd::migrate::sender::{migrate, MigrateError, Outgoing};
+    use forkd::migrate::sender::{conclude, migrate, MigrateError, Outgoing};
     use forkd::migrate::{MigrateOptions, Phase, Progress};
     use forkd::vmm::devices::Console;
     use forkd::vmm::vm::BuildOptions;
@@ -142,8 +142,9 @@ mod local {
             source: "test/vm".into(),
         };
         let progress = Progress::default();
-        let report = migrate(&mut vm, &out, &MigrateOptions::default(), &progress)
-            .expect("migration commits");
+        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
+        conclude(&progress, &result);
+        let report = result.expect("migration commits");
         assert_eq!(progress.phase(), Phase::Committed);
         assert_eq!(report.destination_vm, "vm-dest");
         assert!(report.rounds >= 1 && report.bytes_sent > 0, "{report:?}");
@@ -196,7 +197,9 @@ mod local {
             source: "test/vm".into(),
         };
         let progress = Progress::default();
-        let err = migrate(&mut vm, &out, &MigrateOptions::default(), &progress).unwrap_err();
+        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
+        conclude(&progress, &result);
+        let err = result.unwrap_err();
         peer.join().expect("peer");
         assert!(matches!(err, MigrateError::InDoubt(_)), "{err}");
         assert_eq!(progress.phase(), Phase::InDoubt);
@@ -232,7 +235,9 @@ mod local {
             source: "test/vm".into(),
         };
         let progress = Progress::default();
-        let err = migrate(&mut vm, &out, &MigrateOptions::default(), &progress).unwrap_err();
+        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
+        conclude(&progress, &result);
+        let err = result.unwrap_err();
         assert!(
             matches!(&err, MigrateError::Refused(r) if r.contains("secret")),
             "{err}"
@@ -283,7 +288,9 @@ mod cluster {
         let (c, up) = Cluster::up(2);
         let hs = up["hosts"].as_array().expect("hosts").clone();
         let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
-        let id = start_vm(&h1, CMDLINE);
+        // Long enough (~4 s) for a migration there and one back.
+        let cmdline = "ticks=800 seed=5 state_mib=32 dirty_pages=16 tick_us=5000";
+        let id = start_vm(&h1, cmdline);
         std::thread::sleep(Duration::from_millis(500));
         let dir = c.dir.to_str().expect("dir");
         let o = run_with_timeout(
@@ -324,8 +331,33 @@ mod cluster {
             "the source still lists {id}"
         );
         assert!(vms(&h2).iter().any(|v| v["id"] == dest.as_str()));
-        let line = last_line(&h2, &dest, Duration::from_secs(30));
-        assert_eq!(line, qemu_done_line(CMDLINE, MEM));
+        // And back to h1, through h2's API: a migrated VM migrates again.
+        let r = client::call_unix(
+            &h2,
+            "POST",
+            &format!("/v1/vms/{dest}/migrate"),
+            Some(r#"{"destination": "h1"}"#),
+        );
+        assert_eq!(r.status, 202, "{}", r.error());
+        let back = poll(
+            &h2,
+            &format!("/v1/vms/{dest}/migration"),
+            Duration::from_secs(30),
+            |v| {
+                matches!(
+                    v["phase"].as_str(),
+                    Some("committed" | "aborted" | "in_doubt")
+                )
+            },
+        );
+        assert_eq!(back["phase"], "committed", "{back}");
+        let home = back["report"]["destination_vm"]
+            .as_str()
+            .expect("vm on h1")
+            .to_owned();
+        assert!(vms(&h2).iter().all(|v| v["id"] != dest.as_str()));
+        let line = last_line(&h1, &home, Duration::from_secs(30));
+        assert_eq!(line, qemu_done_line(cmdline, MEM));
         // Refusals: an unknown destination, a mode not built yet.
         let id2 = start_vm(&h1, CMDLINE);
         let path = format!("/v1/vms/{id2}/migrate");

@@ -141,6 +141,17 @@ pub struct IncomingStatus {
     pub error: Option<String>,
 }
 
+/// How an in-doubt commit was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    /// The destination committed: the guest runs there.
+    Committed,
+    /// The destination aborted (or is gone): the guest was resumed here.
+    Resumed,
+    /// No answer: the guest stays paused here.
+    Unknown,
+}
+
 struct OutRecord {
     vm: String,
     destination: String,
@@ -324,22 +335,43 @@ impl Registry {
             .spawn(move || {
                 let mut vm = vm;
                 let result = sender::migrate(&mut vm, &out, &opts, &record.progress);
-                let committed = match result {
-                    Ok(_) => true,
+                let doubt = match &result {
                     Err(MigrateError::InDoubt(why)) => {
-                        reg.resolve_in_doubt(&dest, opened.id, &why, &mut vm, &record)
+                        Some(reg.resolve_in_doubt(&dest, opened.id, why, &mut vm))
                     }
-                    Err(e) => {
-                        tracing::warn!("migration of {} aborted: {e}", vm_id(id));
-                        false
-                    }
+                    _ => None,
                 };
+                if let Err(e) = &result {
+                    tracing::warn!("migration of {} did not commit: {e}", vm_id(id));
+                }
+                let committed = result.is_ok() || doubt == Some(Resolution::Committed);
+                // The VM where it belongs first, then the final phase.
                 if committed {
                     vm.kill();
                     drop(vm);
                     reg.forget_migrated(id);
                 } else {
                     reg.give_back(&entry, vm);
+                }
+                let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                let p = &record.progress;
+                match doubt {
+                    None => sender::conclude(p, &result),
+                    Some(Resolution::Committed) => p.finish(
+                        Phase::Committed,
+                        None,
+                        Some(format!("{why}; the destination confirmed the commit")),
+                    ),
+                    Some(Resolution::Resumed) => p.finish(
+                        Phase::Aborted,
+                        None,
+                        Some(format!("{why}; the destination aborted: the guest runs here again")),
+                    ),
+                    Some(Resolution::Unknown) => p.finish(
+                        Phase::InDoubt,
+                        None,
+                        Some(format!("{why}; the destination cannot say whether it committed: the guest stays paused here")),
+                    ),
                 }
             });
         if let Err(e) = worker {
@@ -353,17 +385,17 @@ impl Registry {
     }
 
     /// Commit sent, no answer: the destination decides (it aborts unless
-    /// it committed). Whether the guest now runs there.
+    /// it committed). Whether the guest now runs there; if the destination
+    /// aborted (or its daemon is gone), the guest is resumed here.
     fn resolve_in_doubt(
         &self,
         dest: &str,
         mig: u64,
         why: &str,
         vm: &mut crate::vmm::Vm,
-        record: &OutRecord,
-    ) -> bool {
+    ) -> Resolution {
         let Some(peers) = self.peers() else {
-            return false;
+            return Resolution::Unknown;
         };
         let path = format!("/v1/migrations/{mig}");
         let answer = peers.call(dest, "DELETE", &path, None, OPEN_TIMEOUT);
@@ -375,32 +407,19 @@ impl Registry {
             Err(e) if e.to_string().contains("refused") => "aborted".into(),
             _ => String::new(),
         };
+        tracing::warn!("migration in doubt ({why}): the destination says '{state}'");
         match state.as_str() {
-            "committed" => {
-                record.progress.finish(
-                    Phase::Committed,
-                    None,
-                    Some(format!("{why}; the destination confirmed the commit")),
-                );
-                true
-            }
+            "committed" => Resolution::Committed,
             "aborted" => {
                 if let Err(e) = vm.stop_dirty_log() {
                     tracing::warn!("stopping the dirty log after an aborted commit: {e}");
                 }
-                let resumed = vm.resume();
-                let msg = format!("{why}; the destination aborted, the guest runs here again");
-                record.progress.finish(Phase::Aborted, None, Some(msg));
-                if let Err(e) = resumed {
+                if let Err(e) = vm.resume() {
                     tracing::warn!("resuming after an aborted commit: {e}");
                 }
-                false
+                Resolution::Resumed
             }
-            _ => {
-                let msg = format!("{why}; the destination cannot say whether it committed: the guest stays paused here");
-                record.progress.finish(Phase::InDoubt, None, Some(msg));
-                false
-            }
+            _ => Resolution::Unknown,
         }
     }
 

@@ -92,7 +92,10 @@ struct Sender<'a> {
 /// Migrates the running `vm` to `out`. `Ok`: the destination runs the
 /// guest; destroy `vm` (it is paused and must never run again). `Err`:
 /// nothing was committed and the guest runs here again — except
-/// [`MigrateError::InDoubt`], where it stays paused.
+/// [`MigrateError::InDoubt`], where it stays paused. `progress` shows the
+/// live phases; the final one is the owner's to publish with [`conclude`]
+/// once it has dealt with the VM (destroyed it, or taken it back), so that
+/// whoever sees `committed` or `aborted` finds the VM where it should be.
 pub fn migrate(
     vm: &mut Vm,
     out: &Outgoing,
@@ -124,24 +127,29 @@ pub fn migrate(
     let mut state = State::Connect;
     loop {
         let step = match state {
-            State::Done(report) => {
-                progress.finish(Phase::Committed, Some(report.clone()), None);
-                return Ok(report);
-            }
+            State::Done(report) => return Ok(report),
             st => s.step(st),
         };
         match step {
             Ok(next) => state = next,
             Err(e) => {
-                if matches!(e, MigrateError::InDoubt(_)) {
-                    progress.finish(Phase::InDoubt, None, Some(e.to_string()));
-                } else {
+                if !matches!(e, MigrateError::InDoubt(_)) {
                     s.abort(&e);
-                    progress.finish(Phase::Aborted, None, Some(e.to_string()));
                 }
                 return Err(e);
             }
         }
+    }
+}
+
+/// Publishes the outcome of [`migrate`] as the final phase.
+pub fn conclude(progress: &Progress, result: &Result<Report, MigrateError>) {
+    match result {
+        Ok(r) => progress.finish(Phase::Committed, Some(r.clone()), None),
+        Err(e @ MigrateError::InDoubt(_)) => {
+            progress.finish(Phase::InDoubt, None, Some(e.to_string()))
+        }
+        Err(e) => progress.finish(Phase::Aborted, None, Some(e.to_string())),
     }
 }
 
