@@ -371,6 +371,23 @@ mod cluster {
         );
         assert_eq!(r.status, 422, "{}", r.error());
         assert!(r.error().contains("not implemented"), "{}", r.error());
+        // Cancelled mid-way (a capped link keeps it going): it aborts and
+        // the guest runs on here; a second cancel is too late.
+        let body = r#"{"destination": "h2", "bandwidth_mib_s": 4}"#;
+        let r = client::call_unix(&h1, "POST", &path, Some(body));
+        assert_eq!(r.status, 202, "{}", r.error());
+        let status = format!("/v1/vms/{id2}/migration");
+        let r = client::call_unix(&h1, "DELETE", &status, None);
+        assert_eq!(r.status, 202, "{}", r.error());
+        let v = poll(&h1, &status, Duration::from_secs(10), |v| {
+            v["phase"] == "aborted"
+        });
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("cancelled")),
+            "{v}"
+        );
+        let r = client::call_unix(&h1, "DELETE", &status, None);
+        assert_eq!(r.status, 409, "{}", r.error());
         let line = last_line(&h1, &id2, Duration::from_secs(30));
         assert_eq!(line, qemu_done_line(CMDLINE, MEM));
     }

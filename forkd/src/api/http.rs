@@ -32,7 +32,10 @@ pub fn router(registry: Arc<Registry>) -> Router {
             "/v1/vms/{id}/migrate",
             axum::routing::post(migration::post_migrate),
         )
-        .route("/v1/vms/{id}/migration", get(migration::get_migration))
+        .route(
+            "/v1/vms/{id}/migration",
+            get(migration::get_migration).delete(migration::delete_migration),
+        )
         .route(
             "/v1/migrations",
             axum::routing::post(migration::post_incoming),

@@ -219,6 +219,17 @@ fn in_status(r: &InRecord, state: GateState) -> IncomingStatus {
     }
 }
 
+fn status(r: &OutRecord) -> MigrationStatus {
+    MigrationStatus {
+        vm: r.vm.clone(),
+        destination: r.destination.clone(),
+        mode: r.mode.clone(),
+        downtime_ms: r.downtime_ms,
+        bandwidth_mib_s: r.bandwidth_mib_s,
+        progress: r.progress.view(),
+    }
+}
+
 impl Registry {
     /// `POST /v1/vms/{id}/migrate`: checks, opens the destination, starts
     /// the worker; the migration runs on after this returns.
@@ -423,19 +434,34 @@ impl Registry {
         }
     }
 
-    pub fn migration_status(&self, id: u64) -> Result<MigrationStatus, ApiError> {
-        let r = lock(&self.migrations.out)
+    /// `DELETE /v1/vms/{id}/migration`: cancels a migration that has not
+    /// sent its commit (the guest then runs on here).
+    pub fn cancel_migration(&self, id: u64) -> Result<MigrationStatus, ApiError> {
+        let r = self.out_record(id)?;
+        let phase = r.progress.phase();
+        if phase.is_final() || phase == Phase::Committing {
+            return Err(ApiError::Conflict(format!(
+                "the migration of {} cannot be cancelled: it is {}",
+                vm_id(id),
+                serde_json::to_value(phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        r.progress.cancel();
+        Ok(status(&r))
+    }
+
+    fn out_record(&self, id: u64) -> Result<Arc<OutRecord>, ApiError> {
+        lock(&self.migrations.out)
             .get(&id)
             .cloned()
-            .ok_or_else(|| ApiError::NoSuchMigration(vm_id(id)))?;
-        Ok(MigrationStatus {
-            vm: r.vm.clone(),
-            destination: r.destination.clone(),
-            mode: r.mode.clone(),
-            downtime_ms: r.downtime_ms,
-            bandwidth_mib_s: r.bandwidth_mib_s,
-            progress: r.progress.view(),
-        })
+            .ok_or_else(|| ApiError::NoSuchMigration(vm_id(id)))
+    }
+
+    pub fn migration_status(&self, id: u64) -> Result<MigrationStatus, ApiError> {
+        Ok(status(&*self.out_record(id)?))
     }
 
     /// `POST /v1/migrations`: a VM is coming; listen for it.
@@ -545,6 +571,14 @@ impl Registry {
         let (state, _) = r.gate.abort();
         Ok(in_status(&r, state))
     }
+}
+
+pub(super) async fn delete_migration(
+    State(reg): State<Arc<Registry>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    Ok((StatusCode::ACCEPTED, Json(reg.cancel_migration(id)?)).into_response())
 }
 
 pub(super) async fn post_migrate(

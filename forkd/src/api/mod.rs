@@ -11,6 +11,7 @@
 //! | `POST /v1/vms/{id}/fork` | host-initiated fork → `{family, clones}` |
 //! | `POST /v1/vms/{id}/migrate` | live-migrate the VM to another host → 202 (`migration`) |
 //! | `GET /v1/vms/{id}/migration` | the VM's last migration: progress, report |
+//! | `DELETE /v1/vms/{id}/migration` | cancel it before its commit → 202 |
 //! | `DELETE /v1/vms/{id}` | kill the VM and its clones → 204 |
 //! | `POST /v1/families` | daemon to daemon: host clones of a parent elsewhere → 201 |
 //! | `GET /v1/families/{family}` | the hosted clones' state (polled by the parent's host) |

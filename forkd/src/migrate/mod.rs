@@ -42,7 +42,7 @@ pub mod receiver;
 pub mod sender;
 
 use serde::Serialize;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -114,6 +114,8 @@ pub struct Progress {
     dirty_pages: AtomicU64,
     dirty_pages_per_s: AtomicU64,
     estimated_downtime_us: AtomicU64,
+    /// Asked to stop before commit (`DELETE /v1/vms/{id}/migration`).
+    cancel: AtomicBool,
     report: Mutex<Option<Report>>,
     error: Mutex<Option<String>>,
 }
@@ -141,6 +143,16 @@ impl Progress {
 
     pub fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Asks the sender to abort; it does at its next frame, unless the
+    /// commit has been sent already.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
     }
 
     fn sent(&self, pages: u64, bytes: u64) {

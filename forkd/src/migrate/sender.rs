@@ -40,6 +40,8 @@ pub enum MigrateError {
     },
     #[error("dirty tracking: {0}")]
     Dirty(#[from] DirtyError),
+    #[error("cancelled before commit")]
+    Cancelled,
     #[error("the guest ended during the migration ({0})")]
     GuestEnded(String),
     #[error(transparent)]
@@ -200,6 +202,7 @@ impl Sender<'_> {
     /// zero (the destination's memory starts zero), later rounds the dirty
     /// set. Then the convergence rule decides.
     fn round(&mut self, round: u32) -> Result<State, MigrateError> {
+        self.check_cancel()?;
         self.progress.set_phase(Phase::Precopy);
         if let Some(exit) = self.vm.poll_exit() {
             return Err(MigrateError::GuestEnded(exit.to_string()));
@@ -270,7 +273,16 @@ impl Sender<'_> {
         Ok(State::Commit { rounds, reason })
     }
 
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.progress.cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        // The last moment a cancel counts.
+        self.check_cancel()?;
         self.progress.set_phase(Phase::Committing);
         let t = Instant::now();
         // From here on the guest is never resumed here unless the
@@ -380,6 +392,7 @@ impl Sender<'_> {
     }
 
     fn send_run(&mut self, r: PageRange, bytes: &[u8]) -> Result<u64, MigrateError> {
+        self.check_cancel()?;
         let t = Instant::now();
         let w = self.writer.as_mut().ok_or(ProtocolError::Closed)?;
         let n = match protocol::write_pages(w, r.first, r.count as u32, bytes) {
