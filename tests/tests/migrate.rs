@@ -158,6 +158,12 @@ mod local {
         let mut dest = rx.recv_timeout(Duration::from_secs(5)).expect("the VM");
         let line = finish(&mut dest);
         assert_eq!(line, qemu_done_line(CMDLINE, 512));
+        // The console's history moved with the guest.
+        let lines = dest.console().lines();
+        assert!(
+            lines.starts_with(&console_before),
+            "{console_before:?} then {lines:?}"
+        );
         // The source never printed the end.
         assert!(!console_before.iter().any(|l| l.starts_with("zone: done")));
     }
@@ -184,7 +190,7 @@ mod local {
             loop {
                 match read_message(&mut s).expect("message") {
                     Message::State(_) => break,
-                    Message::Pages { .. } | Message::RoundEnd { .. } => {}
+                    Message::Pages { .. } | Message::RoundEnd { .. } | Message::Console(_) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -358,6 +364,16 @@ mod cluster {
         assert!(vms(&h2).iter().all(|v| v["id"] != dest.as_str()));
         let line = last_line(&h1, &home, Duration::from_secs(30));
         assert_eq!(line, qemu_done_line(cmdline, MEM));
+        // Its console still begins with what it printed on h1 at boot.
+        let r = client::call_unix(&h1, "GET", &format!("/v1/vms/{home}/console"), None);
+        let lines = r.json()["lines"].as_array().expect("lines").clone();
+        assert!(lines.len() >= 3, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.as_str().is_some_and(|l| l.starts_with("zone:"))),
+            "{lines:?}"
+        );
         // Refusals: an unknown destination, a mode not built yet.
         let id2 = start_vm(&h1, CMDLINE);
         let path = format!("/v1/vms/{id2}/migrate");

@@ -13,14 +13,14 @@
 //!  ---------------                               ----------------------
 //!  Connect ──TCP──────────────────────────────▶ Accept (bounded wait; a bad
 //!  Handshake  ──Hello{secret, size}──────────▶   peer is refused, accept goes on)
-//!             ◀────────────────────Welcome────  Handshake (memory mapped)
+//!             ◀────────────────────Welcome────  Handshake (memory, VmShell made)
 //!  Round 0: dirty log on, populated non-zero
 //!           pages ──Pages…, RoundEnd──────────▶ Receiving (pages written)
 //!  Round n: the dirty set ──Pages…, RoundEnd─▶
 //!  (converge: estimate ≤ budget | stalled | round limit)
-//!  StopAndCopy: pause, last dirty set,
-//!           VmState ──Pages…, State──────────▶ Building (VmShell::create →
-//!             ◀──────────────────────Ready────   build; vCPUs not started)
+//!  StopAndCopy: pause, last dirty set, console,
+//!    VmState ──Pages…, Console, State────────▶ Building (VmShell::build;
+//!             ◀──────────────────────Ready────   vCPUs not started)
 //!  Committing ──Commit────────────────────────▶ AwaitCommit → start, register
 //!             ◀──────────Committed{vm}────────  Committed (guest runs here)
 //!  Committed: the source's VM is destroyed

@@ -91,6 +91,9 @@ pub enum Message {
         round: u32,
         pages: u64,
     },
+    /// The console lines the guest printed so far (the newest, at most
+    /// [`MAX_CONSOLE_BYTES`] of them), so its history moves with it.
+    Console(Vec<String>),
     /// The VM's whole state but memory: bincode of `vmm::persist::VmState`.
     State(Vec<u8>),
     /// Destination: the VM is built and waits for commit.
@@ -117,6 +120,9 @@ const T_READY: u16 = 7;
 const T_COMMIT: u16 = 8;
 const T_COMMITTED: u16 = 9;
 const T_ABORT: u16 = 10;
+const T_CONSOLE: u16 = 11;
+/// Console history carried at most.
+pub const MAX_CONSOLE_BYTES: usize = 256 << 10;
 
 impl From<io::Error> for ProtocolError {
     fn from(e: io::Error) -> Self {
@@ -183,6 +189,7 @@ impl Message {
             Message::Pages { .. } => "Pages",
             Message::Zeros { .. } => "Zeros",
             Message::RoundEnd { .. } => "RoundEnd",
+            Message::Console(_) => "Console",
             Message::State(_) => "State",
             Message::Ready => "Ready",
             Message::Commit => "Commit",
@@ -208,6 +215,7 @@ impl Message {
             }
             Message::Zeros { first, count } => (T_ZEROS, range_payload(*first, *count)),
             Message::RoundEnd { round, pages } => (T_ROUND_END, ser(&(round, pages))?),
+            Message::Console(lines) => (T_CONSOLE, ser(lines)?),
             Message::State(s) => (T_STATE, s.clone()),
             Message::Ready => (T_READY, Vec::new()),
             Message::Commit => (T_COMMIT, Vec::new()),
@@ -275,6 +283,13 @@ impl Message {
                 let (round, pages) = de("RoundEnd", &p)?;
                 Ok(Message::RoundEnd { round, pages })
             }
+            T_CONSOLE => {
+                let lines: Vec<String> = de("Console", &p)?;
+                if lines.iter().map(|l| l.len() + 1).sum::<usize>() > MAX_CONSOLE_BYTES {
+                    return Err(malformed("Console", "more than the console bound"));
+                }
+                Ok(Message::Console(lines))
+            }
             T_STATE => Ok(Message::State(p)),
             T_READY => empty(Message::Ready, "Ready"),
             T_COMMIT => empty(Message::Commit, "Commit"),
@@ -330,7 +345,7 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
         return Err(ProtocolError::WrongVersion { found: version });
     }
     let kind = u16::from_le_bytes([h[6], h[7]]);
-    if !(T_HELLO..=T_ABORT).contains(&kind) {
+    if !(T_HELLO..=T_CONSOLE).contains(&kind) {
         return Err(ProtocolError::UnknownType(kind));
     }
     let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
@@ -420,6 +435,7 @@ mod tests {
         round_trip(Message::Zeros { first: 1, count: 5 });
         round_trip(Message::RoundEnd { round: 3, pages: 7 });
         round_trip(Message::State(vec![1, 2, 3]));
+        round_trip(Message::Console(vec!["zone: a".into(), "b".into()]));
         round_trip(Message::Ready);
         round_trip(Message::Commit);
         round_trip(Message::Committed { vm: "vm-4".into() });

@@ -158,6 +158,7 @@ enum State {
         conn: Conn,
         shell: VmShell,
         state: Box<VmState>,
+        console: Vec<String>,
     },
     Done(String),
 }
@@ -201,8 +202,19 @@ pub fn receive(
                 State::Receiving { conn, shell }
             }),
             State::Receiving { conn, shell } => receiving(conn, shell, progress),
-            State::Building { conn, shell, state } => match (build.take(), commit.take()) {
-                (Some(b), Some(c)) => building(conn, shell, &state, b, c, gate, progress),
+            State::Building {
+                conn,
+                shell,
+                state,
+                console,
+            } => match (build.take(), commit.take()) {
+                (Some(b), Some(c)) => {
+                    for line in &console {
+                        b.console.push_bytes(line.as_bytes());
+                        b.console.push_byte(b'\n');
+                    }
+                    building(conn, shell, &state, b, c, gate, progress)
+                }
                 _ => Err(ReceiveError::Aborted),
             },
         };
@@ -338,6 +350,7 @@ fn receiving(
     let memory = shell.memory().clone();
     let pages = mem_pages(&memory);
     let zeros = vec![0u8; (protocol::MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
+    let mut console = Vec::new();
     loop {
         match conn.recv()? {
             Message::Pages { first, count, data } => {
@@ -357,6 +370,7 @@ fn receiving(
                 )?;
             }
             Message::RoundEnd { round, .. } => progress.update(|r| r.rounds = round + 1),
+            Message::Console(lines) => console = lines,
             Message::State(bytes) => {
                 let state: VmState = bincode::DefaultOptions::new()
                     .with_limit(protocol::MAX_PAYLOAD as u64)
@@ -366,12 +380,13 @@ fn receiving(
                     conn,
                     shell,
                     state: Box::new(state),
+                    console,
                 });
             }
             Message::Abort { reason } => return Err(ReceiveError::SourceAborted(reason)),
             other => {
                 return Err(ReceiveError::Unexpected {
-                    expected: "Pages, Zeros, RoundEnd or State",
+                    expected: "Pages, Zeros, RoundEnd, Console or State",
                     got: other.kind(),
                 })
             }

@@ -257,6 +257,7 @@ impl Sender<'_> {
         })?;
         self.last_round = t.elapsed();
         let t = Instant::now();
+        self.send(&Message::Console(self.console_tail()))?;
         let state = self.vm.capture_state()?;
         let bytes = bincode::DefaultOptions::new()
             .with_limit(protocol::MAX_PAYLOAD as u64)
@@ -342,6 +343,24 @@ impl Sender<'_> {
             }
             self.paused = false;
         }
+    }
+
+    /// The newest console lines that fit the protocol's bound.
+    fn console_tail(&self) -> Vec<String> {
+        let log = self.vm.console().log();
+        let mut bytes = 0;
+        let mut tail: Vec<String> = log
+            .lines
+            .iter()
+            .rev()
+            .take_while(|l| {
+                bytes += l.len() + 1;
+                bytes <= protocol::MAX_CONSOLE_BYTES
+            })
+            .cloned()
+            .collect();
+        tail.reverse();
+        tail
     }
 
     fn bandwidth(&self) -> f64 {
