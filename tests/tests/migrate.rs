@@ -220,6 +220,42 @@ mod local {
         assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
     }
 
+    /// A destination that dies in the stop-and-copy, once it has the state
+    /// and before it answers `Ready`: the source, which had paused the
+    /// guest, resumes it (dirty log off) and it ends with QEMU's line.
+    #[test]
+    fn destination_gone_in_stop_and_copy_the_guest_resumes() {
+        use forkd::migrate::protocol::{read_message, write_message, Message};
+        let mut vm = boot(CMDLINE, 512);
+        wait_running(&vm);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            assert!(matches!(read_message(&mut s), Ok(Message::Hello(_))));
+            write_message(&mut s, &Message::Welcome).expect("welcome");
+            while !matches!(read_message(&mut s), Ok(Message::State(_)) | Err(_)) {}
+            // Gone: the connection closes without a Ready.
+        });
+        let out = Outgoing {
+            addr,
+            secret: [42; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
+        conclude(&progress, &result);
+        peer.join().expect("peer");
+        let err = result.unwrap_err();
+        assert!(!matches!(err, MigrateError::InDoubt(_)), "{err}");
+        assert_eq!(progress.phase(), Phase::Aborted);
+        assert!(!vm.is_paused(), "the guest was not resumed");
+        assert!(vm.dirty_pages().is_err(), "the dirty log is still on");
+        assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
+    }
+
     #[test]
     fn wrong_secret_is_refused_and_the_guest_runs_on() {
         let mut vm = boot(CMDLINE, 512);

@@ -57,6 +57,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a destination waits for its source to connect.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DOWNTIME_MS: u64 = 60_000;
+/// Incoming migrations open (not yet committed or aborted) at once.
+const MAX_INCOMING: usize = 8;
 
 fn default_downtime() -> u64 {
     30
@@ -480,6 +482,16 @@ impl Registry {
         if req.source.len() > 256 || req.name.as_ref().is_some_and(|n| n.len() > 256) {
             return Err(ApiError::BadRequest("source or name too long".into()));
         }
+        let open = lock(&self.migrations.incoming)
+            .values()
+            .filter(|r| r.gate.state().0 == GateState::Open && lock(&r.error).is_none())
+            .count();
+        if open >= MAX_INCOMING {
+            return Err(ApiError::Conflict(format!(
+                "{open} incoming migrations are open already (at most {MAX_INCOMING})"
+            )));
+        }
+        self.check_room()?;
         let listener = TcpListener::bind(SocketAddr::new(self.memserver_ip(), 0))
             .map_err(|e| ApiError::Internal(format!("migration listener: {e}")))?;
         let port = listener

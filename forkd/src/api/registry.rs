@@ -433,6 +433,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether one more VM fits (`--max-vms`); 429 otherwise.
+    pub(super) fn check_room(&self) -> Result<(), ApiError> {
+        let inner = lock(&self.inner);
+        if inner.vms.len() + inner.booting >= self.limits.max_vms {
+            return Err(ApiError::TooManyVms(self.limits.max_vms));
+        }
+        Ok(())
+    }
+
     /// Takes VM `id` out of its entry for a migration worker: refused for
     /// a clone, an exited VM, one with a live fork family or one already
     /// migrating.
