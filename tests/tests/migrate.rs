@@ -81,7 +81,7 @@ mod local {
     //! VMs, real TCP): what the daemons do, without them.
     use forkd::migrate::receiver::{receive, CommitGate, Incoming, ReceiveProgress};
     use forkd::migrate::sender::{conclude, migrate, MigrateError, Outgoing};
-    use forkd::migrate::{MigrateOptions, Phase, Progress};
+    use forkd::migrate::{MigrateOptions, Phase, Progress, StopReason};
     use forkd::vmm::devices::Console;
     use forkd::vmm::vm::BuildOptions;
     use forkd::vmm::Vm;
@@ -166,6 +166,52 @@ mod local {
         );
         // The source never printed the end.
         assert!(!console_before.iter().any(|l| l.starts_with("zone: done")));
+    }
+
+    /// A guest that rewrites pages of its 32 MiB state flat out (unpaced),
+    /// with a budget pre-copy cannot meet (1 ms, below the fixed cost):
+    /// the rounds go on until the dirty set stops shrinking or the round
+    /// limit, then the rest is copied with the guest stopped — and the
+    /// guest still ends with QEMU's line (every dirty page arrived).
+    #[test]
+    fn a_migration_that_cannot_converge_still_moves_the_guest_exactly() {
+        let cmdline = "ticks=300 seed=5 state_mib=32 dirty_pages=8192";
+        let mut vm = boot(cmdline, 512);
+        wait_running(&vm);
+        std::thread::sleep(Duration::from_millis(300));
+        let (listener, inc) = incoming(vm.mem_bytes());
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = mpsc::channel();
+        let recv = std::thread::spawn(move || {
+            let gate = CommitGate::default();
+            let progress = ReceiveProgress::default();
+            receive(listener, &inc, build_options(), &gate, &progress, |vm| {
+                tx.send(vm).map_err(|e| e.to_string())?;
+                Ok("vm-dest".into())
+            })
+        });
+        let out = Outgoing {
+            addr,
+            secret: [42; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let opts = MigrateOptions {
+            downtime: Duration::from_millis(1),
+            max_rounds: 8,
+            ..MigrateOptions::default()
+        };
+        let report = migrate(&mut vm, &out, &opts, &progress).expect("migration commits");
+        eprintln!("report: {report:?}");
+        assert_ne!(report.stop_reason, StopReason::Converged, "{report:?}");
+        assert!(
+            report.rounds >= 2 && report.last_round_pages > 0,
+            "{report:?}"
+        );
+        recv.join().expect("receiver").expect("received");
+        vm.kill();
+        let mut dest = rx.recv_timeout(Duration::from_secs(5)).expect("the VM");
+        assert_eq!(finish(&mut dest), qemu_done_line(cmdline, 512));
     }
 
     /// A destination that takes the commit and vanishes without a word
