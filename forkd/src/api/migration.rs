@@ -57,6 +57,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a destination waits for its source to connect.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DOWNTIME_MS: u64 = 60_000;
+const MAX_BANDWIDTH_MIB_S: u64 = 1 << 20;
 /// Incoming migrations open (not yet committed or aborted) at once.
 const MAX_INCOMING: usize = 8;
 
@@ -257,6 +258,11 @@ impl Registry {
         if req.downtime_ms == 0 || req.downtime_ms > MAX_DOWNTIME_MS {
             return Err(ApiError::BadRequest(format!(
                 "downtime_ms: 1..={MAX_DOWNTIME_MS}"
+            )));
+        }
+        if req.bandwidth_mib_s > MAX_BANDWIDTH_MIB_S {
+            return Err(ApiError::BadRequest(format!(
+                "bandwidth_mib_s: 0 (no cap) ..={MAX_BANDWIDTH_MIB_S}"
             )));
         }
         let peers = self

@@ -155,6 +155,10 @@ impl Progress {
         self.cancel.load(Ordering::Acquire)
     }
 
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
     fn sent(&self, pages: u64, bytes: u64) {
         self.pages_sent.fetch_add(pages, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);

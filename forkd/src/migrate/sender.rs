@@ -431,8 +431,8 @@ impl Sender<'_> {
         if self.opts.bandwidth_mib_s == 0 {
             return;
         }
-        let cap = (self.opts.bandwidth_mib_s << 20) as f64;
-        let due = Duration::from_secs_f64(self.progress.view().bytes_sent as f64 / cap);
+        let cap = self.opts.bandwidth_mib_s as f64 * (1 << 20) as f64;
+        let due = Duration::from_secs_f64(self.progress.bytes_sent() as f64 / cap);
         let spent = self.started.elapsed();
         if due > spent {
             std::thread::sleep(due - spent);
