@@ -122,9 +122,30 @@ mod local {
 
     #[test]
     fn loopback_migration_ends_with_qemus_line() {
+        loopback_at(Some(Duration::from_millis(300)));
+    }
+
+    /// Early: at once after the boot, before the guest has said a word.
+    #[test]
+    fn loopback_migration_early() {
+        loopback_at(None);
+    }
+
+    /// Late: 1.5 s into the guest's ~2 s run.
+    #[test]
+    fn loopback_migration_late() {
+        loopback_at(Some(Duration::from_millis(1500)));
+    }
+
+    /// Migrates a running zone guest over loopback `after` it printed its
+    /// start (at once after the boot with `None`); the destination's guest
+    /// ends with QEMU's line and the source's console history.
+    fn loopback_at(after: Option<Duration>) {
         let mut vm = boot(CMDLINE, 512);
-        wait_running(&vm);
-        std::thread::sleep(Duration::from_millis(300));
+        if let Some(d) = after {
+            wait_running(&vm);
+            std::thread::sleep(d);
+        }
         let (listener, inc) = incoming(vm.mem_bytes());
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = mpsc::channel();
