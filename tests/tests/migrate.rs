@@ -688,6 +688,14 @@ mod cluster {
         let hs = up["hosts"].as_array().expect("hosts").clone();
         let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
         let id = start_vm(&h1, CMDLINE);
+        // Opening a migration is daemon to daemon: over TCP without the
+        // cluster's token it is refused.
+        let ns = hs[0]["netns"].as_str().expect("netns").to_owned();
+        let api = hs[1]["tcp"].as_str().expect("tcp").to_owned();
+        let r = in_netns(&ns, move || {
+            client::call_tcp_with(&api, "POST", "/v1/migrations", &[])
+        });
+        assert_eq!(r.status, 401, "{}", r.error());
         let body = r#"{"source": "test", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
         let r = client::call_unix(&h2, "POST", "/v1/migrations", Some(body));
         assert_eq!(r.status, 201, "{}", r.error());
@@ -698,7 +706,6 @@ mod cluster {
             hs[1]["address"].as_str().expect("address"),
             opened["port"]
         );
-        let ns = hs[0]["netns"].as_str().expect("netns").to_owned();
         let hello = Message::Hello(Hello {
             secret: [0; 32],
             mem_bytes: 512 << 20,
