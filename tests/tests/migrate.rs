@@ -225,10 +225,7 @@ mod local {
         let report = migrate(&mut vm, &out, &opts, &progress).expect("migration commits");
         eprintln!("report: {report:?}");
         assert_ne!(report.stop_reason, StopReason::Converged, "{report:?}");
-        assert!(
-            report.rounds >= 2 && report.last_round_pages > 0,
-            "{report:?}"
-        );
+        assert!(report.rounds >= 2, "{report:?}");
         recv.join().expect("receiver").expect("received");
         vm.kill();
         let mut dest = rx.recv_timeout(Duration::from_secs(5)).expect("the VM");
@@ -601,9 +598,10 @@ mod cluster {
             v["phase"] == "aborted"
         });
         eprintln!("aborted after {:?}: {}", t.elapsed(), v["error"]);
-        // The 5 s I/O timeout (the destination's read, then the source's
-        // write once the socket buffers are full), not an unbounded hang.
-        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        // The 5 s I/O timeout (plus the time the socket buffers take to
+        // fill at the capped rate), not an unbounded hang; the guest ran
+        // on meanwhile (pre-copy).
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert!(
             v["error"].as_str().is_some_and(|e| e.contains("timed out")),
             "{v}"

@@ -267,6 +267,11 @@ fn accept(
             Ok(c) => return Ok(c),
             Err((why, stream)) => {
                 tracing::warn!("migration connection refused: {why}");
+                // Counted before the answer: whoever got it sees the count.
+                progress.update(|r| {
+                    r.rejected += 1;
+                    r.last_rejection = Some(why.to_string());
+                });
                 if let Some(mut s) = stream {
                     let _ = protocol::write_message(
                         &mut s,
@@ -275,10 +280,6 @@ fn accept(
                         },
                     );
                 }
-                progress.update(|r| {
-                    r.rejected += 1;
-                    r.last_rejection = Some(why.to_string());
-                });
             }
         }
     }

@@ -10,6 +10,7 @@ use crate::vmm::{Vm, VmError};
 use bincode::Options;
 use std::io::{BufWriter, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -72,7 +73,7 @@ struct Sender<'a> {
     opts: &'a MigrateOptions,
     progress: &'a Progress,
     stream: Option<TcpStream>,
-    writer: Option<BufWriter<TcpStream>>,
+    writer: Option<BufWriter<StallWriter>>,
     started: Instant,
     /// Time spent writing pages and the bytes written, for the bandwidth.
     send_time: Duration,
@@ -138,6 +139,7 @@ pub fn migrate(
                 if !matches!(e, MigrateError::InDoubt(_)) {
                     s.abort(&e);
                 }
+                s.hang_up();
                 return Err(e);
             }
         }
@@ -171,7 +173,11 @@ impl Sender<'_> {
                 stream
                     .set_write_timeout(Some(self.opts.io_timeout))
                     .map_err(io)?;
-                let w = stream.try_clone().map_err(io)?;
+                let w = StallWriter {
+                    stream: stream.try_clone().map_err(io)?,
+                    timeout: self.opts.io_timeout,
+                    stalled: Duration::ZERO,
+                };
                 self.writer = Some(BufWriter::with_capacity(1 << 20, w));
                 self.stream = Some(stream);
                 Ok(State::Handshake)
@@ -323,14 +329,21 @@ impl Sender<'_> {
         }))
     }
 
-    /// Before commit: tell the destination (best effort), stop tracking,
-    /// resume the guest if this migration paused it.
+    /// Before commit: tell the destination (best effort, without waiting
+    /// on a dead connection), stop tracking, resume the guest if this
+    /// migration paused it.
     fn abort(&mut self, why: &MigrateError) {
-        if self.writer.is_some() && !matches!(why, MigrateError::Refused(_)) {
-            let _ = self.send(&Message::Abort {
-                reason: why.to_string(),
-            });
-            let _ = self.flush();
+        if let Some(w) = self.writer.take() {
+            // Unsent pages are dropped, not flushed into a stuck link.
+            let (mut inner, _) = w.into_parts();
+            inner.timeout = ABORT_TIMEOUT;
+            inner.stalled = Duration::ZERO;
+            if !matches!(why, MigrateError::Refused(_)) {
+                let m = Message::Abort {
+                    reason: why.to_string(),
+                };
+                let _ = protocol::write_message(&mut inner, &m);
+            }
         }
         if self.tracking {
             if let Err(e) = self.vm.stop_dirty_log() {
@@ -363,13 +376,40 @@ impl Sender<'_> {
         tail
     }
 
+    /// Closes the connection without flushing what a dead link would not
+    /// take (a `BufWriter` dropped with data waits out the write timeout).
+    fn hang_up(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w.into_parts());
+        }
+        if let Some(s) = self.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Bytes per second the page copy has achieved so far (never above
+    /// the cap). Buffered writes return at once, so a round's wall time
+    /// is what counts, not the time inside `write`.
     fn bandwidth(&self) -> f64 {
-        self.send_bytes as f64 / self.send_time.as_secs_f64().max(1e-6)
+        let measured = self.send_bytes as f64 / self.send_time.as_secs_f64().max(1e-6);
+        match self.opts.bandwidth_mib_s {
+            0 => measured,
+            cap => measured.min(cap as f64 * (1 << 20) as f64),
+        }
     }
 
     /// Sends the pages set in `set`; with `skip_zero`, zero pages are left
     /// out (the destination starts from zeros). Returns the pages sent.
     fn send_pages(&mut self, set: &PageBitmap, skip_zero: bool) -> Result<u64, MigrateError> {
+        // The throughput counts everything a page costs: reading it, the
+        // zero check, the write, the cap's sleeps.
+        let t = Instant::now();
+        let r = self.send_pages_timed(set, skip_zero);
+        self.send_time += t.elapsed();
+        r
+    }
+
+    fn send_pages_timed(&mut self, set: &PageBitmap, skip_zero: bool) -> Result<u64, MigrateError> {
         let mut buf = vec![0u8; (MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
         let mut sent = 0;
         for r in dirty::split(&dirty::ranges(set), MAX_PAGES_PER_MESSAGE) {
@@ -412,13 +452,12 @@ impl Sender<'_> {
 
     fn send_run(&mut self, r: PageRange, bytes: &[u8]) -> Result<u64, MigrateError> {
         self.check_cancel()?;
-        let t = Instant::now();
+        self.check_peer()?;
         let w = self.writer.as_mut().ok_or(ProtocolError::Closed)?;
         let n = match protocol::write_pages(w, r.first, r.count as u32, bytes) {
             Ok(n) => n,
             Err(e) => return Err(self.peer_reason().unwrap_or(MigrateError::Protocol(e))),
         };
-        self.send_time += t.elapsed();
         self.send_bytes += n as u64;
         self.progress.sent(r.count, n as u64);
         self.throttle();
@@ -457,6 +496,36 @@ impl Sender<'_> {
         }
     }
 
+    /// The destination says nothing during the rounds unless it gives up
+    /// (`Abort`, then it hangs up): look, without waiting, before each
+    /// frame, so a destination that aborted (e.g. its read timed out on a
+    /// cut link) is noticed before our writes fill the socket buffers.
+    fn check_peer(&mut self) -> Result<(), MigrateError> {
+        let Some(s) = self.stream.as_ref() else {
+            return Ok(());
+        };
+        let mut byte = 0u8;
+        // SAFETY: recv into one byte we own, on the connection's open
+        // socket; MSG_PEEK leaves the data, MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            // Nothing to read: the usual case.
+            n if n < 0 => Ok(()),
+            0 => Err(MigrateError::Protocol(ProtocolError::Closed)),
+            _ => Err(self.peer_reason().unwrap_or(MigrateError::Unexpected {
+                expected: "nothing during the rounds",
+                got: "data",
+            })),
+        }
+    }
+
     /// After a failed write: the destination's `Abort`, if it sent one.
     fn peer_reason(&mut self) -> Option<MigrateError> {
         let s = self.stream.as_mut()?;
@@ -485,4 +554,39 @@ impl Sender<'_> {
     }
 }
 
+/// The connection's writing side. A blocking write that times out after
+/// copying part of its buffer returns that count, and the next one waits
+/// the whole timeout again: on a cut link that doubles the wait. So the
+/// time spent blocked in writes that did not take all they were given adds
+/// up, and only a write that takes all of it (the link moves) starts over:
+/// `timeout` of that and the write fails as timed out.
+struct StallWriter {
+    stream: TcpStream,
+    timeout: Duration,
+    stalled: Duration,
+}
+
+impl Write for StallWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.timeout.saturating_sub(self.stalled);
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_write_timeout(Some(left))?;
+        let t = Instant::now();
+        let r = self.stream.write(buf);
+        match &r {
+            Ok(n) if *n == buf.len() => self.stalled = Duration::ZERO,
+            _ => self.stalled += t.elapsed(),
+        }
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+/// How long an `Abort` may take to leave.
+const ABORT_TIMEOUT: Duration = Duration::from_millis(200);
