@@ -23,6 +23,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
+/// Longest wait for a connection's first message.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the destination expects.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -280,6 +283,9 @@ fn accept(
                         },
                     );
                 }
+                if Instant::now() >= deadline {
+                    return Err(ReceiveError::AcceptTimeout(inc.accept_timeout));
+                }
             }
         }
     }
@@ -298,6 +304,11 @@ fn handshake(stream: TcpStream, inc: &Incoming) -> Result<(Conn, VmShell), Refus
         s.try_clone()
     };
     let writer = setup(&stream).map_err(|e| (ReceiveError::Listen(e), None))?;
+    // A peer that connects and says nothing holds the listener up only
+    // this long (the source's Hello is there at once).
+    stream
+        .set_read_timeout(Some(inc.io_timeout.min(HELLO_TIMEOUT)))
+        .map_err(|e| (ReceiveError::Listen(e), None))?;
     let mut conn = Conn {
         reader: BufReader::with_capacity(1 << 20, stream),
         writer,
@@ -315,6 +326,10 @@ fn handshake(stream: TcpStream, inc: &Incoming) -> Result<(Conn, VmShell), Refus
         Err(e) => return Err(refuse(e.into(), &conn)),
     };
     check_hello(&hello, inc).map_err(|e| refuse(e, &conn))?;
+    conn.reader
+        .get_ref()
+        .set_read_timeout(Some(inc.io_timeout))
+        .map_err(|e| refuse(ReceiveError::Listen(e), &conn))?;
     let memory = memory::anonymous(inc.mem_bytes).map_err(|e| refuse(e.into(), &conn))?;
     let ids: Vec<u8> = (0..hello.vcpus).collect();
     let shell =
