@@ -349,10 +349,18 @@ impl Registry {
         };
         let reg = self.clone();
         let dest = req.destination.clone();
+        // The VM goes to the worker once it runs: if it cannot start, the
+        // VM is still here to be given back.
+        let (handover, vm_rx) = std::sync::mpsc::sync_channel::<crate::vmm::Vm>(1);
+        let worker_entry = entry.clone();
+        let worker_record = record.clone();
         let worker = std::thread::Builder::new()
             .name(format!("migrate-{}", vm_id(id)))
             .spawn(move || {
-                let mut vm = vm;
+                let (entry, record) = (worker_entry, worker_record);
+                let Ok(mut vm) = vm_rx.recv() else {
+                    return;
+                };
                 let result = sender::migrate(&mut vm, &out, &opts, &record.progress);
                 let doubt = match &result {
                     Err(MigrateError::InDoubt(why)) => {
@@ -394,7 +402,18 @@ impl Registry {
                 }
             });
         if let Err(e) = worker {
-            return Err(ApiError::Internal(format!("migration worker: {e}")));
+            self.give_back(&entry, vm);
+            let why = format!("migration worker: {e}");
+            record
+                .progress
+                .finish(Phase::Aborted, None, Some(why.clone()));
+            return Err(ApiError::Internal(why));
+        }
+        if let Err(std::sync::mpsc::SendError(vm)) = handover.send(vm) {
+            self.give_back(&entry, vm);
+            return Err(ApiError::Internal(
+                "the migration worker ended at once".into(),
+            ));
         }
         Ok(MigrationStarted {
             vm: vm_id(id),
