@@ -318,7 +318,8 @@ fn a_sealed_receiver_keeps_only_what_reads_wait_for() {
         let mut buf = [0u8; PAGE_SIZE];
         r.read_page(700, &mut buf).expect("asked for");
         assert!(buf == expected(700), "page 700 corrupted");
-        r.read_page(150, &mut buf).expect("a recent arrival, cached");
+        r.read_page(150, &mut buf)
+            .expect("a recent arrival, cached");
         assert!(buf == expected(150), "page 150 corrupted");
     });
 }
