@@ -43,7 +43,7 @@ impl GroupConfig {
             interface: Ipv4Addr::UNSPECIFIED,
             ttl: 1,
             loopback: true,
-            recv_buffer: 4 << 20,
+            recv_buffer: 32 << 20,
         }
     }
 
@@ -107,7 +107,25 @@ fn bind(s: &Socket, addr: SocketAddrV4) -> Result<(), GroupError> {
 }
 
 fn buffers(s: &Socket, recv: usize) -> Result<(), GroupError> {
-    if recv > 0 {
+    if recv == 0 {
+        return Ok(());
+    }
+    // Past net.core.rmem_max where allowed (CAP_NET_ADMIN: the daemons run
+    // as root): a receiver that is not scheduled for a few ms must not
+    // lose what arrives meanwhile. Otherwise the capped size.
+    let n = libc::c_int::try_from(recv).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a socket this function borrows, with a pointer
+    // to a c_int that lives across the call and its exact size.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&n as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
         s.set_recv_buffer_size(recv).map_err(opt("SO_RCVBUF"))?;
     }
     Ok(())

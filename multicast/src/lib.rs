@@ -47,8 +47,10 @@
 //!
 //! # Flow control
 //! Each receiver measures its receive rate (bytes of valid data frames per
-//! second, over intervals in which it was waiting for blocks) and puts it
-//! in every request. The sender smooths each receiver's reports and paces
+//! second, over intervals in which it was waiting for blocks) and, while it
+//! is losing frames (it re-asked for a block within the last second), puts
+//! it in every request; a receiver that keeps up reports nothing, so it
+//! never holds the sender to the rate it happens to be sent at. The sender smooths each receiver's reports and paces
 //! with a token bucket at `growth ×` their freshness-weighted average,
 //! within `[min_rate, max_rate]` (see [`rate`]).
 //!

@@ -5,7 +5,9 @@
 //! [`Receiver::request`] records the wanted blocks and sends the requests
 //! from the caller's thread. One thread reads the group socket and the
 //! unicast socket (end-game replies arrive there), verifies frames,
-//! reassembles blocks and hands each completed block to the sink; it also
+//! reassembles blocks and hands each completed block to the sink; it
+//! measures its receive rate and, while it is losing frames (it re-asked
+//! within [`LOSS_MEMORY`]), puts it in every request; it also
 //! re-requests blocks not received within the timeout (doubling up to
 //! `max_retry_timeout`; while other requested blocks keep arriving — a
 //! backlog at the sender — it waits for a quiet spell of `retry_timeout`,
@@ -37,6 +39,9 @@ pub const MAX_WAIT: Duration = Duration::from_millis(10);
 /// A wanted block is re-asked after `max_retry_timeout` times this even
 /// while other requested blocks keep arriving.
 pub const STARVATION_FACTOR: u32 = 4;
+/// A receiver reports its rate (holds the sender back) this long after it
+/// last had to re-ask.
+pub const LOSS_MEMORY: Duration = Duration::from_secs(1);
 /// Recently delivered blocks remembered to drop duplicate arrivals.
 pub const RECENT_DELIVERED: usize = 4096;
 
@@ -353,6 +358,7 @@ impl Receiver {
             buf: vec![0u8; frame::MAX_DATAGRAM],
             next_scan: now,
             last_progress: now,
+            last_loss: None,
             newest_answered: None,
             cfg,
             group,
@@ -475,6 +481,8 @@ struct Run<F> {
     buf: Vec<u8>,
     next_scan: Instant,
     last_progress: Instant,
+    /// When this receiver last re-asked or gave up (it is losing frames).
+    last_loss: Option<Instant>,
     /// When the most recently asked of the requested blocks delivered so
     /// far was asked for: a block still wanted that was asked before it
     /// has been passed over (lost), not queued.
@@ -510,8 +518,15 @@ impl<F: FnMut(Event)> Run<F> {
             let now = Instant::now();
             let busy = !lock(&self.shared.wants).is_empty();
             self.meter.tick(busy, now);
-            self.shared.rate.store(self.meter.rate(), Ordering::Relaxed);
-            stats::set(&self.c().rate, self.meter.rate());
+            // Only a receiver that is losing frames holds the sender back:
+            // one that keeps up reports nothing (0), and the sender may go
+            // as fast as its cap allows.
+            let losing = self
+                .last_loss
+                .is_some_and(|t| now.saturating_duration_since(t) < LOSS_MEMORY);
+            let report = if losing { self.meter.rate() } else { 0 };
+            self.shared.rate.store(report, Ordering::Relaxed);
+            stats::set(&self.c().rate, report);
             if now >= self.next_scan {
                 self.retry(now);
                 self.next_scan = now + self.cfg.retry_timeout / 4;
@@ -739,6 +754,9 @@ impl<F: FnMut(Event)> Run<F> {
             for b in &gave_up {
                 w.remove(b);
             }
+        }
+        if !again.is_empty() || !gave_up.is_empty() {
+            self.last_loss = Some(now);
         }
         if !again.is_empty() {
             stats::add(&self.c().rerequests, again.len() as u64);

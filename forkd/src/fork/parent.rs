@@ -250,7 +250,15 @@ impl ForkHub {
         let encoded = desc.encode()?;
         let pending = Arc::new(PendingImage::new(region.len() / PAGE_SIZE as u64));
         let source = pending.clone() as Arc<dyn PageSource>;
+        // Multicast only if some clone gets its pages over the network.
+        let over_network = remote.is_some() || !opts.local_direct;
         let multicast = match opts.distribution {
+            Distribution::Multicast if !over_network => {
+                self.memserver
+                    .add_family_with_key(key.clone(), source)
+                    .map_err(ForkError::MemServer)?;
+                None
+            }
             Distribution::Unicast => {
                 self.memserver
                     .add_family_with_key(key.clone(), source)

@@ -16,10 +16,11 @@
 //! must not subscribe or unsubscribe.
 //!
 //! Once every local clone has subscribed, [`HostReceiver::seal`] says no
-//! more will: the cache is then only for reads waiting for a page (every
-//! subscriber has had each arriving page already), so it is emptied and
-//! arriving pages nobody waits for are not kept — host memory per family
-//! drops from the cache's bound to the pages in flight.
+//! more will: every subscriber has had each arriving page already, so the
+//! cache is only for reads that race an arrival (a fault on a page that
+//! is being installed) and for pages reads wait for: it shrinks to the
+//! newest [`SEALED_CACHE_PAGES`] (and a page a read took goes at once) —
+//! host memory per family drops from the cache's bound to a few MiB.
 //!
 //! Frames that fail the session's MAC, replays and other sessions' frames
 //! are rejected by the crate and counted ([`HostStats::receiver`]); a block
@@ -43,6 +44,9 @@ use crate::{PageSource, SourceError, PAGE_SIZE};
 
 /// Smallest cache (a fault's read-ahead must fit while it waits).
 pub const MIN_CACHE_PAGES: usize = 256;
+/// Pages a sealed receiver keeps (the newest arrivals: a read that raced
+/// an arrival finds its page here).
+pub const SEALED_CACHE_PAGES: usize = 2048;
 /// Pages given up on that are remembered (to fail their waiters fast).
 const MAX_GAVE_UP: usize = 4096;
 /// How often a waiting read re-asks pages that arrived and were evicted
@@ -165,7 +169,7 @@ struct Cache {
     cap: usize,
     gave_up: HashSet<u64>,
     closed: bool,
-    /// No subscriber will come: keep only pages a read waits for.
+    /// No subscriber will come: keep few pages (see the module docs).
     sealed: bool,
     /// Pages reads wait for, and how many reads.
     wanted: HashMap<u64, u32>,
@@ -175,8 +179,6 @@ struct Cache {
 #[derive(PartialEq, Eq)]
 enum Kept {
     Stored,
-    /// New, but nobody waits for it and every subscriber has it (sealed).
-    Passed,
     /// Already here, or the receiver is closed.
     Dropped,
 }
@@ -185,9 +187,6 @@ impl Cache {
     fn insert(&mut self, index: u64, data: Box<[u8; PAGE_SIZE]>, c: &Counters) -> Kept {
         if self.closed || self.pages.contains_key(&index) {
             return Kept::Dropped;
-        }
-        if self.sealed && !self.wanted.contains_key(&index) {
-            return Kept::Passed;
         }
         while self.pages.len() >= self.cap {
             let Some(old) = self.order.pop_front() else {
@@ -412,14 +411,15 @@ impl HostReceiver {
     pub fn seal(&self) {
         let mut c = lock(&self.shared.cache);
         c.sealed = true;
-        let Cache {
-            pages,
-            order,
-            wanted,
-            ..
-        } = &mut *c;
-        pages.retain(|p, _| wanted.contains_key(p));
-        order.retain(|p| pages.contains_key(p));
+        c.cap = c.cap.min(SEALED_CACHE_PAGES);
+        while c.pages.len() > c.cap {
+            let Some(old) = c.order.pop_front() else {
+                break;
+            };
+            if c.pages.remove(&old).is_some() {
+                add(&self.shared.counters.evicted, 1);
+            }
+        }
     }
 
     /// Stops receiving and drops the cache (the family has ended); later
