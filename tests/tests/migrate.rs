@@ -315,7 +315,15 @@ mod local {
         let err = result.unwrap_err();
         assert!(!matches!(err, MigrateError::InDoubt(_)), "{err}");
         assert_eq!(progress.phase(), Phase::Aborted);
-        assert!(!vm.is_paused(), "the guest was not resumed");
+        // Resume is asynchronous (a command to the vCPU thread).
+        let t = Instant::now();
+        while vm.is_paused() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the guest was not resumed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(vm.dirty_pages().is_err(), "the dirty log is still on");
         assert_eq!(finish(&mut vm), qemu_done_line(CMDLINE, 512));
     }
