@@ -49,7 +49,7 @@ fn report_text(v: &Value) -> String {
     );
     if r.is_object() {
         s += &format!(
-            "destination VM {}; {} rounds ({}), {} pages, {} bytes, {:.0} MiB/s\n",
+            "destination VM {}; pre-copy rounds: {} ({}); {} pages, {} bytes, {:.0} MiB/s\n",
             text(&r["destination_vm"]),
             text(&r["rounds"]),
             text(&r["stop_reason"]),
