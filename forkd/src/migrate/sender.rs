@@ -231,10 +231,13 @@ impl Sender<'_> {
         let dirty = self.dirty.count_ones() as u64;
         let per_s = (dirty as f64 / took.as_secs_f64().max(1e-6)) as u64;
         let bw = self.bandwidth();
-        let estimate = Convergence::estimate(dirty * PAGE_SIZE, 64 << 10, bw);
+        let estimate = Convergence::estimate(dirty * PAGE_SIZE, STATE_ESTIMATE, bw);
         self.progress.round(round, dirty, per_s, estimate);
         tracing::debug!(round, pages, dirty, per_s, ?estimate, "pre-copy round");
-        match self.conv.decide(round, dirty * PAGE_SIZE, 64 << 10, bw) {
+        match self
+            .conv
+            .decide(round, dirty * PAGE_SIZE, STATE_ESTIMATE, bw)
+        {
             Decision::Continue => Ok(State::Round(round + 1)),
             Decision::Stop(reason) => Ok(State::StopAndCopy {
                 rounds: round + 1,
@@ -588,5 +591,8 @@ impl Write for StallWriter {
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+/// What the VM state and console weigh in a downtime estimate (a one-vCPU
+/// zone's state is ~40 KiB).
+const STATE_ESTIMATE: u64 = 64 << 10;
 /// How long an `Abort` may take to leave.
 const ABORT_TIMEOUT: Duration = Duration::from_millis(200);
