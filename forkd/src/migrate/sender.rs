@@ -592,7 +592,7 @@ impl Write for StallWriter {
 
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 /// What the VM state and console weigh in a downtime estimate (a one-vCPU
-/// zone's state is ~40 KiB).
+/// zone's state is tens of KiB).
 const STATE_ESTIMATE: u64 = 64 << 10;
 /// How long an `Abort` may take to leave.
 const ABORT_TIMEOUT: Duration = Duration::from_millis(200);
