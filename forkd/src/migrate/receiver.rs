@@ -204,7 +204,7 @@ pub fn receive(
                 conn_for_abort = conn.writer.try_clone().ok();
                 State::Receiving { conn, shell }
             }),
-            State::Receiving { conn, shell } => receiving(conn, shell, progress),
+            State::Receiving { conn, shell } => receiving(conn, shell, gate, progress),
             State::Building {
                 conn,
                 shell,
@@ -361,6 +361,7 @@ fn check_hello(h: &Hello, inc: &Incoming) -> Result<(), ReceiveError> {
 fn receiving(
     mut conn: Conn,
     shell: VmShell,
+    gate: &CommitGate,
     progress: &ReceiveProgress,
 ) -> Result<State, ReceiveError> {
     let memory = shell.memory().clone();
@@ -368,6 +369,10 @@ fn receiving(
     let zeros = vec![0u8; (protocol::MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
     let mut console = Vec::new();
     loop {
+        // Aborted from the API meanwhile: stop taking pages.
+        if gate.state().0 == GateState::Aborted {
+            return Err(ReceiveError::Aborted);
+        }
         match conn.recv()? {
             Message::Pages { first, count, data } => {
                 check_range(first, count, pages)?;
