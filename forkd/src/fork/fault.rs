@@ -354,87 +354,30 @@ pub struct Prefetch {
 /// Pages per prefetch request.
 const PREFETCH_RUN: u64 = 64;
 
-/// Pages waiting for a clone's installer thread at most; beyond, an
-/// arriving page is left to the clone's faults (the receiver keeps the
-/// newest ones).
-const INSTALL_QUEUE: usize = 4096;
-
-/// A clone fed by the host receiver: its subscription, and the thread that
-/// installs what the subscription hands over.
-struct Feed {
-    subscription: Option<Subscription>,
-    installer: Option<JoinHandle<()>>,
-}
-
-impl Feed {
-    /// Unsubscribes (waiting for a call in progress), which closes the
-    /// queue, then waits for the installer to finish.
-    fn stop(&mut self) {
-        drop(self.subscription.take());
-        if let Some(t) = self.installer.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Subscribes a clone's memory to `receiver`: every page that arrives and
-/// is missing in the clone is installed (counted as prefetched) by a
-/// thread of the clone's own — the receiver's thread only queues it, so
-/// one host's clones install in parallel and the receiver keeps up with
-/// the group. Pages cached already are queued now.
+/// is missing in the clone is installed (counted as prefetched). Pages
+/// cached already are installed now.
 fn subscribe_clone(
     receiver: &HostReceiver,
     memory: Arc<CloneMemory>,
     stats: Arc<Mutex<FaultStats>>,
-    name: &str,
-) -> Result<Feed, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Box<[u8; PAGE_SIZE]>)>(INSTALL_QUEUE);
-    let installer = {
-        let memory = memory.clone();
-        std::thread::Builder::new()
-            .name(format!("feed-{name}"))
-            .spawn(move || {
-                for (page, data) in rx {
-                    // Errors are left to the fault path: it fetches and
-                    // reports.
-                    if !memory.presence.test(page) && memory.install(page, &data).is_ok() {
-                        crate::sync::lock(&stats).pages_prefetched += 1;
-                    }
-                }
-            })
-            .map_err(|e| format!("installer thread: {e}"))?
-    };
+) -> Result<Subscription, SubscribeError> {
     let f: Arc<PageFn> = Arc::new(move |page, data| {
-        if !memory.presence.test(page) {
-            let _ = tx.try_send((page, Box::new(*data)));
+        // Errors are left to the fault path: it fetches and reports.
+        if !memory.presence.test(page) && memory.install(page, data).is_ok() {
+            crate::sync::lock(&stats).pages_prefetched += 1;
         }
     });
-    let subscription = receiver
-        .subscribe(f, true)
-        .map_err(|e: SubscribeError| e.to_string());
-    let mut feed = Feed {
-        subscription: None,
-        installer: Some(installer),
-    };
-    match subscription {
-        Ok(s) => {
-            feed.subscription = Some(s);
-            Ok(feed)
-        }
-        Err(e) => {
-            feed.stop();
-            Err(e)
-        }
-    }
+    receiver.subscribe(f, true)
 }
 
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
-    /// The subscription to the host receiver and its installer; stopped
-    /// first (an install in progress finishes), before the memory goes.
-    feed: Option<Feed>,
+    /// The subscription to the host receiver; dropped first on stop (it
+    /// waits for an install in progress), before the memory goes.
+    feed: Option<Subscription>,
     /// Wakes the handler thread out of its poll at once when stopping.
     wake: Arc<EventFd>,
     stats: Arc<Mutex<FaultStats>>,
@@ -450,7 +393,7 @@ impl FaultHandler {
         let error = Arc::new(Mutex::new(None));
         let memory = cfg.memory.clone();
         let feed = cfg.feed.take().and_then(|r| {
-            subscribe_clone(&r, memory.clone(), stats.clone(), name)
+            subscribe_clone(&r, memory.clone(), stats.clone())
                 .map_err(|e| tracing::warn!("clone {name}: not fed by the host receiver: {e}"))
                 .ok()
         });
@@ -507,9 +450,7 @@ impl FaultHandler {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(mut f) = self.feed.take() {
-            f.stop();
-        }
+        drop(self.feed.take());
         let _ = self.wake.write(1);
         for t in [self.thread.take(), self.prefetcher.take()]
             .into_iter()
