@@ -19,6 +19,8 @@ use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::MemoryServer;
 use bitvec::prelude::{BitVec, Lsb0};
 use memserver::mcdist::host::{HostReceiver, PageFn, SubscribeError, Subscription};
+
+pub use crate::fork::fault_stats::{FaultCounts, FaultStats, FaultStatsView, MAX_LATENCY_US};
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +32,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: u64 = PAGE_SIZE as u64;
-/// Largest fetch latency the histogram records (longer ones are clamped).
-const MAX_LATENCY_US: u64 = 60_000_000;
 /// UFFDIO_COPY answers EAGAIN while the address space is changing; retry
 /// this often before calling it a failure.
 const EAGAIN_TRIES: u32 = 1000;
@@ -83,88 +83,6 @@ impl Presence {
 
     pub fn count(&self) -> u64 {
         self.bits.count_ones() as u64
-    }
-}
-
-/// Counters of one clone's faults.
-#[derive(Debug, Clone)]
-pub struct FaultStats {
-    pub faults: u64,
-    pub pages_fetched: u64,
-    /// Zero-filled because the guest allocator handed them out after the
-    /// fork (heuristic a).
-    pub pages_avoided: u64,
-    /// Zero-filled because the guest declared it will overwrite them
-    /// (heuristic b).
-    pub pages_declared: u64,
-    pub fetch_requests: u64,
-    /// Service time of the faults that needed a fetch, in µs (a fixed-size
-    /// histogram, whatever the number of faults).
-    pub fetch_latency_us: hdrhistogram::Histogram<u64>,
-    /// Pages installed ahead of demand by the prefetcher.
-    pub pages_prefetched: u64,
-}
-
-impl Default for FaultStats {
-    fn default() -> Self {
-        FaultStats {
-            faults: 0,
-            pages_fetched: 0,
-            pages_avoided: 0,
-            pages_declared: 0,
-            fetch_requests: 0,
-            // 2 significant digits up to a minute: a few KiB.
-            fetch_latency_us: hdrhistogram::Histogram::new_with_bounds(1, MAX_LATENCY_US, 2)
-                .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("2 sig figs is valid")),
-            pages_prefetched: 0,
-        }
-    }
-}
-
-/// A clone's fault counters without the histogram: what crosses hosts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FaultCounts {
-    pub faults: u64,
-    pub pages_fetched: u64,
-    pub pages_avoided: u64,
-    pub pages_declared: u64,
-    pub pages_prefetched: u64,
-    pub fetch_requests: u64,
-}
-
-impl FaultStats {
-    pub fn counts(&self) -> FaultCounts {
-        FaultCounts {
-            faults: self.faults,
-            pages_fetched: self.pages_fetched,
-            pages_avoided: self.pages_avoided,
-            pages_declared: self.pages_declared,
-            pages_prefetched: self.pages_prefetched,
-            fetch_requests: self.fetch_requests,
-        }
-    }
-
-    /// Counters from another host (no latency histogram).
-    pub fn from_counts(c: FaultCounts) -> FaultStats {
-        FaultStats {
-            faults: c.faults,
-            pages_fetched: c.pages_fetched,
-            pages_avoided: c.pages_avoided,
-            pages_declared: c.pages_declared,
-            pages_prefetched: c.pages_prefetched,
-            fetch_requests: c.fetch_requests,
-            ..FaultStats::default()
-        }
-    }
-}
-
-/// A live view of one clone's fault counters.
-#[derive(Clone, Default)]
-pub struct FaultStatsView(Arc<Mutex<FaultStats>>);
-
-impl FaultStatsView {
-    pub fn get(&self) -> FaultStats {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
