@@ -37,11 +37,10 @@ $forkd run --cmdline "$fork" --json | tee "$snap/fork.out" | grep -v '^{'
 tail -1 "$snap/fork.out" | python3 -c '
 import json, sys
 f = json.load(sys.stdin)["fork"]
-print("   descriptor %d bytes, clone start p50 %.1f ms (max %.1f), pages fetched %d, "
-      "prefetched %d, avoided %d, memory server sent %.1f MiB"
+print("   descriptor %d bytes, clone start p50 %.1f ms (max %.1f), pages read from the "
+      "frozen image on demand %d, ahead %d, avoided (zero-filled) %d"
       % (f["descriptor_bytes"], f["clone_start_ms_p50"], f["clone_start_ms_max"],
-         f["pages_fetched"], f["pages_prefetched"], f["pages_avoided"],
-         f["memserver_bytes_sent"] / 2**20))'
+         f["pages_fetched"], f["pages_prefetched"], f["pages_avoided"]))'
 echo "== 5. QEMU, the same ELF straight-line as each VM of the fork (as_clone=I)"
 elf=$($forkd guest-path)
 for i in 0 1 2 3 4; do

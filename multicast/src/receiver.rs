@@ -11,9 +11,8 @@
 //! re-requests blocks not received within the timeout (doubling up to
 //! `max_retry_timeout`; while other requested blocks keep arriving — a
 //! backlog at the sender — it waits for a quiet spell of `retry_timeout`,
-//! or [`STARVATION_FACTOR`] × `max_retry_timeout`, unless a block asked
-//! for later has arrived meanwhile: the sender answers in order, so the
-//! earlier one was lost) and gives up after `max_attempts`. State is bounded:
+//! or [`STARVATION_FACTOR`] × `max_retry_timeout`) and gives up
+//! after `max_attempts`. State is bounded:
 //! wanted blocks (`max_outstanding`, further requests refused), partial
 //! blocks (`max_partial`, oldest evicted), senders' replay windows
 //! (`max_senders`), recently delivered blocks ([`RECENT_DELIVERED`], used
@@ -359,7 +358,6 @@ impl Receiver {
             next_scan: now,
             last_progress: now,
             last_loss: None,
-            newest_answered: None,
             cfg,
             group,
             requester: Arc::clone(&requester),
@@ -483,10 +481,6 @@ struct Run<F> {
     last_progress: Instant,
     /// When this receiver last re-asked or gave up (it is losing frames).
     last_loss: Option<Instant>,
-    /// When the most recently asked of the requested blocks delivered so
-    /// far was asked for: a block still wanted that was asked before it
-    /// has been passed over (lost), not queued.
-    newest_answered: Option<Instant>,
 }
 
 impl<F: FnMut(Event)> Run<F> {
@@ -689,11 +683,7 @@ impl<F: FnMut(Event)> Run<F> {
     }
 
     fn complete(&mut self, index: u64, data: Vec<u8>, flags: u16) {
-        let want = lock(&self.shared.wants).remove(&index);
-        let requested = want.is_some();
-        if let Some(w) = want {
-            self.newest_answered = Some(self.newest_answered.map_or(w.asked, |t| t.max(w.asked)));
-        }
+        let requested = lock(&self.shared.wants).remove(&index).is_some();
         if !requested && self.recent.1.contains(&index) {
             stats::bump(&self.c().duplicates);
             return;
@@ -737,10 +727,7 @@ impl<F: FnMut(Event)> Run<F> {
             let mut w = lock(&self.shared.wants);
             for (&b, want) in w.iter_mut() {
                 let waited = now.saturating_duration_since(want.asked);
-                let passed_over = self.newest_answered.is_some_and(|t| t > want.asked);
-                if waited < self.timeout(want.attempts)
-                    || !(quiet || passed_over || waited >= starved)
-                {
+                if waited < self.timeout(want.attempts) || !(quiet || waited >= starved) {
                     continue;
                 }
                 if want.attempts >= self.cfg.max_attempts {

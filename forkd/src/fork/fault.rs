@@ -19,6 +19,8 @@ use crate::vmm::memory::GuestMemory;
 use crate::vmm::services::MemoryServer;
 use bitvec::prelude::{BitVec, Lsb0};
 use memserver::mcdist::host::{HostReceiver, PageFn, SubscribeError, Subscription};
+
+pub use crate::fork::fault_stats::{FaultCounts, FaultStats, FaultStatsView, MAX_LATENCY_US};
 use memserver::{PageSource, PAGE_SIZE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +32,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: u64 = PAGE_SIZE as u64;
-/// Largest fetch latency the histogram records (longer ones are clamped).
-const MAX_LATENCY_US: u64 = 60_000_000;
 /// UFFDIO_COPY answers EAGAIN while the address space is changing; retry
 /// this often before calling it a failure.
 const EAGAIN_TRIES: u32 = 1000;
@@ -83,88 +83,6 @@ impl Presence {
 
     pub fn count(&self) -> u64 {
         self.bits.count_ones() as u64
-    }
-}
-
-/// Counters of one clone's faults.
-#[derive(Debug, Clone)]
-pub struct FaultStats {
-    pub faults: u64,
-    pub pages_fetched: u64,
-    /// Zero-filled because the guest allocator handed them out after the
-    /// fork (heuristic a).
-    pub pages_avoided: u64,
-    /// Zero-filled because the guest declared it will overwrite them
-    /// (heuristic b).
-    pub pages_declared: u64,
-    pub fetch_requests: u64,
-    /// Service time of the faults that needed a fetch, in µs (a fixed-size
-    /// histogram, whatever the number of faults).
-    pub fetch_latency_us: hdrhistogram::Histogram<u64>,
-    /// Pages installed ahead of demand by the prefetcher.
-    pub pages_prefetched: u64,
-}
-
-impl Default for FaultStats {
-    fn default() -> Self {
-        FaultStats {
-            faults: 0,
-            pages_fetched: 0,
-            pages_avoided: 0,
-            pages_declared: 0,
-            fetch_requests: 0,
-            // 2 significant digits up to a minute: a few KiB.
-            fetch_latency_us: hdrhistogram::Histogram::new_with_bounds(1, MAX_LATENCY_US, 2)
-                .unwrap_or_else(|_| hdrhistogram::Histogram::new(2).expect("2 sig figs is valid")),
-            pages_prefetched: 0,
-        }
-    }
-}
-
-/// A clone's fault counters without the histogram: what crosses hosts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FaultCounts {
-    pub faults: u64,
-    pub pages_fetched: u64,
-    pub pages_avoided: u64,
-    pub pages_declared: u64,
-    pub pages_prefetched: u64,
-    pub fetch_requests: u64,
-}
-
-impl FaultStats {
-    pub fn counts(&self) -> FaultCounts {
-        FaultCounts {
-            faults: self.faults,
-            pages_fetched: self.pages_fetched,
-            pages_avoided: self.pages_avoided,
-            pages_declared: self.pages_declared,
-            pages_prefetched: self.pages_prefetched,
-            fetch_requests: self.fetch_requests,
-        }
-    }
-
-    /// Counters from another host (no latency histogram).
-    pub fn from_counts(c: FaultCounts) -> FaultStats {
-        FaultStats {
-            faults: c.faults,
-            pages_fetched: c.pages_fetched,
-            pages_avoided: c.pages_avoided,
-            pages_declared: c.pages_declared,
-            pages_prefetched: c.pages_prefetched,
-            fetch_requests: c.fetch_requests,
-            ..FaultStats::default()
-        }
-    }
-}
-
-/// A live view of one clone's fault counters.
-#[derive(Clone, Default)]
-pub struct FaultStatsView(Arc<Mutex<FaultStats>>);
-
-impl FaultStatsView {
-    pub fn get(&self) -> FaultStats {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -354,87 +272,30 @@ pub struct Prefetch {
 /// Pages per prefetch request.
 const PREFETCH_RUN: u64 = 64;
 
-/// Pages waiting for a clone's installer thread at most; beyond, an
-/// arriving page is left to the clone's faults (the receiver keeps the
-/// newest ones).
-const INSTALL_QUEUE: usize = 4096;
-
-/// A clone fed by the host receiver: its subscription, and the thread that
-/// installs what the subscription hands over.
-struct Feed {
-    subscription: Option<Subscription>,
-    installer: Option<JoinHandle<()>>,
-}
-
-impl Feed {
-    /// Unsubscribes (waiting for a call in progress), which closes the
-    /// queue, then waits for the installer to finish.
-    fn stop(&mut self) {
-        drop(self.subscription.take());
-        if let Some(t) = self.installer.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Subscribes a clone's memory to `receiver`: every page that arrives and
-/// is missing in the clone is installed (counted as prefetched) by a
-/// thread of the clone's own — the receiver's thread only queues it, so
-/// one host's clones install in parallel and the receiver keeps up with
-/// the group. Pages cached already are queued now.
+/// is missing in the clone is installed (counted as prefetched). Pages
+/// cached already are installed now.
 fn subscribe_clone(
     receiver: &HostReceiver,
     memory: Arc<CloneMemory>,
     stats: Arc<Mutex<FaultStats>>,
-    name: &str,
-) -> Result<Feed, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Box<[u8; PAGE_SIZE]>)>(INSTALL_QUEUE);
-    let installer = {
-        let memory = memory.clone();
-        std::thread::Builder::new()
-            .name(format!("feed-{name}"))
-            .spawn(move || {
-                for (page, data) in rx {
-                    // Errors are left to the fault path: it fetches and
-                    // reports.
-                    if !memory.presence.test(page) && memory.install(page, &data).is_ok() {
-                        crate::sync::lock(&stats).pages_prefetched += 1;
-                    }
-                }
-            })
-            .map_err(|e| format!("installer thread: {e}"))?
-    };
+) -> Result<Subscription, SubscribeError> {
     let f: Arc<PageFn> = Arc::new(move |page, data| {
-        if !memory.presence.test(page) {
-            let _ = tx.try_send((page, Box::new(*data)));
+        // Errors are left to the fault path: it fetches and reports.
+        if !memory.presence.test(page) && memory.install(page, data).is_ok() {
+            crate::sync::lock(&stats).pages_prefetched += 1;
         }
     });
-    let subscription = receiver
-        .subscribe(f, true)
-        .map_err(|e: SubscribeError| e.to_string());
-    let mut feed = Feed {
-        subscription: None,
-        installer: Some(installer),
-    };
-    match subscription {
-        Ok(s) => {
-            feed.subscription = Some(s);
-            Ok(feed)
-        }
-        Err(e) => {
-            feed.stop();
-            Err(e)
-        }
-    }
+    receiver.subscribe(f, true)
 }
 
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     prefetcher: Option<JoinHandle<()>>,
-    /// The subscription to the host receiver and its installer; stopped
-    /// first (an install in progress finishes), before the memory goes.
-    feed: Option<Feed>,
+    /// The subscription to the host receiver; dropped first on stop (it
+    /// waits for an install in progress), before the memory goes.
+    feed: Option<Subscription>,
     /// Wakes the handler thread out of its poll at once when stopping.
     wake: Arc<EventFd>,
     stats: Arc<Mutex<FaultStats>>,
@@ -450,7 +311,7 @@ impl FaultHandler {
         let error = Arc::new(Mutex::new(None));
         let memory = cfg.memory.clone();
         let feed = cfg.feed.take().and_then(|r| {
-            subscribe_clone(&r, memory.clone(), stats.clone(), name)
+            subscribe_clone(&r, memory.clone(), stats.clone())
                 .map_err(|e| tracing::warn!("clone {name}: not fed by the host receiver: {e}"))
                 .ok()
         });
@@ -507,9 +368,7 @@ impl FaultHandler {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(mut f) = self.feed.take() {
-            f.stop();
-        }
+        drop(self.feed.take());
         let _ = self.wake.write(1);
         for t in [self.thread.take(), self.prefetcher.take()]
             .into_iter()

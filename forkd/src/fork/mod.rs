@@ -20,6 +20,7 @@ pub mod descriptor;
 pub mod envelope;
 pub mod family;
 pub mod fault;
+pub mod fault_stats;
 pub mod host;
 pub mod hosted;
 pub mod identity;
