@@ -11,14 +11,12 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::extract::{blocking, parse_body, vm_path};
 use super::migration;
 use super::registry::Registry;
-use super::types::{
-    parse_vm_id, vm_id, CreateVm, Created, ForkVm, MemServerInfo, PostFamily, VmList, VmState,
-};
+use super::types::{vm_id, CreateVm, Created, ForkVm, MemServerInfo, PostFamily, VmList, VmState};
 
 type Reg = State<Arc<Registry>>;
 
@@ -54,34 +52,6 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(registry)
-}
-
-/// Runs blocking registry work off the async executor.
-pub(super) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("request worker failed: {e}")))?
-}
-
-pub(super) fn parse_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "the request body is empty; a JSON object is expected".into(),
-        ));
-    }
-    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
-}
-
-pub(super) fn vm_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
-    let Path(id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    parse_vm_id(&id).ok_or(ApiError::NoSuchVm(id))
 }
 
 /// The API's description, `forkd/api/openapi.json`.

@@ -20,11 +20,10 @@
 //! commit the VM is registered under an id reserved at open time, with a
 //! fork hub of its own. `GET /v1/migrations/{id}` shows what arrived.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::http::{blocking, parse_body, vm_path};
+use super::extract::{blocking, parse_body, vm_path};
+use super::migration_table::{trim, InRecord, OutRecord};
 use super::registry::{Adopted, Registry};
 use super::types::vm_id;
 use crate::fork::envelope::{from_hex, to_hex};
@@ -51,8 +51,6 @@ use crate::vmm::devices::Console;
 use crate::vmm::memory::check_size;
 use crate::vmm::vm::{BuildOptions, MAX_VCPUS};
 
-/// Records kept per direction (finished ones beyond this are dropped).
-const KEPT: usize = 64;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a destination waits for its source to connect.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,41 +151,6 @@ enum Resolution {
     Resumed,
     /// No answer: the guest stays paused here.
     Unknown,
-}
-
-struct OutRecord {
-    vm: String,
-    destination: String,
-    mode: String,
-    downtime_ms: u64,
-    bandwidth_mib_s: u64,
-    progress: Progress,
-}
-
-struct InRecord {
-    id: u64,
-    source: String,
-    vm: String,
-    gate: CommitGate,
-    progress: ReceiveProgress,
-    error: Mutex<Option<String>>,
-}
-
-/// The registry's migrations, both ways.
-#[derive(Default)]
-pub struct Migrations {
-    out: Mutex<BTreeMap<u64, Arc<OutRecord>>>,
-    incoming: Mutex<BTreeMap<u64, Arc<InRecord>>>,
-    next_in: AtomicU64,
-}
-
-fn trim<T>(map: &mut BTreeMap<u64, Arc<T>>, done: impl Fn(&T) -> bool) {
-    while map.len() > KEPT {
-        let Some(k) = map.iter().find(|(_, v)| done(v)).map(|(k, _)| *k) else {
-            return;
-        };
-        map.remove(&k);
-    }
 }
 
 fn random_secret() -> Result<[u8; 32], ApiError> {

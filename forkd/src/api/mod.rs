@@ -29,9 +29,11 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+mod extract;
 pub mod hosted;
 pub mod http;
 pub mod migration;
+mod migration_table;
 pub mod peers;
 pub mod registry;
 pub mod types;

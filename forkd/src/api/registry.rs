@@ -125,7 +125,7 @@ pub struct Registry {
     /// through the memory server like remote ones.
     local_direct: AtomicBool,
     /// Migrations out of and into this host (`api::migration`).
-    pub(super) migrations: super::migration::Migrations,
+    pub(super) migrations: super::migration_table::Migrations,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM

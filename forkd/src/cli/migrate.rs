@@ -3,7 +3,7 @@
 //! follows it (`GET /v1/vms/{id}/migration`) to its end and prints the
 //! report.
 
-use super::vm::{print, text, vm_path, Target};
+use super::target::{print, text, vm_path, Target};
 use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};

@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod integrity;
 pub mod kvm;
 pub mod memory;
+pub mod page_bitmap;
 pub mod persist;
 pub mod services;
 pub mod shared;

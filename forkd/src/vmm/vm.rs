@@ -270,7 +270,7 @@ impl Vm {
     /// The record of guest pages the VMM writes itself (KVM's dirty log
     /// does not see them). A layer above that writes guest memory while
     /// dirty tracking is on records its writes here.
-    pub fn vmm_writes(&self) -> crate::vmm::dirty::VmmWrites {
+    pub fn vmm_writes(&self) -> crate::vmm::page_bitmap::VmmWrites {
         self.devices
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -3,8 +3,8 @@
 //! out and write the answer back. One exit per call.
 
 use super::console::Console;
-use crate::vmm::dirty::VmmWrites;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::page_bitmap::VmmWrites;
 use guest_agent::abi::{self, HypercallPage};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
