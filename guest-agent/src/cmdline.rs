@@ -17,6 +17,10 @@ pub struct ZoneConfig {
     pub alloc_mib: u64,
     /// Pages of zone state dirtied per tick.
     pub dirty_pages: u64,
+    /// Every page of the zone state dirtied every tick, in order (besides
+    /// `dirty_pages` random ones): a writer as fast as the guest goes,
+    /// which pre-copy migration cannot outrun when unpaced.
+    pub dirty_all: bool,
     /// Pace ticks to this many microseconds by the TSC (0: flat out).
     pub tick_us: u64,
     /// Wait for the next tick by spinning on the TSC even when the VMM
@@ -43,6 +47,7 @@ impl Default for ZoneConfig {
             state_mib: 16,
             alloc_mib: 0,
             dirty_pages: 0,
+            dirty_all: false,
             tick_us: 0,
             pace_spin: false,
             fork_at: None,
@@ -158,6 +163,10 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
                 cfg.pace_spin = check("pace_spin", n?, 0, 1)? == 1;
                 10
             }
+            "dirty_all" => {
+                cfg.dirty_all = check("dirty_all", n?, 0, 1)? == 1;
+                11
+            }
             _ => return Err(CmdlineError::UnknownKey(key)),
         };
         if seen & (1 << bit) != 0 {
@@ -205,6 +214,8 @@ mod tests {
             (Some(3), Some(4), Some(2))
         );
         assert!(parse("tick_us=5 pace_spin=1").unwrap().pace_spin);
+        assert!(parse("dirty_all=1").unwrap().dirty_all);
+        assert!(parse("dirty_all=2").is_err());
         assert!(!parse("pace_spin=0").unwrap().pace_spin);
         assert!(matches!(
             parse("pace_spin=2"),

@@ -7,7 +7,8 @@
 //! [`INBOX_WORDS`] words that is fully overwritten every tick (after a fork
 //! the zone declares it to the VMM, which then need not fetch it: avoidance
 //! heuristic b); the entities of `dirty_pages` random
-//! state pages move; an interest-management scan reads the whole state; and
+//! state pages move (and with `dirty_all`, one entity of every page); an
+//! interest-management scan reads the whole state; and
 //! `alloc_mib` of fresh buffers are allocated, fully overwritten, read back
 //! and freed. The checksum depends only on the configuration and the clone
 //! id, never on time or on where the guest ran.
@@ -171,6 +172,12 @@ impl Zone<'_> {
                 move_entity(e);
             }
         }
+        if self.cfg.dirty_all {
+            // One entity per page moves: every page is written.
+            for page in self.state.chunks_exact_mut(PAGE_WORDS) {
+                move_entity(&mut page[..ENTITY_WORDS]);
+            }
+        }
         let mut fold = Fold::default();
         fold.add_words(self.state);
         fold.add_words(self.inbox);
@@ -290,6 +297,12 @@ mod tests {
         assert_eq!(a, b);
         let c = run_cmdline("ticks=20 state_mib=1 seed=4 dirty_pages=4 alloc_mib=1").unwrap();
         assert_ne!(a.checksum, c.checksum);
+        let all = run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1 dirty_all=1");
+        assert_ne!(
+            all.unwrap().checksum,
+            a.checksum,
+            "dirty_all moves entities"
+        );
         // tick_us changes timing only.
         let d =
             run_cmdline("ticks=20 state_mib=1 seed=3 dirty_pages=4 alloc_mib=1 tick_us=9").unwrap();

@@ -24,6 +24,11 @@ fn other_seed_with_alloc_and_dirty_pages() {
 }
 
 #[test]
+fn every_page_dirtied_every_tick() {
+    same_as_qemu("ticks=20 seed=23 state_mib=8 dirty_all=1");
+}
+
+#[test]
 fn large_state() {
     same_as_qemu("ticks=4 seed=7 state_mib=256 dirty_pages=300 alloc_mib=2");
 }
