@@ -8,6 +8,19 @@ macro_rules! counters {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         pub struct $snap { $($(#[$fm])* pub $f: u64,)* }
 
+        impl $snap {
+            /// Adds `other`'s counters to these (totals over several).
+            pub fn add(&mut self, other: &$snap) {
+                $( self.$f += other.$f; )*
+            }
+
+            /// These counters less `earlier`'s (saturating): what was
+            /// counted after `earlier` was read.
+            pub fn since(&self, earlier: &$snap) -> $snap {
+                $snap { $( $f: self.$f.saturating_sub(earlier.$f), )* }
+            }
+        }
+
         #[derive(Debug, Default)]
         pub(crate) struct $atom { $(pub(crate) $f: std::sync::atomic::AtomicU64,)* }
 

@@ -232,6 +232,36 @@ mod local {
         assert_eq!(finish(&mut dest), qemu_done_line(cmdline, 512));
     }
 
+    /// Migrates `vm` to a fake destination on loopback that answers the
+    /// handshake (Hello → Welcome) and then does `rest` on the connection;
+    /// returns the migration's progress and outcome once both are done.
+    fn migrate_to_fake(
+        vm: &mut Vm,
+        rest: impl FnOnce(&mut std::net::TcpStream) + Send + 'static,
+    ) -> (Progress, Result<forkd::migrate::Report, MigrateError>) {
+        use forkd::migrate::protocol::{read_message, write_message, Message};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            assert!(matches!(read_message(&mut s), Ok(Message::Hello(_))));
+            write_message(&mut s, &Message::Welcome).expect("welcome");
+            rest(&mut s);
+        });
+        let out = Outgoing {
+            addr,
+            secret: [42; 32],
+            source: "test/vm".into(),
+        };
+        let progress = Progress::default();
+        let result = migrate(vm, &out, &MigrateOptions::default(), &progress);
+        conclude(&progress, &result);
+        peer.join().expect("peer");
+        (progress, result)
+    }
+
     /// A destination that takes the commit and vanishes without a word
     /// (it died, or the acknowledgement was lost): the source is in doubt
     /// and keeps the guest paused — it never resumes it on its own. Told
@@ -242,35 +272,19 @@ mod local {
         use forkd::migrate::protocol::{read_message, write_message, Message};
         let mut vm = boot(CMDLINE, 512);
         wait_running(&vm);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
         // Speaks the protocol up to Commit, then hangs up.
-        let peer = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            assert!(matches!(read_message(&mut s), Ok(Message::Hello(_))));
-            write_message(&mut s, &Message::Welcome).expect("welcome");
+        let (progress, result) = migrate_to_fake(&mut vm, |s| {
             loop {
-                match read_message(&mut s).expect("message") {
+                match read_message(s).expect("message") {
                     Message::State(_) => break,
                     Message::Pages { .. } | Message::RoundEnd { .. } | Message::Console(_) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
-            write_message(&mut s, &Message::Ready).expect("ready");
-            assert_eq!(read_message(&mut s).expect("commit"), Message::Commit);
+            write_message(s, &Message::Ready).expect("ready");
+            assert_eq!(read_message(s).expect("commit"), Message::Commit);
         });
-        let out = Outgoing {
-            addr,
-            secret: [42; 32],
-            source: "test/vm".into(),
-        };
-        let progress = Progress::default();
-        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
-        conclude(&progress, &result);
         let err = result.unwrap_err();
-        peer.join().expect("peer");
         assert!(matches!(err, MigrateError::InDoubt(_)), "{err}");
         assert_eq!(progress.phase(), Phase::InDoubt);
         assert!(
@@ -289,29 +303,13 @@ mod local {
     /// guest, resumes it (dirty log off) and it ends with QEMU's line.
     #[test]
     fn destination_gone_in_stop_and_copy_the_guest_resumes() {
-        use forkd::migrate::protocol::{read_message, write_message, Message};
+        use forkd::migrate::protocol::{read_message, Message};
         let mut vm = boot(CMDLINE, 512);
         wait_running(&vm);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let peer = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            assert!(matches!(read_message(&mut s), Ok(Message::Hello(_))));
-            write_message(&mut s, &Message::Welcome).expect("welcome");
-            while !matches!(read_message(&mut s), Ok(Message::State(_)) | Err(_)) {}
+        let (progress, result) = migrate_to_fake(&mut vm, |s| {
+            while !matches!(read_message(s), Ok(Message::State(_)) | Err(_)) {}
             // Gone: the connection closes without a Ready.
         });
-        let out = Outgoing {
-            addr,
-            secret: [42; 32],
-            source: "test/vm".into(),
-        };
-        let progress = Progress::default();
-        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
-        conclude(&progress, &result);
-        peer.join().expect("peer");
         let err = result.unwrap_err();
         assert!(!matches!(err, MigrateError::InDoubt(_)), "{err}");
         assert_eq!(progress.phase(), Phase::Aborted);

@@ -22,7 +22,7 @@ use crate::sync::{join_all, lock};
 use crate::vmm::devices::Console;
 use crate::vmm::VmExit;
 use memserver::client::{ClientOptions, PageClient};
-use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver, HostStats};
+use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver};
 use memserver::mcdist::McEndpoint;
 use memserver::{FamilyKey, PageSource, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -140,31 +140,16 @@ impl HostedClone {
 }
 
 /// The family's multicast receiver on this host, closed when the last
-/// local clone ends (or the family is killed).
+/// local clone ends (or the family is killed); its counters outlive that.
 struct SharedReceiver {
-    receiver: Mutex<Option<Arc<HostReceiver>>>,
-    last: Mutex<Option<HostStats>>,
+    receiver: Arc<HostReceiver>,
     running: AtomicUsize,
 }
 
 impl SharedReceiver {
-    fn close(&self) {
-        if let Some(r) = lock(&self.receiver).take() {
-            r.close();
-            *lock(&self.last) = Some(r.stats());
-        }
-    }
-
     fn clone_ended(&self) {
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.close();
-        }
-    }
-
-    fn stats(&self) -> Option<HostStats> {
-        match &*lock(&self.receiver) {
-            Some(r) => Some(r.stats()),
-            None => *lock(&self.last),
+            self.receiver.close();
         }
     }
 }
@@ -279,15 +264,14 @@ impl HostedFamily {
         if let Some(r) = &receiver {
             r.seal();
         }
-        let multicast = receiver.map(|r| {
+        let multicast = receiver.map(|receiver| {
             Arc::new(SharedReceiver {
-                receiver: Mutex::new(Some(r)),
-                last: Mutex::new(None),
+                receiver,
                 running: AtomicUsize::new(prepared.len()),
             })
         });
         if let Some(m) = multicast.as_ref().filter(|_| prepared.is_empty()) {
-            m.close();
+            m.receiver.close();
         }
         // All built, then all started (as on the parent's host).
         let mut threads = Vec::new();
@@ -338,7 +322,7 @@ impl HostedFamily {
     /// ended.
     pub fn receiver(&self) -> Option<ReceiverFigures> {
         let m = self.multicast.as_ref()?;
-        m.stats().as_ref().map(ReceiverFigures::from)
+        Some(ReceiverFigures::from(&m.receiver.stats()))
     }
 
     pub fn running(&self) -> usize {
@@ -354,7 +338,7 @@ impl HostedFamily {
         self.kill.store(true, Ordering::Release);
         join_all(&self.threads);
         if let Some(m) = &self.multicast {
-            m.close();
+            m.receiver.close();
         }
     }
 }

@@ -92,10 +92,9 @@ impl From<&HostStats> for ReceiverFigures {
 /// A family's multicast side on the parent's host.
 pub struct FamilyMulticast {
     pub endpoint: McEndpoint,
-    /// This host's receiver, from the clones' launch to the family's end.
+    /// This host's receiver, from the clones' launch on (closed at the
+    /// family's end; its counters outlive that).
     receiver: Mutex<Option<Arc<HostReceiver>>>,
-    /// Its counters when the family ended.
-    last: Mutex<Option<HostStats>>,
     /// Parties still to join before the push starts.
     parties: AtomicUsize,
 }
@@ -106,7 +105,6 @@ impl FamilyMulticast {
         FamilyMulticast {
             endpoint,
             receiver: Mutex::new(None),
-            last: Mutex::new(None),
             parties: AtomicUsize::new(parties.max(1)),
         }
     }
@@ -137,17 +135,15 @@ impl FamilyMulticast {
 
     /// The family has ended: closes the receiver (its cache goes).
     pub fn close(&self) {
-        if let Some(r) = crate::sync::lock(&self.receiver).take() {
+        if let Some(r) = &*crate::sync::lock(&self.receiver) {
             r.close();
-            *crate::sync::lock(&self.last) = Some(r.stats());
         }
     }
 
     /// The receiver's counters (live, or at the family's end).
     pub fn stats(&self) -> Option<HostStats> {
-        match &*crate::sync::lock(&self.receiver) {
-            Some(r) => Some(r.stats()),
-            None => *crate::sync::lock(&self.last),
-        }
+        crate::sync::lock(&self.receiver)
+            .as_ref()
+            .map(|r| r.stats())
     }
 }

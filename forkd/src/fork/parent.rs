@@ -252,35 +252,26 @@ impl ForkHub {
         let source = pending.clone() as Arc<dyn PageSource>;
         // Multicast only if some clone gets its pages over the network.
         let over_network = remote.is_some() || !opts.local_direct;
-        let multicast = match opts.distribution {
-            Distribution::Multicast if !over_network => {
-                self.memserver
-                    .add_family_with_key(key.clone(), source)
-                    .map_err(ForkError::MemServer)?;
-                None
-            }
-            Distribution::Unicast => {
-                self.memserver
-                    .add_family_with_key(key.clone(), source)
-                    .map_err(ForkError::MemServer)?;
-                None
-            }
-            Distribution::Multicast => {
-                // Push what the guest allocator had handed out at the fork
-                // (a heuristic: off, every page goes out on demand).
-                let push = match (&desc.alloc, opts.prefetch) {
-                    (Some(a), true) => a.allocated.clone(),
-                    _ => Vec::new(),
-                };
-                let endpoint = self
-                    .memserver
-                    .add_family_multicast(key.clone(), source, push)
-                    .map_err(ForkError::MemServer)?;
-                // The push waits for this host's launcher and, with clones
-                // elsewhere, for every clone host to have joined.
-                let parties = 1 + usize::from(remote.is_some());
-                Some(FamilyMulticast::new(endpoint, parties))
-            }
+        let multicast = if opts.distribution == Distribution::Multicast && over_network {
+            // Push what the guest allocator had handed out at the fork
+            // (a heuristic: off, every page goes out on demand).
+            let push = match (&desc.alloc, opts.prefetch) {
+                (Some(a), true) => a.allocated.clone(),
+                _ => Vec::new(),
+            };
+            let endpoint = self
+                .memserver
+                .add_family_multicast(key.clone(), source, push)
+                .map_err(ForkError::MemServer)?;
+            // The push waits for this host's launcher and, with clones
+            // elsewhere, for every clone host to have joined.
+            let parties = 1 + usize::from(remote.is_some());
+            Some(FamilyMulticast::new(endpoint, parties))
+        } else {
+            self.memserver
+                .add_family_with_key(key.clone(), source)
+                .map_err(ForkError::MemServer)?;
+            None
         };
         let family = Arc::new(Family {
             id,

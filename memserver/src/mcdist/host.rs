@@ -19,8 +19,8 @@
 //! more will: every subscriber has had each arriving page already, so the
 //! cache is only for reads that race an arrival (a fault on a page that
 //! is being installed) and for pages reads wait for: it shrinks to the
-//! newest [`SEALED_CACHE_PAGES`] (and a page a read took goes at once) —
-//! host memory per family drops from the cache's bound to a few MiB.
+//! newest [`SEALED_CACHE_PAGES`] — host memory per family drops from the
+//! cache's bound to a few MiB.
 //!
 //! Frames that fail the session's MAC, replays and other sessions' frames
 //! are rejected by the crate and counted ([`HostStats::receiver`]); a block
@@ -169,58 +169,30 @@ struct Cache {
     cap: usize,
     gave_up: HashSet<u64>,
     closed: bool,
-    /// No subscriber will come: keep few pages (see the module docs).
-    sealed: bool,
-    /// Pages reads wait for, and how many reads.
-    wanted: HashMap<u64, u32>,
-}
-
-/// What became of an arriving page.
-#[derive(PartialEq, Eq)]
-enum Kept {
-    Stored,
-    /// Already here, or the receiver is closed.
-    Dropped,
 }
 
 impl Cache {
-    fn insert(&mut self, index: u64, data: Box<[u8; PAGE_SIZE]>, c: &Counters) -> Kept {
+    /// Keeps a page that arrived; false if it is here already or the
+    /// receiver is closed.
+    fn insert(&mut self, index: u64, data: Box<[u8; PAGE_SIZE]>, c: &Counters) -> bool {
         if self.closed || self.pages.contains_key(&index) {
-            return Kept::Dropped;
+            return false;
         }
-        while self.pages.len() >= self.cap {
+        self.evict_to(self.cap.saturating_sub(1), c);
+        self.pages.insert(index, data);
+        self.order.push_back(index);
+        self.gave_up.remove(&index);
+        true
+    }
+
+    /// Drops the oldest pages until at most `keep` are left.
+    fn evict_to(&mut self, keep: usize, c: &Counters) {
+        while self.pages.len() > keep {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
             if self.pages.remove(&old).is_some() {
                 add(&c.evicted, 1);
-            }
-        }
-        self.pages.insert(index, data);
-        self.order.push_back(index);
-        self.gave_up.remove(&index);
-        Kept::Stored
-    }
-
-    /// A read waits for `pages`.
-    fn want(&mut self, pages: &[u64]) {
-        for p in pages {
-            *self.wanted.entry(*p).or_default() += 1;
-        }
-    }
-
-    /// A read no longer waits for `pages` (it got them or gave up); once
-    /// sealed, a page no read waits for goes.
-    fn unwant(&mut self, pages: &[u64]) {
-        for p in pages {
-            if let Some(n) = self.wanted.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    self.wanted.remove(p);
-                    if self.sealed {
-                        self.pages.remove(p);
-                    }
-                }
             }
         }
     }
@@ -262,7 +234,7 @@ impl Shared {
                     }
                     add(&self.counters.subscriber_calls, subs.list.len() as u64);
                 }
-                if lock(&self.cache).insert(b.index, page, &self.counters) != Kept::Dropped {
+                if lock(&self.cache).insert(b.index, page, &self.counters) {
                     add(&self.counters.pages_arrived, 1);
                     if b.pushed {
                         add(&self.counters.pages_pushed, 1);
@@ -319,8 +291,6 @@ impl HostReceiver {
                 cap: cfg.cache_pages.max(MIN_CACHE_PAGES),
                 gave_up: HashSet::new(),
                 closed: false,
-                sealed: false,
-                wanted: HashMap::new(),
             }),
             arrived: Condvar::new(),
             subscribers: RwLock::new(Subscribers {
@@ -407,19 +377,13 @@ impl HostReceiver {
     }
 
     /// No more subscribers will come (every local clone has one): the
-    /// cache keeps only pages that reads wait for (see the module docs).
+    /// cache shrinks to the newest [`SEALED_CACHE_PAGES`] (see the module
+    /// docs).
     pub fn seal(&self) {
         let mut c = lock(&self.shared.cache);
-        c.sealed = true;
         c.cap = c.cap.min(SEALED_CACHE_PAGES);
-        while c.pages.len() > c.cap {
-            let Some(old) = c.order.pop_front() else {
-                break;
-            };
-            if c.pages.remove(&old).is_some() {
-                add(&self.shared.counters.evicted, 1);
-            }
-        }
+        let keep = c.cap;
+        c.evict_to(keep, &self.shared.counters);
     }
 
     /// Stops receiving and drops the cache (the family has ended); later
@@ -566,24 +530,7 @@ impl PageSource for HostReceiver {
             for i in &missing {
                 cache.gave_up.remove(i);
             }
-            cache.want(&missing);
         }
-        let asked = missing.clone();
-        let r = self.wait_for(missing, started, out);
-        lock(&self.shared.cache).unwant(&asked);
-        r
-    }
-}
-
-impl HostReceiver {
-    /// Asks for `missing` and hands each page out as it arrives, within
-    /// the wait bound.
-    fn wait_for(
-        &self,
-        mut missing: Vec<u64>,
-        started: Instant,
-        out: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]),
-    ) -> Result<(), SourceError> {
         self.request(&missing)?;
         let deadline = started + self.cfg.wait_timeout;
         let mut next_ask = Instant::now() + REASK;

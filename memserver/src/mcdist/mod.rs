@@ -160,60 +160,6 @@ pub struct McdistStats {
     pub total: SenderStats,
 }
 
-/// Adds `b`'s counters to `a`.
-pub fn add_sender_stats(a: &mut SenderStats, b: &SenderStats) {
-    a.requests += b.requests;
-    a.blocks_requested += b.blocks_requested;
-    a.retries_received += b.retries_received;
-    a.blocks_multicast += b.blocks_multicast;
-    a.blocks_unicast += b.blocks_unicast;
-    a.blocks_pushed += b.blocks_pushed;
-    a.push_skipped += b.push_skipped;
-    a.lockstep_suppressed += b.lockstep_suppressed;
-    a.unknown_blocks += b.unknown_blocks;
-    a.queue_full += b.queue_full;
-    a.frames_sent += b.frames_sent;
-    a.bytes_sent += b.bytes_sent;
-    a.send_errors += b.send_errors;
-    a.forged += b.forged;
-    a.replayed += b.replayed;
-    a.foreign += b.foreign;
-    a.malformed += b.malformed;
-    a.end_game_entered += b.end_game_entered;
-    a.end_game_active += b.end_game_active;
-    a.rate += b.rate;
-}
-
-/// Subtracts `b`'s counters from `a` (saturating): what a sender counted
-/// after `b` was read.
-fn sub_sender_stats(a: &mut SenderStats, b: &SenderStats) {
-    macro_rules! each {
-        ($($f:ident),*) => { $( a.$f = a.$f.saturating_sub(b.$f); )* };
-    }
-    each!(
-        requests,
-        blocks_requested,
-        retries_received,
-        blocks_multicast,
-        blocks_unicast,
-        blocks_pushed,
-        push_skipped,
-        lockstep_suppressed,
-        unknown_blocks,
-        queue_full,
-        frames_sent,
-        bytes_sent,
-        send_errors,
-        forged,
-        replayed,
-        foreign,
-        malformed,
-        end_game_entered,
-        end_game_active,
-        rate
-    );
-}
-
 /// A family's pages as the sender's blocks.
 struct Pages(Arc<dyn PageSource>);
 
@@ -394,16 +340,14 @@ impl Mcdist {
             };
             inner.used.remove(&f.slot);
             let counted = f.sender.stats();
-            add_sender_stats(&mut inner.retired, &counted);
+            inner.retired.add(&counted);
             (f.sender, counted)
         };
         // Stop outside the lock (joins the thread), then count what it sent
         // meanwhile.
         let last = sender.stats();
         sender.stop();
-        let mut late = last;
-        sub_sender_stats(&mut late, &counted);
-        add_sender_stats(&mut lock(&self.inner).retired, &late);
+        lock(&self.inner).retired.add(&last.since(&counted));
         true
     }
 
@@ -416,7 +360,7 @@ impl Mcdist {
             .iter()
             .map(|(&family, f)| {
                 let sender = f.sender.stats();
-                add_sender_stats(&mut total, &sender);
+                total.add(&sender);
                 McFamilyStats {
                     family,
                     endpoint: f.endpoint,
