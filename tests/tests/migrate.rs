@@ -161,11 +161,12 @@ mod local {
             addr,
             secret: [42; 32],
             source: "test/vm".into(),
+            memserver: None,
         };
         let progress = Progress::default();
         let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
-        conclude(&progress, &result);
-        let report = result.expect("migration commits");
+        conclude(&progress, result.as_ref().map(|m| &m.report));
+        let report = result.expect("migration commits").report;
         assert_eq!(progress.phase(), Phase::Committed);
         assert_eq!(report.destination_vm, "vm-dest");
         assert!(report.rounds >= 1 && report.bytes_sent > 0, "{report:?}");
@@ -215,6 +216,7 @@ mod local {
             addr,
             secret: [42; 32],
             source: "test/vm".into(),
+            memserver: None,
         };
         let progress = Progress::default();
         let opts = MigrateOptions {
@@ -222,7 +224,9 @@ mod local {
             max_rounds: 8,
             ..MigrateOptions::default()
         };
-        let report = migrate(&mut vm, &out, &opts, &progress).expect("migration commits");
+        let report = migrate(&mut vm, &out, &opts, &progress)
+            .expect("migration commits")
+            .report;
         eprintln!("report: {report:?}");
         assert_ne!(report.stop_reason, StopReason::Converged, "{report:?}");
         assert!(report.rounds >= 2, "{report:?}");
@@ -254,10 +258,11 @@ mod local {
             addr,
             secret: [42; 32],
             source: "test/vm".into(),
+            memserver: None,
         };
         let progress = Progress::default();
-        let result = migrate(vm, &out, &MigrateOptions::default(), &progress);
-        conclude(&progress, &result);
+        let result = migrate(vm, &out, &MigrateOptions::default(), &progress).map(|m| m.report);
+        conclude(&progress, result.as_ref());
         peer.join().expect("peer");
         (progress, result)
     }
@@ -345,10 +350,12 @@ mod local {
             addr,
             secret: [1; 32],
             source: "test/vm".into(),
+            memserver: None,
         };
         let progress = Progress::default();
-        let result = migrate(&mut vm, &out, &MigrateOptions::default(), &progress);
-        conclude(&progress, &result);
+        let result =
+            migrate(&mut vm, &out, &MigrateOptions::default(), &progress).map(|m| m.report);
+        conclude(&progress, result.as_ref());
         let err = result.unwrap_err();
         assert!(
             matches!(&err, MigrateError::Refused(r) if r.contains("secret")),
@@ -480,7 +487,7 @@ mod cluster {
                 .any(|l| l.as_str().is_some_and(|l| l.starts_with("zone:"))),
             "{lines:?}"
         );
-        // Refusals: an unknown destination, a mode not built yet.
+        // Refusals: an unknown destination, an unknown mode.
         let id2 = start_vm(&h1, CMDLINE);
         let path = format!("/v1/vms/{id2}/migrate");
         let r = client::call_unix(&h1, "POST", &path, Some(r#"{"destination": "h9"}"#));
@@ -489,10 +496,10 @@ mod cluster {
             &h1,
             "POST",
             &path,
-            Some(r#"{"destination": "h2", "mode": "postcopy"}"#),
+            Some(r#"{"destination": "h2", "mode": "sideways"}"#),
         );
-        assert_eq!(r.status, 422, "{}", r.error());
-        assert!(r.error().contains("not implemented"), "{}", r.error());
+        assert_eq!(r.status, 400, "{}", r.error());
+        assert!(r.error().contains("postcopy"), "{}", r.error());
         // Cancelled mid-way (a capped link keeps it going): it aborts and
         // the guest runs on here; a second cancel is too late.
         let body = r#"{"destination": "h2", "bandwidth_mib_s": 4}"#;

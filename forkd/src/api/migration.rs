@@ -45,7 +45,7 @@ use crate::fork::parent::ForkTuning;
 use crate::guest::default_guest;
 use crate::migrate::receiver::{self, CommitGate, GateState, Incoming, ReceiveProgress};
 use crate::migrate::sender::{self, MigrateError, Outgoing};
-use crate::migrate::{MigrateOptions, Phase, Progress, ProgressView};
+use crate::migrate::{MigrateOptions, Mode, Phase, Progress, ProgressView};
 use crate::sync::lock;
 use crate::vmm::devices::Console;
 use crate::vmm::memory::check_size;
@@ -140,6 +140,16 @@ pub struct IncomingStatus {
     pub last_rejection: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Post-copy: pages fetched from the source after resuming, those
+    /// still missing, and commit until the last one was here.
+    #[serde(default)]
+    pub postcopy_pages_needed: u64,
+    #[serde(default)]
+    pub postcopy_pages_left: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_window_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_error: Option<String>,
 }
 
 /// How an in-doubt commit was resolved.
@@ -182,6 +192,10 @@ fn in_status(r: &InRecord, state: GateState) -> IncomingStatus {
         rejected: v.rejected,
         last_rejection: v.last_rejection,
         error: lock(&r.error).clone(),
+        postcopy_pages_needed: v.postcopy_pages_needed,
+        postcopy_pages_left: v.postcopy_pages_left,
+        postcopy_window_us: v.postcopy_window_us,
+        postcopy_error: v.postcopy_error,
     }
 }
 
@@ -204,20 +218,12 @@ impl Registry {
         id: u64,
         req: MigrateVm,
     ) -> Result<MigrationStarted, ApiError> {
-        match req.mode.as_str() {
-            "precopy" => {}
-            "postcopy" | "auto" => {
-                return Err(ApiError::Unprocessable(format!(
-                    "mode '{}': not implemented yet (only \"precopy\")",
-                    req.mode
-                )))
-            }
-            m => {
-                return Err(ApiError::BadRequest(format!(
-                    "mode '{m}': expected \"precopy\", \"postcopy\" or \"auto\""
-                )))
-            }
-        }
+        let mode = Mode::parse(&req.mode).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "mode '{}': expected \"precopy\", \"postcopy\" or \"auto\"",
+                req.mode
+            ))
+        })?;
         if req.downtime_ms == 0 || req.downtime_ms > MAX_DOWNTIME_MS {
             return Err(ApiError::BadRequest(format!(
                 "downtime_ms: 1..={MAX_DOWNTIME_MS}"
@@ -241,6 +247,15 @@ impl Registry {
         let dest_addr = peers
             .addr(&req.destination)
             .map_err(|_| ApiError::Unprocessable(format!("unknown host '{}'", req.destination)))?;
+        let fetching = lock(&self.migrations.incoming)
+            .values()
+            .any(|r| r.vm == vm_id(id) && r.progress.view().postcopy_pending());
+        if fetching {
+            return Err(ApiError::Conflict(format!(
+                "{} arrived by post-copy and still fetches its memory from its source; migrate it once that is done",
+                vm_id(id)
+            )));
+        }
         let (entry, vm) = self.take_for_migration(id)?;
         let open = OpenIncoming {
             source: format!("{}/{}", peers.name(), vm_id(id)),
@@ -304,8 +319,10 @@ impl Registry {
             addr: SocketAddr::new(dest_addr.ip(), opened.port),
             secret,
             source: open.source,
+            memserver: Some(self.memserver.clone()),
         };
         let opts = MigrateOptions {
+            mode,
             downtime: Duration::from_millis(req.downtime_ms),
             bandwidth_mib_s: req.bandwidth_mib_s,
             ..MigrateOptions::default()
@@ -343,10 +360,18 @@ impl Registry {
                 } else {
                     reg.give_back(&entry, vm);
                 }
-                let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
                 let p = &record.progress;
+                // Post-copy: serve the rest until the destination has it.
+                let result = result.map(|m| {
+                    let mut report = m.report;
+                    if let Some(tail) = m.postcopy {
+                        report.postcopy = Some(tail.finish(p));
+                    }
+                    report
+                });
+                let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
                 match doubt {
-                    None => sender::conclude(p, &result),
+                    None => sender::conclude(p, result.as_ref()),
                     Some(Resolution::Committed) => p.finish(
                         Phase::Committed,
                         None,

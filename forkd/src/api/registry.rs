@@ -110,7 +110,7 @@ struct Inner {
 }
 
 pub struct Registry {
-    memserver: Arc<MemServer>,
+    pub(super) memserver: Arc<MemServer>,
     limits: Limits,
     inner: Mutex<Inner>,
     closed: AtomicBool,

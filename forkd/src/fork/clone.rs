@@ -246,6 +246,7 @@ pub fn prepare_clone(
     });
     let handler = FaultHandler::spawn(
         FaultHandlerConfig {
+            known_zero: None,
             memory: cmem,
             source: sources.demand,
             avoidance: if opts.avoidance {

@@ -251,6 +251,9 @@ pub struct FaultHandlerConfig {
     pub source: Arc<dyn PageSource>,
     /// `None`: heuristics off, every missing page is fetched.
     pub avoidance: Option<AllocAtFork>,
+    /// Pages known to be zero at the source (post-copy: the pages the
+    /// source had not populated): zero-filled here, never fetched.
+    pub known_zero: Option<Arc<BitVec<u64, Lsb0>>>,
     /// Pages fetched per request at most (1 = no read-ahead).
     pub readahead: u64,
     /// Push ahead of demand: fetch these page ranges in the background.
@@ -364,6 +367,12 @@ impl FaultHandler {
 
     pub fn memory(&self) -> &Arc<CloneMemory> {
         &self.memory
+    }
+
+    /// Where the handler records why it gave up: readable after the
+    /// handler has moved into its VM.
+    pub fn error_slot(&self) -> Arc<Mutex<Option<String>>> {
+        self.error.clone()
     }
 
     pub fn stop(&mut self) {
@@ -524,7 +533,14 @@ fn serve(cfg: &FaultHandlerConfig, page: u64, stats: &Mutex<FaultStats>) -> Resu
         return Ok(());
     }
     let avoid = |p: u64| {
-        cfg.avoidance
+        let zero = cfg.known_zero.as_ref().is_some_and(|z| {
+            usize::try_from(p)
+                .ok()
+                .and_then(|i| z.get(i).map(|b| *b))
+                .unwrap_or(false)
+        });
+        zero || cfg
+            .avoidance
             .as_ref()
             .is_some_and(|a| allocated_after_fork(mem, a, p))
     };
@@ -618,6 +634,7 @@ mod tests {
         let base = cmem.base;
         let handler = FaultHandler::spawn(
             FaultHandlerConfig {
+                known_zero: None,
                 memory: cmem,
                 source: Arc::new(Pattern(PAGES)),
                 avoidance: None,
@@ -687,6 +704,7 @@ mod tests {
         let base = cmem.base;
         let mut handler = FaultHandler::spawn(
             FaultHandlerConfig {
+                known_zero: None,
                 memory: cmem,
                 source: Arc::new(Gone(PAGES)),
                 avoidance: None,

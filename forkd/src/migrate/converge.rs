@@ -31,6 +31,8 @@ pub enum StopReason {
     Stalled,
     /// The round limit was reached.
     RoundLimit,
+    /// Mode `postcopy`: no pre-copy rounds at all.
+    Postcopy,
 }
 
 /// Tracks the rounds and decides.

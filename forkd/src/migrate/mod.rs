@@ -37,6 +37,7 @@
 //! resumed once `Commit` has left, unless the destination says it aborted.
 
 pub mod converge;
+pub mod postcopy;
 pub mod protocol;
 pub mod receiver;
 pub mod sender;
@@ -47,10 +48,36 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use converge::StopReason;
+pub use postcopy::PostcopyReport;
+
+/// Which way memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Copy rounds while the guest runs, then a short stop-and-copy.
+    #[default]
+    Precopy,
+    /// Stop at once, resume on the destination, fetch memory after.
+    Postcopy,
+    /// Pre-copy; switch to post-copy if pre-copy cannot converge.
+    Auto,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "precopy" => Some(Mode::Precopy),
+            "postcopy" => Some(Mode::Postcopy),
+            "auto" => Some(Mode::Auto),
+            _ => None,
+        }
+    }
+}
 
 /// How a migration is run.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
+    pub mode: Mode,
     /// The downtime budget of the convergence rule.
     pub downtime: Duration,
     /// Bandwidth cap in MiB/s, 0 for none.
@@ -64,6 +91,7 @@ pub struct MigrateOptions {
 impl Default for MigrateOptions {
     fn default() -> Self {
         MigrateOptions {
+            mode: Mode::Precopy,
             downtime: Duration::from_millis(30),
             bandwidth_mib_s: 0,
             max_rounds: 30,
@@ -80,6 +108,9 @@ pub enum Phase {
     Precopy,
     StopAndCopy,
     Committing,
+    /// Committed: the guest runs on the destination, which still fetches
+    /// pages from here.
+    Postcopy,
     Committed,
     Aborted,
     InDoubt,
@@ -92,8 +123,9 @@ impl Phase {
             1 => Phase::Precopy,
             2 => Phase::StopAndCopy,
             3 => Phase::Committing,
-            4 => Phase::Committed,
-            5 => Phase::Aborted,
+            4 => Phase::Postcopy,
+            5 => Phase::Committed,
+            6 => Phase::Aborted,
             _ => Phase::InDoubt,
         }
     }
@@ -114,6 +146,7 @@ pub struct Progress {
     dirty_pages: AtomicU64,
     dirty_pages_per_s: AtomicU64,
     estimated_downtime_us: AtomicU64,
+    postcopy_left: AtomicU64,
     /// Asked to stop before commit (`DELETE /v1/vms/{id}/migration`).
     cancel: AtomicBool,
     report: Mutex<Option<Report>>,
@@ -130,6 +163,8 @@ pub struct ProgressView {
     pub dirty_pages: u64,
     pub dirty_pages_per_s: u64,
     pub estimated_downtime_us: u64,
+    /// Post-copy: pages the destination still has to fetch from here.
+    pub postcopy_pages_left: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<Report>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +209,10 @@ impl Progress {
         );
     }
 
+    fn postcopy_left(&self, left: u64) {
+        self.postcopy_left.store(left, Ordering::Relaxed);
+    }
+
     pub fn finish(&self, phase: Phase, report: Option<Report>, error: Option<String>) {
         *self.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
         *self.error.lock().unwrap_or_else(|e| e.into_inner()) = error;
@@ -189,6 +228,7 @@ impl Progress {
             dirty_pages: self.dirty_pages.load(Ordering::Relaxed),
             dirty_pages_per_s: self.dirty_pages_per_s.load(Ordering::Relaxed),
             estimated_downtime_us: self.estimated_downtime_us.load(Ordering::Relaxed),
+            postcopy_pages_left: self.postcopy_left.load(Ordering::Relaxed),
             report: self
                 .report
                 .lock()
@@ -208,7 +248,8 @@ pub struct Report {
     pub stop_reason: StopReason,
     pub bytes_sent: u64,
     pub pages_sent: u64,
-    /// Pages in the final (stop-and-copy) dirty set.
+    /// Pages in the final (stop-and-copy) dirty set; in post-copy 0 (they
+    /// are fetched after resuming: `postcopy.pages_needed`).
     pub last_round_pages: u64,
     pub total_us: u64,
     pub downtime_us: u64,
@@ -225,6 +266,11 @@ pub struct Report {
     pub bandwidth_mib_s: f64,
     /// The VM's id on the destination.
     pub destination_vm: String,
+    pub mode: Mode,
+    /// Post-copy (mode `postcopy`, or `auto` when pre-copy did not
+    /// converge): what the destination fetched after resuming.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
 }
 
 pub(crate) fn micros(d: Duration) -> u64 {

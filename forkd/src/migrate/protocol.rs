@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"FKMG";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Pages in one `Pages` message (1 MiB).
 pub const MAX_PAGES_PER_MESSAGE: u64 = 256;
@@ -69,6 +69,21 @@ pub struct Hello {
     pub source: String,
 }
 
+/// Post-copy (source, before `State`): the guest resumes on the
+/// destination before all of its memory has arrived; the pages of
+/// `needed` fault in from the source's memory server (family `family`,
+/// secret `secret`, the key of [`memserver::FamilyKey`]) and are fetched in
+/// the background. Pages neither in `needed` nor sent are zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyOffer {
+    pub server: std::net::SocketAddr,
+    pub family: u64,
+    pub secret: [u8; 32],
+    /// Bitmap of the pages the destination must fetch (bit i of word w =
+    /// page 64w + i), one bit per guest page.
+    pub needed: Vec<u64>,
+}
+
 /// One message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -108,6 +123,23 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// Source, in post-copy: where the rest of memory comes from.
+    Postcopy(PostcopyOffer),
+    /// Destination, in post-copy after commit, every few hundred ms: pages
+    /// of the needed set still missing.
+    PostcopyProgress {
+        left: u64,
+    },
+    /// Destination: every needed page is here; the source may let go.
+    PostcopyDone {
+        faulted: u64,
+        prefetched: u64,
+    },
+    /// Destination: the rest of memory cannot be fetched (the guest there
+    /// has failed).
+    PostcopyFailed {
+        reason: String,
+    },
 }
 
 const T_HELLO: u16 = 1;
@@ -121,6 +153,12 @@ const T_COMMIT: u16 = 8;
 const T_COMMITTED: u16 = 9;
 const T_ABORT: u16 = 10;
 const T_CONSOLE: u16 = 11;
+const T_POSTCOPY: u16 = 12;
+const T_POSTCOPY_PROGRESS: u16 = 13;
+const T_POSTCOPY_DONE: u16 = 14;
+const T_POSTCOPY_FAILED: u16 = 15;
+/// Largest needed-set bitmap: 32 GiB of guest memory.
+const MAX_NEEDED_WORDS: usize = (32 << 30) / 4096 / 64;
 /// Console history carried at most.
 pub const MAX_CONSOLE_BYTES: usize = 256 << 10;
 
@@ -195,6 +233,10 @@ impl Message {
             Message::Commit => "Commit",
             Message::Committed { .. } => "Committed",
             Message::Abort { .. } => "Abort",
+            Message::Postcopy(_) => "Postcopy",
+            Message::PostcopyProgress { .. } => "PostcopyProgress",
+            Message::PostcopyDone { .. } => "PostcopyDone",
+            Message::PostcopyFailed { .. } => "PostcopyFailed",
         }
     }
 
@@ -221,6 +263,13 @@ impl Message {
             Message::Commit => (T_COMMIT, Vec::new()),
             Message::Committed { vm } => (T_COMMITTED, ser(vm)?),
             Message::Abort { reason } => (T_ABORT, ser(reason)?),
+            Message::Postcopy(o) => (T_POSTCOPY, ser(o)?),
+            Message::PostcopyProgress { left } => (T_POSTCOPY_PROGRESS, ser(left)?),
+            Message::PostcopyDone {
+                faulted,
+                prefetched,
+            } => (T_POSTCOPY_DONE, ser(&(faulted, prefetched))?),
+            Message::PostcopyFailed { reason } => (T_POSTCOPY_FAILED, ser(reason)?),
         })
     }
 
@@ -305,6 +354,31 @@ impl Message {
                 reason.truncate(MAX_TEXT);
                 Ok(Message::Abort { reason })
             }
+            T_POSTCOPY => {
+                let o: PostcopyOffer = de("Postcopy", &p)?;
+                if o.needed.is_empty() || o.needed.len() > MAX_NEEDED_WORDS {
+                    return Err(malformed(
+                        "Postcopy",
+                        format!("a needed set of {} words", o.needed.len()),
+                    ));
+                }
+                Ok(Message::Postcopy(o))
+            }
+            T_POSTCOPY_PROGRESS => Ok(Message::PostcopyProgress {
+                left: de("PostcopyProgress", &p)?,
+            }),
+            T_POSTCOPY_DONE => {
+                let (faulted, prefetched) = de("PostcopyDone", &p)?;
+                Ok(Message::PostcopyDone {
+                    faulted,
+                    prefetched,
+                })
+            }
+            T_POSTCOPY_FAILED => {
+                let mut reason: String = de("PostcopyFailed", &p)?;
+                reason.truncate(MAX_TEXT);
+                Ok(Message::PostcopyFailed { reason })
+            }
             other => Err(ProtocolError::UnknownType(other)),
         }
     }
@@ -345,7 +419,7 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
         return Err(ProtocolError::WrongVersion { found: version });
     }
     let kind = u16::from_le_bytes([h[6], h[7]]);
-    if !(T_HELLO..=T_CONSOLE).contains(&kind) {
+    if !(T_HELLO..=T_POSTCOPY_FAILED).contains(&kind) {
         return Err(ProtocolError::UnknownType(kind));
     }
     let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
@@ -441,6 +515,20 @@ mod tests {
         round_trip(Message::Committed { vm: "vm-4".into() });
         round_trip(Message::Abort {
             reason: "no".into(),
+        });
+        round_trip(Message::Postcopy(PostcopyOffer {
+            server: "10.0.0.1:7000".parse().unwrap(),
+            family: 77,
+            secret: [4; 32],
+            needed: vec![0b1011, 0, u64::MAX],
+        }));
+        round_trip(Message::PostcopyProgress { left: 12 });
+        round_trip(Message::PostcopyDone {
+            faulted: 3,
+            prefetched: 9,
+        });
+        round_trip(Message::PostcopyFailed {
+            reason: "gone".into(),
         });
     }
 

@@ -8,9 +8,10 @@
 //! source's host ask, atomically, whether it committed.
 
 use super::micros;
-use super::protocol::{self, Hello, Message, ProtocolError};
+use super::postcopy::{self, PostcopyError};
+use super::protocol::{self, Hello, Message, PostcopyOffer, ProtocolError};
 use crate::vmm::builder::VmShell;
-use crate::vmm::dirty::PAGE_SIZE;
+use crate::vmm::dirty::{PageBitmap, PAGE_SIZE};
 use crate::vmm::memory::{self, GuestMemory};
 use crate::vmm::persist::VmState;
 use crate::vmm::vm::{BuildOptions, MAX_VCPUS};
@@ -68,6 +69,8 @@ pub enum ReceiveError {
     Aborted,
     #[error("the VM could not be registered: {0}")]
     Register(String),
+    #[error(transparent)]
+    Postcopy(#[from] PostcopyError),
 }
 
 /// Where the destination is, as its API shows it.
@@ -129,6 +132,22 @@ pub struct ReceiveReport {
     /// State received until the VM ran here.
     pub build_us: u64,
     pub vm: Option<String>,
+    /// Post-copy: pages to fetch after resuming, those still missing (none
+    /// once done), commit until the last one arrived, and why fetching
+    /// failed (the guest here then fails too).
+    pub postcopy_pages_needed: u64,
+    pub postcopy_pages_left: u64,
+    pub postcopy_window_us: Option<u64>,
+    pub postcopy_error: Option<String>,
+}
+
+impl ReceiveReport {
+    /// Committed in post-copy and still fetching from the source.
+    pub fn postcopy_pending(&self) -> bool {
+        self.postcopy_pages_needed > 0
+            && self.postcopy_window_us.is_none()
+            && self.postcopy_error.is_none()
+    }
 }
 
 /// Progress the API shows while receiving.
@@ -162,8 +181,16 @@ enum State {
         shell: VmShell,
         state: Box<VmState>,
         console: Vec<String>,
+        postcopy: Option<Postcopy>,
     },
     Done(String),
+}
+
+/// Post-copy, as offered by the source: where the rest comes from, and
+/// the pages pre-copy wrote here.
+struct Postcopy {
+    offer: PostcopyOffer,
+    have: PageBitmap,
 }
 
 struct Conn {
@@ -210,13 +237,14 @@ pub fn receive(
                 shell,
                 state,
                 console,
+                postcopy,
             } => match (build.take(), commit.take()) {
                 (Some(b), Some(c)) => {
                     for line in &console {
                         b.console.push_bytes(line.as_bytes());
                         b.console.push_byte(b'\n');
                     }
-                    building(conn, shell, &state, b, c, gate, progress)
+                    building(conn, shell, &state, postcopy, b, c, gate, progress)
                 }
                 _ => Err(ReceiveError::Aborted),
             },
@@ -368,6 +396,12 @@ fn receiving(
     let pages = mem_pages(&memory);
     let zeros = vec![0u8; (protocol::MAX_PAGES_PER_MESSAGE * PAGE_SIZE) as usize];
     let mut console = Vec::new();
+    let mut offer = None;
+    // The pages written here, for post-copy.
+    let mut have = PageBitmap::repeat(false, pages as usize);
+    let mut mark = |first: u64, count: u32| {
+        have[first as usize..(first + count as u64) as usize].fill(true);
+    };
     loop {
         // Aborted from the API meanwhile: stop taking pages.
         if gate.state().0 == GateState::Aborted {
@@ -377,6 +411,7 @@ fn receiving(
             Message::Pages { first, count, data } => {
                 check_range(first, count, pages)?;
                 write(&memory, first, &data)?;
+                mark(first, count);
                 progress.update(|r| {
                     r.pages_received += count as u64;
                     r.bytes_received += data.len() as u64;
@@ -389,6 +424,17 @@ fn receiving(
                     first,
                     &zeros[..(count as u64 * PAGE_SIZE) as usize],
                 )?;
+                mark(first, count);
+            }
+            Message::Postcopy(o) => {
+                if o.needed.len() as u64 != pages.div_ceil(64) {
+                    return Err(PostcopyError::BadNeeded {
+                        got: o.needed.len(),
+                        pages,
+                    }
+                    .into());
+                }
+                offer = Some(o);
             }
             Message::RoundEnd { round, .. } => progress.update(|r| r.rounds = round + 1),
             Message::Console(lines) => console = lines,
@@ -402,12 +448,13 @@ fn receiving(
                     shell,
                     state: Box::new(state),
                     console,
+                    postcopy: offer.map(|offer| Postcopy { offer, have }),
                 });
             }
             Message::Abort { reason } => return Err(ReceiveError::SourceAborted(reason)),
             other => {
                 return Err(ReceiveError::Unexpected {
-                    expected: "Pages, Zeros, RoundEnd, Console or State",
+                    expected: "Pages, Zeros, RoundEnd, Console, Postcopy or State",
                     got: other.kind(),
                 })
             }
@@ -435,11 +482,13 @@ fn write(memory: &GuestMemory, first: u64, data: &[u8]) -> Result<(), ReceiveErr
         .map_err(|e| ReceiveError::BadState(format!("writing guest memory: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn building(
     mut conn: Conn,
     shell: VmShell,
     state: &VmState,
-    build: BuildOptions,
+    postcopy: Option<Postcopy>,
+    mut build: BuildOptions,
     commit: impl FnOnce(Vm) -> Result<String, String>,
     gate: &CommitGate,
     progress: &ReceiveProgress,
@@ -451,6 +500,21 @@ fn building(
             state.vcpus.len()
         )));
     }
+    // Post-copy: the rest of memory faults in from the source.
+    let arrival = match postcopy {
+        Some(pc) => {
+            let (handler, arrival) =
+                postcopy::arrive(shell.memory(), &pc.offer, &pc.have, "migrated")?;
+            build.memory_server = Some(Box::new(handler));
+            let needed = arrival.left();
+            progress.update(|r| {
+                r.postcopy_pages_needed = needed;
+                r.postcopy_pages_left = needed;
+            });
+            Some(arrival)
+        }
+        None => None,
+    };
     let prepared = shell.build(state, build)?;
     conn.send(&Message::Ready)?;
     match conn.recv()? {
@@ -483,6 +547,16 @@ fn building(
     // source through the gate.
     if let Err(e) = conn.send(&Message::Committed { vm: id.clone() }) {
         tracing::warn!("commit acknowledgement not delivered: {e}");
+    }
+    if let Some(arrival) = arrival {
+        let left = |n| progress.update(|r| r.postcopy_pages_left = n);
+        match arrival.wait(&mut conn.writer, &left) {
+            Ok(done) => progress.update(|r| r.postcopy_window_us = Some(micros(done.window))),
+            Err(why) => {
+                tracing::warn!("post-copy of {id} failed: {why}");
+                progress.update(|r| r.postcopy_error = Some(why));
+            }
+        }
     }
     Ok(State::Done(id))
 }

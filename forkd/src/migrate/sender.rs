@@ -3,14 +3,17 @@
 //! any error before commit the VM is running again when `migrate` returns.
 
 use super::converge::{Convergence, Decision, StopReason};
+use super::postcopy::{PostcopyError, Serving, Tail};
 use super::protocol::{self, Hello, Message, ProtocolError, MAX_PAGES_PER_MESSAGE};
-use super::{micros, MigrateOptions, Phase, Progress, Report};
+use super::{micros, MigrateOptions, Mode, Phase, Progress, Report};
 use crate::vmm::dirty::{self, DirtyError, PageBitmap, PageRange, PAGE_SIZE};
 use crate::vmm::{Vm, VmError};
 use bincode::Options;
+use memserver::server::MemServer;
 use std::io::{BufWriter, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -21,6 +24,18 @@ pub struct Outgoing {
     pub secret: [u8; 32],
     /// This VM's name for the destination's logs (`h1/vm-3`).
     pub source: String,
+    /// This host's memory server, which serves the rest of memory in
+    /// post-copy (modes `postcopy` and `auto`).
+    pub memserver: Option<Arc<MemServer>>,
+}
+
+/// A committed migration: the destination runs the guest.
+pub struct Migrated {
+    pub report: Report,
+    /// Post-copy: the destination still fetches pages from here; keep
+    /// serving with [`Tail::finish`] (after destroying the VM: its memory
+    /// stays mapped for the tail) and add its report.
+    pub postcopy: Option<Tail>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +66,8 @@ pub enum MigrateError {
     Memory { gpa: u64, why: String },
     #[error("the VM state cannot be encoded: {0}")]
     Encode(String),
+    #[error(transparent)]
+    Postcopy(#[from] PostcopyError),
     /// `Commit` was sent and no answer came: the VM stays paused; ask the
     /// destination whether it committed.
     #[error("commit sent, no answer from the destination: {0}")]
@@ -62,8 +79,20 @@ enum State {
     Connect,
     Handshake,
     Round(u32),
-    StopAndCopy { rounds: u32, reason: StopReason },
-    Commit { rounds: u32, reason: StopReason },
+    StopAndCopy {
+        rounds: u32,
+        reason: StopReason,
+    },
+    /// Stop and resume on the destination with the dirty (or every
+    /// populated) page left to fetch from here.
+    Switch {
+        rounds: u32,
+        reason: StopReason,
+    },
+    Commit {
+        rounds: u32,
+        reason: StopReason,
+    },
     Done(Report),
 }
 
@@ -90,6 +119,8 @@ struct Sender<'a> {
     last_round: Duration,
     last_round_pages: u64,
     state_time: Duration,
+    /// Post-copy: the paused memory served to the destination.
+    serving: Option<Serving>,
 }
 
 /// Migrates the running `vm` to `out`. `Ok`: the destination runs the
@@ -104,7 +135,7 @@ pub fn migrate(
     out: &Outgoing,
     opts: &MigrateOptions,
     progress: &Progress,
-) -> Result<Report, MigrateError> {
+) -> Result<Migrated, MigrateError> {
     let now = Instant::now();
     let mut s = Sender {
         vm,
@@ -126,11 +157,12 @@ pub fn migrate(
         last_round: Duration::ZERO,
         last_round_pages: 0,
         state_time: Duration::ZERO,
+        serving: None,
     };
     let mut state = State::Connect;
     loop {
         let step = match state {
-            State::Done(report) => return Ok(report),
+            State::Done(report) => return Ok(s.migrated(report)),
             st => s.step(st),
         };
         match step {
@@ -138,6 +170,9 @@ pub fn migrate(
             Err(e) => {
                 if !matches!(e, MigrateError::InDoubt(_)) {
                     s.abort(&e);
+                } else if let Some(serving) = s.serving.take() {
+                    // The destination may have committed and need pages.
+                    serving.linger();
                 }
                 s.hang_up();
                 return Err(e);
@@ -146,8 +181,9 @@ pub fn migrate(
     }
 }
 
-/// Publishes the outcome of [`migrate`] as the final phase.
-pub fn conclude(progress: &Progress, result: &Result<Report, MigrateError>) {
+/// Publishes the outcome of [`migrate`] (and its post-copy tail, if any) as
+/// the final phase.
+pub fn conclude(progress: &Progress, result: Result<&Report, &MigrateError>) {
     match result {
         Ok(r) => progress.finish(Phase::Committed, Some(r.clone()), None),
         Err(e @ MigrateError::InDoubt(_)) => {
@@ -193,12 +229,17 @@ impl Sender<'_> {
                 self.send(&Message::Hello(hello))?;
                 self.flush()?;
                 match self.recv()? {
+                    Message::Welcome if self.opts.mode == Mode::Postcopy => Ok(State::Switch {
+                        rounds: 0,
+                        reason: StopReason::Postcopy,
+                    }),
                     Message::Welcome => Ok(State::Round(0)),
                     other => Err(self.unexpected("Welcome", other)),
                 }
             }
             State::Round(round) => self.round(round),
             State::StopAndCopy { rounds, reason } => self.stop_and_copy(rounds, reason),
+            State::Switch { rounds, reason } => self.switch(rounds, reason),
             State::Commit { rounds, reason } => self.commit(rounds, reason),
             State::Done(r) => Ok(State::Done(r)),
         }
@@ -239,6 +280,15 @@ impl Sender<'_> {
             .decide(round, dirty * PAGE_SIZE, STATE_ESTIMATE, bw)
         {
             Decision::Continue => Ok(State::Round(round + 1)),
+            // Auto: pre-copy cannot converge, post-copy the rest.
+            Decision::Stop(reason)
+                if self.opts.mode == Mode::Auto && reason != StopReason::Converged =>
+            {
+                Ok(State::Switch {
+                    rounds: round + 1,
+                    reason,
+                })
+            }
             Decision::Stop(reason) => Ok(State::StopAndCopy {
                 rounds: round + 1,
                 reason,
@@ -246,7 +296,8 @@ impl Sender<'_> {
         }
     }
 
-    fn stop_and_copy(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+    /// Stops the guest (the downtime starts).
+    fn pause(&mut self) -> Result<(), MigrateError> {
         self.progress.set_phase(Phase::StopAndCopy);
         let t = Instant::now();
         self.pause_start = Some(t);
@@ -256,6 +307,11 @@ impl Sender<'_> {
         })?;
         self.paused = true;
         self.pause = t.elapsed();
+        Ok(())
+    }
+
+    fn stop_and_copy(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        self.pause()?;
         let t = Instant::now();
         let mut set = std::mem::take(&mut self.dirty);
         dirty::or_into(&mut set, &self.vm.dirty_pages()?);
@@ -265,6 +321,32 @@ impl Sender<'_> {
             pages: self.last_round_pages,
         })?;
         self.last_round = t.elapsed();
+        self.send_state(rounds, reason)
+    }
+
+    /// Post-copy: stop, serve the memory the destination lacks from this
+    /// host's memory server, send where it is and the state.
+    fn switch(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        self.pause()?;
+        let t = Instant::now();
+        let needed = if self.tracking {
+            let mut set = std::mem::take(&mut self.dirty);
+            dirty::or_into(&mut set, &self.vm.dirty_pages()?);
+            set
+        } else {
+            dirty::populated_pages(self.vm.memory())?
+        };
+        let server = self.out.memserver.as_ref().ok_or(PostcopyError::NoServer)?;
+        let (serving, offer) = Serving::start(server, self.vm.memory(), &needed)?;
+        self.serving = Some(serving);
+        self.send(&Message::Postcopy(offer))?;
+        self.last_round = t.elapsed();
+        self.send_state(rounds, reason)
+    }
+
+    /// Console and state, then wait for the destination to have built the
+    /// VM.
+    fn send_state(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
         let t = Instant::now();
         self.send(&Message::Console(self.console_tail()))?;
         let state = self.vm.capture_state()?;
@@ -329,7 +411,35 @@ impl Sender<'_> {
             resume_us: micros(resume),
             bandwidth_mib_s: self.bandwidth() / (1 << 20) as f64,
             destination_vm: vm,
+            mode: self.opts.mode,
+            postcopy: None,
         }))
+    }
+
+    /// The committed outcome; in post-copy the connection and the served
+    /// memory go on into the tail.
+    fn migrated(&mut self, report: Report) -> Migrated {
+        let tail = match (self.serving.take(), self.stream.take()) {
+            (Some(serving), Some(stream)) => {
+                if let Some(w) = self.writer.take() {
+                    drop(w.into_parts());
+                }
+                Some(Tail {
+                    stream,
+                    serving,
+                    committed: Instant::now(),
+                    io_timeout: self.opts.io_timeout,
+                })
+            }
+            _ => None,
+        };
+        if tail.is_some() {
+            self.progress.set_phase(Phase::Postcopy);
+        }
+        Migrated {
+            report,
+            postcopy: tail,
+        }
     }
 
     /// Before commit: tell the destination (best effort, without waiting
@@ -348,6 +458,8 @@ impl Sender<'_> {
                 let _ = protocol::write_message(&mut inner, &m);
             }
         }
+        // Not served any more: the guest runs here again.
+        self.serving = None;
         if self.tracking {
             if let Err(e) = self.vm.stop_dirty_log() {
                 tracing::warn!("cannot stop the dirty log after an aborted migration: {e}");

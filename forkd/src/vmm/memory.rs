@@ -265,6 +265,37 @@ pub fn write_sparse(mem: &GuestMemory, file: &File, chunk_bytes: u64) -> io::Res
     Ok(SparseWrite { written, digest })
 }
 
+/// Drops pages `first..first + count` of anonymous guest memory
+/// (`MADV_DONTNEED`): they read as zero, or fault to a userfaultfd that
+/// registers the range, on their next touch.
+pub fn discard(mem: &GuestMemory, first: u64, count: u64) -> io::Result<()> {
+    let r = region(mem).map_err(io::Error::other)?;
+    if r.file_offset().is_some() {
+        return Err(io::Error::other(
+            "file-backed guest memory cannot be discarded",
+        ));
+    }
+    let pages = r.len() / PAGE as u64;
+    let end = first
+        .checked_add(count)
+        .filter(|e| *e <= pages)
+        .ok_or_else(|| io::Error::other(format!("pages {first}+{count} outside {pages}")))?;
+    if count == 0 {
+        return Ok(());
+    }
+    let addr = r.as_ptr() as usize + (first as usize) * PAGE;
+    let len = ((end - first) as usize) * PAGE;
+    // SAFETY: `addr..addr + len` lies inside the region's private anonymous
+    // mapping (checked above), which lives as long as `mem`; dropping pages
+    // of it only makes them read as zero (or fault to a registered
+    // userfaultfd), it never invalidates the mapping.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes of guest memory currently resident (touched) in this process.
 pub fn resident_bytes(mem: &GuestMemory) -> io::Result<u64> {
     let r = resident_pages(region_slice(region(mem).map_err(io::Error::other)?))?;
