@@ -279,7 +279,11 @@ pub fn arrive(
     let prep = |e: &dyn std::fmt::Display| PostcopyError::Prepare(e.to_string());
     let needed_bits = dirty::from_kvm_words(&offer.needed, pages as usize);
     let needed = dirty::ranges(&needed_bits);
-    for r in &needed {
+    // Stale copies pre-copy sent of pages dirtied since (in pure
+    // post-copy nothing was sent: no call at all).
+    let mut stale = needed_bits.clone();
+    stale &= have;
+    for r in dirty::ranges(&stale) {
         memory::discard(memory, r.first, r.count).map_err(|e| prep(&e))?;
     }
     let cmem = Arc::new(CloneMemory::register(memory).map_err(|e: UffdError| prep(&e))?);

@@ -327,15 +327,18 @@ impl Sender<'_> {
     /// Post-copy: stop, serve the memory the destination lacks from this
     /// host's memory server, send where it is and the state.
     fn switch(&mut self, rounds: u32, reason: StopReason) -> Result<State, MigrateError> {
+        // Without pre-copy rounds, the guest's pages are every populated
+        // one: scanned while it still runs (the scan is milliseconds per
+        // GiB), with the dirty log catching what it writes after.
+        if !self.tracking {
+            self.vm.start_dirty_log()?;
+            self.tracking = true;
+            self.dirty = dirty::populated_pages(self.vm.memory())?;
+        }
         self.pause()?;
         let t = Instant::now();
-        let needed = if self.tracking {
-            let mut set = std::mem::take(&mut self.dirty);
-            dirty::or_into(&mut set, &self.vm.dirty_pages()?);
-            set
-        } else {
-            dirty::populated_pages(self.vm.memory())?
-        };
+        let mut needed = std::mem::take(&mut self.dirty);
+        dirty::or_into(&mut needed, &self.vm.dirty_pages()?);
         let server = self.out.memserver.as_ref().ok_or(PostcopyError::NoServer)?;
         let (serving, offer) = Serving::start(server, self.vm.memory(), &needed)?;
         self.serving = Some(serving);
