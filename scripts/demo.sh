@@ -5,7 +5,7 @@
 # same ELF straight-line as that clone; then make a local cluster of 3 hosts
 # (network namespaces) and fork a zone on h1 into 6 clones over h1, h2 and
 # h3 with its pages by IP multicast, each checked against QEMU; then
-# live-migrate a running zone from h1 to h2 and check its end against QEMU.
+# live-migrate a running zone from h1 to h2 and back by post-copy, and check its end against QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -109,8 +109,8 @@ print(c.get("last_line"))' "$snap/family.json" "$i")
     if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [$where] $got"
     else echo "   MISMATCH [$where] forkd '$got' QEMU '$want'" >&2; exit 1; fi
 done
-echo "== 8. live migration: a running zone on h1 moves to h2 (pre-copy, 30 ms downtime budget)"
-mig="ticks=400 seed=5 state_mib=32 dirty_pages=16 tick_us=5000"
+echo "== 8. live migration: a running zone moves h1 → h2 (pre-copy, 30 ms downtime budget), then back by post-copy"
+mig="ticks=500 seed=5 state_mib=32 dirty_pages=16 tick_us=5000"
 id=$($forkd vm create "${on_h1[@]}" --mem 512 --cmdline "$mig" --json \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 echo "   $id on h1: $mig"
@@ -123,15 +123,24 @@ print("   migrated in %d rounds, %.1f MiB sent, downtime %.1f ms, total %.0f ms"
     r["rounds"], r["bytes_sent"] / 2**20, r["downtime_us"] / 1000, r["total_us"] / 1000), file=sys.stderr)
 print(r["destination_vm"])' "$snap/migration.json")
 on_h2=(--host h2 --cluster "$cluster" --cluster-dir "$cdir")
-for _ in $(seq 500); do
-    $forkd vm get "$dest" "${on_h2[@]}" --json | grep -q '"state":"exited"' && break
+sleep 0.5
+$forkd vm migrate "$dest" "${on_h2[@]}" --to h1 --mode postcopy --wait --json > "$snap/migration-back.json"
+home=$(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))["report"]
+p = r["postcopy"]
+print("   back to h1 by post-copy: downtime %.1f ms; %d pages fetched after resuming (%d on demand, %d prefetched), window %.0f ms" % (
+    r["downtime_us"] / 1000, p["pages_needed"], p["pages_faulted"], p["pages_prefetched"], p["window_us"] / 1000), file=sys.stderr)
+print(r["destination_vm"])' "$snap/migration-back.json")
+for _ in $(seq 1000); do
+    $forkd vm get "$home" "${on_h1[@]}" --json | grep -q '"state":"exited"' && break
     sleep 0.02
 done
-got=$($forkd vm get "$dest" "${on_h2[@]}" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["last_line"])')
+got=$($forkd vm get "$home" "${on_h1[@]}" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["last_line"])')
 want=$(timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-capabilities \
     -m 512 -nographic -no-reboot -device isa-debug-exit,iobase=0xf4 -kernel "$elf" \
     -append "$mig" | grep 'zone: done' | tr -d '\r' || true)
-if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [h2] $got (QEMU straight-line, never migrated)"
-else echo "   MISMATCH [h2] forkd '$got' QEMU '$want'" >&2; exit 1; fi
+if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [h1] $got (QEMU straight-line, never migrated)"
+else echo "   MISMATCH [h1] forkd '$got' QEMU '$want'" >&2; exit 1; fi
 $forkd cluster down --name "$cluster" --dir "$cdir"
 echo "== done"

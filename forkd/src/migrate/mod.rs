@@ -1,9 +1,11 @@
-//! Pre-copy live migration of a running VM to another host, with a
-//! transactional commit (Clark et al., NSDI'05).
+//! Live migration of a running VM to another host: pre-copy with a
+//! transactional commit (Clark et al., NSDI'05), post-copy, or auto
+//! (pre-copy, switching to post-copy when it cannot converge).
 //!
 //! The source ([`sender`]) and the destination ([`receiver`]) speak the
 //! framed, typed, versioned protocol of [`protocol`] over one TCP
-//! connection; [`converge`] decides when pre-copy stops. The destination
+//! connection; [`converge`] decides when pre-copy stops; [`postcopy`]
+//! serves the rest of memory after the commit (its own diagram). The destination
 //! daemon hands out a port and a one-time secret (the API does that, daemon
 //! to daemon with the cluster's bearer token); the source connects and
 //! presents the secret in its `Hello`.
@@ -18,12 +20,15 @@
 //!           pages ──Pages…, RoundEnd──────────▶ Receiving (pages written)
 //!  Round n: the dirty set ──Pages…, RoundEnd─▶
 //!  (converge: estimate ≤ budget | stalled | round limit)
+//!  (postcopy, or auto not converged: Switch — pause, serve the rest from
+//!   the memory server, Postcopy{server, key, needed} instead of pages)
 //!  StopAndCopy: pause, last dirty set, console,
 //!    VmState ──Pages…, Console, State────────▶ Building (VmShell::build;
 //!             ◀──────────────────────Ready────   vCPUs not started)
 //!  Committing ──Commit────────────────────────▶ AwaitCommit → start, register
 //!             ◀──────────Committed{vm}────────  Committed (guest runs here)
 //!  Committed: the source's VM is destroyed
+//!  (post-copy: Postcopy phase until ◀──PostcopyDone──, then Committed)
 //!
 //!  Any failure before Commit is sent (connection cut, destination dead,
 //!  malformed message, Abort, timeout): Aborted — the source stops the dirty
