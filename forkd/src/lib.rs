@@ -7,5 +7,6 @@ pub mod errors;
 pub mod fork;
 pub mod guest;
 pub mod migrate;
+pub mod policy;
 pub mod sync;
 pub mod vmm;

@@ -1,0 +1,348 @@
+//! The decisions: [`Policy::decide`] takes a snapshot and returns what to
+//! do, remembering only what keeps it from thrashing (which hosts are
+//! overloaded, for the hysteresis; the cool-downs) and its log.
+
+use super::snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
+use super::{Action, Decision, Inputs};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Decisions kept for `GET /v1/policy/decisions`.
+pub const LOG_KEPT: usize = 1000;
+
+/// The thresholds. Loads are fractions of a host's capacity; zone figures
+/// are cores (one zone VM has one vCPU).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Transfer policy: a host above this is overloaded…
+    pub high_water: f64,
+    /// …until it is below this (hysteresis).
+    pub low_water: f64,
+    /// Location policy: a zone fits on a host whose load after the move
+    /// stays at or below this.
+    pub fit_below: f64,
+    /// Fork a zone whose demand is above this (cores): more than one VM
+    /// serves.
+    pub fork_above: f64,
+    /// Each VM of a split zone should carry about this much (cores).
+    pub fork_target: f64,
+    pub max_clones: u32,
+    /// Join a split zone whose whole demand fell below this (cores).
+    pub join_below: f64,
+    /// No action on a zone for this long after one (ms).
+    pub zone_cooldown_ms: u64,
+    /// No migration from or to a host for this long after one (ms).
+    pub host_cooldown_ms: u64,
+    /// Migrations in flight at most, cluster-wide.
+    pub max_migrations: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            high_water: 0.85,
+            low_water: 0.70,
+            fit_below: 0.78,
+            fork_above: 0.90,
+            fork_target: 0.60,
+            max_clones: 7,
+            join_below: 0.45,
+            zone_cooldown_ms: 30_000,
+            host_cooldown_ms: 10_000,
+            max_migrations: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("thresholds must satisfy 0 < low_water < high_water and low_water <= fit_below < high_water")]
+    Waters,
+    #[error("fork thresholds must satisfy 0 < join_below < fork_target < fork_above")]
+    Fork,
+    #[error("max_clones and max_migrations must be at least 1")]
+    Bounds,
+}
+
+impl PolicyConfig {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let ok = |b: bool, e: ConfigError| if b { Ok(()) } else { Err(e) };
+        ok(
+            self.low_water > 0.0
+                && self.low_water < self.high_water
+                && self.low_water <= self.fit_below
+                && self.fit_below < self.high_water,
+            ConfigError::Waters,
+        )?;
+        ok(
+            self.join_below > 0.0
+                && self.join_below < self.fork_target
+                && self.fork_target < self.fork_above,
+            ConfigError::Fork,
+        )?;
+        ok(
+            self.max_clones >= 1 && self.max_migrations >= 1,
+            ConfigError::Bounds,
+        )
+    }
+}
+
+/// The engine: its configuration and the little it remembers.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub config: PolicyConfig,
+    overloaded: BTreeSet<String>,
+    zone_quiet_until: BTreeMap<String, u64>,
+    host_quiet_until: BTreeMap<String, u64>,
+    log: VecDeque<Decision>,
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig) -> Result<Policy, ConfigError> {
+        config.check()?;
+        Ok(Policy {
+            config,
+            overloaded: BTreeSet::new(),
+            zone_quiet_until: BTreeMap::new(),
+            host_quiet_until: BTreeMap::new(),
+            log: VecDeque::new(),
+        })
+    }
+
+    /// The decisions so far, oldest first (the last [`LOG_KEPT`]).
+    pub fn log(&self) -> impl Iterator<Item = &Decision> {
+        self.log.iter()
+    }
+
+    /// Hosts the transfer policy holds overloaded now.
+    pub fn overloaded(&self) -> impl Iterator<Item = &str> {
+        self.overloaded.iter().map(String::as_str)
+    }
+
+    /// What to do about `snap`: fork and join decisions first, then at
+    /// most one migration per overloaded host, within the bound on
+    /// migrations in flight. Deterministic: the same snapshots in the same
+    /// order give the same decisions.
+    pub fn decide(&mut self, snap: &LoadSnapshot) -> Vec<Decision> {
+        self.update_overloaded(snap);
+        let avg = snap.average_load();
+        let mut out = Vec::new();
+        for z in &snap.zones {
+            if let Some(d) = self.fork_or_join(snap, z, avg) {
+                out.push(d);
+            }
+        }
+        out.extend(self.migrations(snap, avg));
+        for d in &out {
+            self.remember(d);
+        }
+        out
+    }
+
+    /// Transfer policy, with hysteresis.
+    fn update_overloaded(&mut self, snap: &LoadSnapshot) {
+        let c = &self.config;
+        for h in &snap.hosts {
+            let load = h.load();
+            if load > c.high_water {
+                self.overloaded.insert(h.name.clone());
+            } else if load < c.low_water {
+                self.overloaded.remove(&h.name);
+            }
+        }
+        // A host that stopped reporting is not overloaded (nor a
+        // destination): it is not in the snapshot.
+        self.overloaded
+            .retain(|name| snap.hosts.iter().any(|h| &h.name == name));
+    }
+
+    fn zone_quiet(&self, zone: &str, now: u64) -> bool {
+        self.zone_quiet_until.get(zone).is_some_and(|t| now < *t)
+    }
+
+    fn host_quiet(&self, host: &str, now: u64) -> bool {
+        self.host_quiet_until.get(host).is_some_and(|t| now < *t)
+    }
+
+    fn inputs(snap: &LoadSnapshot, z: &ZoneLoad, avg: f64) -> Inputs {
+        Inputs {
+            cluster_avg: avg,
+            host: z.host.clone(),
+            host_load: snap.host(&z.host).map(HostLoad::load).unwrap_or(0.0),
+            to_load: None,
+            zone_cpu: z.cpu,
+            zone_demand: z.demand(),
+        }
+    }
+
+    fn fork_or_join(&self, snap: &LoadSnapshot, z: &ZoneLoad, avg: f64) -> Option<Decision> {
+        let c = &self.config;
+        if z.migrating || self.zone_quiet(&z.zone, snap.at_ms) {
+            return None;
+        }
+        let demand = z.demand();
+        let (action, reason) = if !z.is_split() && demand > c.fork_above {
+            let vms = (demand / c.fork_target).ceil() as u32;
+            let clones = vms.saturating_sub(1).clamp(1, c.max_clones);
+            (
+                Action::Fork {
+                    zone: z.zone.clone(),
+                    clones,
+                },
+                format!(
+                    "demand {demand:.2} cores is more than one VM serves (fork above {:.2}): {clones} clones for ~{:.2} each",
+                    c.fork_above,
+                    demand / (clones + 1) as f64
+                ),
+            )
+        } else if z.is_split() && demand < c.join_below {
+            (
+                Action::Join {
+                    zone: z.zone.clone(),
+                },
+                format!(
+                    "the split zone's demand fell to {demand:.2} cores (join below {:.2}): one VM serves it",
+                    c.join_below
+                ),
+            )
+        } else {
+            return None;
+        };
+        Some(Decision {
+            at_ms: snap.at_ms,
+            action,
+            reason,
+            inputs: Self::inputs(snap, z, avg),
+        })
+    }
+
+    /// Selection and location policies for every overloaded host, the most
+    /// loaded first; the loads are updated as moves are chosen.
+    fn migrations(&self, snap: &LoadSnapshot, avg: f64) -> Vec<Decision> {
+        let c = &self.config;
+        let now = snap.at_ms;
+        let mut budget = c.max_migrations.saturating_sub(snap.migrations_in_flight());
+        let mut cpu: BTreeMap<&str, f64> = snap
+            .hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.cpu))
+            .collect();
+        let mut sources: Vec<&HostLoad> = snap
+            .hosts
+            .iter()
+            .filter(|h| self.overloaded.contains(&h.name) && !self.host_quiet(&h.name, now))
+            .collect();
+        sources.sort_by(|a, b| b.load().total_cmp(&a.load()).then(a.name.cmp(&b.name)));
+        let mut out = Vec::new();
+        let mut moved: BTreeSet<&str> = BTreeSet::new();
+        for src in sources {
+            if budget == 0 {
+                break;
+            }
+            // Selection: the zone closest to the host's excess.
+            let excess = cpu[src.name.as_str()] - avg * src.capacity;
+            let mut zones: Vec<&ZoneLoad> = snap
+                .zones
+                .iter()
+                .filter(|z| {
+                    z.host == src.name
+                        && !z.migrating
+                        && !z.is_split()
+                        && z.cpu > 0.0
+                        && !self.zone_quiet(&z.zone, now)
+                })
+                .collect();
+            zones.sort_by(|a, b| {
+                (a.cpu - excess)
+                    .abs()
+                    .total_cmp(&(b.cpu - excess).abs())
+                    .then(a.zone.cmp(&b.zone))
+            });
+            // Location: the other side of the average, least loaded
+            // first, where the zone fits.
+            let mut dests: Vec<&HostLoad> = snap
+                .hosts
+                .iter()
+                .filter(|h| {
+                    h.name != src.name
+                        && h.capacity > 0.0
+                        && cpu[h.name.as_str()] / h.capacity < avg
+                        && !self.host_quiet(&h.name, now)
+                        && !moved.contains(h.name.as_str())
+                })
+                .collect();
+            dests.sort_by(|a, b| {
+                (cpu[a.name.as_str()] / a.capacity)
+                    .total_cmp(&(cpu[b.name.as_str()] / b.capacity))
+                    .then(a.name.cmp(&b.name))
+            });
+            let choice = zones.iter().find_map(|z| {
+                dests
+                    .iter()
+                    .find(|d| (cpu[d.name.as_str()] + z.cpu) / d.capacity <= c.fit_below)
+                    .map(|d| (*z, *d))
+            });
+            let Some((z, dest)) = choice else {
+                continue;
+            };
+            let to_load = cpu[dest.name.as_str()] / dest.capacity;
+            let mut inputs = Self::inputs(snap, z, avg);
+            inputs.host_load = cpu[src.name.as_str()] / src.capacity;
+            inputs.to_load = Some(to_load);
+            out.push(Decision {
+                at_ms: now,
+                action: Action::Migrate {
+                    zone: z.zone.clone(),
+                    from: src.name.clone(),
+                    to: dest.name.clone(),
+                },
+                reason: format!(
+                    "{} is overloaded ({:.2} > {:.2}, average {avg:.2}); its excess is {excess:.2} cores and {} uses {:.2}; {} is below the average ({to_load:.2}) and takes it to {:.2}",
+                    src.name,
+                    inputs.host_load,
+                    c.high_water,
+                    z.zone,
+                    z.cpu,
+                    dest.name,
+                    (cpu[dest.name.as_str()] + z.cpu) / dest.capacity
+                ),
+                inputs,
+            });
+            *cpu.entry(src.name.as_str()).or_default() -= z.cpu;
+            *cpu.entry(dest.name.as_str()).or_default() += z.cpu;
+            moved.insert(src.name.as_str());
+            moved.insert(dest.name.as_str());
+            budget -= 1;
+        }
+        out
+    }
+
+    fn remember(&mut self, d: &Decision) {
+        let c = &self.config;
+        let now = d.at_ms;
+        match &d.action {
+            Action::Migrate { zone, from, to } => {
+                self.zone_quiet_until
+                    .insert(zone.clone(), now + c.zone_cooldown_ms);
+                for h in [from, to] {
+                    self.host_quiet_until
+                        .insert(h.clone(), now + c.host_cooldown_ms);
+                }
+            }
+            Action::Fork { zone, .. } | Action::Join { zone } => {
+                self.zone_quiet_until
+                    .insert(zone.clone(), now + c.zone_cooldown_ms);
+            }
+        }
+        tracing::info!(decision = ?d.action, reason = %d.reason, "policy decision");
+        self.log.push_back(d.clone());
+        while self.log.len() > LOG_KEPT {
+            self.log.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

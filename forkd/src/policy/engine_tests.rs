@@ -1,0 +1,440 @@
+//! The four DVE policies, fork and join, hysteresis, cool-downs, the bound
+//! on migrations and no thrashing, on load snapshots alone.
+
+use super::*;
+use crate::policy::{Action, Actuator, Decision};
+use std::cell::RefCell;
+
+fn host(name: &str, cpu: f64) -> HostLoad {
+    HostLoad {
+        name: name.into(),
+        capacity: 4.0,
+        cpu,
+    }
+}
+
+fn zone(name: &str, host: &str, cpu: f64) -> ZoneLoad {
+    ZoneLoad {
+        zone: name.into(),
+        host: host.into(),
+        cpu,
+        clones: Vec::new(),
+        migrating: false,
+    }
+}
+
+/// Hosts with zones whose CPU sums to each host's load.
+fn snap(at_ms: u64, hosts: &[(&str, &[f64])]) -> LoadSnapshot {
+    let mut s = LoadSnapshot {
+        at_ms,
+        ..LoadSnapshot::default()
+    };
+    for (h, zones) in hosts {
+        s.hosts.push(host(h, zones.iter().sum()));
+        for (i, cpu) in zones.iter().enumerate() {
+            s.zones.push(zone(&format!("{h}/z{i}"), h, *cpu));
+        }
+    }
+    s
+}
+
+fn policy() -> Policy {
+    Policy::new(PolicyConfig::default()).unwrap()
+}
+
+/// For the migration tests: zones of a core or more would be forked too;
+/// here only where they go counts.
+fn no_fork() -> PolicyConfig {
+    PolicyConfig {
+        fork_above: 100.0,
+        fork_target: 50.0,
+        ..PolicyConfig::default()
+    }
+}
+
+fn migrations(ds: &[Decision]) -> Vec<(String, String, String)> {
+    ds.iter()
+        .filter_map(|d| match &d.action {
+            Action::Migrate { zone, from, to } => Some((zone.clone(), from.clone(), to.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn config_is_checked() {
+    assert!(PolicyConfig::default().check().is_ok());
+    let bad = PolicyConfig {
+        low_water: 0.9,
+        ..PolicyConfig::default()
+    };
+    assert_eq!(Policy::new(bad).unwrap_err(), ConfigError::Waters);
+    let bad = PolicyConfig {
+        join_below: 0.95,
+        ..PolicyConfig::default()
+    };
+    assert_eq!(bad.check(), Err(ConfigError::Fork));
+}
+
+/// Transfer policy: only a host above the high-water mark gives a zone
+/// away; a balanced cluster, or one whose busiest host is below the mark,
+/// gets nothing.
+#[test]
+fn transfer_policy_is_threshold_driven() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    // h1 at 0.95 of 4 cores.
+    let s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 0.9, 0.9]),
+            ("h2", &[0.5]),
+            ("h3", &[0.5]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].1, "h1");
+    // At 0.80 (below 0.85): nothing, however uneven.
+    let mut p = Policy::new(no_fork()).unwrap();
+    let s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 0.6, 0.6]),
+            ("h2", &[0.1]),
+            ("h3", &[0.1]),
+        ],
+    );
+    assert!(p.decide(&s).is_empty());
+}
+
+/// Location policy: the destination is on the other side of the
+/// average, the least loaded first; a host above the average never gets
+/// the zone, and a host where it would not fit is passed over.
+#[test]
+fn location_policy_prefers_the_opposite_side_of_the_average() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    // Average: (3.6 + 2.0 + 1.2 + 3.2) / 16 = 0.625. h4 is above it.
+    let s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 0.8, 0.8]),
+            ("h2", &[1.0, 1.0]),
+            ("h3", &[0.6, 0.6]),
+            ("h4", &[1.0, 1.0, 1.2]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].2, "h3", "the least loaded host below average");
+    // With h3 full enough that the zone would not fit under fit_below,
+    // h2 (also below average) takes it.
+    let mut p = Policy::new(no_fork()).unwrap();
+    let s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 0.8, 0.8]),
+            ("h2", &[1.0, 1.0]),
+            ("h3", &[1.0, 1.0, 0.9]),
+            ("h4", &[0.4]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m[0].2, "h4");
+    // No host below the average where it fits: no migration.
+    let mut p = Policy::new(no_fork()).unwrap();
+    let s = snap(
+        0,
+        &[("h1", &[1.0, 1.0, 1.0, 0.9]), ("h2", &[1.0, 1.0, 1.0])],
+    );
+    assert!(migrations(&p.decide(&s)).is_empty());
+}
+
+/// Selection policy: the zone whose CPU use is closest to the host's
+/// excess over the cluster average.
+#[test]
+fn selection_policy_picks_the_zone_matching_the_excess() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    // h1 3.6 cores, h2 0.4, h3 0.4: average 4.4/12 = 0.367 → h1's excess is
+    // 3.6 - 1.467 = 2.13 cores; of its zones (0.3, 0.9, 1.2, 1.2) a 1.2 is
+    // closest, and fits h2 (0.4 + 1.2 = 1.6 of 4 cores).
+    let s = snap(
+        0,
+        &[
+            ("h1", &[0.3, 0.9, 1.2, 1.2]),
+            ("h2", &[0.4]),
+            ("h3", &[0.4]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].0 == "h1/z2" || m[0].0 == "h1/z3", "{m:?}");
+    // Smaller excess: h2 and h3 busier. Average (3.6 + 2.4 + 2.4)/12 =
+    // 0.7 → excess 3.6 - 2.8 = 0.8: the 0.9 zone.
+    let mut p = Policy::new(no_fork()).unwrap();
+    let s = snap(
+        0,
+        &[
+            ("h1", &[0.3, 0.9, 1.2, 1.2]),
+            ("h2", &[1.2, 1.2]),
+            ("h3", &[1.2, 0.9]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].0, "h1/z1");
+    assert_eq!(m[0].2, "h3");
+}
+
+/// Information policy: hosts publish their load periodically; a host that
+/// stopped publishing (not in the snapshot) is neither a destination nor
+/// held overloaded.
+#[test]
+fn information_policy_uses_only_published_loads() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    let s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 1.0, 0.9]),
+            ("h2", &[0.1]),
+            ("h3", &[0.5]),
+        ],
+    );
+    let m = migrations(&p.decide(&s));
+    assert_eq!(m[0].2, "h2");
+    assert_eq!(p.overloaded().collect::<Vec<_>>(), ["h1"]);
+    // h2 and h1 stop reporting.
+    let s = snap(60_000, &[("h3", &[0.5]), ("h4", &[0.2])]);
+    assert!(p.decide(&s).is_empty());
+    assert_eq!(p.overloaded().count(), 0);
+    assert!((s.average_load() - 0.7 / 8.0).abs() < 1e-9);
+}
+
+/// Hysteresis: a host that went over the high-water mark stays
+/// overloaded until it is below the low-water mark, and a host that never
+/// went over it is not overloaded between the marks.
+#[test]
+fn hysteresis_between_the_marks() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    // Over: 0.9.
+    p.decide(&snap(0, &[("h1", &[1.0, 1.0, 1.0, 0.6]), ("h2", &[0.1])]));
+    assert_eq!(p.overloaded().collect::<Vec<_>>(), ["h1"]);
+    // Between the marks (0.75): still overloaded.
+    p.decide(&snap(1_000, &[("h1", &[1.0, 1.0, 1.0]), ("h2", &[0.1])]));
+    assert_eq!(p.overloaded().collect::<Vec<_>>(), ["h1"]);
+    // Below 0.70: released.
+    p.decide(&snap(2_000, &[("h1", &[1.0, 1.0, 0.6]), ("h2", &[0.1])]));
+    assert_eq!(p.overloaded().count(), 0);
+    // Back between the marks: not overloaded (it did not cross high).
+    p.decide(&snap(3_000, &[("h1", &[1.0, 1.0, 1.0]), ("h2", &[0.1])]));
+    assert_eq!(p.overloaded().count(), 0);
+}
+
+/// Cool-downs: after a migration neither the zone nor the two hosts are
+/// acted on again until their cool-downs pass.
+#[test]
+fn no_action_within_a_cool_down() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    let over = |at| {
+        snap(
+            at,
+            &[
+                ("h1", &[1.0, 1.0, 1.0, 0.9]),
+                ("h2", &[0.2]),
+                ("h3", &[0.2]),
+            ],
+        )
+    };
+    assert_eq!(migrations(&p.decide(&over(0))).len(), 1);
+    // The same loads reported again (the move has not shown yet): h1 is
+    // cooling down.
+    for at in [1_000, 5_000, 9_999] {
+        assert!(p.decide(&over(at)).is_empty(), "at {at} ms");
+    }
+    // Host cool-down over: another zone of h1 may go (not the same one).
+    let m = migrations(&p.decide(&over(10_000)));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_ne!(
+        m[0].0,
+        migrations(&p.log().cloned().collect::<Vec<_>>())[0].0
+    );
+}
+
+/// At most `max_migrations` in flight, cluster-wide: a snapshot that
+/// shows one migrating gets none more, even with two overloaded hosts.
+#[test]
+fn migrations_in_flight_are_bounded() {
+    let mut p = Policy::new(no_fork()).unwrap();
+    let mut s = snap(
+        0,
+        &[
+            ("h1", &[1.0, 1.0, 1.0, 0.9]),
+            ("h2", &[1.0, 1.0, 1.0, 0.9]),
+            ("h3", &[0.1]),
+            ("h4", &[0.1]),
+        ],
+    );
+    // One decision round: one migration (the bound is 1).
+    let m = migrations(&p.clone().decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+    // With a bound of 2, both overloaded hosts give one each, to
+    // different destinations.
+    let mut two = Policy::new(PolicyConfig {
+        max_migrations: 2,
+        ..no_fork()
+    })
+    .unwrap();
+    let m = migrations(&two.decide(&s));
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_ne!(m[0].2, m[1].2);
+    // One already in flight: none.
+    s.zones[0].migrating = true;
+    assert!(migrations(&p.decide(&s)).is_empty());
+}
+
+/// Fork when a zone's demand is more than one VM serves; join when the
+/// split zone's whole demand falls; a split zone is not forked again nor
+/// migrated.
+#[test]
+fn fork_and_join_on_a_zones_demand() {
+    let mut p = policy();
+    let mut s = snap(0, &[("h1", &[0.2]), ("h2", &[0.2])]);
+    s.zones[0].cpu = 1.7; // demand: 1.7 cores of clients
+    let d = p.decide(&s);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(
+        d[0].action,
+        Action::Fork {
+            zone: "h1/z0".into(),
+            clones: 2
+        }
+    );
+    assert!(d[0].reason.contains("1.70"), "{}", d[0].reason);
+    // Split: parent and 2 clones, 1.8 in all; no second fork.
+    s.zones[0].cpu = 0.6;
+    s.zones[0].clones = vec![0.6, 0.6];
+    s.at_ms = 60_000;
+    assert!(p.decide(&s).is_empty());
+    // The clients leave: 0.4 in all → join.
+    s.zones[0].cpu = 0.2;
+    s.zones[0].clones = vec![0.1, 0.1];
+    s.at_ms = 120_000;
+    let d = p.decide(&s);
+    assert_eq!(
+        d.iter().map(|d| &d.action).collect::<Vec<_>>(),
+        [&Action::Join {
+            zone: "h1/z0".into()
+        }]
+    );
+    // Never more than max_clones.
+    let mut s = snap(0, &[("h1", &[0.2])]);
+    s.zones[0].cpu = 50.0;
+    let d = policy().decide(&s);
+    assert_eq!(
+        d[0].action,
+        Action::Fork {
+            zone: "h1/z0".into(),
+            clones: 7
+        }
+    );
+}
+
+/// A host whose load swings across both marks every second for five
+/// minutes, and a zone whose demand swings around the fork mark: the
+/// cool-downs and the marks' gap bound the actions; nothing moves back
+/// and forth.
+#[test]
+fn no_thrashing_on_an_oscillating_load() {
+    let mut p = policy();
+    let mut actions = Vec::new();
+    for t in 0..300u64 {
+        let high = t % 2 == 0;
+        // 1.0 and 0.625 of h1's capacity.
+        let h1: &[f64] = if high {
+            &[0.8, 0.8, 0.8, 0.8, 0.8]
+        } else {
+            &[0.5, 0.5, 0.5, 0.5, 0.5]
+        };
+        let mut s = snap(
+            t * 1_000,
+            &[("h1", h1), ("h2", &[0.5, 0.5]), ("h3", &[0.5])],
+        );
+        // A zone on h3 swinging 0.85 ↔ 0.95 around the fork mark; once
+        // split, its demand stays above join_below.
+        let z = s.zones.last_mut().unwrap();
+        let forked = actions
+            .iter()
+            .any(|a: &Decision| matches!(a.action, Action::Fork { .. }));
+        if forked {
+            z.cpu = 0.3;
+            z.clones = vec![0.3, 0.3];
+        } else {
+            z.cpu = if high { 0.95 } else { 0.85 };
+        }
+        actions.extend(p.decide(&s));
+    }
+    let m = migrations(&actions);
+    // h1's zones may move at most once per host cool-down (10 s), and
+    // each zone at most once per zone cool-down: no zone comes back.
+    assert!(m.len() <= 300 / 10, "{} migrations", m.len());
+    for (zone, from, to) in &m {
+        assert!(
+            !m.iter().any(|(z, f, t)| z == zone && f == to && t == from),
+            "{zone} went {from}→{to} and back"
+        );
+    }
+    let forks = actions
+        .iter()
+        .filter(|a| matches!(a.action, Action::Fork { .. }))
+        .count();
+    let joins = actions
+        .iter()
+        .filter(|a| matches!(a.action, Action::Join { .. }))
+        .count();
+    assert_eq!((forks, joins), (1, 0));
+    // Every decision logged, with its reason and inputs.
+    assert_eq!(p.log().count(), actions.len());
+    assert!(p
+        .log()
+        .all(|d| !d.reason.is_empty() && d.inputs.cluster_avg > 0.0));
+}
+
+/// The actuator carries decisions out.
+#[test]
+fn the_actuator_applies_each_action() {
+    #[derive(Default)]
+    struct Record(RefCell<Vec<String>>);
+    impl Actuator for Record {
+        fn migrate(&self, zone: &str, from: &str, to: &str) -> Result<(), String> {
+            self.0
+                .borrow_mut()
+                .push(format!("migrate {zone} {from} {to}"));
+            Ok(())
+        }
+        fn fork(&self, zone: &str, clones: u32) -> Result<(), String> {
+            self.0.borrow_mut().push(format!("fork {zone} {clones}"));
+            Ok(())
+        }
+        fn join(&self, zone: &str) -> Result<(), String> {
+            self.0.borrow_mut().push(format!("join {zone}"));
+            Err("no such family".into())
+        }
+    }
+    let r = Record::default();
+    let mut s = snap(0, &[("h1", &[1.0, 1.0, 1.0, 0.9]), ("h2", &[0.1])]);
+    s.zones[0].cpu = 2.0;
+    s.hosts[0].cpu = 4.9;
+    let ds = policy().decide(&s);
+    for d in &ds {
+        r.apply(d).unwrap();
+    }
+    let done = r.0.borrow().clone();
+    assert!(done.iter().any(|a| a.starts_with("fork h1/z0")), "{done:?}");
+    assert!(done.iter().any(|a| a.starts_with("migrate")), "{done:?}");
+    let join = Decision {
+        at_ms: 0,
+        action: Action::Join { zone: "z".into() },
+        reason: String::new(),
+        inputs: Default::default(),
+    };
+    assert_eq!(r.apply(&join), Err("no such family".into()));
+}

@@ -1,0 +1,94 @@
+//! The policy engine: fork or migrate, decided from measured load, in the
+//! style of Gerofi, Fujita and Ishikawa's DVE load balancer (IEEE Cluster
+//! 2010). Pure and deterministic: a [`LoadSnapshot`] in, [`Decision`]s out
+//! ([`engine::Policy::decide`]); the daemons carry the decisions out behind
+//! the [`Actuator`] trait, so the policies are unit-tested without VMs and
+//! run unchanged against the real cluster.
+//!
+//! - **Transfer policy** (when to move): a host whose load is above
+//!   [`PolicyConfig::high_water`] of its capacity is overloaded; it stays
+//!   so (hysteresis) until it is below [`PolicyConfig::low_water`].
+//! - **Location policy** (where to): among the other hosts, those on the
+//!   opposite side of the cluster's average load (below it), least loaded
+//!   first, where the zone fits under the high-water mark.
+//! - **Selection policy** (what to move): the zone whose CPU use is
+//!   closest to the host's excess over the cluster average.
+//! - **Information policy**: periodic; every host publishes its load (the
+//!   snapshot is built from those reports).
+//!
+//! Fork: a zone whose load is more than one VM serves
+//! ([`PolicyConfig::fork_above`]) is split over clones; its clones are
+//! joined back when the zone's whole load falls below
+//! [`PolicyConfig::join_below`] of one VM. Cool-downs per zone and per
+//! host, and a bound on concurrent migrations, keep it from thrashing;
+//! every decision carries its inputs and its reason.
+
+pub mod engine;
+pub mod snapshot;
+
+pub use engine::{Policy, PolicyConfig};
+pub use snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
+
+use serde::Serialize;
+
+/// What the engine asks for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Live-migrate zone `zone` (its VM) from `from` to `to`.
+    Migrate {
+        zone: String,
+        from: String,
+        to: String,
+    },
+    /// Fork zone `zone` into `clones` more VMs (its clients are split
+    /// between the parent and its clones by clone id).
+    Fork { zone: String, clones: u32 },
+    /// Join the clones of zone `zone` back into its parent.
+    Join { zone: String },
+}
+
+/// One decision: the action, why, and the figures it was taken on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// The snapshot's time (ms on the controller's clock).
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub action: Action,
+    pub reason: String,
+    pub inputs: Inputs,
+}
+
+/// The figures behind a decision.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Inputs {
+    /// The cluster's average host load (fraction of capacity).
+    pub cluster_avg: f64,
+    /// The host the zone is on, and its load.
+    pub host: String,
+    pub host_load: f64,
+    /// The destination's load before the move (migrations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_load: Option<f64>,
+    /// The zone's CPU use (cores) and, for a split zone, its whole load.
+    pub zone_cpu: f64,
+    pub zone_demand: f64,
+}
+
+/// Carries decisions out: the daemons' API implements it (migrate, fork,
+/// join through the cluster's hosts). Errors are the actuator's words,
+/// logged with the decision.
+pub trait Actuator {
+    fn migrate(&self, zone: &str, from: &str, to: &str) -> Result<(), String>;
+    fn fork(&self, zone: &str, clones: u32) -> Result<(), String>;
+    fn join(&self, zone: &str) -> Result<(), String>;
+
+    /// Carries out `d`.
+    fn apply(&self, d: &Decision) -> Result<(), String> {
+        match &d.action {
+            Action::Migrate { zone, from, to } => self.migrate(zone, from, to),
+            Action::Fork { zone, clones } => self.fork(zone, *clones),
+            Action::Join { zone } => self.join(zone),
+        }
+    }
+}

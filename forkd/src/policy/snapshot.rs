@@ -1,0 +1,84 @@
+//! What the policy sees: every host's published load and its zones'.
+
+use serde::{Deserialize, Serialize};
+
+/// One host's published load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostLoad {
+    pub name: String,
+    /// CPU the host can give its zones, in cores.
+    pub capacity: f64,
+    /// CPU its zones use, in cores (vCPU time per second, summed).
+    pub cpu: f64,
+}
+
+impl HostLoad {
+    /// Load as a fraction of capacity.
+    pub fn load(&self) -> f64 {
+        if self.capacity > 0.0 {
+            self.cpu / self.capacity
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One zone: a parent VM and, if it was split, its clones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneLoad {
+    /// The zone's name (its parent VM, e.g. `h1/vm-3`).
+    pub zone: String,
+    /// The host the parent VM runs on.
+    pub host: String,
+    /// The parent VM's CPU use, in cores.
+    pub cpu: f64,
+    /// The CPU use of its clones (cores), if it is split.
+    #[serde(default)]
+    pub clones: Vec<f64>,
+    /// Being migrated now.
+    #[serde(default)]
+    pub migrating: bool,
+}
+
+impl ZoneLoad {
+    /// The zone's whole load: parent and clones.
+    pub fn demand(&self) -> f64 {
+        self.cpu + self.clones.iter().sum::<f64>()
+    }
+
+    pub fn is_split(&self) -> bool {
+        !self.clones.is_empty()
+    }
+}
+
+/// Every host and zone at one instant.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LoadSnapshot {
+    /// Controller clock, ms.
+    pub at_ms: u64,
+    pub hosts: Vec<HostLoad>,
+    pub zones: Vec<ZoneLoad>,
+}
+
+impl LoadSnapshot {
+    /// The cluster's average host load (fraction of capacity).
+    pub fn average_load(&self) -> f64 {
+        let (cpu, cap) = self
+            .hosts
+            .iter()
+            .fold((0.0, 0.0), |(c, k), h| (c + h.cpu, k + h.capacity));
+        if cap > 0.0 {
+            cpu / cap
+        } else {
+            0.0
+        }
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostLoad> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    pub fn migrations_in_flight(&self) -> usize {
+        self.zones.iter().filter(|z| z.migrating).count()
+    }
+}
