@@ -481,3 +481,72 @@ fn hostile_guests_fail_alone() {
     assert_eq!(v["last_line"], qemu_done_line(good_cmdline, 64).as_str());
     s.stop();
 }
+
+/// Load, measured: a guest computing flat out uses a good part of a core
+/// of vCPU time per second, one that sleeps between short ticks almost
+/// none; the host's figures and the Prometheus text carry them, and the
+/// fork counter counts a fork.
+#[test]
+fn load_is_measured_and_exported() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&socket_in(&dir), &["--max-clones", "2"]);
+    // Flat out: 32 MiB of state scanned every tick, no pacing.
+    let busy = create(
+        &s,
+        r#"{"cmdline": "ticks=100000 seed=3 state_mib=32", "mem_mib": 256}"#,
+    );
+    // Sleeping: a tiny state, 50 ms ticks (OP_SLEEP between them).
+    let idle = create(
+        &s,
+        r#"{"cmdline": "ticks=100000 seed=4 state_mib=1 tick_us=50000", "mem_mib": 64}"#,
+    );
+    let load = |id: &str| {
+        poll(
+            &s,
+            &format!("/v1/vms/{id}"),
+            Duration::from_secs(20),
+            "two load samples",
+            |v| {
+                v["load"]["cpu_seconds"].as_f64() > Some(0.0)
+                    && v["load"]["cpu_cores"].as_f64() > Some(0.0)
+            },
+        )["load"]
+            .clone()
+    };
+    std::thread::sleep(Duration::from_millis(2500));
+    let (b, i) = (load(&busy), load(&idle));
+    eprintln!("busy {b}, idle {i}");
+    let cores = |v: &Value| v["cpu_cores"].as_f64().expect("cpu_cores");
+    assert!(cores(&b) > 0.2, "busy guest: {b}");
+    assert!(cores(&i) < 0.1, "sleeping guest: {i}");
+    assert!(cores(&b) > 4.0 * cores(&i), "busy {b} vs idle {i}");
+    // The busy guest touched its 32 MiB state.
+    assert!(b["resident_bytes"].as_u64() >= Some(32 << 20), "{b}");
+    let h = s.get("/v1/host").json();
+    assert_eq!(h["vms"], 2, "{h}");
+    assert!(h["cpu_cores"].as_f64() >= Some(cores(&b) * 0.5), "{h}");
+    assert!(h["capacity_cores"].as_f64() >= Some(1.0), "{h}");
+    fork(&s, &format!("/v1/vms/{idle}"), 2);
+    let r = s.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let text = String::from_utf8(r.body.clone()).expect("utf-8");
+    for want in [
+        "# TYPE forkd_vm_cpu_seconds_total counter",
+        &format!("forkd_vm_cpu_cores{{vm=\"{busy}\"}} "),
+        &format!("forkd_vm_resident_bytes{{vm=\"{idle}\"}} "),
+        "forkd_forks_total 1\n",
+        "forkd_fork_clones_total 2\n",
+        "forkd_vms 2\n",
+        "forkd_migrations_total{outcome=\"committed\"} 0\n",
+        "forkd_memserver_requests_total ",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    for id in [&busy, &idle] {
+        assert_eq!(s.call("DELETE", &format!("/v1/vms/{id}"), None).status, 204);
+    }
+}

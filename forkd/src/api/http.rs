@@ -48,6 +48,8 @@ pub fn router(registry: Arc<Registry>) -> Router {
             get(show_family).delete(remove_family),
         )
         .route("/v1/memserver", get(memserver))
+        .route("/v1/host", get(host))
+        .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -63,6 +65,21 @@ async fn openapi() -> impl IntoResponse {
 
 async fn memserver(State(reg): Reg) -> Json<MemServerInfo> {
     Json(reg.memserver_info())
+}
+
+async fn host(State(reg): Reg) -> Json<super::load::HostLoadInfo> {
+    Json(reg.host_info())
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(reg): Reg) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        reg.metrics_text(),
+    )
 }
 
 async fn list(State(reg): Reg) -> Json<VmList> {

@@ -370,6 +370,7 @@ impl Registry {
                     report
                 });
                 let why = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                let counted = p.bytes_sent();
                 match doubt {
                     None => sender::conclude(p, result.as_ref()),
                     Some(Resolution::Committed) => p.finish(
@@ -388,6 +389,7 @@ impl Registry {
                         Some(format!("{why}; the destination cannot say whether it committed: the guest stays paused here")),
                     ),
                 }
+                reg.count_migration(p.phase(), counted);
             });
         if let Err(e) = worker {
             self.give_back(&entry, vm);

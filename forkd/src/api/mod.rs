@@ -32,6 +32,8 @@ pub mod error;
 mod extract;
 pub mod hosted;
 pub mod http;
+pub mod load;
+pub mod metrics;
 pub mod migration;
 mod migration_table;
 pub mod peers;

@@ -18,12 +18,14 @@ use std::time::Duration;
 use memserver::server::MemServer;
 
 use super::error::ApiError;
+use super::load::{Counters, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, ForkVm, Forked,
     HostReceiverInfo, MemServerInfo, MulticastInfo, StartFailure, VmDetail, VmState, VmSummary,
     MAX_NAME,
 };
+use crate::fork::family::ForkCounters;
 use crate::fork::host::{fork_vm_placed, HostForkError};
 use crate::fork::hosted::HostedFamily;
 use crate::fork::identity::IdentityPool;
@@ -63,6 +65,8 @@ pub(super) struct Entry {
     exit: Mutex<Option<VmExit>>,
     /// `None` once removed (or while a migration worker holds it).
     pub(super) vm: Mutex<Option<Vm>>,
+    /// Its load, sampled by the reaper.
+    pub(super) load: VmSampler,
 }
 
 impl Entry {
@@ -126,6 +130,10 @@ pub struct Registry {
     local_direct: AtomicBool,
     /// Migrations out of and into this host (`api::migration`).
     pub(super) migrations: super::migration_table::Migrations,
+    /// The daemon's load and counters (`api::load`, `api::metrics`).
+    pub(super) host_load: HostSampler,
+    pub(super) counters: Counters,
+    pub(super) fork_counters: Arc<ForkCounters>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -272,6 +280,9 @@ impl Registry {
             peers,
             hosted: Mutex::new(BTreeMap::new()),
             migrations: Default::default(),
+            host_load: HostSampler::default(),
+            counters: Counters::default(),
+            fork_counters: Arc::default(),
         })
     }
 
@@ -375,6 +386,7 @@ impl Registry {
             migrating: AtomicBool::new(false),
             exit: Mutex::new(None),
             vm: Mutex::new(Some(vm)),
+            load: VmSampler::default(),
         });
         {
             let mut inner = lock(&self.inner);
@@ -400,6 +412,7 @@ impl Registry {
                 name_prefix: format!("{}.", vm_id(id)),
                 identities: self.identities.clone(),
                 local_direct: self.local_direct.load(Ordering::Relaxed),
+                counters: self.fork_counters.clone(),
                 ..ForkOptions::default()
             }
             .tuned(Some(tuning)),
@@ -421,6 +434,7 @@ impl Registry {
             migrating: AtomicBool::new(false),
             exit: Mutex::new(None),
             vm: Mutex::new(Some(vm)),
+            load: VmSampler::default(),
         });
         let mut inner = lock(&self.inner);
         if self.closed.load(Ordering::Acquire) {
@@ -505,6 +519,10 @@ impl Registry {
         }
     }
 
+    pub(super) fn list_entries(&self) -> Vec<Arc<Entry>> {
+        lock(&self.inner).vms.values().cloned().collect()
+    }
+
     pub fn list(&self) -> Vec<VmSummary> {
         let entries: Vec<_> = lock(&self.inner).vms.values().cloned().collect();
         let mut all: Vec<_> = entries.iter().map(|e| e.summary()).collect();
@@ -524,6 +542,7 @@ impl Registry {
             vcpus: e.vcpus,
             guest: e.guest.display().to_string(),
             families: e.hub.families().iter().map(|f| family_info(f)).collect(),
+            load: e.load.get(),
         })
     }
 
@@ -689,7 +708,11 @@ impl Registry {
                             Err(TryLockError::WouldBlock) => continue,
                         };
                         if let Some(vm) = guard.as_mut() {
-                            e.record_exit(vm);
+                            if e.record_exit(vm).is_some() {
+                                e.load.ended();
+                            } else {
+                                e.load.sample(vm);
+                            }
                         }
                         // An exited VM gives its guest memory back at once
                         // (its console and report stay), unless clones
@@ -701,6 +724,7 @@ impl Registry {
                             drop(guard.take());
                         }
                     }
+                    reg.host_load.sample();
                     std::thread::sleep(REAP_EVERY);
                 }
             })

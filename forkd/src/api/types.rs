@@ -241,6 +241,9 @@ pub struct VmDetail {
     pub vcpus: u64,
     pub guest: String,
     pub families: Vec<FamilyInfo>,
+    /// Its load, once sampled (every second while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<super::load::VmLoad>,
 }
 
 #[derive(Debug, Clone, Serialize)]

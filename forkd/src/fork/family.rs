@@ -46,6 +46,16 @@ pub struct ForkOptions {
     /// Where clone MACs and IPs come from (default: the process's pool,
     /// shared by every hub, so families never collide).
     pub identities: Arc<IdentityPool>,
+    /// Forks and clones made, counted for the daemon's metrics (shared by
+    /// the hubs of one daemon).
+    pub counters: Arc<ForkCounters>,
+}
+
+/// Forks made and clones they granted, since the counters were made.
+#[derive(Debug, Default)]
+pub struct ForkCounters {
+    pub families: AtomicU64,
+    pub clones: AtomicU64,
 }
 
 impl Default for ForkOptions {
@@ -62,6 +72,7 @@ impl Default for ForkOptions {
             warm_pool: true,
             local_direct: true,
             identities: IdentityPool::global(),
+            counters: Arc::default(),
         }
     }
 }

@@ -162,6 +162,10 @@ impl ForkHub {
 
     /// Records a family; ended ones beyond the last few are forgotten.
     fn add_family(&self, family: Arc<Family>) {
+        let c = &self.opts.counters;
+        c.families.fetch_add(1, Ordering::Relaxed);
+        c.clones
+            .fetch_add(family.report().clones_granted, Ordering::Relaxed);
         let mut families = lock(&self.families);
         families.push(family);
         let ended = families.iter().filter(|f| f.is_released()).count();

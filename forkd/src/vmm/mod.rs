@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod cpu_clock;
 pub mod cpu_state;
 pub mod devices;
 pub mod digest;

@@ -9,6 +9,7 @@
 //! with `immediate_exit` set, so that an I/O exit it just handled is
 //! completed and the saved state is consistent (KVM API doc, KVM_RUN).
 
+use crate::vmm::cpu_clock::CpuClock;
 use crate::vmm::cpu_state::{CpuStateError, VcpuState};
 use crate::vmm::devices::{Devices, PioAction};
 use crate::vmm::kvm::KvmContext;
@@ -128,6 +129,8 @@ pub struct VcpuSetup {
     pub events: Sender<VcpuEvent>,
     /// Set just before the first KVM_RUN (restore/boot latency).
     pub first_run: Arc<OnceLock<Instant>>,
+    /// This thread's CPU time, for the VM's load.
+    pub cpu: Arc<CpuClock>,
 }
 
 /// The controller's side of a vCPU thread.
@@ -220,10 +223,12 @@ fn set_state(state: &Mutex<VcpuRunState>, s: VcpuRunState) {
 }
 
 fn vcpu_thread(mut setup: VcpuSetup, commands: Receiver<Command>, state: Arc<Mutex<VcpuRunState>>) {
+    setup.cpu.attach_current_thread();
     let run = &mut setup.fd.get_kvm_run().immediate_exit as *mut u8;
     IMMEDIATE_EXIT.with(|c| c.set(run));
     let reason = run_loop(&mut setup, &commands, &state);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    setup.cpu.retire();
     set_state(&state, VcpuRunState::Exited);
     let _ = setup.events.send(VcpuEvent {
         vcpu: setup.id,

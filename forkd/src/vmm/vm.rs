@@ -3,6 +3,7 @@
 //! state (restore, clones, migration) are built by [`crate::vmm::builder`].
 
 use crate::vmm::boot::BootError;
+use crate::vmm::cpu_clock::CpuClock;
 use crate::vmm::cpu_state::CpuStateError;
 use crate::vmm::devices::{Console, Devices, GuestInfo};
 use crate::vmm::integrity::{self, Verifier};
@@ -168,6 +169,8 @@ pub struct BuildOptions {
 
 pub struct Vm {
     vcpus: Vec<VcpuHandle>,
+    /// Each vCPU thread's CPU time.
+    cpu: Vec<Arc<CpuClock>>,
     /// Serves memory filled on demand (a clone's userfaultfd handler):
     /// stopped after the vCPUs (which may wait on it), before the memory
     /// goes.
@@ -209,6 +212,7 @@ impl Vm {
         let (event_tx, events) = mpsc::channel();
         Vm {
             vcpus: Vec::new(),
+            cpu: Vec::new(),
             memory_server: opts.memory_server,
             hypercalls: opts.hypercalls,
             integrity: None,
@@ -231,7 +235,10 @@ impl Vm {
         fds: Vec<(u8, kvm_ioctls::VcpuFd, CpuId)>,
     ) -> Result<(), VmError> {
         for (id, fd, cpuid) in fds {
+            let cpu = Arc::new(CpuClock::default());
+            self.cpu.push(cpu.clone());
             let handle = VcpuHandle::spawn(VcpuSetup {
+                cpu,
                 id,
                 fd,
                 cpuid,
@@ -248,6 +255,12 @@ impl Vm {
 
     pub fn vcpu_count(&self) -> u8 {
         self.shared.vcpu_count
+    }
+
+    /// CPU time the vCPU threads have used so far (guest code and exit
+    /// handling; not the time paused or asleep).
+    pub fn cpu_time(&self) -> Duration {
+        self.cpu.iter().map(|c| c.time()).sum()
     }
 
     pub fn console(&self) -> &Console {

@@ -87,6 +87,23 @@ impl Spec {
         status: u16,
         body: Option<&Value>,
     ) -> Result<(), String> {
+        self.check(method, path, status, body, false)
+    }
+
+    /// Checks a live text/plain response (e.g. `/metrics`): its status and
+    /// content type must be documented.
+    pub fn check_text_response(&self, method: &str, path: &str, status: u16) -> Result<(), String> {
+        self.check(method, path, status, None, true)
+    }
+
+    fn check(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        body: Option<&Value>,
+        text: bool,
+    ) -> Result<(), String> {
         let m = method.to_ascii_lowercase();
         let op = self
             .template(path)
@@ -112,8 +129,15 @@ impl Spec {
         if let Some(r) = self.doc.pointer(&pointer).and_then(|r| r["$ref"].as_str()) {
             pointer = r.strip_prefix('#').unwrap_or(r).to_owned();
         }
-        let schema = format!("{pointer}/content/application~1json/schema");
         let at = format!("{method} {template} {status}");
+        if text {
+            let doc = format!("{pointer}/content/text~1plain");
+            return match self.doc.pointer(&doc) {
+                Some(_) => Ok(()),
+                None => Err(format!("{at}: a text/plain body is not documented")),
+            };
+        }
+        let schema = format!("{pointer}/content/application~1json/schema");
         match (self.doc.pointer(&schema), body) {
             (Some(_), Some(b)) => self.validate(&schema, b).map_err(|e| format!("{at}: {e}")),
             (Some(_), None) => Err(format!("{at}: body missing")),

@@ -1,0 +1,272 @@
+//! `GET /v1/host` (this host's load, JSON) and `GET /metrics` (Prometheus
+//! text exposition 0.0.4): the loads of [`super::load`], and the fork,
+//! fault, memory-server and migration counters.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use super::load::HostLoadInfo;
+use super::registry::Registry;
+use super::types::vm_id;
+use crate::fork::fault::FaultCounts;
+use crate::migrate::Phase;
+use crate::sync::lock;
+
+/// Prometheus text: `# HELP`, `# TYPE`, then the samples.
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let esc = val
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{k}=\"{esc}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {v}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], v);
+    }
+}
+
+impl Registry {
+    /// `GET /v1/host`.
+    pub fn host_info(&self) -> HostLoadInfo {
+        let mut h = self.host_load.get();
+        h.name = self
+            .peers()
+            .map(|p| p.name().to_owned())
+            .unwrap_or_else(|| "local".into());
+        h.vms = self.list_entries().len() as u64;
+        h.hosted_clones = lock(&self.hosted)
+            .values()
+            .map(|f| f.running() as u64)
+            .sum();
+        h
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics_text(&self) -> String {
+        let mut t = Text(String::new());
+        let h = self.host_info();
+        t.one(
+            "forkd_host_capacity_cores",
+            "gauge",
+            "CPU this host offers, cores",
+            h.capacity_cores,
+        );
+        t.one(
+            "forkd_host_cpu_cores",
+            "gauge",
+            "CPU the daemon used per second over the last sample",
+            h.cpu_cores,
+        );
+        t.one(
+            "forkd_host_cpu_seconds_total",
+            "counter",
+            "CPU the daemon has used",
+            h.cpu_seconds,
+        );
+        t.one(
+            "forkd_host_resident_bytes",
+            "gauge",
+            "The daemon's resident memory",
+            h.resident_bytes as f64,
+        );
+        t.one(
+            "forkd_host_memory_available_bytes",
+            "gauge",
+            "The machine's available memory",
+            h.mem_available_bytes as f64,
+        );
+        t.one("forkd_vms", "gauge", "VMs registered here", h.vms as f64);
+        t.one(
+            "forkd_hosted_clones",
+            "gauge",
+            "Clones running here for parents on other hosts",
+            h.hosted_clones as f64,
+        );
+        let entries = self.list_entries();
+        let loads: Vec<_> = entries
+            .iter()
+            .filter_map(|e| e.load.get().map(|l| (vm_id(e.id), l)))
+            .collect();
+        t.family(
+            "forkd_vm_cpu_cores",
+            "gauge",
+            "vCPU time per second over the last sample",
+        );
+        for (id, l) in &loads {
+            t.sample("forkd_vm_cpu_cores", &[("vm", id)], l.cpu_cores);
+        }
+        t.family("forkd_vm_cpu_seconds_total", "counter", "vCPU time used");
+        for (id, l) in &loads {
+            t.sample("forkd_vm_cpu_seconds_total", &[("vm", id)], l.cpu_seconds);
+        }
+        t.family(
+            "forkd_vm_resident_bytes",
+            "gauge",
+            "Guest memory resident on this host",
+        );
+        for (id, l) in &loads {
+            t.sample(
+                "forkd_vm_resident_bytes",
+                &[("vm", id)],
+                l.resident_bytes as f64,
+            );
+        }
+        let fc = &self.fork_counters;
+        t.one(
+            "forkd_forks_total",
+            "counter",
+            "Fork families made here (host- and guest-initiated)",
+            fc.families.load(Ordering::Relaxed) as f64,
+        );
+        t.one(
+            "forkd_fork_clones_total",
+            "counter",
+            "Clones those forks granted",
+            fc.clones.load(Ordering::Relaxed) as f64,
+        );
+        let faults = self.fault_counts(&entries);
+        t.family(
+            "forkd_clone_faults",
+            "gauge",
+            "Fault counters of the clones of the families known here (local clones)",
+        );
+        for (kind, v) in [
+            ("faults", faults.faults),
+            ("pages_fetched", faults.pages_fetched),
+            ("pages_avoided", faults.pages_avoided),
+            ("pages_declared", faults.pages_declared),
+            ("pages_prefetched", faults.pages_prefetched),
+            ("fetch_requests", faults.fetch_requests),
+        ] {
+            t.sample("forkd_clone_faults", &[("kind", kind)], v as f64);
+        }
+        let m = self.memserver_info();
+        t.one(
+            "forkd_memserver_requests_total",
+            "counter",
+            "Page requests the memory server accepted",
+            m.requests as f64,
+        );
+        t.one(
+            "forkd_memserver_pages_sent_total",
+            "counter",
+            "Pages the memory server sent",
+            m.pages_sent as f64,
+        );
+        t.one(
+            "forkd_memserver_bytes_sent_total",
+            "counter",
+            "Bytes the memory server sent, unicast and multicast",
+            m.bytes_sent as f64,
+        );
+        t.one(
+            "forkd_memserver_families",
+            "gauge",
+            "Families the memory server serves",
+            m.families as f64,
+        );
+        let c = &self.counters;
+        t.family(
+            "forkd_migrations_total",
+            "counter",
+            "Migrations out of this host, by outcome",
+        );
+        for (outcome, v) in [
+            ("committed", &c.migrations_committed),
+            ("aborted", &c.migrations_aborted),
+            ("in_doubt", &c.migrations_in_doubt),
+        ] {
+            t.sample(
+                "forkd_migrations_total",
+                &[("outcome", outcome)],
+                v.load(Ordering::Relaxed) as f64,
+            );
+        }
+        t.one(
+            "forkd_migration_bytes_sent_total",
+            "counter",
+            "Bytes migrations out of this host sent",
+            c.migration_bytes.load(Ordering::Relaxed) as f64,
+        );
+        let running = lock(&self.migrations.out)
+            .values()
+            .filter(|r| !r.progress.phase().is_final())
+            .count();
+        t.one(
+            "forkd_migrations_running",
+            "gauge",
+            "Migrations out of this host not finished",
+            running as f64,
+        );
+        t.0
+    }
+
+    /// The fault counters of every local clone of the families known here.
+    fn fault_counts(&self, entries: &[std::sync::Arc<super::registry::Entry>]) -> FaultCounts {
+        let mut sum = FaultCounts::default();
+        for e in entries {
+            for f in e.hub.families() {
+                for c in f.report().clones {
+                    let k = c.faults.counts();
+                    sum.faults += k.faults;
+                    sum.pages_fetched += k.pages_fetched;
+                    sum.pages_avoided += k.pages_avoided;
+                    sum.pages_declared += k.pages_declared;
+                    sum.pages_prefetched += k.pages_prefetched;
+                    sum.fetch_requests += k.fetch_requests;
+                }
+            }
+        }
+        sum
+    }
+
+    /// Counts a migration's outcome once its final phase is published.
+    pub(super) fn count_migration(&self, phase: Phase, bytes: u64) {
+        let c = &self.counters;
+        let counter = match phase {
+            Phase::Committed => &c.migrations_committed,
+            Phase::Aborted => &c.migrations_aborted,
+            _ => &c.migrations_in_doubt,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        c.migration_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Text;
+
+    #[test]
+    fn exposition_format() {
+        let mut t = Text(String::new());
+        t.family("x_total", "counter", "an x");
+        t.sample("x_total", &[("vm", "a\"b")], 3.0);
+        t.one("y", "gauge", "a y", 0.5);
+        assert_eq!(
+            t.0,
+            "# HELP x_total an x\n# TYPE x_total counter\nx_total{vm=\"a\\\"b\"} 3\n# HELP y a y\n# TYPE y gauge\ny 0.5\n"
+        );
+    }
+}
