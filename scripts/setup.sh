@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing forkd needs on a fresh Debian machine
-# with rustup: the guest's target, QEMU (the tests' independent oracle) and
-# libclang (bindgen, for the userfaultfd crate).
+# with rustup: the guest's target, QEMU (the tests' independent oracle),
+# libclang (bindgen, for the userfaultfd crate), etcd (the cluster's state)
+# and protoc (the etcd client's build).
 set -euo pipefail
 if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
     echo "setup: adding the x86_64-unknown-none target (zone guest)"
@@ -28,6 +29,10 @@ command -v nft >/dev/null || missing+=(nftables)
 # The demo reads JSON with python3 and asks a daemon's API with curl.
 command -v python3 >/dev/null || missing+=(python3)
 command -v curl >/dev/null || missing+=(curl)
+# The local cluster keeps its state in etcd (forkd cluster up starts one);
+# the etcd-client crate's build compiles etcd's protobufs with protoc.
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

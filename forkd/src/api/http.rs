@@ -49,6 +49,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
         )
         .route("/v1/memserver", get(memserver))
         .route("/v1/host", get(host))
+        .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
@@ -65,6 +66,17 @@ async fn openapi() -> impl IntoResponse {
 
 async fn memserver(State(reg): Reg) -> Json<MemServerInfo> {
     Json(reg.memserver_info())
+}
+
+async fn cluster(State(reg): Reg) -> Result<Json<super::etcd::ClusterView>, ApiError> {
+    let link =
+        reg.etcd.get().cloned().ok_or_else(|| {
+            ApiError::Conflict("this daemon has no cluster state (--etcd)".into())
+        })?;
+    super::etcd::read_cluster(&link)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::BadGateway(e.to_string()))
 }
 
 async fn host(State(reg): Reg) -> Json<super::load::HostLoadInfo> {

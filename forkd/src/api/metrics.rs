@@ -50,10 +50,7 @@ impl Registry {
     /// `GET /v1/host`.
     pub fn host_info(&self) -> HostLoadInfo {
         let mut h = self.host_load.get();
-        h.name = self
-            .peers()
-            .map(|p| p.name().to_owned())
-            .unwrap_or_else(|| "local".into());
+        h.name = self.host_name();
         h.vms = self.list_entries().len() as u64;
         h.hosted_clones = lock(&self.hosted)
             .values()

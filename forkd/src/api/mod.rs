@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod etcd;
 mod extract;
 pub mod hosted;
 pub mod http;
@@ -72,6 +73,9 @@ pub struct ServeConfig {
     /// Other hosts clones may be placed on (`--peer NAME=IP:PORT`).
     pub peers: Vec<(String, SocketAddr)>,
     pub limits: Limits,
+    /// The cluster's etcd (`--etcd URL`, `--etcd-ttl-s`): register this
+    /// host under a lease and publish its load there.
+    pub etcd: Option<(String, Duration)>,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
     pub on_listening: fn(&str),
@@ -372,6 +376,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         _ => None,
     };
     let registry = Registry::new(Arc::new(memserver), cfg.limits, peers);
+    if let Some((endpoint, ttl)) = &cfg.etcd {
+        let link = etcd::EtcdLink::new(etcd::EtcdConfig {
+            endpoint: endpoint.clone(),
+            ttl: *ttl,
+            api: cfg.tcp.map(|a| a.to_string()),
+        });
+        let _ = registry.etcd.set(link.clone());
+        rt.spawn(link.run(registry.clone()));
+    }
     let reaper = registry
         .start_reaper()
         .map_err(|source| ServeError::Setup {
@@ -386,6 +399,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         cfg.on_listening,
     ));
     registry.shutdown();
+    if let Some(link) = registry.etcd.get() {
+        rt.block_on(link.leave());
+    }
     let _ = reaper.join();
     rt.shutdown_timeout(Duration::from_secs(1));
     drop(file);

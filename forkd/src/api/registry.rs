@@ -70,6 +70,10 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    pub(super) fn is_running(&self) -> bool {
+        lock(&self.exit).is_none()
+    }
+
     fn record_exit(&self, vm: &mut Vm) -> Option<VmExit> {
         let exit = vm.poll_exit();
         if let Some(e) = &exit {
@@ -134,6 +138,8 @@ pub struct Registry {
     pub(super) host_load: HostSampler,
     pub(super) counters: Counters,
     pub(super) fork_counters: Arc<ForkCounters>,
+    /// The link to the cluster's etcd (`--etcd`), if any.
+    pub(super) etcd: std::sync::OnceLock<Arc<super::etcd::EtcdLink>>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -283,6 +289,7 @@ impl Registry {
             host_load: HostSampler::default(),
             counters: Counters::default(),
             fork_counters: Arc::default(),
+            etcd: std::sync::OnceLock::new(),
         })
     }
 
@@ -303,6 +310,14 @@ impl Registry {
         let mut inner = lock(&self.inner);
         inner.next_id += 1;
         inner.next_id
+    }
+
+    /// This host's name in its cluster (`local` without one).
+    pub(super) fn host_name(&self) -> String {
+        self.peers
+            .as_ref()
+            .map(|p| p.name().to_owned())
+            .unwrap_or_else(|| "local".into())
     }
 
     pub(super) fn peers(&self) -> Option<&Arc<Peers>> {

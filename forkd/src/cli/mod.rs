@@ -192,6 +192,14 @@ pub struct ServeArgs {
     /// Most clones one fork may ask for.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_clones: u64,
+    /// The cluster's etcd (e.g. http://10.77.3.254:2379): this host
+    /// registers there under a lease and publishes its load every second.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The registration's lease: a host that stops renewing it drops out
+    /// of the cluster this long after.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub etcd_ttl_s: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -408,6 +416,9 @@ pub fn main() -> ExitCode {
                 max_vms: a.max_vms as usize,
                 max_clones: a.max_clones,
             },
+            etcd: a
+                .etcd
+                .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
         })
         .map(|()| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),

@@ -10,7 +10,10 @@
 //! `forkd serve` inside its namespace (`ip netns exec`), its API on
 //! `DIR/hI/api.sock` (0600, in a 0700 directory) and on TCP at
 //! 10.77.X.I:PORT, where every request needs the cluster's bearer token
-//! (`DIR/token`, 32 random bytes in hex, 0600).
+//! (`DIR/token`, 32 random bytes in hex, 0600). The cluster's etcd runs in
+//! the bridge's namespace, listening on the bridge at 10.77.X.254:2379
+//! (data in `DIR/etcd`, log `DIR/etcd.log`); every daemon registers there
+//! (`forkd serve --etcd`).
 //!
 //! `up` refuses when any part of the cluster already exists (a state file,
 //! a namespace of its name, a non-empty directory) and says to run `down`
@@ -81,6 +84,18 @@ pub enum UpError {
     Random(#[from] memserver::auth::RandomError),
     #[error("cannot write the token file {path}: {source}")]
     Token { path: PathBuf, source: io::Error },
+    #[error(
+        "etcd is not installed (the cluster keeps its state in it): apt-get install etcd-server"
+    )]
+    NoEtcd,
+    #[error("cannot start the cluster's etcd: {0}")]
+    EtcdSpawn(io::Error),
+    #[error("the cluster's etcd {why}; its log {log}:\n{tail}")]
+    EtcdFailed {
+        why: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("cannot start the daemon of {host}: {source}")]
     Spawn { host: String, source: io::Error },
     #[error("the daemon of {host} exited ({status}) before listening; its log {log}:\n{tail}")]
@@ -180,6 +195,11 @@ fn preflight(o: &UpOptions, plan: &ClusterState) -> Result<(), UpError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(dir_err(&o.dir)(e)),
     }
+    let etcd_found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()));
+    if !etcd_found {
+        return Err(UpError::NoEtcd);
+    }
     if let Some(what) = netns::root_use_of(state::subnet(&o.name))? {
         return Err(UpError::SubnetInUse {
             name: o.name.clone(),
@@ -244,7 +264,67 @@ fn make_bridge(s: &ClusterState) -> Result<(), IpError> {
         ],
     )?;
     netns::ip_in(ns, &["link", "set", &s.bridge, "up"])?;
+    // The cluster's etcd listens on the bridge itself.
+    let addr = format!("{}/24", s.etcd.address);
+    netns::ip_in(ns, &["addr", "add", &addr, "dev", &s.bridge])?;
     Ok(())
+}
+
+/// Starts the cluster's etcd in the bridge's namespace (its data and log
+/// in the cluster's directory, its own process group) and waits until it
+/// serves.
+fn start_etcd(s: &mut ClusterState) -> Result<(), UpError> {
+    let e = &s.etcd;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&e.log)
+        .map_err(UpError::EtcdSpawn)?;
+    let log2 = log.try_clone().map_err(UpError::EtcdSpawn)?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &s.bridge_netns, "etcd"])
+        .args(["--name", &s.name])
+        .arg("--data-dir")
+        .arg(&e.data_dir)
+        .args(["--listen-client-urls", &e.client_url])
+        .args(["--advertise-client-urls", &e.client_url])
+        .args(["--listen-peer-urls", &e.peer_url])
+        .args(["--initial-advertise-peer-urls", &e.peer_url])
+        .args(["--initial-cluster", &format!("{}={}", s.name, e.peer_url)])
+        .args(["--initial-cluster-state", "new"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(UpError::EtcdSpawn)?;
+    let pid = child.id();
+    s.etcd.pid = Some(pid);
+    s.etcd.pid_start = process::start_time(pid);
+    let failed = |why: String, log: &Path| UpError::EtcdFailed {
+        why,
+        log: log.to_owned(),
+        tail: tail(log),
+    };
+    let t = Instant::now();
+    loop {
+        let ready = std::fs::read_to_string(&s.etcd.log)
+            .is_ok_and(|l| l.contains("ready to serve client requests"));
+        if ready {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(failed(format!("exited ({st})"), &s.etcd.log));
+        }
+        if t.elapsed() > START_LIMIT {
+            return Err(failed(
+                format!("did not serve within {START_LIMIT:?}"),
+                &s.etcd.log,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The MTU of the hosts' links and the bridge.
@@ -327,6 +407,8 @@ fn spawn_daemon(o: &UpOptions, s: &ClusterState, h: &HostRecord) -> Result<Child
         .arg(&s.token_file)
         .arg("--name")
         .arg(&h.name)
+        .arg("--etcd")
+        .arg(&s.etcd.client_url)
         .args(
             s.hosts
                 .iter()
@@ -393,6 +475,9 @@ fn up_inner(o: &UpOptions, s: &mut ClusterState) -> Result<(), UpError> {
         make_host(s, &s.hosts[i])?;
         s.save()?;
     }
+    let started = start_etcd(s);
+    s.save()?;
+    started?;
     for i in 0..s.hosts.len() {
         let child = spawn_daemon(o, s, &s.hosts[i])?;
         let waited = await_daemon(&mut s.hosts[i], child);
@@ -505,8 +590,13 @@ pub fn down(name: &str, dir: &Path) -> Result<DownReport, DownError> {
     let mut namespaces: Vec<String> = found.iter().map(|i| state::host_netns(name, *i)).collect();
     let mut procs: Vec<(u32, u64)> = Vec::new();
     if let Some(s) = &recorded {
-        for h in &s.hosts {
-            if let (Some(pid), Some(start)) = (h.pid, h.pid_start) {
+        let recorded_pids = s
+            .hosts
+            .iter()
+            .map(|h| (h.pid, h.pid_start))
+            .chain([(s.etcd.pid, s.etcd.pid_start)]);
+        for (pid, start) in recorded_pids {
+            if let (Some(pid), Some(start)) = (pid, start) {
                 if process::alive(pid, Some(start)) {
                     procs.push((pid, start));
                 }
@@ -567,6 +657,14 @@ pub fn down(name: &str, dir: &Path) -> Result<DownReport, DownError> {
         remove_dir(d, &mut r, &mut left);
     }
     remove_file(&dir.join(state::TOKEN_FILE), &mut r, &mut left);
+    remove_file(&dir.join(state::ETCD_LOG), &mut r, &mut left);
+    // etcd's data directory: made by `up`, inside the cluster directory.
+    let data = dir.join(state::ETCD_DATA);
+    match std::fs::remove_dir_all(&data) {
+        Ok(()) => r.files.push(data),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => left.push(format!("{}: {e}", data.display())),
+    }
     remove_file(
         &dir.join(format!(".{}.tmp", state::STATE_FILE)),
         &mut r,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The state file's format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Most hosts one local cluster may have.
 pub const MAX_HOSTS: u32 = 64;
 /// Where cluster directories go unless `--dir` says otherwise.
@@ -29,6 +29,13 @@ pub const TOKEN_FILE: &str = "token";
 /// Per-host files in `DIR/hI/`.
 pub const SOCKET_FILE: &str = "api.sock";
 pub const LOG_FILE: &str = "serve.log";
+/// The cluster's etcd: its data directory and log, in the cluster's
+/// directory; it listens on the bridge at `.254` of the subnet.
+pub const ETCD_DATA: &str = "etcd";
+pub const ETCD_LOG: &str = "etcd.log";
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
+const ETCD_OCTET: u8 = 254;
 /// The bridge's name inside the bridge namespace.
 pub const BRIDGE: &str = "br0";
 /// A host's interface name inside its namespace.
@@ -155,6 +162,24 @@ pub struct ClusterState {
     pub bridge: String,
     pub token_file: PathBuf,
     pub hosts: Vec<HostRecord>,
+    /// The cluster's etcd, in the bridge's namespace.
+    pub etcd: EtcdRecord,
+}
+
+/// The cluster's etcd server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdRecord {
+    /// The bridge's address, where etcd listens.
+    pub address: Ipv4Addr,
+    pub client_url: String,
+    pub peer_url: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
 }
 
 impl ClusterState {
@@ -181,8 +206,19 @@ impl ClusterState {
                 }
             })
             .collect();
+        let address = Ipv4Addr::new(net[0], net[1], net[2], ETCD_OCTET);
+        let etcd = EtcdRecord {
+            address,
+            client_url: format!("http://{address}:{ETCD_CLIENT_PORT}"),
+            peer_url: format!("http://{address}:{ETCD_PEER_PORT}"),
+            data_dir: dir.join(ETCD_DATA),
+            log: dir.join(ETCD_LOG),
+            pid: None,
+            pid_start: None,
+        };
         ClusterState {
             version: VERSION,
+            etcd,
             name: name.to_owned(),
             dir: dir.to_owned(),
             subnet: format!("{}/24", subnet(name)),
@@ -282,6 +318,7 @@ mod tests {
         assert_eq!(s.hosts[2].name, "h3");
         assert_eq!(s.hosts[2].netns, "forkd-t-h3");
         assert_eq!(s.hosts[2].tcp.to_string(), format!("10.77.{o}.3:7070"));
+        assert_eq!(s.etcd.client_url, format!("http://10.77.{o}.254:2379"));
         assert_eq!(ClusterState::load(dir.path()).unwrap(), None);
         s.hosts[0].pid = Some(42);
         s.hosts[0].pid_start = Some(7);

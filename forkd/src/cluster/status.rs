@@ -91,6 +91,16 @@ pub struct ClusterStatus {
     pub bridge_present: bool,
     pub token_file: PathBuf,
     pub hosts: Vec<HostStatus>,
+    pub etcd: EtcdStatus,
+}
+
+/// The cluster's etcd.
+#[derive(Debug, Clone, Serialize)]
+pub struct EtcdStatus {
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub running: bool,
 }
 
 /// A host's state now.
@@ -157,9 +167,17 @@ pub fn status(name: &str, dir: &Path) -> Result<ClusterStatus, StatusError> {
         .collect();
     let bridge_present =
         net && netns::ip_in(&st.bridge_netns, &["link", "show", "dev", &st.bridge]).is_ok();
+    let etcd = EtcdStatus {
+        url: st.etcd.client_url.clone(),
+        pid: st.etcd.pid,
+        running: st
+            .etcd
+            .pid
+            .is_some_and(|pid| process::alive(pid, st.etcd.pid_start)),
+    };
     let state = if has_state {
         let all = hosts.iter().all(|h| h.state == HostState::Running);
-        if all && bridge_present && !hosts.is_empty() {
+        if all && bridge_present && etcd.running && !hosts.is_empty() {
             ClusterStateKind::Running
         } else {
             ClusterStateKind::Degraded
@@ -178,6 +196,7 @@ pub fn status(name: &str, dir: &Path) -> Result<ClusterStatus, StatusError> {
         bridge_present,
         token_file: st.token_file,
         hosts,
+        etcd,
     })
 }
 
@@ -193,6 +212,14 @@ pub fn table(s: &ClusterStatus) -> String {
         if s.bridge_present { "" } else { ": missing" },
         s.dir.display()
     );
+    out.push_str(&format!(
+        "etcd {} ({})\n",
+        s.etcd.url,
+        match (s.etcd.running, s.etcd.pid) {
+            (true, Some(p)) => format!("running, pid {p}"),
+            _ => "not running".into(),
+        }
+    ));
     if s.hosts.is_empty() {
         return out;
     }

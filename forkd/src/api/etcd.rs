@@ -1,0 +1,338 @@
+//! Cluster state in etcd (`forkd serve --etcd URL`): this host registers
+//! under a lease (`/forkd/hosts/NAME`: its API and memory-server
+//! addresses), so that a dead host drops out within the lease's TTL, and
+//! publishes its load every second under the same lease
+//! (`/forkd/load/NAME`: the host's figures and its VMs'), the policy
+//! engine's information policy. `GET /v1/cluster` reads every host back.
+//!
+//! etcd unreachable: the daemon goes on running its VMs and serving its
+//! API; the link retries (0.2 s doubling to 2 s) and re-registers under a
+//! new lease when etcd is back. On shutdown the lease is revoked, so the
+//! host leaves at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use serde::{Deserialize, Serialize};
+
+use super::load::{HostLoadInfo, VmLoad};
+use super::registry::Registry;
+use super::types::vm_id;
+use crate::sync::lock;
+
+/// Key prefixes.
+pub const HOSTS: &str = "/forkd/hosts/";
+pub const LOADS: &str = "/forkd/load/";
+/// How long one etcd call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// `--etcd`, `--etcd-ttl-s`.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoint: String,
+    pub ttl: Duration,
+    /// This host's API address on TCP, as registered.
+    pub api: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd at {endpoint}: {source}")]
+    Client {
+        endpoint: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd at {0} did not answer within {CALL_TIMEOUT:?}")]
+    Timeout(String),
+    #[error("the lease on etcd at {0} expired")]
+    LeaseLost(String),
+    #[error("a record in etcd cannot be encoded: {0}")]
+    Encode(String),
+}
+
+/// `/forkd/hosts/NAME`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub name: String,
+    /// The API's TCP address, if it listens on TCP.
+    pub api: Option<String>,
+    pub memserver: String,
+}
+
+/// One VM in a load report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmReport {
+    pub id: String,
+    pub running: bool,
+    pub migrating: bool,
+    /// Clones of a live fork family read its memory.
+    pub has_family: bool,
+    #[serde(default)]
+    pub load: Option<VmLoadRecord>,
+}
+
+/// [`VmLoad`] as stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct VmLoadRecord {
+    pub cpu_cores: f64,
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+}
+
+impl From<VmLoad> for VmLoadRecord {
+    fn from(l: VmLoad) -> Self {
+        VmLoadRecord {
+            cpu_cores: l.cpu_cores,
+            cpu_seconds: l.cpu_seconds,
+            resident_bytes: l.resident_bytes,
+        }
+    }
+}
+
+/// `/forkd/load/NAME`: what a host publishes every second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Milliseconds since the Unix epoch, when published.
+    pub at_ms: u64,
+    pub capacity_cores: f64,
+    pub cpu_cores: f64,
+    pub resident_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub hosted_clones: u64,
+    pub vms: Vec<VmReport>,
+}
+
+/// How the link stands, for `GET /v1/cluster`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkStatus {
+    pub endpoint: String,
+    pub registered: bool,
+    pub lease_ttl_s: u64,
+    /// Registrations made (1 unless etcd went away and came back).
+    pub sessions: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The daemon's link to etcd.
+pub struct EtcdLink {
+    cfg: EtcdConfig,
+    status: std::sync::Mutex<LinkStatus>,
+    /// The current session's client and lease, for revoking at shutdown.
+    session: tokio::sync::Mutex<Option<(Client, i64)>>,
+}
+
+async fn timed<T>(
+    endpoint: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(EtcdError::Client {
+            endpoint: endpoint.to_owned(),
+            source,
+        }),
+        Err(_) => Err(EtcdError::Timeout(endpoint.to_owned())),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A client of `endpoint` with bounded connect and call times.
+pub async fn connect(endpoint: &str) -> Result<Client, EtcdError> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(CALL_TIMEOUT)
+        .with_timeout(CALL_TIMEOUT);
+    timed(endpoint, Client::connect([endpoint], Some(opts))).await
+}
+
+impl EtcdLink {
+    pub fn new(cfg: EtcdConfig) -> Arc<EtcdLink> {
+        let status = LinkStatus {
+            endpoint: cfg.endpoint.clone(),
+            lease_ttl_s: cfg.ttl.as_secs(),
+            ..LinkStatus::default()
+        };
+        Arc::new(EtcdLink {
+            cfg,
+            status: std::sync::Mutex::new(status),
+            session: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn status(&self) -> LinkStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.cfg.endpoint
+    }
+
+    /// Registers and reports until the registry closes; retries while etcd
+    /// is unreachable.
+    pub async fn run(self: Arc<Self>, reg: Arc<Registry>) {
+        let mut wait = RETRY_MIN;
+        while !reg.is_closed() {
+            let started = Instant::now();
+            if let Err(e) = self.session(&reg).await {
+                tracing::warn!("cluster state: {e}");
+                let mut s = lock(&self.status);
+                s.registered = false;
+                s.last_error = Some(e.to_string());
+            }
+            if started.elapsed() > RETRY_MAX {
+                wait = RETRY_MIN;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn session(&self, reg: &Arc<Registry>) -> Result<(), EtcdError> {
+        let ep = self.cfg.endpoint.as_str();
+        let mut client = connect(ep).await?;
+        let ttl = self.cfg.ttl.as_secs().max(1) as i64;
+        let lease = timed(ep, client.lease_grant(ttl, None)).await?.id();
+        *self.session.lock().await = Some((client.clone(), lease));
+        let name = reg.host_name();
+        let entry = HostEntry {
+            name: name.clone(),
+            api: self.cfg.api.clone(),
+            memserver: reg.memserver.local_addr().to_string(),
+        };
+        let encode = |v: &dyn erased::Json| v.json().map_err(EtcdError::Encode);
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        timed(
+            ep,
+            client.put(format!("{HOSTS}{name}"), encode(&entry)?, with_lease()),
+        )
+        .await?;
+        let (mut keeper, mut stream) = timed(ep, client.lease_keep_alive(lease)).await?;
+        {
+            let mut s = lock(&self.status);
+            s.registered = true;
+            s.sessions += 1;
+            s.last_error = None;
+        }
+        tracing::info!("registered in etcd at {ep} as {name} (lease {lease:x}, {ttl} s)");
+        // Reports (and keep-alives) three times per TTL, at most every second.
+        let every = (self.cfg.ttl / 3).clamp(Duration::from_millis(200), Duration::from_secs(1));
+        while !reg.is_closed() {
+            timed(ep, keeper.keep_alive()).await?;
+            match timed(ep, stream.message()).await? {
+                Some(r) if r.ttl() > 0 => {}
+                _ => return Err(EtcdError::LeaseLost(ep.to_owned())),
+            }
+            let report = reg.load_report();
+            timed(
+                ep,
+                client.put(format!("{LOADS}{name}"), encode(&report)?, with_lease()),
+            )
+            .await?;
+            tokio::time::sleep(every).await;
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster at once (shutdown): revokes the lease.
+    pub async fn leave(&self) {
+        if let Some((mut client, lease)) = self.session.lock().await.take() {
+            let _ = timed(&self.cfg.endpoint, client.lease_revoke(lease)).await;
+        }
+    }
+}
+
+/// Serializing through a trait object (the entry and the report).
+mod erased {
+    pub trait Json {
+        fn json(&self) -> Result<Vec<u8>, String>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(self).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// `GET /v1/cluster`: one host as etcd has it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterHost {
+    #[serde(flatten)]
+    pub entry: HostEntry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    pub etcd: LinkStatus,
+    pub hosts: Vec<ClusterHost>,
+}
+
+/// Every host registered in etcd, with its last load report.
+pub async fn read_cluster(link: &EtcdLink) -> Result<ClusterView, EtcdError> {
+    let ep = link.endpoint();
+    let mut client = connect(ep).await?;
+    let prefix = || Some(GetOptions::new().with_prefix());
+    let hosts = timed(ep, client.get(HOSTS, prefix())).await?;
+    let loads = timed(ep, client.get(LOADS, prefix())).await?;
+    let mut reports = std::collections::BTreeMap::new();
+    for kv in loads.kvs() {
+        if let (Ok(k), Ok(r)) = (
+            kv.key_str(),
+            serde_json::from_slice::<LoadReport>(kv.value()),
+        ) {
+            reports.insert(k.trim_start_matches(LOADS).to_owned(), r);
+        }
+    }
+    let mut out: Vec<ClusterHost> = hosts
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<HostEntry>(kv.value()).ok())
+        .map(|entry| ClusterHost {
+            load: reports.remove(&entry.name),
+            entry,
+        })
+        .collect();
+    out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
+    Ok(ClusterView {
+        etcd: link.status(),
+        hosts: out,
+    })
+}
+
+impl Registry {
+    /// What this host publishes every second.
+    pub(super) fn load_report(&self) -> LoadReport {
+        let h: HostLoadInfo = self.host_info();
+        let vms = self
+            .list_entries()
+            .iter()
+            .map(|e| VmReport {
+                id: vm_id(e.id),
+                running: e.is_running(),
+                migrating: e.migrating.load(std::sync::atomic::Ordering::Acquire),
+                has_family: e.hub.families().iter().any(|f| !f.is_released()),
+                load: e.load.get().map(VmLoadRecord::from),
+            })
+            .collect();
+        LoadReport {
+            at_ms: now_ms(),
+            capacity_cores: h.capacity_cores,
+            cpu_cores: h.cpu_cores,
+            resident_bytes: h.resident_bytes,
+            mem_available_bytes: h.mem_available_bytes,
+            hosted_clones: h.hosted_clones,
+            vms,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Cluster state in etcd: `forkd cluster up` starts the cluster's etcd on
+//! the bridge and every daemon registers there under a lease and publishes
+//! its load; a host whose daemon dies drops out within the lease's TTL;
+//! with etcd gone the daemons run their VMs on, and register again when it
+//! is back. Real etcd, real daemons in network namespaces. Needs root and
+//! /dev/kvm; fails clearly without.
+
+#[allow(dead_code)]
+#[path = "api/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "remote/common.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "api/schema.rs"]
+mod schema;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tests::qemu_done_line;
+
+/// The daemons' lease (`forkd serve --etcd-ttl-s`, the default).
+const TTL: Duration = Duration::from_secs(3);
+
+fn cluster(sock: &Path) -> client::Response {
+    client::call_unix(sock, "GET", "/v1/cluster", None)
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// Waits (bounded) until `h1`'s view of the cluster satisfies `done`.
+fn until(sock: &Path, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = cluster(sock);
+        if r.status == 200 && done(&r.json()) {
+            return r.json();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{what} within {limit:?}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kill9(pid: u64) {
+    // SAFETY: kill(2) on a pid this test's cluster started; no memory.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// Every host registers with its addresses and load; killing h3's daemon
+/// (SIGKILL: no goodbye) drops it from the cluster within the TTL (plus
+/// one renewal period of slack), and the others stay.
+#[test]
+fn hosts_register_and_a_dead_host_drops_out_within_the_ttl() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    assert_eq!(up["etcd"]["running"], true, "{up}");
+    let v = until(
+        &h1,
+        Duration::from_secs(10),
+        "three hosts with loads",
+        |v| {
+            names(v) == ["h1", "h2", "h3"]
+                && v["hosts"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|h| h["load"].is_object()))
+        },
+    );
+    assert_eq!(v["etcd"]["registered"], true, "{v}");
+    for (h, rec) in v["hosts"].as_array().expect("hosts").iter().zip(&hs) {
+        assert_eq!(h["api"], rec["tcp"], "{h}");
+        assert!(h["load"]["capacity_cores"].as_f64() >= Some(1.0), "{h}");
+    }
+    let pid = hs[2]["pid"].as_u64().expect("h3's pid");
+    kill9(pid);
+    let t = Instant::now();
+    until(&h1, TTL + Duration::from_secs(3), "h3 dropped out", |v| {
+        names(v) == ["h1", "h2"]
+    });
+    eprintln!(
+        "h3 dropped out {:?} after SIGKILL (TTL {TTL:?})",
+        t.elapsed()
+    );
+}
+
+/// etcd gone: the cluster view fails clearly (502), the daemons run their
+/// VMs on (one ends with QEMU's line) and a fork still works; etcd back
+/// (same data): the daemons register again by themselves.
+#[test]
+fn etcd_unreachable_the_daemons_keep_running_their_vms() {
+    let (c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = socket(&hs[0]);
+    until(&h1, Duration::from_secs(10), "two hosts", |v| {
+        names(v) == ["h1", "h2"]
+    });
+    let cmdline = "ticks=300 seed=21 state_mib=8 dirty_pages=8 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    kill9(up["etcd"]["pid"].as_u64().expect("etcd pid"));
+    let t = Instant::now();
+    loop {
+        let r = cluster(&h1);
+        if r.status == 502 {
+            assert!(r.error().contains("etcd"), "{}", r.error());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no 502 while etcd is down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VM runs on and forks; its clones run too.
+    let r = client::call_unix(
+        &h1,
+        "POST",
+        &format!("/v1/vms/{id}/fork"),
+        Some(r#"{"clones": 1}"#),
+    );
+    assert_eq!(r.status, 200, "fork without etcd: {}", r.error());
+    let v = poll(
+        &h1,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(60),
+        |v| v["state"] == "exited",
+    );
+    assert_eq!(v["exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_line"], qemu_done_line(cmdline, MEM).as_str(), "{v}");
+    // etcd back, as `cluster up` ran it: the daemons register again.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir.join("state.json")).expect("state file"),
+    )
+    .expect("state json");
+    let e = &state["etcd"];
+    let arg = |k: &str| e[k].as_str().expect(k).to_owned();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(arg("log"))
+        .expect("etcd log");
+    let mut etcd = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            state["bridge_netns"].as_str().expect("netns"),
+            "etcd",
+        ])
+        .args(["--name", state["name"].as_str().expect("name")])
+        .args(["--data-dir", &arg("data_dir")])
+        .args(["--listen-client-urls", &arg("client_url")])
+        .args(["--advertise-client-urls", &arg("client_url")])
+        .args(["--listen-peer-urls", &arg("peer_url")])
+        .args(["--initial-advertise-peer-urls", &arg("peer_url")])
+        .args([
+            "--initial-cluster",
+            &format!(
+                "{}={}",
+                state["name"].as_str().expect("name"),
+                arg("peer_url")
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restart etcd");
+    let back = until(&h1, Duration::from_secs(20), "both hosts again", |v| {
+        names(v) == ["h1", "h2"] && v["etcd"]["sessions"].as_u64() >= Some(2)
+    });
+    eprintln!("after etcd came back: {}", back["etcd"]);
+    // `down` stops it with the rest; reap our child.
+    drop(c);
+    let _ = etcd.wait();
+}
