@@ -70,6 +70,9 @@ pub struct VmReport {
     pub migrating: bool,
     /// Clones of a live fork family read its memory.
     pub has_family: bool,
+    /// That family's clones still running.
+    #[serde(default)]
+    pub family_clones: u64,
     #[serde(default)]
     pub load: Option<VmLoadRecord>,
 }
@@ -151,6 +154,13 @@ pub async fn connect(endpoint: &str) -> Result<Client, EtcdError> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
         .with_timeout(CALL_TIMEOUT);
+    timed(endpoint, Client::connect([endpoint], Some(opts))).await
+}
+
+/// A client whose calls have no deadline of their own (an election's
+/// campaign waits while another candidate leads); connecting is bounded.
+pub async fn connect_for_campaign(endpoint: &str) -> Result<Client, EtcdError> {
+    let opts = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT);
     timed(endpoint, Client::connect([endpoint], Some(opts))).await
 }
 
@@ -322,6 +332,13 @@ impl Registry {
                 running: e.is_running(),
                 migrating: e.migrating.load(std::sync::atomic::Ordering::Acquire),
                 has_family: e.hub.families().iter().any(|f| !f.is_released()),
+                family_clones: e
+                    .hub
+                    .families()
+                    .iter()
+                    .filter(|f| !f.is_released())
+                    .map(|f| f.running())
+                    .sum(),
                 load: e.load.get().map(VmLoadRecord::from),
             })
             .collect();

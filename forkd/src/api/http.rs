@@ -25,6 +25,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{id}", get(show).delete(remove))
         .route("/v1/vms/{id}/fork", axum::routing::post(fork))
+        .route("/v1/vms/{id}/join", axum::routing::post(join))
         .route("/v1/vms/{id}/console", get(console))
         .route(
             "/v1/vms/{id}/migrate",
@@ -50,6 +51,8 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/memserver", get(memserver))
         .route("/v1/host", get(host))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/policy", get(policy))
+        .route("/v1/policy/decisions", get(decisions))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
@@ -69,11 +72,34 @@ async fn memserver(State(reg): Reg) -> Json<MemServerInfo> {
 }
 
 async fn cluster(State(reg): Reg) -> Result<Json<super::etcd::ClusterView>, ApiError> {
-    let link =
-        reg.etcd.get().cloned().ok_or_else(|| {
-            ApiError::Conflict("this daemon has no cluster state (--etcd)".into())
-        })?;
+    let link = etcd_link(&reg)?;
     super::etcd::read_cluster(&link)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::BadGateway(e.to_string()))
+}
+
+fn etcd_link(reg: &Registry) -> Result<Arc<super::etcd::EtcdLink>, ApiError> {
+    reg.etcd
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::Conflict("this daemon has no cluster state (--etcd)".into()))
+}
+
+async fn policy(State(reg): Reg) -> Result<Json<super::controller::ControllerStatus>, ApiError> {
+    reg.controller
+        .get()
+        .map(|c| Json(c.status()))
+        .ok_or_else(|| {
+            ApiError::Conflict("this daemon runs no policy controller (--policy)".into())
+        })
+}
+
+async fn decisions(
+    State(reg): Reg,
+) -> Result<Json<Vec<super::controller::DecisionRecord>>, ApiError> {
+    let link = etcd_link(&reg)?;
+    super::controller::read_decisions(&link)
         .await
         .map(Json)
         .map_err(|e| ApiError::BadGateway(e.to_string()))
@@ -144,6 +170,15 @@ async fn fork(
     let req: ForkVm = parse_body(body)?;
     let forked = blocking(move || reg.fork(id, req)).await?;
     Ok(Json(forked).into_response())
+}
+
+async fn join(
+    State(reg): Reg,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = vm_path(path)?;
+    let joined = blocking(move || reg.join(id)).await?;
+    Ok(Json(joined).into_response())
 }
 
 fn family_path(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {

@@ -51,6 +51,9 @@ impl Registry {
     pub fn host_info(&self) -> HostLoadInfo {
         let mut h = self.host_load.get();
         h.name = self.host_name();
+        if let Some(c) = self.capacity_cores.get() {
+            h.capacity_cores = *c;
+        }
         h.vms = self.list_entries().len() as u64;
         h.hosted_clones = lock(&self.hosted)
             .values()

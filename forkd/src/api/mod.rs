@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod controller;
 pub mod error;
 pub mod etcd;
 mod extract;
@@ -76,6 +77,11 @@ pub struct ServeConfig {
     /// The cluster's etcd (`--etcd URL`, `--etcd-ttl-s`): register this
     /// host under a lease and publish its load there.
     pub etcd: Option<(String, Duration)>,
+    /// Run a policy controller candidate (needs `etcd`), deciding every
+    /// this often.
+    pub policy: Option<(Duration, crate::policy::PolicyConfig)>,
+    /// The cores this host offers its zones (`--cpu-capacity`).
+    pub capacity_cores: Option<f64>,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
     pub on_listening: fn(&str),
@@ -383,7 +389,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             api: cfg.tcp.map(|a| a.to_string()),
         });
         let _ = registry.etcd.set(link.clone());
-        rt.spawn(link.run(registry.clone()));
+        rt.spawn(link.clone().run(registry.clone()));
+        if let Some((period, policy)) = cfg.policy.clone() {
+            let c = controller::Controller::new(link, policy, period, *ttl, registry.host_name());
+            let _ = registry.controller.set(c.clone());
+            rt.spawn(c.run(registry.clone()));
+        }
+    }
+    if let Some(c) = cfg.capacity_cores {
+        let _ = registry.capacity_cores.set(c);
     }
     let reaper = registry
         .start_reaper()

@@ -22,8 +22,8 @@ use super::load::{Counters, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, ForkVm, Forked,
-    HostReceiverInfo, MemServerInfo, MulticastInfo, StartFailure, VmDetail, VmState, VmSummary,
-    MAX_NAME,
+    HostReceiverInfo, Joined, MemServerInfo, MulticastInfo, StartFailure, VmDetail, VmState,
+    VmSummary, MAX_NAME,
 };
 use crate::fork::family::ForkCounters;
 use crate::fork::host::{fork_vm_placed, HostForkError};
@@ -140,6 +140,11 @@ pub struct Registry {
     pub(super) fork_counters: Arc<ForkCounters>,
     /// The link to the cluster's etcd (`--etcd`), if any.
     pub(super) etcd: std::sync::OnceLock<Arc<super::etcd::EtcdLink>>,
+    /// This daemon's policy controller candidate (`--policy`), if any.
+    pub(super) controller: std::sync::OnceLock<Arc<super::controller::Controller>>,
+    /// `--cpu-capacity`: the cores this host offers its zones (default:
+    /// the machine's online CPUs).
+    pub(super) capacity_cores: std::sync::OnceLock<f64>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -290,6 +295,8 @@ impl Registry {
             counters: Counters::default(),
             fork_counters: Arc::default(),
             etcd: std::sync::OnceLock::new(),
+            controller: std::sync::OnceLock::new(),
+            capacity_cores: std::sync::OnceLock::new(),
         })
     }
 
@@ -667,6 +674,19 @@ impl Registry {
                 replayed: m.replayed,
                 foreign: m.foreign,
             },
+        }
+    }
+
+    /// `POST /v1/vms/{id}/join`: ends the VM's live fork family (the
+    /// policy's join); the VM runs on alone. Blocks until its clones ended.
+    pub fn join(&self, id: u64) -> Result<Joined, ApiError> {
+        let entry = self.entry(id)?;
+        match entry.hub.join_live_family() {
+            Some(family) => Ok(Joined { family }),
+            None => Err(ApiError::Conflict(format!(
+                "{} has no live fork family to join",
+                vm_id(id)
+            ))),
         }
     }
 

@@ -226,6 +226,12 @@ pub struct VmSummary {
     pub parent_host: Option<String>,
 }
 
+/// `POST /v1/vms/{id}/join`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Joined {
+    pub family: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VmList {
     pub vms: Vec<VmSummary>,

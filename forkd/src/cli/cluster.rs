@@ -41,6 +41,19 @@ pub struct UpArgs {
     /// Print the cluster's status as JSON when it is up.
     #[arg(long)]
     pub json: bool,
+    /// Every host runs a policy controller candidate (one is elected).
+    #[arg(long)]
+    pub policy: bool,
+    /// The leading controller decides this often.
+    #[arg(long, requires = "policy", value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub policy_period_ms: Option<u64>,
+    /// The policy's thresholds (JSON), passed to every host.
+    #[arg(long, requires = "policy")]
+    pub policy_config: Option<String>,
+    /// The cores each host offers its zones, as the policy sees it (the
+    /// hosts of a local cluster share this machine's CPUs).
+    #[arg(long)]
+    pub cpu_capacity: Option<f64>,
     #[command(flatten)]
     pub which: Which,
 }
@@ -79,6 +92,24 @@ fn print_status(name: &str, dir: &std::path::Path, json: bool) -> Result<status:
     Ok(st)
 }
 
+/// What `up` passes on to every host's `forkd serve`.
+fn serve_args(a: &UpArgs) -> Vec<String> {
+    let mut v = Vec::new();
+    if a.policy {
+        v.push("--policy".to_owned());
+    }
+    if let Some(ms) = a.policy_period_ms {
+        v.extend(["--policy-period-ms".to_owned(), ms.to_string()]);
+    }
+    if let Some(p) = &a.policy_config {
+        v.extend(["--policy-config".to_owned(), p.clone()]);
+    }
+    if let Some(c) = a.cpu_capacity {
+        v.extend(["--cpu-capacity".to_owned(), c.to_string()]);
+    }
+    v
+}
+
 pub fn run(cmd: ClusterCommand) -> Result<ExitCode> {
     match cmd {
         ClusterCommand::Up(a) => {
@@ -90,6 +121,7 @@ pub fn run(cmd: ClusterCommand) -> Result<ExitCode> {
                 hosts: a.hosts,
                 port: a.port,
                 forkd,
+                serve_args: serve_args(&a),
             })?;
             if !a.json {
                 eprintln!(

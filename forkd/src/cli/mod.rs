@@ -200,6 +200,35 @@ pub struct ServeArgs {
     /// of the cluster this long after.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub etcd_ttl_s: u64,
+    /// Run a policy controller candidate (needs --etcd): the one elected
+    /// leader forks, joins and migrates zones from the hosts' loads.
+    #[arg(long, requires = "etcd")]
+    pub policy: bool,
+    /// How often the leading controller decides.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub policy_period_ms: u64,
+    /// The policy's thresholds, a JSON object of `PolicyConfig` fields
+    /// (the others keep their defaults), e.g. '{"high_water": 0.8}'.
+    #[arg(long, requires = "policy", value_parser = parse_policy)]
+    pub policy_config: Option<crate::policy::PolicyConfig>,
+    /// The cores this host offers its zones, as the policy sees it
+    /// [default: the machine's online CPUs].
+    #[arg(long, value_parser = parse_cores)]
+    pub cpu_capacity: Option<f64>,
+}
+
+fn parse_policy(s: &str) -> Result<crate::policy::PolicyConfig, String> {
+    let c: crate::policy::PolicyConfig =
+        serde_json::from_str(s).map_err(|e| format!("policy configuration: {e}"))?;
+    c.check().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+fn parse_cores(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c > 0.0 && c <= 4096.0 => Ok(c),
+        _ => Err(format!("'{s}': a number of cores in (0, 4096]")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -419,6 +448,13 @@ pub fn main() -> ExitCode {
             etcd: a
                 .etcd
                 .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
+            policy: a.policy.then(|| {
+                (
+                    std::time::Duration::from_millis(a.policy_period_ms),
+                    a.policy_config.unwrap_or_default(),
+                )
+            }),
+            capacity_cores: a.cpu_capacity,
         })
         .map(|()| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),

@@ -50,6 +50,8 @@ pub struct UpOptions {
     pub port: u16,
     /// The `forkd` binary the hosts run (`serve`).
     pub forkd: PathBuf,
+    /// More arguments for every host's `forkd serve` (`--policy`, …).
+    pub serve_args: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -409,6 +411,7 @@ fn spawn_daemon(o: &UpOptions, s: &ClusterState, h: &HostRecord) -> Result<Child
         .arg(&h.name)
         .arg("--etcd")
         .arg(&s.etcd.client_url)
+        .args(&o.serve_args)
         .args(
             s.hosts
                 .iter()

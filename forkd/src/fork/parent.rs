@@ -464,6 +464,21 @@ impl ForkHub {
         }
     }
 
+    /// Host-initiated join: ends the live family (its clones' clients go
+    /// back to the parent) — its clones are killed, here and on other
+    /// hosts, waited for, and the frozen image released. Returns the
+    /// family's id; `None` if no family is live.
+    pub fn join_live_family(&self) -> Option<u64> {
+        let f = lock(&self.families)
+            .iter()
+            .find(|f| !f.is_released())
+            .cloned()?;
+        f.kill.store(true, Ordering::Release);
+        f.join_threads();
+        f.release();
+        Some(f.id())
+    }
+
     /// The parent is going away: end every family and release its image.
     pub fn end_families(&self) {
         for f in self.families() {

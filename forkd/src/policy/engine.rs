@@ -188,6 +188,7 @@ impl Policy {
             (
                 Action::Fork {
                     zone: z.zone.clone(),
+                    host: z.host.clone(),
                     clones,
                 },
                 format!(
@@ -200,6 +201,7 @@ impl Policy {
             (
                 Action::Join {
                     zone: z.zone.clone(),
+                    host: z.host.clone(),
                 },
                 format!(
                     "the split zone's demand fell to {demand:.2} cores (join below {:.2}): one VM serves it",
@@ -330,7 +332,7 @@ impl Policy {
                         .insert(h.clone(), now + c.host_cooldown_ms);
                 }
             }
-            Action::Fork { zone, .. } | Action::Join { zone } => {
+            Action::Fork { zone, .. } | Action::Join { zone, .. } => {
                 self.zone_quiet_until
                     .insert(zone.clone(), now + c.zone_cooldown_ms);
             }

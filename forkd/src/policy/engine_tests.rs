@@ -305,6 +305,7 @@ fn fork_and_join_on_a_zones_demand() {
         d[0].action,
         Action::Fork {
             zone: "h1/z0".into(),
+            host: "h1".into(),
             clones: 2
         }
     );
@@ -322,7 +323,8 @@ fn fork_and_join_on_a_zones_demand() {
     assert_eq!(
         d.iter().map(|d| &d.action).collect::<Vec<_>>(),
         [&Action::Join {
-            zone: "h1/z0".into()
+            zone: "h1/z0".into(),
+            host: "h1".into()
         }]
     );
     // Never more than max_clones.
@@ -333,6 +335,7 @@ fn fork_and_join_on_a_zones_demand() {
         d[0].action,
         Action::Fork {
             zone: "h1/z0".into(),
+            host: "h1".into(),
             clones: 7
         }
     );
@@ -410,11 +413,11 @@ fn the_actuator_applies_each_action() {
                 .push(format!("migrate {zone} {from} {to}"));
             Ok(())
         }
-        fn fork(&self, zone: &str, clones: u32) -> Result<(), String> {
+        fn fork(&self, zone: &str, _host: &str, clones: u32) -> Result<(), String> {
             self.0.borrow_mut().push(format!("fork {zone} {clones}"));
             Ok(())
         }
-        fn join(&self, zone: &str) -> Result<(), String> {
+        fn join(&self, zone: &str, _host: &str) -> Result<(), String> {
             self.0.borrow_mut().push(format!("join {zone}"));
             Err("no such family".into())
         }
@@ -432,7 +435,10 @@ fn the_actuator_applies_each_action() {
     assert!(done.iter().any(|a| a.starts_with("migrate")), "{done:?}");
     let join = Decision {
         at_ms: 0,
-        action: Action::Join { zone: "z".into() },
+        action: Action::Join {
+            zone: "z".into(),
+            host: "h1".into(),
+        },
         reason: String::new(),
         inputs: Default::default(),
     };

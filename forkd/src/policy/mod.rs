@@ -41,11 +41,15 @@ pub enum Action {
         from: String,
         to: String,
     },
-    /// Fork zone `zone` into `clones` more VMs (its clients are split
-    /// between the parent and its clones by clone id).
-    Fork { zone: String, clones: u32 },
-    /// Join the clones of zone `zone` back into its parent.
-    Join { zone: String },
+    /// Fork zone `zone` (on `host`) into `clones` more VMs (its clients
+    /// are split between the parent and its clones by clone id).
+    Fork {
+        zone: String,
+        host: String,
+        clones: u32,
+    },
+    /// Join the clones of zone `zone` (on `host`) back into its parent.
+    Join { zone: String, host: String },
 }
 
 /// One decision: the action, why, and the figures it was taken on.
@@ -80,15 +84,15 @@ pub struct Inputs {
 /// logged with the decision.
 pub trait Actuator {
     fn migrate(&self, zone: &str, from: &str, to: &str) -> Result<(), String>;
-    fn fork(&self, zone: &str, clones: u32) -> Result<(), String>;
-    fn join(&self, zone: &str) -> Result<(), String>;
+    fn fork(&self, zone: &str, host: &str, clones: u32) -> Result<(), String>;
+    fn join(&self, zone: &str, host: &str) -> Result<(), String>;
 
     /// Carries out `d`.
     fn apply(&self, d: &Decision) -> Result<(), String> {
         match &d.action {
             Action::Migrate { zone, from, to } => self.migrate(zone, from, to),
-            Action::Fork { zone, clones } => self.fork(zone, *clones),
-            Action::Join { zone } => self.join(zone),
+            Action::Fork { zone, host, clones } => self.fork(zone, host, *clones),
+            Action::Join { zone, host } => self.join(zone, host),
         }
     }
 }

@@ -46,6 +46,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn up(hosts: u32) -> (Cluster, Value) {
+        Self::up_with(hosts, &[])
+    }
+
+    /// `up` with more `forkd cluster up` arguments (`--policy`, …).
+    pub fn up_with(hosts: u32, extra: &[&str]) -> (Cluster, Value) {
         require_root();
         let parent = tempfile::tempdir().expect("tempdir");
         let c = Cluster {
@@ -53,7 +58,10 @@ impl Cluster {
             dir: parent.path().join("cluster"),
             _parent: parent,
         };
-        let o = c.run(&["up", "--hosts", &hosts.to_string(), "--json"]);
+        let n = hosts.to_string();
+        let mut args = vec!["up", "--hosts", &n, "--json"];
+        args.extend_from_slice(extra);
+        let o = c.run(&args);
         assert!(o.status.success(), "cluster up: {}", text(&o));
         let v: Value = serde_json::from_slice(&o.stdout)
             .unwrap_or_else(|e| panic!("cluster up --json: {e}: {}", text(&o)));

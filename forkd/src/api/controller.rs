@@ -1,0 +1,376 @@
+//! The policy controller (`forkd serve --etcd URL --policy`): every daemon
+//! so started is a candidate; etcd's election (`/forkd/controller`, under
+//! a lease of the daemon's TTL) makes one the leader, so two controllers
+//! never act at once. The leader, once a period, builds a
+//! [`LoadSnapshot`] from the loads the hosts publish in etcd, asks the
+//! pure [`Policy`] what to do, and carries each decision out through the
+//! daemons' API ([`ApiActuator`]); every decision, with its inputs, reason
+//! and outcome, goes to etcd (`/forkd/decisions/`), where any daemon lists
+//! them (`GET /v1/policy/decisions`).
+//!
+//! A leader that cannot renew its lease (etcd unreachable) stops acting at
+//! once and campaigns again when etcd is back; a leader that dies loses its
+//! lease within the TTL and another candidate takes over.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+use serde::{Deserialize, Serialize};
+
+use super::etcd::{self, ClusterView, EtcdError, EtcdLink};
+use super::registry::Registry;
+use crate::policy::{Actuator, Decision, HostLoad, LoadSnapshot, Policy, PolicyConfig, ZoneLoad};
+use crate::sync::lock;
+
+const ELECTION: &str = "/forkd/controller";
+pub const DECISIONS: &str = "/forkd/decisions/";
+/// Decisions kept in etcd (older ones are deleted).
+const DECISIONS_KEPT: usize = 1000;
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one action (an API call to a daemon) may take.
+const ACTION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A decision as recorded: who took it and how carrying it out went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub by: String,
+    /// The leader's term (its lease id), so that a reader sees which
+    /// controller acted.
+    pub term: String,
+    pub decision: serde_json::Value,
+    pub outcome: String,
+}
+
+/// `GET /v1/policy`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControllerStatus {
+    pub host: String,
+    pub leader: bool,
+    /// Times this candidate became leader.
+    pub terms: u64,
+    pub decisions: u64,
+    pub period_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+pub struct Controller {
+    link: Arc<EtcdLink>,
+    config: PolicyConfig,
+    period: Duration,
+    ttl: Duration,
+    status: Mutex<ControllerStatus>,
+    /// Last successful lease renewal, ms since `started`.
+    renewed_ms: Arc<AtomicU64>,
+    started: Instant,
+}
+
+async fn timed<T>(
+    endpoint: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(EtcdError::Client {
+            endpoint: endpoint.to_owned(),
+            source,
+        }),
+        Err(_) => Err(EtcdError::Timeout(endpoint.to_owned())),
+    }
+}
+
+impl Controller {
+    pub fn new(
+        link: Arc<EtcdLink>,
+        config: PolicyConfig,
+        period: Duration,
+        ttl: Duration,
+        host: String,
+    ) -> Arc<Controller> {
+        Arc::new(Controller {
+            link,
+            config,
+            period,
+            ttl,
+            status: Mutex::new(ControllerStatus {
+                host,
+                period_ms: period.as_millis() as u64,
+                ..ControllerStatus::default()
+            }),
+            renewed_ms: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn status(&self) -> ControllerStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Campaigns, leads, campaigns again, until the registry closes.
+    pub async fn run(self: Arc<Self>, reg: Arc<Registry>) {
+        while !reg.is_closed() {
+            if let Err(e) = self.term(&reg).await {
+                tracing::warn!("policy controller: {e}");
+                let mut s = lock(&self.status);
+                s.leader = false;
+                s.last_error = Some(e.to_string());
+            }
+            lock(&self.status).leader = false;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Still holds its lease: renewed within half the TTL.
+    fn fresh(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.renewed_ms.load(Ordering::Acquire))
+            < (self.ttl.as_millis() as u64) / 2
+    }
+
+    async fn term(&self, reg: &Arc<Registry>) -> Result<(), EtcdError> {
+        let ep = self.link.endpoint().to_owned();
+        // No per-request timeout: the campaign waits as long as another
+        // leads; every other call is bounded by `timed`.
+        let mut client = etcd::connect_for_campaign(&ep).await?;
+        let ttl = self.ttl.as_secs().max(1) as i64;
+        let lease = timed(&ep, client.lease_grant(ttl, None)).await?.id();
+        let (mut keeper, mut stream) = timed(&ep, client.lease_keep_alive(lease)).await?;
+        self.renewed_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+        // The lease lives while we campaign and lead; the task ends (and
+        // the term with it) as soon as a renewal fails.
+        let (renewed, started, every) = (self.renewed_ms.clone(), self.started, self.ttl / 3);
+        let keep_ep = ep.clone();
+        let keep = tokio::spawn(async move {
+            loop {
+                timed(&keep_ep, keeper.keep_alive()).await?;
+                match timed(&keep_ep, stream.message()).await? {
+                    Some(r) if r.ttl() > 0 => {
+                        renewed.store(started.elapsed().as_millis() as u64, Ordering::Release)
+                    }
+                    _ => return Err::<(), _>(EtcdError::LeaseLost(keep_ep)),
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        let host = reg.host_name();
+        let mut keep = keep;
+        let mut campaigner = client.clone();
+        tokio::select! {
+            r = campaigner.campaign(ELECTION, host.clone(), lease) => {
+                r.map_err(|source| EtcdError::Client { endpoint: ep.clone(), source })?;
+            }
+            _ = &mut keep => return Err(EtcdError::LeaseLost(ep)),
+        }
+        let term = format!("{lease:x}");
+        {
+            let mut s = lock(&self.status);
+            s.leader = true;
+            s.terms += 1;
+            s.last_error = None;
+        }
+        tracing::info!("policy controller: {host} leads (term {term})");
+        let mut policy = Policy::new(self.config.clone())
+            .map_err(|e| EtcdError::Encode(format!("policy configuration: {e}")))?;
+        let actuator = Arc::new(ApiActuator { reg: reg.clone() });
+        let mut seq = 0u64;
+        while !reg.is_closed() {
+            if keep.is_finished() || !self.fresh() {
+                keep.abort();
+                return Err(EtcdError::LeaseLost(ep));
+            }
+            let view = etcd::read_cluster(&self.link).await?;
+            let snap = snapshot(&view, self.started.elapsed().as_millis() as u64);
+            for d in policy.decide(&snap) {
+                // Never act on a lease that may have lapsed.
+                if keep.is_finished() || !self.fresh() {
+                    keep.abort();
+                    return Err(EtcdError::LeaseLost(ep));
+                }
+                let a = actuator.clone();
+                let act = d.clone();
+                let outcome = tokio::time::timeout(
+                    ACTION_TIMEOUT,
+                    tokio::task::spawn_blocking(move || a.apply(&act)),
+                )
+                .await;
+                let outcome = match outcome {
+                    Ok(Ok(Ok(()))) => "done".to_owned(),
+                    Ok(Ok(Err(e))) => format!("failed: {e}"),
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    Err(_) => format!("no answer within {ACTION_TIMEOUT:?}"),
+                };
+                seq += 1;
+                self.record(&mut client, &host, &term, seq, &d, &outcome)
+                    .await?;
+                lock(&self.status).decisions += 1;
+            }
+            tokio::time::sleep(self.period).await;
+        }
+        keep.abort();
+        let _ = timed(&ep, client.lease_revoke(lease)).await;
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        client: &mut Client,
+        host: &str,
+        term: &str,
+        seq: u64,
+        d: &Decision,
+        outcome: &str,
+    ) -> Result<(), EtcdError> {
+        let ep = self.link.endpoint();
+        let rec = DecisionRecord {
+            by: host.to_owned(),
+            term: term.to_owned(),
+            decision: serde_json::to_value(d).map_err(|e| EtcdError::Encode(e.to_string()))?,
+            outcome: outcome.to_owned(),
+        };
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let key = format!("{DECISIONS}{at:015}-{term}-{seq:06}");
+        let value = serde_json::to_vec(&rec).map_err(|e| EtcdError::Encode(e.to_string()))?;
+        tracing::info!(%outcome, reason = %d.reason, "policy decision recorded");
+        timed(ep, client.put(key, value, None)).await?;
+        // Bounded: drop the oldest beyond DECISIONS_KEPT.
+        let keys = timed(
+            ep,
+            client.get(
+                DECISIONS,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await?;
+        let n = keys.kvs().len();
+        for kv in keys.kvs().iter().take(n.saturating_sub(DECISIONS_KEPT)) {
+            let _ = timed(ep, client.delete(kv.key().to_vec(), None)).await;
+        }
+        Ok(())
+    }
+}
+
+/// The policy's view of the cluster: each host's published load, each
+/// running VM a zone (its clones, if it has a live family, carry as much
+/// as it does: its clients are split evenly by clone id).
+pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
+    let mut s = LoadSnapshot {
+        at_ms,
+        ..LoadSnapshot::default()
+    };
+    for h in &view.hosts {
+        let Some(l) = &h.load else { continue };
+        s.hosts.push(HostLoad {
+            name: h.entry.name.clone(),
+            capacity: l.capacity_cores,
+            cpu: l.cpu_cores,
+        });
+        for vm in l.vms.iter().filter(|v| v.running) {
+            let cpu = vm.load.map(|l| l.cpu_cores).unwrap_or(0.0);
+            s.zones.push(ZoneLoad {
+                zone: vm.id.clone(),
+                host: h.entry.name.clone(),
+                cpu,
+                clones: if vm.has_family {
+                    vec![cpu; vm.family_clones as usize]
+                } else {
+                    Vec::new()
+                },
+                migrating: vm.migrating,
+            });
+        }
+    }
+    s
+}
+
+/// Carries decisions out through the daemons' API: this host's registry
+/// directly, the others over TCP with the cluster's token.
+pub struct ApiActuator {
+    reg: Arc<Registry>,
+}
+
+impl ApiActuator {
+    fn call(&self, host: &str, path: &str, body: &str, want: u16) -> Result<(), String> {
+        let peers = self
+            .reg
+            .peers()
+            .ok_or("this daemon has no peers (--peer)")?;
+        let (status, resp) = peers
+            .call(host, "POST", path, Some(body.as_bytes()), ACTION_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        if status == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{host} answered {status}: {}",
+                String::from_utf8_lossy(&resp)
+            ))
+        }
+    }
+
+    fn is_here(&self, host: &str) -> bool {
+        self.reg.host_name() == host
+    }
+}
+
+fn id_of(zone: &str) -> Result<u64, String> {
+    super::types::parse_vm_id(zone).ok_or_else(|| format!("zone '{zone}' is not a VM id"))
+}
+
+impl Actuator for ApiActuator {
+    fn migrate(&self, zone: &str, from: &str, to: &str) -> Result<(), String> {
+        let body = format!(r#"{{"destination": "{to}", "mode": "auto"}}"#);
+        if self.is_here(from) {
+            let req = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            return self
+                .reg
+                .migrate(id_of(zone)?, req)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
+        self.call(from, &format!("/v1/vms/{zone}/migrate"), &body, 202)
+    }
+
+    fn fork(&self, zone: &str, host: &str, clones: u32) -> Result<(), String> {
+        let body = format!(r#"{{"clones": {clones}}}"#);
+        if self.is_here(host) {
+            let req = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            return self
+                .reg
+                .fork(id_of(zone)?, req)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
+        self.call(host, &format!("/v1/vms/{zone}/fork"), &body, 200)
+    }
+
+    fn join(&self, zone: &str, host: &str) -> Result<(), String> {
+        if self.is_here(host) {
+            return self
+                .reg
+                .join(id_of(zone)?)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
+        self.call(host, &format!("/v1/vms/{zone}/join"), "{}", 200)
+    }
+}
+
+/// `GET /v1/policy/decisions`: the decisions in etcd, oldest first.
+pub async fn read_decisions(link: &EtcdLink) -> Result<Vec<DecisionRecord>, EtcdError> {
+    let ep = link.endpoint();
+    let mut client = etcd::connect(ep).await?;
+    let opts = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Key, SortOrder::Ascend);
+    let r = timed(ep, client.get(DECISIONS, Some(opts))).await?;
+    Ok(r.kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
+}

@@ -1,0 +1,212 @@
+//! The policy controller on a local cluster: every daemon is a candidate,
+//! etcd elects one; an overloaded host gets exactly one migration, which
+//! completes, and the loads even out; killing the leader hands leadership
+//! to another within the lease's TTL, never two at once. Real etcd, real
+//! daemons, real VMs. Needs root and /dev/kvm; fails clearly without.
+
+#[allow(dead_code)]
+#[path = "api/client.rs"]
+mod client;
+#[allow(dead_code)]
+#[path = "remote/common.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "api/schema.rs"]
+mod schema;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Thresholds for these tests: no forks (a flat-out zone VM would look
+/// like one VM's worth of demand), migrations as the defaults.
+const NO_FORK: &str = r#"{"fork_above": 50, "fork_target": 25, "join_below": 10}"#;
+const TTL: Duration = Duration::from_secs(3);
+
+fn get(sock: &Path, path: &str) -> Value {
+    let r = client::call_unix(sock, "GET", path, None);
+    assert_eq!(r.status, 200, "GET {path}: {}", r.error());
+    r.json()
+}
+
+/// A zone VM with a steady load: an 8 MiB state scanned every 8 ms tick
+/// (~2 ms of work), about a quarter of a core whatever else the machine
+/// does (a flat-out guest would take whatever CPU is free instead).
+fn zone_vm(sock: &Path, seed: u32) -> String {
+    let body = format!(
+        r#"{{"cmdline": "ticks=1000000 seed={seed} state_mib=8 tick_us=8000", "mem_mib": 128}}"#
+    );
+    let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
+    assert_eq!(r.status, 201, "create: {}", r.error());
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+fn migrations(decisions: &Value) -> Vec<Value> {
+    decisions
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .filter(|d| d["decision"]["action"] == "migrate")
+        .cloned()
+        .collect()
+}
+
+fn leaders(socks: &[PathBuf]) -> Vec<String> {
+    socks
+        .iter()
+        .filter_map(|s| {
+            let r = client::call_unix(s, "GET", "/v1/policy", None);
+            (r.status == 200 && r.json()["leader"] == true)
+                .then(|| r.json()["host"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+/// h1 runs two zones of ~0.25 cores each on a 0.5-core capacity (load
+/// ~1.0 > 0.85), h2 none: the leader migrates one zone h1→h2 (auto mode),
+/// once; the migration completes and both hosts end at about the same
+/// load, below the high-water mark.
+#[test]
+fn an_overloaded_host_gets_exactly_one_migration_and_the_loads_even_out() {
+    let (_c, up) = Cluster::up_with(
+        2,
+        &[
+            "--policy",
+            "--policy-period-ms",
+            "500",
+            "--cpu-capacity",
+            "0.5",
+            "--policy-config",
+            NO_FORK,
+        ],
+    );
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let a = zone_vm(&h1, 1);
+    let b = zone_vm(&h1, 2);
+    let t = Instant::now();
+    let moved = loop {
+        let d = get(&h1, "/v1/policy/decisions");
+        let m = migrations(&d);
+        if let Some(first) = m.first() {
+            break first.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no migration decided; cluster: {}",
+            get(&h1, "/v1/cluster")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("decision after {:?}: {moved}", t.elapsed());
+    let zone = moved["decision"]["zone"].as_str().expect("zone").to_owned();
+    assert!(zone == a || zone == b, "{moved}");
+    assert_eq!(moved["decision"]["from"], "h1");
+    assert_eq!(moved["decision"]["to"], "h2");
+    assert_eq!(moved["outcome"], "done", "{moved}");
+    assert!(moved["decision"]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("overloaded")));
+    // The migration completes: the zone runs on h2.
+    let done = poll(
+        &h1,
+        &format!("/v1/vms/{zone}/migration"),
+        Duration::from_secs(60),
+        |v| {
+            matches!(
+                v["phase"].as_str(),
+                Some("committed" | "aborted" | "in_doubt")
+            )
+        },
+    );
+    assert_eq!(done["phase"], "committed", "{done}");
+    let dest = done["report"]["destination_vm"]
+        .as_str()
+        .expect("dest")
+        .to_owned();
+    let on_h2 = get(&h2, &format!("/v1/vms/{dest}"));
+    assert_eq!(on_h2["state"], "running", "{on_h2}");
+    // Loads even out (each host one busy zone), and nothing more moves.
+    let t = Instant::now();
+    let even = loop {
+        let v = get(&h1, "/v1/cluster");
+        let loads: Vec<f64> = v["hosts"]
+            .as_array()
+            .expect("hosts")
+            .iter()
+            .filter_map(|h| {
+                Some(h["load"]["cpu_cores"].as_f64()? / h["load"]["capacity_cores"].as_f64()?)
+            })
+            .collect();
+        let max = loads.iter().copied().fold(0.0, f64::max);
+        if loads.len() == 2 && (loads[0] - loads[1]).abs() <= 0.3 * max && max < 0.85 {
+            break loads;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "loads did not even out: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("loads after: {even:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    let all = migrations(&get(&h2, "/v1/policy/decisions"));
+    assert_eq!(all.len(), 1, "more than one migration: {all:?}");
+    for (s, id) in [(&h1, &a), (&h1, &b), (&h2, &dest)] {
+        let _ = client::call_unix(s, "DELETE", &format!("/v1/vms/{id}"), None);
+    }
+}
+
+/// One leader among three candidates; its daemon killed (SIGKILL), another
+/// leads within the TTL plus a renewal, and at no sample do two lead.
+#[test]
+fn killing_the_leader_hands_over_within_the_ttl() {
+    let (_c, up) = Cluster::up_with(3, &["--policy", "--policy-period-ms", "300"]);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let socks: Vec<PathBuf> = hs.iter().map(socket).collect();
+    let t = Instant::now();
+    let first = loop {
+        let l = leaders(&socks);
+        assert!(l.len() <= 1, "two leaders: {l:?}");
+        if l.len() == 1 {
+            break l[0].clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no leader elected");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let i = hs
+        .iter()
+        .position(|h| h["name"] == first.as_str())
+        .expect("leader host");
+    let pid = hs[i]["pid"].as_u64().expect("pid");
+    // SAFETY: kill(2) on a daemon of this test's cluster; no memory.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let rest: Vec<PathBuf> = socks
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, s)| s.clone())
+        .collect();
+    let next = loop {
+        let l = leaders(&rest);
+        assert!(l.len() <= 1, "two leaders: {l:?}");
+        if l.len() == 1 {
+            break l[0].clone();
+        }
+        assert!(
+            killed.elapsed() < TTL + Duration::from_secs(3),
+            "no new leader within {:?}",
+            TTL + Duration::from_secs(3)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("{first} killed; {next} leads after {:?}", killed.elapsed());
+    assert_ne!(next, first);
+    // It stays the only one.
+    for _ in 0..10 {
+        assert_eq!(leaders(&rest), std::slice::from_ref(&next));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
