@@ -99,17 +99,34 @@ fn hosts_register_and_a_dead_host_drops_out_within_the_ttl() {
     );
 }
 
-/// etcd gone: the cluster view fails clearly (502), the daemons run their
-/// VMs on (one ends with QEMU's line) and a fork still works; etcd back
-/// (same data): the daemons register again by themselves.
+fn leaders(socks: &[&Path]) -> usize {
+    socks
+        .iter()
+        .filter(|s| {
+            let r = client::call_unix(s, "GET", "/v1/policy", None);
+            r.status == 200 && r.json()["leader"] == true
+        })
+        .count()
+}
+
+/// etcd gone: the cluster view fails clearly (502), the policy controller
+/// stops acting (no leader within the TTL), the daemons run their VMs on
+/// (one ends with QEMU's line) and a fork still works; etcd back (same
+/// data): the daemons register again by themselves and a leader is
+/// elected again.
 #[test]
 fn etcd_unreachable_the_daemons_keep_running_their_vms() {
-    let (c, up) = Cluster::up(2);
+    let (c, up) = Cluster::up_with(2, &["--policy", "--policy-period-ms", "300"]);
     let hs = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = socket(&hs[0]);
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
     until(&h1, Duration::from_secs(10), "two hosts", |v| {
         names(v) == ["h1", "h2"]
     });
+    let t = Instant::now();
+    while leaders(&[&h1, &h2]) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let cmdline = "ticks=300 seed=21 state_mib=8 dirty_pages=8 tick_us=5000";
     let id = start_vm(&h1, cmdline);
     kill9(up["etcd"]["pid"].as_u64().expect("etcd pid"));
@@ -123,6 +140,14 @@ fn etcd_unreachable_the_daemons_keep_running_their_vms() {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "no 502 while etcd is down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The leader cannot renew its lease: it stops acting.
+    while leaders(&[&h1, &h2]) != 0 {
+        assert!(
+            t.elapsed() < TTL + Duration::from_secs(3),
+            "a controller still leads without etcd"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -183,6 +208,14 @@ fn etcd_unreachable_the_daemons_keep_running_their_vms() {
         names(v) == ["h1", "h2"] && v["etcd"]["sessions"].as_u64() >= Some(2)
     });
     eprintln!("after etcd came back: {}", back["etcd"]);
+    let t = Instant::now();
+    while leaders(&[&h1, &h2]) != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no leader after etcd came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // `down` stops it with the rest; reap our child.
     drop(c);
     let _ = etcd.wait();
