@@ -283,17 +283,7 @@ mod cluster {
         let body = format!(r#"{{"destination": "{to}", "mode": "{mode}", "downtime_ms": 30}}"#);
         let r = client::call_unix(from, "POST", &format!("/v1/vms/{id}/migrate"), Some(&body));
         assert_eq!(r.status, 202, "migrate {id} ({mode}): {}", r.error());
-        let v = poll(
-            from,
-            &format!("/v1/vms/{id}/migration"),
-            Duration::from_secs(60),
-            |v| {
-                matches!(
-                    v["phase"].as_str(),
-                    Some("committed" | "aborted" | "in_doubt")
-                )
-            },
-        );
+        let v = migration_end(from, id, Duration::from_secs(60));
         assert_eq!(v["phase"], "committed", "{mode}: {v}");
         v["report"].clone()
     }

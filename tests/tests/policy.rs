@@ -109,17 +109,7 @@ fn an_overloaded_host_gets_exactly_one_migration_and_the_loads_even_out() {
         .as_str()
         .is_some_and(|r| r.contains("overloaded")));
     // The migration completes: the zone runs on h2.
-    let done = poll(
-        &h1,
-        &format!("/v1/vms/{zone}/migration"),
-        Duration::from_secs(60),
-        |v| {
-            matches!(
-                v["phase"].as_str(),
-                Some("committed" | "aborted" | "in_doubt")
-            )
-        },
-    );
+    let done = migration_end(&h1, &zone, Duration::from_secs(60));
     assert_eq!(done["phase"], "committed", "{done}");
     let dest = done["report"]["destination_vm"]
         .as_str()

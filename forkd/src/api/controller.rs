@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use serde::{Deserialize, Serialize};
 
-use super::etcd::{self, ClusterView, EtcdError, EtcdLink};
+use super::etcd::{self, timed, ClusterView, EtcdError, EtcdLink};
 use super::registry::Registry;
 use crate::policy::{Actuator, Decision, HostLoad, LoadSnapshot, Policy, PolicyConfig, ZoneLoad};
 use crate::sync::lock;
@@ -28,7 +28,6 @@ const ELECTION: &str = "/forkd/controller";
 pub const DECISIONS: &str = "/forkd/decisions/";
 /// Decisions kept in etcd (older ones are deleted).
 const DECISIONS_KEPT: usize = 1000;
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one action (an API call to a daemon) may take.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -65,20 +64,6 @@ pub struct Controller {
     /// Last successful lease renewal, ms since `started`.
     renewed_ms: Arc<AtomicU64>,
     started: Instant,
-}
-
-async fn timed<T>(
-    endpoint: &str,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, EtcdError> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(EtcdError::Client {
-            endpoint: endpoint.to_owned(),
-            source,
-        }),
-        Err(_) => Err(EtcdError::Timeout(endpoint.to_owned())),
-    }
 }
 
 impl Controller {

@@ -128,7 +128,8 @@ pub struct EtcdLink {
     session: tokio::sync::Mutex<Option<(Client, i64)>>,
 }
 
-async fn timed<T>(
+/// `f`, bounded by [`CALL_TIMEOUT`], its error named after `endpoint`.
+pub(super) async fn timed<T>(
     endpoint: &str,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, EtcdError> {

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+use super::cluster_links::ClusterLinks;
 use super::error::ApiError;
 use super::extract::{blocking, parse_body, vm_path};
 use super::migration;
@@ -20,7 +21,29 @@ use super::types::{vm_id, CreateVm, Created, ForkVm, MemServerInfo, PostFamily, 
 
 type Reg = State<Arc<Registry>>;
 
-pub fn router(registry: Arc<Registry>) -> Router {
+/// The router's state: the registry, and beside it the control-plane
+/// links (handlers take either, `axum::extract::FromRef`).
+#[derive(Clone)]
+struct AppState {
+    reg: Arc<Registry>,
+    links: Arc<ClusterLinks>,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Registry> {
+    fn from_ref(s: &AppState) -> Self {
+        s.reg.clone()
+    }
+}
+
+impl axum::extract::FromRef<AppState> for Arc<ClusterLinks> {
+    fn from_ref(s: &AppState) -> Self {
+        s.links.clone()
+    }
+}
+
+type Links = State<Arc<ClusterLinks>>;
+
+pub fn router(registry: Arc<Registry>, links: Arc<ClusterLinks>) -> Router {
     Router::new()
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{id}", get(show).delete(remove))
@@ -57,7 +80,10 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(registry)
+        .with_state(AppState {
+            reg: registry,
+            links,
+        })
 }
 
 /// The API's description, `forkd/api/openapi.json`.
@@ -71,24 +97,27 @@ async fn memserver(State(reg): Reg) -> Json<MemServerInfo> {
     Json(reg.memserver_info())
 }
 
-async fn cluster(State(reg): Reg) -> Result<Json<super::etcd::ClusterView>, ApiError> {
-    let link = etcd_link(&reg)?;
+async fn cluster(State(links): Links) -> Result<Json<super::etcd::ClusterView>, ApiError> {
+    let link = etcd_link(&links)?;
     super::etcd::read_cluster(&link)
         .await
         .map(Json)
         .map_err(|e| ApiError::BadGateway(e.to_string()))
 }
 
-fn etcd_link(reg: &Registry) -> Result<Arc<super::etcd::EtcdLink>, ApiError> {
-    reg.etcd
-        .get()
-        .cloned()
+fn etcd_link(links: &ClusterLinks) -> Result<Arc<super::etcd::EtcdLink>, ApiError> {
+    links
+        .etcd
+        .clone()
         .ok_or_else(|| ApiError::Conflict("this daemon has no cluster state (--etcd)".into()))
 }
 
-async fn policy(State(reg): Reg) -> Result<Json<super::controller::ControllerStatus>, ApiError> {
-    reg.controller
-        .get()
+async fn policy(
+    State(links): Links,
+) -> Result<Json<super::controller::ControllerStatus>, ApiError> {
+    links
+        .controller
+        .as_ref()
         .map(|c| Json(c.status()))
         .ok_or_else(|| {
             ApiError::Conflict("this daemon runs no policy controller (--policy)".into())
@@ -96,9 +125,9 @@ async fn policy(State(reg): Reg) -> Result<Json<super::controller::ControllerSta
 }
 
 async fn decisions(
-    State(reg): Reg,
+    State(links): Links,
 ) -> Result<Json<Vec<super::controller::DecisionRecord>>, ApiError> {
-    let link = etcd_link(&reg)?;
+    let link = etcd_link(&links)?;
     super::controller::read_decisions(&link)
         .await
         .map(Json)

@@ -114,7 +114,11 @@ impl HostSampler {
         g.0 = Some((now, cpu));
     }
 
+    /// The last sample (taken now if there is none yet).
     pub(super) fn get(&self) -> HostLoadInfo {
+        if lock(&self.state).0.is_none() {
+            self.sample();
+        }
         lock(&self.state).1.clone()
     }
 }

@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster_links;
 pub mod controller;
 pub mod error;
 pub mod etcd;
@@ -277,6 +278,7 @@ async fn run(
     l: Listeners,
     mut sig: Signals,
     registry: Arc<Registry>,
+    links: Arc<cluster_links::ClusterLinks>,
     token: Option<auth::Token>,
     on_listening: fn(&str),
 ) -> Result<(), ServeError> {
@@ -285,7 +287,7 @@ async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
         let _ = rx.changed().await;
     };
-    let app = http::router(registry);
+    let app = http::router(registry, links);
     let mut where_ = format!("unix:{}", l.path.display());
     let mut servers = JoinSet::new();
     servers.spawn(
@@ -382,23 +384,25 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         _ => None,
     };
     let registry = Registry::new(Arc::new(memserver), cfg.limits, peers);
+    let mut links = cluster_links::ClusterLinks::default();
     if let Some((endpoint, ttl)) = &cfg.etcd {
         let link = etcd::EtcdLink::new(etcd::EtcdConfig {
             endpoint: endpoint.clone(),
             ttl: *ttl,
             api: cfg.tcp.map(|a| a.to_string()),
         });
-        let _ = registry.etcd.set(link.clone());
+        links.etcd = Some(link.clone());
         rt.spawn(link.clone().run(registry.clone()));
         if let Some((period, policy)) = cfg.policy.clone() {
             let c = controller::Controller::new(link, policy, period, *ttl, registry.host_name());
-            let _ = registry.controller.set(c.clone());
+            links.controller = Some(c.clone());
             rt.spawn(c.run(registry.clone()));
         }
     }
     if let Some(c) = cfg.capacity_cores {
         let _ = registry.capacity_cores.set(c);
     }
+    let links = Arc::new(links);
     let reaper = registry
         .start_reaper()
         .map_err(|source| ServeError::Setup {
@@ -409,11 +413,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         listeners,
         sig,
         registry.clone(),
+        links.clone(),
         token,
         cfg.on_listening,
     ));
     registry.shutdown();
-    if let Some(link) = registry.etcd.get() {
+    if let Some(link) = &links.etcd {
         rt.block_on(link.leave());
     }
     let _ = reaper.join();

@@ -138,10 +138,6 @@ pub struct Registry {
     pub(super) host_load: HostSampler,
     pub(super) counters: Counters,
     pub(super) fork_counters: Arc<ForkCounters>,
-    /// The link to the cluster's etcd (`--etcd`), if any.
-    pub(super) etcd: std::sync::OnceLock<Arc<super::etcd::EtcdLink>>,
-    /// This daemon's policy controller candidate (`--policy`), if any.
-    pub(super) controller: std::sync::OnceLock<Arc<super::controller::Controller>>,
     /// `--cpu-capacity`: the cores this host offers its zones (default:
     /// the machine's online CPUs).
     pub(super) capacity_cores: std::sync::OnceLock<f64>,
@@ -294,8 +290,6 @@ impl Registry {
             host_load: HostSampler::default(),
             counters: Counters::default(),
             fork_counters: Arc::default(),
-            etcd: std::sync::OnceLock::new(),
-            controller: std::sync::OnceLock::new(),
             capacity_cores: std::sync::OnceLock::new(),
         })
     }

@@ -117,6 +117,17 @@ pub fn all_ended(v: &Value) -> bool {
 }
 
 /// Creates a VM on `sock` and waits until its guest runs.
+/// Polls `GET /v1/vms/{id}/migration` on `sock` until the migration has
+/// ended (committed, aborted or in doubt; post-copy included).
+pub fn migration_end(sock: &Path, id: &str, limit: Duration) -> Value {
+    poll(sock, &format!("/v1/vms/{id}/migration"), limit, |v| {
+        matches!(
+            v["phase"].as_str(),
+            Some("committed" | "aborted" | "in_doubt")
+        )
+    })
+}
+
 pub fn start_vm(sock: &Path, cmdline: &str) -> String {
     let body = format!(r#"{{"cmdline": "{cmdline}", "mem_mib": {MEM}}}"#);
     let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
