@@ -432,6 +432,7 @@ mod cluster {
             .expect("dest vm")
             .to_owned();
         eprintln!("report: {report}");
+        assert_eq!(dest, id, "the VM keeps its id");
         assert!(report["rounds"].as_u64() >= Some(1));
         // Round 0 carried the touched memory, not the 512 MiB guest.
         assert!(report["bytes_sent"].as_u64() < Some(200 << 20), "{report}");
@@ -700,7 +701,7 @@ mod cluster {
             client::call_tcp_with(&api, "POST", "/v1/migrations", &[])
         });
         assert_eq!(r.status, 401, "{}", r.error());
-        let body = r#"{"source": "test", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
+        let body = r#"{"source": "test", "vm": "vm-99", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
         let r = client::call_unix(&h2, "POST", "/v1/migrations", Some(body));
         assert_eq!(r.status, 201, "{}", r.error());
         let opened = r.json();

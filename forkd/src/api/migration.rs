@@ -39,7 +39,7 @@ use super::error::ApiError;
 use super::extract::{blocking, parse_body, vm_path};
 use super::migration_table::{trim, InRecord, OutRecord};
 use super::registry::{Adopted, Registry};
-use super::types::vm_id;
+use super::types::{parse_vm_id, vm_id};
 use crate::fork::envelope::{from_hex, to_hex};
 use crate::fork::parent::ForkTuning;
 use crate::guest::default_guest;
@@ -105,6 +105,8 @@ pub struct MigrationStatus {
 pub struct OpenIncoming {
     /// The source's host and VM id, for the record.
     pub source: String,
+    /// The VM's id (`vm-N`): it keeps it here (409 if taken).
+    pub vm: String,
     pub mem_mib: u64,
     pub vcpus: u64,
     pub cmdline: String,
@@ -120,7 +122,7 @@ pub struct IncomingOpened {
     pub port: u16,
     /// 32 bytes, hex.
     pub secret: String,
-    /// The id the VM will have here once committed.
+    /// The id the VM will have here once committed: its own.
     pub vm: String,
 }
 
@@ -244,6 +246,7 @@ impl Registry {
         let (entry, vm) = self.take_for_migration(id)?;
         let open = OpenIncoming {
             source: format!("{}/{}", peers.name(), vm_id(id)),
+            vm: vm_id(id),
             mem_mib: entry.mem_mib,
             vcpus: entry.vcpus,
             cmdline: entry.cmdline.clone(),
@@ -263,9 +266,14 @@ impl Registry {
                     )
                     .map_err(|e| ApiError::BadGateway(e.to_string()))?;
                 if status != 201 {
-                    return Err(ApiError::BadGateway(
-                        super::peers::Peers::refused(&req.destination, status, &resp).to_string(),
-                    ));
+                    let why =
+                        super::peers::Peers::refused(&req.destination, status, &resp).to_string();
+                    // The id is taken there: the same conflict here.
+                    return Err(if status == 409 {
+                        ApiError::Conflict(why)
+                    } else {
+                        ApiError::BadGateway(why)
+                    });
                 }
                 serde_json::from_slice::<IncomingOpened>(&resp)
                     .map_err(|e| ApiError::BadGateway(format!("the destination's answer: {e}")))
@@ -470,6 +478,8 @@ impl Registry {
         if req.source.len() > 256 || req.name.as_ref().is_some_and(|n| n.len() > 256) {
             return Err(ApiError::BadRequest("source or name too long".into()));
         }
+        let vm_num = parse_vm_id(&req.vm)
+            .ok_or_else(|| ApiError::BadRequest(format!("vm '{}': expected vm-N", req.vm)))?;
         let open = lock(&self.migrations.incoming)
             .values()
             .filter(|r| r.gate.state().0 == GateState::Open && lock(&r.error).is_none())
@@ -480,6 +490,9 @@ impl Registry {
             )));
         }
         self.check_room()?;
+        let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
+        // Held until the receiver ends (the VM registered, or gone).
+        let id_hold = self.reserve_incoming_id(vm_num, mig)?;
         let listener = TcpListener::bind(SocketAddr::new(self.memserver_ip(), 0))
             .map_err(|e| ApiError::Internal(format!("migration listener: {e}")))?;
         let port = listener
@@ -487,8 +500,6 @@ impl Registry {
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .port();
         let secret = random_secret()?;
-        let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
-        let vm_num = self.next_vm_id();
         let record = Arc::new(InRecord {
             id: mig,
             source: req.source.clone(),
@@ -543,6 +554,7 @@ impl Registry {
                     tracing::warn!("incoming migration {mig} from {}: {e}", rec.source);
                     *lock(&rec.error) = Some(e.to_string());
                 }
+                drop(id_hold);
             })
             .map_err(|e| ApiError::Internal(format!("migration receiver: {e}")))?;
         Ok(IncomingOpened {
@@ -569,6 +581,12 @@ impl Registry {
     pub fn abort_incoming(&self, mig: u64) -> Result<IncomingStatus, ApiError> {
         let r = self.incoming(mig)?;
         let (state, _) = r.gate.abort();
+        if state == GateState::Aborted {
+            // Nothing of it will be registered: the id is free again.
+            if let Some(n) = parse_vm_id(&r.vm) {
+                self.release_incoming_id(n, mig);
+            }
+        }
         Ok(in_status(&r, state))
     }
 }
