@@ -95,6 +95,9 @@ pub struct MigrationStatus {
     pub mode: String,
     pub downtime_ms: u64,
     pub bandwidth_mib_s: u64,
+    /// Guest memory populated when the migration began: what round 0
+    /// carries at most (the CLI's progress bar measures against it).
+    pub populated_bytes: u64,
     #[serde(flatten)]
     pub progress: ProgressView,
 }
@@ -187,6 +190,13 @@ fn in_status(r: &InRecord, state: GateState) -> IncomingStatus {
     }
 }
 
+/// The guest memory populated now (0 if pagemap cannot say).
+fn populated_bytes(vm: &crate::vmm::Vm) -> u64 {
+    crate::vmm::dirty::populated_pages(vm.memory())
+        .map(|p| p.count_ones() as u64 * crate::vmm::page_bitmap::PAGE_SIZE)
+        .unwrap_or(0)
+}
+
 fn status(r: &OutRecord) -> MigrationStatus {
     MigrationStatus {
         vm: r.vm.clone(),
@@ -194,6 +204,7 @@ fn status(r: &OutRecord) -> MigrationStatus {
         mode: r.mode.clone(),
         downtime_ms: r.downtime_ms,
         bandwidth_mib_s: r.bandwidth_mib_s,
+        populated_bytes: r.populated_bytes,
         progress: r.progress.view(),
     }
 }
@@ -244,6 +255,7 @@ impl Registry {
             .addr(&req.destination)
             .map_err(|_| ApiError::Unprocessable(format!("unknown host '{}'", req.destination)))?;
         let (entry, vm) = self.take_for_migration(id)?;
+        let populated_bytes = populated_bytes(&vm);
         let open = OpenIncoming {
             source: format!("{}/{}", peers.name(), vm_id(id)),
             vm: vm_id(id),
@@ -301,6 +313,7 @@ impl Registry {
             mode: req.mode.clone(),
             downtime_ms: req.downtime_ms,
             bandwidth_mib_s: req.bandwidth_mib_s,
+            populated_bytes,
             progress: Progress::default(),
         });
         {
