@@ -371,7 +371,6 @@ mod cluster {
     use serde_json::Value;
     use std::io::Write;
     use std::net::{Shutdown, TcpStream};
-    use std::os::fd::AsRawFd;
     use std::path::Path;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -616,21 +615,6 @@ mod cluster {
         let line = last_line(&h1, &id, Duration::from_secs(60));
         assert_eq!(line, qemu_done_line(cmdline, MEM));
         assert!(vms(&h2).is_empty(), "h2 built nothing");
-    }
-
-    /// Runs `f` on a thread inside network namespace `ns`.
-    fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on a namespace file we opened; it changes the
-            // network namespace of this thread only.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
     }
 
     /// Sends `bytes` (then closes the writing half) and returns the
