@@ -58,6 +58,8 @@ const MAX_DOWNTIME_MS: u64 = 60_000;
 const MAX_BANDWIDTH_MIB_S: u64 = 1 << 20;
 /// Incoming migrations open (not yet committed or aborted) at once.
 const MAX_INCOMING: usize = 8;
+/// Pending fork tickets a migrating VM takes along, at most.
+const MAX_TICKETS: usize = 64;
 
 fn default_downtime() -> u64 {
     30
@@ -117,6 +119,17 @@ pub struct OpenIncoming {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<PathBuf>,
+    /// Fork tickets the guest was granted and has not used: its new fork
+    /// hub grants them again, so its `sf_clone` works there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tickets: Vec<PendingTicket>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingTicket {
+    pub id: u64,
+    pub clones: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -264,6 +277,12 @@ impl Registry {
             cmdline: entry.cmdline.clone(),
             name: entry.name.clone(),
             guest: Some(entry.guest.clone()),
+            tickets: entry
+                .hub
+                .pending_tickets()
+                .into_iter()
+                .map(|(id, clones)| PendingTicket { id, clones })
+                .collect(),
         };
         let opened = serde_json::to_vec(&open)
             .map_err(|e| ApiError::Internal(e.to_string()))
@@ -493,6 +512,11 @@ impl Registry {
         }
         let vm_num = parse_vm_id(&req.vm)
             .ok_or_else(|| ApiError::BadRequest(format!("vm '{}': expected vm-N", req.vm)))?;
+        if req.tickets.len() > MAX_TICKETS {
+            return Err(ApiError::BadRequest(format!(
+                "tickets: at most {MAX_TICKETS}"
+            )));
+        }
         let open = lock(&self.migrations.incoming)
             .values()
             .filter(|r| r.gate.state().0 == GateState::Open && lock(&r.error).is_none())
@@ -533,6 +557,8 @@ impl Registry {
                 heuristics: true,
             },
         );
+        let tickets: Vec<_> = req.tickets.iter().map(|t| (t.id, t.clones)).collect();
+        hub.adopt_tickets(&tickets);
         let inc = Incoming {
             secret,
             mem_bytes,
