@@ -122,6 +122,8 @@ r = json.load(open(sys.argv[1]))["report"]
 print("   migrated in %d rounds, %.1f MiB sent, downtime %.1f ms, total %.0f ms" % (
     r["rounds"], r["bytes_sent"] / 2**20, r["downtime_us"] / 1000, r["total_us"] / 1000), file=sys.stderr)
 print(r["destination_vm"])' "$snap/migration.json")
+[ "$dest" = "$id" ] || { echo "   the VM came to h2 as $dest, not $id" >&2; exit 1; }
+echo "   on h2 under its own id $dest"
 on_h2=(--host h2 --cluster "$cluster" --cluster-dir "$cdir")
 sleep 0.5
 $forkd vm migrate "$dest" "${on_h2[@]}" --to h1 --mode postcopy --wait --json > "$snap/migration-back.json"

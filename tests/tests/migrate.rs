@@ -378,7 +378,6 @@ mod cluster {
     use serde_json::Value;
     use std::io::Write;
     use std::net::{Shutdown, TcpStream};
-    use std::os::fd::AsRawFd;
     use std::path::Path;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -439,6 +438,7 @@ mod cluster {
             .expect("dest vm")
             .to_owned();
         eprintln!("report: {report}");
+        assert_eq!(dest, id, "the VM keeps its id");
         assert!(report["rounds"].as_u64() >= Some(1));
         // Round 0 carried the touched memory, not the 512 MiB guest.
         assert!(report["bytes_sent"].as_u64() < Some(200 << 20), "{report}");
@@ -624,21 +624,6 @@ mod cluster {
         assert!(vms(&h2).is_empty(), "h2 built nothing");
     }
 
-    /// Runs `f` on a thread inside network namespace `ns`.
-    fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on a namespace file we opened; it changes the
-            // network namespace of this thread only.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-
     /// Sends `bytes` (then closes the writing half) and returns the
     /// receiver's `Abort` reason.
     fn refused(addr: String, bytes: Vec<u8>) -> String {
@@ -707,7 +692,7 @@ mod cluster {
             client::call_tcp_with(&api, "POST", "/v1/migrations", &[])
         });
         assert_eq!(r.status, 401, "{}", r.error());
-        let body = r#"{"source": "test", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
+        let body = r#"{"source": "test", "vm": "vm-99", "mem_mib": 512, "vcpus": 1, "cmdline": "ticks=1"}"#;
         let r = client::call_unix(&h2, "POST", "/v1/migrations", Some(body));
         assert_eq!(r.status, 201, "{}", r.error());
         let opened = r.json();

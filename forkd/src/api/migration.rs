@@ -39,7 +39,7 @@ use super::error::ApiError;
 use super::extract::{blocking, parse_body, vm_path};
 use super::migration_table::{trim, InRecord, OutRecord};
 use super::registry::{Adopted, Registry};
-use super::types::vm_id;
+use super::types::{parse_vm_id, vm_id};
 use crate::fork::envelope::{from_hex, to_hex};
 use crate::fork::parent::ForkTuning;
 use crate::guest::default_guest;
@@ -58,6 +58,8 @@ const MAX_DOWNTIME_MS: u64 = 60_000;
 const MAX_BANDWIDTH_MIB_S: u64 = 1 << 20;
 /// Incoming migrations open (not yet committed or aborted) at once.
 const MAX_INCOMING: usize = 8;
+/// Pending fork tickets a migrating VM takes along, at most.
+const MAX_TICKETS: usize = 64;
 
 fn default_downtime() -> u64 {
     30
@@ -95,6 +97,9 @@ pub struct MigrationStatus {
     pub mode: String,
     pub downtime_ms: u64,
     pub bandwidth_mib_s: u64,
+    /// Guest memory populated when the migration began: what round 0
+    /// carries at most (the CLI's progress bar measures against it).
+    pub populated_bytes: u64,
     #[serde(flatten)]
     pub progress: ProgressView,
 }
@@ -105,6 +110,8 @@ pub struct MigrationStatus {
 pub struct OpenIncoming {
     /// The source's host and VM id, for the record.
     pub source: String,
+    /// The VM's id (`vm-N`): it keeps it here (409 if taken).
+    pub vm: String,
     pub mem_mib: u64,
     pub vcpus: u64,
     pub cmdline: String,
@@ -112,6 +119,17 @@ pub struct OpenIncoming {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<PathBuf>,
+    /// Fork tickets the guest was granted and has not used: its new fork
+    /// hub grants them again, so its `sf_clone` works there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tickets: Vec<PendingTicket>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingTicket {
+    pub id: u64,
+    pub clones: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -120,7 +138,7 @@ pub struct IncomingOpened {
     pub port: u16,
     /// 32 bytes, hex.
     pub secret: String,
-    /// The id the VM will have here once committed.
+    /// The id the VM will have here once committed: its own.
     pub vm: String,
 }
 
@@ -199,6 +217,13 @@ fn in_status(r: &InRecord, state: GateState) -> IncomingStatus {
     }
 }
 
+/// The guest memory populated now (0 if pagemap cannot say).
+fn populated_bytes(vm: &crate::vmm::Vm) -> u64 {
+    crate::vmm::dirty::populated_pages(vm.memory())
+        .map(|p| p.count_ones() as u64 * crate::vmm::page_bitmap::PAGE_SIZE)
+        .unwrap_or(0)
+}
+
 fn status(r: &OutRecord) -> MigrationStatus {
     MigrationStatus {
         vm: r.vm.clone(),
@@ -206,6 +231,7 @@ fn status(r: &OutRecord) -> MigrationStatus {
         mode: r.mode.clone(),
         downtime_ms: r.downtime_ms,
         bandwidth_mib_s: r.bandwidth_mib_s,
+        populated_bytes: r.populated_bytes,
         progress: r.progress.view(),
     }
 }
@@ -257,13 +283,21 @@ impl Registry {
             )));
         }
         let (entry, vm) = self.take_for_migration(id)?;
+        let populated_bytes = populated_bytes(&vm);
         let open = OpenIncoming {
             source: format!("{}/{}", peers.name(), vm_id(id)),
+            vm: vm_id(id),
             mem_mib: entry.mem_mib,
             vcpus: entry.vcpus,
             cmdline: entry.cmdline.clone(),
             name: entry.name.clone(),
             guest: Some(entry.guest.clone()),
+            tickets: entry
+                .hub
+                .pending_tickets()
+                .into_iter()
+                .map(|(id, clones)| PendingTicket { id, clones })
+                .collect(),
         };
         let opened = serde_json::to_vec(&open)
             .map_err(|e| ApiError::Internal(e.to_string()))
@@ -278,9 +312,14 @@ impl Registry {
                     )
                     .map_err(|e| ApiError::BadGateway(e.to_string()))?;
                 if status != 201 {
-                    return Err(ApiError::BadGateway(
-                        super::peers::Peers::refused(&req.destination, status, &resp).to_string(),
-                    ));
+                    let why =
+                        super::peers::Peers::refused(&req.destination, status, &resp).to_string();
+                    // The id is taken there: the same conflict here.
+                    return Err(if status == 409 {
+                        ApiError::Conflict(why)
+                    } else {
+                        ApiError::BadGateway(why)
+                    });
                 }
                 serde_json::from_slice::<IncomingOpened>(&resp)
                     .map_err(|e| ApiError::BadGateway(format!("the destination's answer: {e}")))
@@ -308,6 +347,7 @@ impl Registry {
             mode: req.mode.clone(),
             downtime_ms: req.downtime_ms,
             bandwidth_mib_s: req.bandwidth_mib_s,
+            populated_bytes,
             progress: Progress::default(),
         });
         {
@@ -497,6 +537,13 @@ impl Registry {
         if req.source.len() > 256 || req.name.as_ref().is_some_and(|n| n.len() > 256) {
             return Err(ApiError::BadRequest("source or name too long".into()));
         }
+        let vm_num = parse_vm_id(&req.vm)
+            .ok_or_else(|| ApiError::BadRequest(format!("vm '{}': expected vm-N", req.vm)))?;
+        if req.tickets.len() > MAX_TICKETS {
+            return Err(ApiError::BadRequest(format!(
+                "tickets: at most {MAX_TICKETS}"
+            )));
+        }
         let open = lock(&self.migrations.incoming)
             .values()
             .filter(|r| r.gate.state().0 == GateState::Open && lock(&r.error).is_none())
@@ -507,6 +554,9 @@ impl Registry {
             )));
         }
         self.check_room()?;
+        let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
+        // Held until the receiver ends (the VM registered, or gone).
+        let id_hold = self.reserve_incoming_id(vm_num, mig)?;
         let listener = TcpListener::bind(SocketAddr::new(self.memserver_ip(), 0))
             .map_err(|e| ApiError::Internal(format!("migration listener: {e}")))?;
         let port = listener
@@ -514,8 +564,6 @@ impl Registry {
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .port();
         let secret = random_secret()?;
-        let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
-        let vm_num = self.next_vm_id();
         let record = Arc::new(InRecord {
             id: mig,
             source: req.source.clone(),
@@ -536,6 +584,8 @@ impl Registry {
                 heuristics: true,
             },
         );
+        let tickets: Vec<_> = req.tickets.iter().map(|t| (t.id, t.clones)).collect();
+        hub.adopt_tickets(&tickets);
         let inc = Incoming {
             secret,
             mem_bytes,
@@ -570,6 +620,7 @@ impl Registry {
                     tracing::warn!("incoming migration {mig} from {}: {e}", rec.source);
                     *lock(&rec.error) = Some(e.to_string());
                 }
+                drop(id_hold);
             })
             .map_err(|e| ApiError::Internal(format!("migration receiver: {e}")))?;
         Ok(IncomingOpened {
@@ -596,6 +647,12 @@ impl Registry {
     pub fn abort_incoming(&self, mig: u64) -> Result<IncomingStatus, ApiError> {
         let r = self.incoming(mig)?;
         let (state, _) = r.gate.abort();
+        if state == GateState::Aborted {
+            // Nothing of it will be registered: the id is free again.
+            if let Some(n) = parse_vm_id(&r.vm) {
+                self.release_incoming_id(n, mig);
+            }
+        }
         Ok(in_status(&r, state))
     }
 }

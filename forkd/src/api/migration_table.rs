@@ -19,6 +19,7 @@ pub(super) struct OutRecord {
     pub(super) mode: String,
     pub(super) downtime_ms: u64,
     pub(super) bandwidth_mib_s: u64,
+    pub(super) populated_bytes: u64,
     pub(super) progress: Progress,
 }
 

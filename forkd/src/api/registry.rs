@@ -18,18 +18,19 @@ use std::time::Duration;
 use memserver::server::MemServer;
 
 use super::error::ApiError;
+use super::family_view::family_info;
+use super::ids::{IdTaken, VmIds};
 use super::load::{Counters, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
-    vm_id, CloneInfo, CloneState, ConsoleLines, CreateVm, ExitInfo, FamilyInfo, ForkVm, Forked,
-    HostReceiverInfo, Joined, MemServerInfo, MulticastInfo, StartFailure, VmDetail, VmState,
-    VmSummary, MAX_NAME,
+    vm_id, ConsoleLines, CreateVm, ExitInfo, ForkVm, Forked, Joined, MemServerInfo, MulticastInfo,
+    VmDetail, VmState, VmSummary, MAX_NAME,
 };
 use crate::fork::family::ForkCounters;
 use crate::fork::host::{fork_vm_placed, HostForkError};
 use crate::fork::hosted::HostedFamily;
 use crate::fork::identity::IdentityPool;
-use crate::fork::parent::{Family, ForkHub, ForkOptions, ForkTuning};
+use crate::fork::parent::{ForkHub, ForkOptions, ForkTuning};
 use crate::fork::remote::CloneHosts;
 use crate::guest::default_guest;
 use crate::vmm::devices::Console;
@@ -111,7 +112,7 @@ impl Entry {
 
 #[derive(Default)]
 struct Inner {
-    next_id: u64,
+    ids: VmIds,
     vms: BTreeMap<u64, Arc<Entry>>,
     /// Slots reserved by boots in progress.
     booting: usize,
@@ -193,94 +194,26 @@ fn validate(req: &CreateVm) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-fn family_info(f: &Family) -> FamilyInfo {
-    // The count first: a clone's report entry is written before the count
-    // drops, so a count of 0 read here means every clone's entry is in the
-    // report read next.
-    let running = f.running();
-    let report = f.report();
-    let host = |i: u64| report.hosts.get(&i).cloned();
-    let clones = report
-        .identities
-        .iter()
-        .map(|identity| {
-            let i = identity.clone_id;
-            let mut info = if let Some(c) = report.clones.iter().find(|c| c.clone_id == i) {
-                let mut info = CloneInfo::new(identity, CloneState::Exited);
-                info.exit = Some(ExitInfo::from(&c.exit));
-                info.last_line = c.last_line.clone();
-                info.start_us = c.start_latency.map(micros);
-                info.done_us = c.done_latency.map(micros);
-                info.faults = Some(c.faults.counts());
-                info
-            } else if let Some((_, why)) = report.start_failures.iter().find(|(id, _)| *id == i) {
-                let mut info = CloneInfo::new(identity, CloneState::Failed);
-                info.error = Some(why.clone());
-                info
-            } else {
-                CloneInfo::new(identity, CloneState::Running)
-            };
-            info.host = host(i);
-            info
-        })
-        .collect();
-    let local = report.host_receiver.as_ref().map(|s| HostReceiverInfo {
-        host: "local".into(),
-        figures: s.into(),
-    });
-    let receivers = local
-        .into_iter()
-        .chain(
-            report
-                .remote_receivers
-                .iter()
-                .map(|(h, figures)| HostReceiverInfo {
-                    host: h.clone(),
-                    figures: *figures,
-                }),
-        )
-        .collect();
-    FamilyInfo {
-        family: report.family,
-        clones_granted: report.clones_granted,
-        running,
-        distribution: report.distribution,
-        heuristics: report.heuristics,
-        parent_stopped_us: micros(report.parent_stopped),
-        clones,
-        start_failures: report
-            .start_failures
-            .iter()
-            .map(|(clone_id, error)| StartFailure {
-                clone_id: *clone_id,
-                error: error.clone(),
-            })
-            .collect(),
-        receivers,
-    }
-}
-
 impl Registry {
     pub fn new(
         memserver: Arc<MemServer>,
         limits: Limits,
         peers: Option<Arc<Peers>>,
     ) -> Arc<Registry> {
-        let identities = match &peers {
+        let (identities, ids) = match &peers {
             Some(p) => {
                 let (part, parts) = p.share();
-                IdentityPool::share(part, parts)
+                (IdentityPool::share(part, parts), VmIds::share(part, parts))
             }
-            None => IdentityPool::global(),
+            None => (IdentityPool::global(), VmIds::default()),
         };
         Arc::new(Registry {
             memserver,
             limits,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                ids,
+                ..Inner::default()
+            }),
             closed: AtomicBool::new(false),
             identities,
             local_direct: AtomicBool::new(true),
@@ -306,11 +239,44 @@ impl Registry {
         self.peers.as_ref().map(|p| p.envelope_key())
     }
 
-    /// A fresh VM id (booted VMs and hosted clones share the space).
+    /// A fresh VM id from this host's share (booted VMs and hosted clones
+    /// share it; `api::ids`).
     pub(super) fn next_vm_id(&self) -> u64 {
         let mut inner = lock(&self.inner);
-        inner.next_id += 1;
-        inner.next_id
+        let Inner { ids, vms, .. } = &mut *inner;
+        ids.next(|id| vms.contains_key(&id))
+    }
+
+    /// Holds VM id `id` for incoming migration `mig` until the hold drops
+    /// (409 if a VM of that id is here or another migration holds it).
+    pub(super) fn reserve_incoming_id(
+        self: &Arc<Self>,
+        id: u64,
+        mig: u64,
+    ) -> Result<IncomingId, ApiError> {
+        let hosted = self.hosted_detail(id).is_some();
+        let mut inner = lock(&self.inner);
+        let exists = hosted || inner.vms.contains_key(&id);
+        inner.ids.reserve(id, mig, exists).map_err(|e| {
+            let host = self.peers.as_ref().map_or("this host", |p| p.name());
+            ApiError::Conflict(match e {
+                IdTaken::Exists => format!("{} exists on {host} already", vm_id(id)),
+                IdTaken::Reserved => format!(
+                    "{} is being migrated to {host} already (another incoming migration holds the id)",
+                    vm_id(id)
+                ),
+            })
+        })?;
+        Ok(IncomingId {
+            reg: self.clone(),
+            id,
+            mig,
+        })
+    }
+
+    /// Migration `mig` ended (its VM registered, or nothing of it here).
+    pub(super) fn release_incoming_id(&self, id: u64, mig: u64) {
+        lock(&self.inner).ids.release(id, mig);
     }
 
     /// This host's name in its cluster (`local` without one).
@@ -458,6 +424,12 @@ impl Registry {
         }
         if inner.vms.len() + inner.booting >= self.limits.max_vms {
             return Err(ApiError::TooManyVms(self.limits.max_vms));
+        }
+        if inner.vms.contains_key(&meta.id) {
+            return Err(ApiError::Conflict(format!(
+                "{} exists here already",
+                vm_id(meta.id)
+            )));
         }
         inner.vms.insert(meta.id, entry);
         Ok(())
@@ -757,6 +729,20 @@ impl Registry {
                     std::thread::sleep(REAP_EVERY);
                 }
             })
+    }
+}
+
+/// An incoming migration's hold on its VM's id; let go on drop (by then
+/// the VM is registered, or nothing of it is here).
+pub(super) struct IncomingId {
+    reg: Arc<Registry>,
+    id: u64,
+    mig: u64,
+}
+
+impl Drop for IncomingId {
+    fn drop(&mut self) {
+        self.reg.release_incoming_id(self.id, self.mig);
     }
 }
 

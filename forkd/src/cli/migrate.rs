@@ -3,6 +3,7 @@
 //! follows it (`GET /v1/vms/{id}/migration`) to its end and prints the
 //! report.
 
+use super::migrate_progress::Display;
 use super::target::{print, text, vm_path, Target};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -25,7 +26,8 @@ pub struct MigrateArgs {
     /// `precopy` (postcopy and auto are not implemented yet).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
-    /// Wait for the end, showing progress on stderr, then print the report.
+    /// Wait for the end, showing progress on stderr (a bar on a terminal,
+    /// lines otherwise; nothing with --json), then print the report.
     #[arg(long)]
     pub wait: bool,
     /// Longest `--wait` waits, in seconds.
@@ -49,23 +51,24 @@ fn report_text(v: &Value) -> String {
     );
     if r.is_object() {
         s += &format!(
-            "destination VM {}; pre-copy rounds: {} ({}); {} pages, {} bytes, {:.0} MiB/s\n",
-            text(&r["destination_vm"]),
-            text(&r["rounds"]),
-            text(&r["stop_reason"]),
-            text(&r["pages_sent"]),
-            text(&r["bytes_sent"]),
-            r["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
-        );
-        s += &format!(
-            "downtime {} ms (pause {}, last round {} for {} pages, state {}, resume {}); total {} ms\n",
+            "downtime {} ms: pause {} + last round {} ({} pages) + state {} + destination resume {}\n",
             ms("downtime_us"),
             ms("pause_us"),
             ms("last_round_us"),
             text(&r["last_round_pages"]),
             ms("state_us"),
             ms("resume_us"),
+        );
+        s += &format!(
+            "total {} ms; {} pre-copy rounds ({}); {} pages, {:.1} MiB sent at {:.0} MiB/s; on {} as {}\n",
             ms("total_us"),
+            text(&r["rounds"]),
+            text(&r["stop_reason"]),
+            text(&r["pages_sent"]),
+            r["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            r["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
+            text(&v["destination"]),
+            text(&r["destination_vm"]),
         );
     }
     if let Some(e) = v["error"].as_str() {
@@ -95,28 +98,19 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(a.wait_s);
-    let mut last = String::new();
+    let mut display = Display::new(&a.id, a.target.json);
     let status = loop {
         let v = api.request("GET", &format!("{path}/migration"), None)?;
-        let line = format!(
-            "{} round {}: {} MiB sent, {} dirty pages/s, estimated downtime {:.1} ms",
-            text(&v["phase"]),
-            text(&v["round"]),
-            v["bytes_sent"].as_u64().unwrap_or(0) >> 20,
-            text(&v["dirty_pages_per_s"]),
-            v["estimated_downtime_us"].as_u64().unwrap_or(0) as f64 / 1e3,
-        );
-        if line != last {
-            eprintln!("forkd: {} {line}", a.id);
-            last = line;
-        }
         if matches!(
             v["phase"].as_str(),
             Some("committed" | "aborted" | "in_doubt")
         ) {
+            display.finish(&v);
             break v;
         }
+        display.update(&v);
         if Instant::now() >= deadline {
+            display.finish(&v);
             bail!("{} still migrating after {} s", a.id, a.wait_s);
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 mod cluster;
 mod fork_summary;
 mod migrate;
+mod migrate_progress;
 mod target;
 mod vm;
 

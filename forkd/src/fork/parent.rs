@@ -441,6 +441,36 @@ impl ForkHub {
         Ok((t, granted))
     }
 
+    /// The tickets granted and not forked yet: (ticket, clones granted),
+    /// what a VM that migrates takes along ([`ForkHub::adopt_tickets`]).
+    pub fn pending_tickets(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<_> = lock(&self.inner)
+            .tickets
+            .iter()
+            .filter_map(|(id, t)| match t {
+                Ticket::Reserved(n, _) => Some((*id, *n)),
+                Ticket::Forked(_) => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Grants a VM that arrived by migration the tickets its old hub had
+    /// granted (same ids, so its `sf_clone` finds them; counts capped by
+    /// this hub's limit, no warm pool; at most [`MAX_RESERVED_TICKETS`]).
+    pub fn adopt_tickets(&self, tickets: &[(u64, u64)]) {
+        let mut inner = lock(&self.inner);
+        for &(id, n) in tickets.iter().take(MAX_RESERVED_TICKETS) {
+            let granted = n.min(self.opts.max_clones);
+            if granted == 0 || inner.tickets.contains_key(&id) {
+                continue;
+            }
+            inner.tickets.insert(id, Ticket::Reserved(granted, None));
+            inner.next_ticket = inner.next_ticket.max(id);
+        }
+    }
+
     /// `sf_join(ticket)` → clones still running; waits up to `max` for them
     /// to end first, so the guest's join loop does not spin a host core.
     pub fn join_wait(&self, ticket: u64, max: Duration) -> Result<u64, u32> {

@@ -322,3 +322,20 @@ pub fn two_families_at_once(distribution: &str, hosts: &str) -> Vec<Value> {
         .map(|(id, cmdline)| expect_qemu_lines(&h1, id, cmdline, 4))
         .collect()
 }
+
+/// Runs `f` on a thread inside network namespace `ns` (threads it starts
+/// are inside too).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a namespace file we opened; it changes the
+        // network namespace of this thread only.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
