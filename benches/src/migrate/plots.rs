@@ -3,7 +3,8 @@
 //!
 //! Per zone state size S: `migrate-downtime-<S>mib.svg` (downtime against
 //! the dirty rate, with the target max(0.5 × QEMU's, 5 ms) as crosses) and
-//! `migrate-total-<S>mib.svg` (total time), one series per forkd mode plus
+//! `migrate-total-<S>mib.svg` (total time, the idle target 1.1 × bytes ÷
+//! link as a cross), one series per forkd mode plus
 //! QEMU, log y axis, the levels idle → flat out along x.
 
 use crate::record::Record;
@@ -68,7 +69,11 @@ pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<PathBuf>> {
                 if let Some(y) = qemu(r) {
                     lines.entry("QEMU 7.2".into()).or_default().insert(i, y);
                 }
-                if let (Some(t), "downtime") = (r.downtime_target_ms, what) {
+                let target = match what {
+                    "downtime" => r.downtime_target_ms,
+                    _ => r.total_target_ms,
+                };
+                if let Some(t) = target {
                     targets.insert(i, t);
                 }
             }
@@ -94,12 +99,17 @@ fn chart(
     targets: &BTreeMap<usize, f64>,
     labels: &BTreeMap<usize, String>,
 ) -> Result<()> {
+    let target_label = match title.starts_with("downtime") {
+        true => "target: max(0.5 × QEMU, 5 ms)",
+        false => "target (idle): 1.1 × bytes ÷ link",
+    };
     let ys = lines
         .values()
         .flat_map(|p| p.values())
         .chain(targets.values());
     let (lo, hi) = ys.fold((f64::MAX, 0.0f64), |(a, b), &y| (a.min(y), b.max(y)));
-    let (lo, hi) = ((lo.max(1e-3) / 2.0).min(0.5), hi.max(1.0) * 2.0);
+    // Room above the highest point for the legend.
+    let (lo, hi) = (lo.max(1e-3) / 2.0, hi.max(lo * 2.0) * 8.0);
     let n = Level::ALL.len();
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -152,7 +162,7 @@ fn chart(
                     .map(|(&i, &t)| Cross::new((i as f64, t), 6, red.stroke_width(2))),
             )
             .map_err(err)?
-            .label("target: max(0.5 × QEMU, 5 ms)")
+            .label(target_label)
             .legend(move |(x, y)| Cross::new((x + 10, y), 5, red.stroke_width(2)));
     }
     chart

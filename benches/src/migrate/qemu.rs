@@ -10,28 +10,26 @@
 use crate::record::checksum;
 use anyhow::{bail, Context, Result};
 use bench_shared::cluster::{check_stop, nap};
+pub use bench_shared::qemu::QEMU;
+use bench_shared::qemu::{command, find_in_path, qmp_arg, Qmp};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-pub const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's `max-bandwidth` when the bench asks for no cap (QEMU's default,
 /// 32 MiB/s in 7.2, would be the bottleneck).
 const NO_CAP_BYTES_S: u64 = 100 << 30;
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 
-/// Finds an executable in `$PATH`.
+/// QEMU, if it is installed.
 pub fn find() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(QEMU))
-        .find(|p| p.is_file())
+    find_in_path(QEMU)
 }
 
 /// One QEMU process; killed and reaped on drop.
@@ -57,22 +55,11 @@ impl Proc {
         cmdline: &str,
         extra: &[&str],
     ) -> Result<Proc> {
-        let mut c = Command::new(qemu);
-        c.args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args(["-m", &mem_mib.to_string(), "-nographic", "-no-reboot"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
-        .arg(guest)
-        .args(["-append", cmdline])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        let mut c = command(qemu, guest, mem_mib, cmdline);
+        c.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and
         // calls only prctl(2), which is async-signal-safe; it touches no
         // memory of the parent.
@@ -142,65 +129,18 @@ impl Proc {
     }
 }
 
-/// A QMP connection.
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    /// Connects (the socket appears once QEMU is up) and leaves
-    /// capabilities negotiation.
-    fn connect(path: &Path) -> Result<Qmp> {
-        let t = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t.elapsed() > QMP_TIMEOUT => {
-                    bail!("QMP {}: {e}", path.display())
-                }
-                Err(_) => nap(Duration::from_millis(10))?,
-            }
-        };
-        s.set_read_timeout(Some(QMP_TIMEOUT))?;
-        let mut q = Qmp {
-            w: s.try_clone()?,
-            r: BufReader::new(s),
-        };
-        let greeting = q.read()?;
-        if greeting.get("QMP").is_none() {
-            bail!("QMP {}: no greeting: {greeting}", path.display());
+/// Connects to a starting QEMU's QMP socket (the socket appears once QEMU
+/// is up).
+fn connect(path: &Path) -> Result<Qmp> {
+    let t = Instant::now();
+    let s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > QMP_TIMEOUT => bail!("QMP {}: {e}", path.display()),
+            Err(_) => nap(Duration::from_millis(10))?,
         }
-        q.cmd("qmp_capabilities", None)?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        if self.r.read_line(&mut line).context("QMP read")? == 0 {
-            bail!("QMP: QEMU closed the socket");
-        }
-        serde_json::from_str(&line).with_context(|| format!("QMP sent no JSON: {line:?}"))
-    }
-
-    /// Runs a command; its `return` (events in between are skipped).
-    fn cmd(&mut self, execute: &str, args: Option<Value>) -> Result<Value> {
-        let mut m = json!({ "execute": execute });
-        if let Some(a) = args {
-            m["arguments"] = a;
-        }
-        writeln!(self.w, "{m}").context("QMP write")?;
-        for _ in 0..1000 {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {execute}: {e}");
-            }
-        }
-        bail!("QMP {execute}: no answer among 1000 messages")
-    }
+    };
+    Ok(Qmp::handshake(s, QMP_TIMEOUT)?.0)
 }
 
 /// A QEMU run of a guest to its end: start line → done line, and the line.
@@ -266,7 +206,6 @@ pub fn migrate(j: &Job) -> Result<Migrated> {
     let dir = tempfile::Builder::new().prefix("migrate-qemu-").tempdir()?;
     let port = free_port()?;
     let (src_sock, dst_sock) = (dir.path().join("src.qmp"), dir.path().join("dst.qmp"));
-    let qmp_arg = |p: &Path| format!("unix:{},server=on,wait=off", p.display());
     let incoming = format!("tcp:127.0.0.1:{port}");
     let (dq, sq) = (qmp_arg(&dst_sock), qmp_arg(&src_sock));
     let mut dst = Proc::spawn(
@@ -277,14 +216,14 @@ pub fn migrate(j: &Job) -> Result<Migrated> {
         &["-qmp", &dq, "-incoming", &incoming],
     )?;
     // Up (and so listening) once its QMP answers.
-    drop(Qmp::connect(&dst_sock).context("the destination QEMU")?);
+    drop(connect(&dst_sock).context("the destination QEMU")?);
     let mut src = Proc::spawn(j.qemu, j.guest, j.mem_mib, j.cmdline, &["-qmp", &sq])?;
-    let mut qmp = Qmp::connect(&src_sock).context("the source QEMU")?;
+    let mut qmp = connect(&src_sock).context("the source QEMU")?;
     let bw = match j.bandwidth_mib_s {
         0 => NO_CAP_BYTES_S,
         m => m << 20,
     };
-    qmp.cmd(
+    qmp.execute(
         "migrate-set-parameters",
         Some(json!({"downtime-limit": j.downtime_ms, "max-bandwidth": bw})),
     )?;
@@ -295,9 +234,9 @@ pub fn migrate(j: &Job) -> Result<Migrated> {
     }
     let migrated_after = started.elapsed();
     let asked = Instant::now();
-    qmp.cmd("migrate", Some(json!({ "uri": incoming })))?;
+    qmp.execute("migrate", Some(json!({ "uri": incoming })))?;
     let info = loop {
-        let v = qmp.cmd("query-migrate", None)?;
+        let v = qmp.execute("query-migrate", None)?;
         match v["status"].as_str() {
             Some("completed") => break v,
             Some(s @ ("failed" | "cancelled")) => {
@@ -309,7 +248,7 @@ pub fn migrate(j: &Job) -> Result<Migrated> {
             _ => {}
         }
         if asked.elapsed() > j.budget {
-            let _ = qmp.cmd("migrate_cancel", None);
+            let _ = qmp.execute("migrate_cancel", None);
             bail!(
                 "QEMU's migration did not complete within {:?} (downtime-limit {} ms): {}; \
                  cancelled",

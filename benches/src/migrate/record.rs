@@ -114,7 +114,7 @@ pub struct SoakRecord {
     /// Migrations that committed (two per round trip).
     pub migrations: u64,
     /// Each migration's downtime, in order.
-    pub downtime_ms: Vec<f64>,
+    pub downtimes_ms: Vec<f64>,
     pub downtime_ms_p50: Option<f64>,
     pub downtime_ms_max: Option<f64>,
     pub total_ms_p50: Option<f64>,

@@ -130,7 +130,7 @@ impl Scenario {
     /// generous, since a writer the link cannot outrun runs many rounds.
     pub fn budget(&self) -> Duration {
         let rounds = match self.level {
-            Level::High | Level::Flat => 8.0,
+            Level::High | Level::Flat => 4.0,
             _ => 1.0,
         };
         // At a pessimistic 100 MiB/s per round's state.

@@ -63,7 +63,7 @@ pub fn run(s: &Soak, round_trips: u64) -> Result<SoakRecord> {
         match forkd::migrate(&mut g, to, &ask) {
             Ok((Started::Yes, m)) if m.phase == "committed" => {
                 rec.migrations += 1;
-                rec.downtime_ms.extend(m.downtime_ms());
+                rec.downtimes_ms.extend(m.downtime_ms());
                 totals.extend(m.total_ms());
             }
             Ok((Started::Yes, m)) => {
@@ -93,8 +93,8 @@ pub fn run(s: &Soak, round_trips: u64) -> Result<SoakRecord> {
         }
     }
     rec.final_host = Some(s.apis[g.host].host.clone());
-    rec.downtime_ms_p50 = quantile(&rec.downtime_ms, 0.5);
-    rec.downtime_ms_max = quantile(&rec.downtime_ms, 1.0);
+    rec.downtime_ms_p50 = quantile(&rec.downtimes_ms, 0.5);
+    rec.downtime_ms_max = quantile(&rec.downtimes_ms, 1.0);
     rec.total_ms_p50 = quantile(&totals, 0.5);
     rec.total_ms_max = quantile(&totals, 1.0);
     let limit = PER_MIGRATION * (2 * round_trips) as u32 + Duration::from_secs(120);

@@ -1,9 +1,11 @@
 //! What the cluster benches (`snowflock`, `migrate`) share: their own local
-//! cluster of forkd daemons ([`cluster`]), a host's API ([`api`]), finding
+//! cluster of forkd daemons ([`cluster`]), a host's API ([`api`]), QEMU
+//! running the zone guest and QMP ([`qemu`]), finding
 //! the forkd binary, the machine's load, and reading saved JSON lines back.
 
 pub mod api;
 pub mod cluster;
+pub mod qemu;
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
