@@ -74,6 +74,9 @@ struct Args {
     /// guest (the first of --modes).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     soak: Option<u64>,
+    /// Run every scenario this many times (the plots show the medians).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+    repeat: u64,
     /// The forkd binary (default: `forkd` next to this binary).
     #[arg(long)]
     forkd_bin: Option<PathBuf>,
@@ -197,15 +200,19 @@ fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
         println!("{}", record::table_header());
     }
     let mut failed = 0;
-    for (i, s) in scen.iter().enumerate() {
+    let runs: Vec<(u64, &Scenario)> = (1..=a.repeat)
+        .flat_map(|k| scen.iter().map(move |s| (k, s)))
+        .collect();
+    for (i, &(repeat, s)) in runs.iter().enumerate() {
         eprintln!(
-            "migrate: [{}/{}] {} ({} MiB guest)",
+            "migrate: [{}/{}] {} ({} MiB guest), run {repeat}",
             i + 1,
-            scen.len(),
+            runs.len(),
             s.name(),
             s.mem_mib
         );
         let mut emit = |r: Record| -> Result<()> {
+            let r = Record { repeat, ..r };
             failed += usize::from(r.error.is_some());
             match a.json {
                 true => println!("{}", serde_json::to_string(&r)?),

@@ -7,7 +7,7 @@
 //! link as a cross), one series per forkd mode plus
 //! QEMU, log y axis, the levels idle → flat out along x.
 
-use crate::record::Record;
+use crate::record::{quantile, Record};
 use crate::scenario::Level;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
@@ -23,6 +23,20 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
 
 /// Series name → level index → value.
 type Lines = BTreeMap<String, BTreeMap<usize, f64>>;
+/// The same with every run's value (`--repeat`).
+type Samples = BTreeMap<String, BTreeMap<usize, Vec<f64>>>;
+
+fn medians(s: Samples) -> Lines {
+    s.into_iter()
+        .map(|(k, pts)| {
+            let pts = pts
+                .into_iter()
+                .filter_map(|(i, v)| Some((i, quantile(&v, 0.5)?)))
+                .collect();
+            (k, pts)
+        })
+        .collect()
+}
 
 fn level_index(r: &Record) -> Option<usize> {
     let l = Level::parse(&r.level)?;
@@ -50,8 +64,9 @@ pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<PathBuf>> {
                 |r: &Record| r.qemu_total_ms,
             ),
         ] {
-            let mut lines = Lines::new();
-            let mut targets = BTreeMap::new();
+            let mut lines = Samples::new();
+            let mut targets = Samples::new();
+            let mut qemu_seen = std::collections::BTreeSet::new();
             let mut labels: BTreeMap<usize, String> = BTreeMap::new();
             for r in &rs {
                 let Some(i) = level_index(r) else { continue };
@@ -61,25 +76,35 @@ pub fn write_all(dir: &Path, records: &[Record]) -> Result<Vec<PathBuf>> {
                     .unwrap_or_else(|| "unpaced".into());
                 labels.insert(i, format!("{} ({rate})", r.level));
                 if let Some(y) = forkd(r).filter(|_| r.error.is_none()) {
-                    lines
-                        .entry(format!("forkd {}", r.mode))
-                        .or_default()
-                        .insert(i, y);
+                    let k = format!("forkd {}", r.mode);
+                    lines.entry(k).or_default().entry(i).or_default().push(y);
                 }
                 if let Some(y) = qemu(r) {
-                    lines.entry("QEMU 7.2".into()).or_default().insert(i, y);
+                    // One QEMU run per scenario and repeat, in every
+                    // mode's record: counted once.
+                    if qemu_seen.insert((i, r.repeat)) {
+                        let q = lines.entry("QEMU 7.2".into()).or_default();
+                        q.entry(i).or_default().push(y);
+                    }
                 }
                 let target = match what {
                     "downtime" => r.downtime_target_ms,
                     _ => r.total_target_ms,
                 };
                 if let Some(t) = target {
-                    targets.insert(i, t);
+                    targets
+                        .entry(String::new())
+                        .or_default()
+                        .entry(i)
+                        .or_default()
+                        .push(t);
                 }
             }
             if lines.is_empty() {
                 continue;
             }
+            let lines = medians(lines);
+            let targets = medians(targets).remove("").unwrap_or_default();
             let p = dir.join(format!("migrate-{what}-{state}mib.svg"));
             let title = match what {
                 "downtime" => format!("downtime vs dirty rate, 1 GiB guest, {state} MiB state"),

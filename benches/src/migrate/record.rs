@@ -15,6 +15,8 @@ pub struct Record {
     pub kind: String,
     /// e.g. `256MiB-mid`.
     pub scenario: String,
+    /// Which of `--repeat`'s runs (1 ..).
+    pub repeat: u64,
     /// `idle`, `low`, `mid`, `high` (every page every tick, paced) or
     /// `flat` (every page every tick, unpaced).
     pub level: String,
