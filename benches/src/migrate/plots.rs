@@ -10,16 +10,10 @@
 use crate::record::{quantile, Record};
 use crate::scenario::Level;
 use anyhow::{anyhow, Result};
+use bench_shared::plot::{err, finish, FONT, SIZE};
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-const SIZE: (u32, u32) = (800, 500);
-const FONT: &str = "sans-serif";
-
-fn err(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("plot: {e}")
-}
 
 /// Series name → level index → value.
 type Lines = BTreeMap<String, BTreeMap<usize, f64>>;
@@ -157,6 +151,7 @@ fn chart(
                 false => String::new(),
             }
         })
+        .y_labels(6)
         .x_desc("dirty rate (page writes/s the cmdline asks for)")
         .y_desc("ms (log)")
         .draw()
@@ -190,14 +185,7 @@ fn chart(
             .label(target_label)
             .legend(move |(x, y)| Cross::new((x + 10, y), 5, red.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
+    finish(&mut chart, &root)?;
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! What the cluster benches (`snowflock`, `migrate`) share: their own local
 //! cluster of forkd daemons ([`cluster`]), a host's API ([`api`]), QEMU
-//! running the zone guest and QMP ([`qemu`]), finding
+//! running the zone guest and QMP ([`qemu`]), the SVG figures' common
+//! parts ([`plot`]), finding
 //! the forkd binary, the machine's load, and reading saved JSON lines back.
 
 pub mod api;
 pub mod cluster;
+pub mod plot;
 pub mod qemu;
 
 use anyhow::{bail, Context, Result};
