@@ -111,7 +111,7 @@ impl Bench {
         };
         let run_limit = tick * ticks as u32 + s.budget() + Duration::from_secs(60);
         eprintln!("migrate:   cmdline `{cmdline}`, {} MiB", s.mem_mib);
-        let base = Record {
+        let mut base = Record {
             kind: "scenario".into(),
             scenario: s.name(),
             level: s.level.as_str().into(),
@@ -125,7 +125,6 @@ impl Bench {
             bandwidth_mib_s: self.bandwidth_mib_s,
             ..Record::default()
         };
-        let mut base = base;
         if let (Some(q), Some(p)) = (&self.qemu, &pq) {
             self.qemu_part(q.clone(), s, p, &cmdline, run_limit, &mut base)?;
         } else {
@@ -243,6 +242,11 @@ impl Bench {
         if let Some(e) = moved.error {
             r.error = Some(e);
         }
+        // In doubt: the guest stays paused on h1 (its guard deletes it).
+        if moved.phase == "in_doubt" {
+            return Ok(true);
+        }
+        // Committed: it runs on h2; aborted: on h1 again. Its line either way.
         let line = g
             .wait_done(
                 run_limit
