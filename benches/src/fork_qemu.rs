@@ -5,17 +5,16 @@
 //! directory; every QEMU started here is quit or killed, and reaped.
 
 use crate::fork::clone_start_name;
-use crate::qemu::{find_in_path, QEMU};
 use crate::stats::{ms, Report};
 use crate::vms;
 use anyhow::{bail, ensure, Context, Result};
+use bench_shared::qemu::{command, find_in_path, qmp_arg, Qmp, QEMU};
 use forkd::vmm::RestoreMemory;
 use serde_json::{json, Value};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -34,22 +33,9 @@ struct Qemu {
 impl Qemu {
     fn spawn(qemu: &Path, guest: &Path, dir: &Path, name: &str, extra: &[&str]) -> Result<Qemu> {
         let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(qemu)
-            .args([
-                "-M",
-                "microvm",
-                "-enable-kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-            ])
-            .args(["-m", &MEM_MIB.to_string(), "-nographic", "-no-reboot"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
-            .arg(guest)
-            .args(["-append", CMDLINE, "-qmp"])
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                sock(dir, name).display()
-            ))
+        let child = command(qemu, guest, MEM_MIB, CMDLINE)
+            .arg("-qmp")
+            .arg(qmp_arg(&sock(dir, name)))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -93,76 +79,25 @@ fn sock(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.qmp"))
 }
 
-/// A QMP connection (capabilities negotiated).
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects (retrying every 200 µs while QEMU starts up) and reads
-    /// the greeting; returns when the greeting arrived too.
-    fn connect(q: &mut Qemu, path: &Path) -> Result<(Qmp, Instant)> {
-        let deadline = Instant::now() + LIMIT;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if let Some(st) = q.child.try_wait()? {
-                        bail!("QEMU exited ({st}) before QMP was up: {}", q.stderr_tail());
-                    }
-                    if Instant::now() >= deadline {
-                        bail!("no QMP socket within {LIMIT:?}: {e}");
-                    }
-                    sleep(Duration::from_micros(200));
+/// Connects to a starting QEMU's QMP socket (retrying every 200 µs) and
+/// reads the greeting; also the instant the greeting arrived.
+fn connect(q: &mut Qemu, path: &Path) -> Result<(Qmp, Instant)> {
+    let deadline = Instant::now() + LIMIT;
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Some(st) = q.child.try_wait()? {
+                    bail!("QEMU exited ({st}) before QMP was up: {}", q.stderr_tail());
                 }
+                if Instant::now() >= deadline {
+                    bail!("no QMP socket within {LIMIT:?}: {e}");
+                }
+                sleep(Duration::from_micros(200));
             }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        };
-        let greeting = qmp.read()?;
-        let at = Instant::now();
-        ensure!(
-            greeting.get("QMP").is_some(),
-            "not a QMP greeting: {greeting}"
-        );
-        qmp.execute("qmp_capabilities", None)?;
-        Ok((qmp, at))
-    }
-
-    fn read(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).context("reading QMP")?;
-        ensure!(n > 0, "QMP connection closed");
-        serde_json::from_str(&line).with_context(|| format!("bad QMP line {line:?}"))
-    }
-
-    /// Runs a command; events in between are skipped.
-    fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value> {
-        let mut msg = json!({ "execute": cmd });
-        if let Some(a) = args {
-            msg["arguments"] = a;
         }
-        writeln!(self.writer, "{msg}").context("writing QMP")?;
-        loop {
-            let v = self.read()?;
-            if v.get("event").is_some() {
-                continue;
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {cmd}: {e}");
-            }
-            return Ok(v.get("return").cloned().unwrap_or(Value::Null));
-        }
-    }
-
-    fn status(&mut self) -> Result<String> {
-        let r = self.execute("query-status", None)?;
-        Ok(r["status"].as_str().unwrap_or("?").to_string())
-    }
+    };
+    Qmp::handshake(stream, Duration::from_secs(10))
 }
 
 /// Boots the guest under QEMU, stops it after [`SAVE_AFTER`] and saves it
@@ -171,7 +106,7 @@ impl Qmp {
 fn qemu_save(qemu: &Path, guest: &Path, dir: &Path) -> Result<(PathBuf, Value)> {
     let t0 = Instant::now();
     let mut q = Qemu::spawn(qemu, guest, dir, "save", &[])?;
-    let (mut qmp, _) = Qmp::connect(&mut q, &sock(dir, "save"))?;
+    let (mut qmp, _) = connect(&mut q, &sock(dir, "save"))?;
     sleep(SAVE_AFTER.saturating_sub(t0.elapsed()));
     let status = qmp.status()?;
     ensure!(
@@ -209,7 +144,7 @@ fn qemu_restore(qemu: &Path, guest: &Path, dir: &Path, state: &Path, i: usize) -
     let incoming = format!("exec:cat {}", state.display());
     let t0 = Instant::now();
     let mut q = Qemu::spawn(qemu, guest, dir, &name, &["-incoming", &incoming])?;
-    let (mut qmp, greeted) = Qmp::connect(&mut q, &sock(dir, &name))?;
+    let (mut qmp, greeted) = connect(&mut q, &sock(dir, &name))?;
     let deadline = Instant::now() + LIMIT;
     let (status, loaded) = loop {
         let s = qmp.status()?;

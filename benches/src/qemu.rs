@@ -6,37 +6,16 @@ use crate::stats::{ms, Report};
 use crate::vms::{TINY_CMDLINE, TINY_MEM_MIB, WAIT};
 use anyhow::{bail, Context, Result};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, sleep};
 use std::time::{Duration, Instant};
 
-pub const QEMU: &str = "qemu-system-x86_64";
-
-/// Finds an executable in `$PATH`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use bench_shared::qemu::{find_in_path, QEMU};
 
 pub fn qemu_command(qemu: &Path, guest: &Path) -> Command {
-    let mut c = Command::new(qemu);
-    c.args([
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-    ])
-    .args(["-m", &TINY_MEM_MIB.to_string()])
-    .args(["-nographic", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4", "-kernel"])
-    .arg(guest)
-    .args(["-append", TINY_CMDLINE]);
-    c
+    bench_shared::qemu::command(qemu, guest, TINY_MEM_MIB, TINY_CMDLINE)
 }
 
 pub fn forkd_command(forkd: &Path, guest: &Path) -> Command {

@@ -9,7 +9,6 @@
 //! daemon does not report are null; nothing is made up.
 
 mod api;
-mod cluster;
 mod figures;
 mod loss;
 mod plots;
@@ -17,8 +16,9 @@ mod record;
 mod resident;
 mod run;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use api::{ForkKind, Mode};
+use bench_shared::{cluster, forkd_bin};
 use clap::{Parser, ValueEnum};
 use figures::OneClone;
 use record::Record;
@@ -140,24 +140,6 @@ fn configs(a: &Args) -> Vec<Config> {
     v
 }
 
-fn forkd_bin(arg: Option<PathBuf>) -> Result<PathBuf> {
-    let p = match arg {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .context("cannot find this binary")?
-            .parent()
-            .context("this binary has no directory")?
-            .join("forkd"),
-    };
-    if !p.is_file() {
-        bail!(
-            "no forkd binary at {}: build it (cargo build --release -p forkd) or pass --forkd-bin",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 /// What the runs share: the cluster, and per kind the 1-clone run, per
 /// fork tick the resident reference.
 struct Bench<'c> {
@@ -277,9 +259,7 @@ fn emit(json: bool, r: &Record) -> Result<()> {
 
 fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
     let forkd = forkd_bin(a.forkd_bin.clone())?;
-    if !std::path::Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing: the snowflock bench needs KVM");
-    }
+    bench_shared::need_kvm("snowflock")?;
     let setup = Setup {
         hosts: a.hosts,
         mem_mib: a.mem_mib,
@@ -293,7 +273,7 @@ fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
         timeout: Duration::from_secs(a.timeout_s.max(1)),
     };
     let configs = configs(a);
-    let mut cluster = cluster::Cluster::up(&forkd, a.hosts)?;
+    let mut cluster = cluster::Cluster::up(&forkd, a.hosts, "snowflock", "sfbench")?;
     let mut bench = Bench {
         hosts: run::apis(&cluster),
         cluster: &cluster,
@@ -321,7 +301,7 @@ fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
             c.clones,
             a.loss_pct
         );
-        let load = record::load_avg();
+        let load = bench_shared::load_avg();
         let r = match bench.config(c) {
             Ok(r) => Record {
                 load_avg_1m: load,
@@ -348,22 +328,6 @@ fn run_all(a: &Args, records: &mut Vec<Record>) -> Result<()> {
     Ok(())
 }
 
-fn read_records(files: &[PathBuf]) -> Result<Vec<Record>> {
-    let mut v = Vec::new();
-    for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| l.starts_with('{')) {
-            v.push(
-                serde_json::from_str(line).with_context(|| {
-                    format!("{}:{}: not a snowflock record", f.display(), n + 1)
-                })?,
-            );
-        }
-    }
-    Ok(v)
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     if !(0.0..=100.0).contains(&a.loss_pct) {
@@ -374,7 +338,7 @@ fn main() -> Result<()> {
         cluster::install_signal_handlers()?;
         run_all(&a, &mut records)
     } else {
-        read_records(&a.plot_input).map(|r| records = r)
+        bench_shared::read_jsonl(&a.plot_input, "snowflock").map(|r| records = r)
     };
     if let Some(dir) = &a.plots {
         for f in plots::write_all(dir, &records)? {

@@ -12,18 +12,13 @@
 
 use crate::record::Record;
 use anyhow::{anyhow, Result};
+use bench_shared::plot::{err, finish, FONT, SIZE};
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const SIZE: (u32, u32) = (800, 500);
-const FONT: &str = "sans-serif";
 /// Issue 7's target: 32 clones over 4 hosts running within 60 ms.
 const CLONE_TIME_TARGET_MS: f64 = 60.0;
-
-fn err(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("plot: {e}")
-}
 
 /// One record per (mode, heuristics).
 type Kinds<'a> = BTreeMap<(String, bool), &'a Record>;
@@ -165,14 +160,7 @@ fn sweep(
             .draw_series([Cross::new((x32, t), 6, BLACK.stroke_width(2))])
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
+    finish(&mut chart, &root)?;
     Ok(true)
 }
 
@@ -263,14 +251,7 @@ fn bytes(path: &Path, clones: u64, loss: f64, kinds: &[&Record]) -> Result<()> {
             ))
         }))
         .map_err(err)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
+    finish(&mut chart, &root)?;
     Ok(())
 }
 

@@ -167,15 +167,6 @@ pub fn counter_delta(old: &Value, new: &Value) -> Value {
 }
 
 /// The 1-minute load average.
-pub fn load_avg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 pub fn pct(clone: f64, resident: f64) -> Option<f64> {
     (resident > 0.0).then(|| (clone / resident - 1.0) * 100.0)
 }

@@ -5,7 +5,7 @@
 //! host's memory server counters, the daemons' resident memory and the
 //! loss rules.
 
-use crate::api::{family_ended, find_family, fork_tick, Api, ForkKind, Forked};
+use crate::api::{family_ended, find_family, fork_tick, Api, ForkCalls, ForkKind, Forked};
 use crate::cluster::{check_stop, nap, vm_rss, Cluster, Host};
 use crate::loss::Loss;
 use crate::record::counter_delta;

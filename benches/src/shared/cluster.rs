@@ -1,4 +1,4 @@
-//! The bench's own local cluster: `forkd cluster up` at the start and
+//! A bench's own local cluster: `forkd cluster up` at the start and
 //! `forkd cluster down` whatever happens — the [`Cluster`] guard runs it on
 //! drop (normal end, error, panic), and SIGINT/SIGTERM/SIGHUP only set a
 //! flag that every wait of the bench checks ([`check_stop`]), so an
@@ -129,6 +129,8 @@ pub struct Host {
     pub netns: String,
     pub socket: PathBuf,
     pub pid: Option<u32>,
+    /// The host's address on the cluster's bridge.
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 impl Host {
@@ -139,6 +141,8 @@ impl Host {
 
 /// A running local cluster; `cluster down` on drop.
 pub struct Cluster {
+    /// The bench's name, for its messages.
+    tag: &'static str,
     forkd: PathBuf,
     pub name: String,
     dir: PathBuf,
@@ -148,21 +152,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `forkd cluster up --hosts N --name sfbench<pid> --dir <tempdir>`.
-    /// The guard exists before `up` runs, so a half-made cluster is taken
-    /// down as well.
-    pub fn up(forkd: &Path, hosts: u32) -> Result<Cluster> {
+    /// `forkd cluster up --hosts N --name <short><pid> --dir <tempdir>`
+    /// for the bench `tag` (its messages and temporary directory); `short`
+    /// is 1-7 of a-z. The guard exists before `up` runs, so a half-made
+    /// cluster is taken down as well.
+    pub fn up(forkd: &Path, hosts: u32, tag: &'static str, short: &str) -> Result<Cluster> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            bail!("the snowflock bench needs root: it makes a local cluster (network namespaces)");
+            bail!("the {tag} bench needs root: it makes a local cluster (network namespaces)");
+        }
+        if short.is_empty() || short.len() > 7 || !short.bytes().all(|b| b.is_ascii_lowercase()) {
+            bail!("cluster name prefix {short:?}: 1-7 of a-z");
         }
         let tmp = tempfile::Builder::new()
-            .prefix("snowflock-")
+            .prefix(&format!("{tag}-"))
             .tempdir()
             .context("cannot make a temporary directory for the cluster")?;
         // Cluster names are 1-12 of a-z, 0-9.
-        let name = format!("sfbench{}", std::process::id() % 100_000);
+        let name = format!("{short}{}", std::process::id() % 100_000);
         let mut c = Cluster {
+            tag,
             forkd: forkd.to_owned(),
             name,
             dir: tmp.path().join("cluster"),
@@ -170,7 +179,7 @@ impl Cluster {
             down: false,
             _tmp: tmp,
         };
-        eprintln!("snowflock: cluster up: {} hosts ({})", hosts, c.name);
+        eprintln!("{tag}: cluster up: {} hosts ({})", hosts, c.name);
         let o = c.cluster(&["up", "--hosts", &hosts.to_string(), "--json"])?;
         if !o.status.success() {
             bail!("forkd cluster up failed: {}", describe(&o));
@@ -197,7 +206,7 @@ impl Cluster {
             return Ok(());
         }
         self.down = true;
-        eprintln!("snowflock: cluster down ({})", self.name);
+        eprintln!("{}: cluster down ({})", self.tag, self.name);
         let o = self.cluster(&["down"])?;
         if !o.status.success() {
             bail!("forkd cluster down failed: {}", describe(&o));
@@ -210,7 +219,8 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if let Err(e) = self.down() {
             eprintln!(
-                "snowflock: {e:#}; run `forkd cluster down --name {} --dir {}` by hand",
+                "{}: {e:#}; run `forkd cluster down --name {} --dir {}` by hand",
+                self.tag,
                 self.name,
                 self.dir.display()
             );
@@ -235,6 +245,7 @@ fn parse_hosts(v: &Value) -> Result<Vec<Host>> {
                 netns: s("netns")?,
                 socket: PathBuf::from(s("socket")?),
                 pid: h["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+                address: h["address"].as_str().and_then(|a| a.parse().ok()),
             })
         })
         .collect()
