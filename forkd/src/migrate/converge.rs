@@ -2,9 +2,12 @@
 //! dirty set or stop the guest and copy the rest.
 //!
 //! Stop when the estimated downtime — the dirty bytes and the state over
-//! the measured bandwidth, plus a fixed cost for pause and resume — fits
-//! the budget; or when progress stalls (the dirty set has not shrunk by a
-//! tenth for [`STALL_ROUNDS`] rounds in a row); or at the round limit.
+//! the measured bandwidth, plus a fixed cost for pause and resume — is
+//! down to [`GOAL`] (or the budget, if smaller); or when it fits the budget
+//! and another round no longer shrinks the dirty set by a tenth (a round
+//! that would shrink it is worth its time: the downtime is what users
+//! feel); or when progress stalls (the dirty set has not shrunk by a tenth
+//! for [`STALL_ROUNDS`] rounds in a row); or at the round limit.
 
 use std::time::Duration;
 
@@ -13,6 +16,8 @@ pub const STALL_ROUNDS: u32 = 3;
 /// Pause, state capture, destination build and resume, measured here at a
 /// few ms; counted in every estimate.
 pub const FIXED_DOWNTIME: Duration = Duration::from_millis(3);
+/// Below this estimate no further round is worth it.
+pub const GOAL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -70,14 +75,18 @@ impl Convergence {
         state_bytes: u64,
         bytes_per_s: f64,
     ) -> Decision {
-        if Self::estimate(dirty_bytes, state_bytes, bytes_per_s) <= self.budget {
+        let estimate = Self::estimate(dirty_bytes, state_bytes, bytes_per_s);
+        if estimate <= self.budget.min(GOAL) {
             return Decision::Stop(StopReason::Converged);
         }
-        match self.best {
-            Some(b) if dirty_bytes * 10 > b * 9 => self.stalled += 1,
-            _ => {
-                self.stalled = 0;
-            }
+        let shrinking = self.best.is_none_or(|b| dirty_bytes * 10 <= b * 9);
+        if estimate <= self.budget && !shrinking {
+            return Decision::Stop(StopReason::Converged);
+        }
+        if shrinking {
+            self.stalled = 0;
+        } else {
+            self.stalled += 1;
         }
         self.best = Some(self.best.map_or(dirty_bytes, |b| b.min(dirty_bytes)));
         if self.stalled >= STALL_ROUNDS {
@@ -99,9 +108,23 @@ mod tests {
     #[test]
     fn small_dirty_set_converges() {
         let mut c = Convergence::new(Duration::from_millis(30), 30);
-        // 4 MB at 1 GB/s = 4 ms + 3 ms fixed.
+        // 1 MB at 1 GB/s = 1 ms + 3 ms fixed: under the goal.
         assert_eq!(
-            c.decide(0, 4_000_000, 50_000, GB),
+            c.decide(0, 1_000_000, 50_000, GB),
+            Decision::Stop(StopReason::Converged)
+        );
+    }
+
+    #[test]
+    fn within_budget_but_shrinking_goes_on() {
+        let mut c = Convergence::new(Duration::from_millis(30), 30);
+        // 10 MB: 13 ms fits 30 ms, but the set may shrink: another round.
+        assert_eq!(c.decide(0, 10_000_000, 0, GB), Decision::Continue);
+        // It shrank to 4 MB (7 ms): still shrinking, go on.
+        assert_eq!(c.decide(1, 4_000_000, 0, GB), Decision::Continue);
+        // No longer shrinking (3.8 MB): stop, within the budget.
+        assert_eq!(
+            c.decide(2, 3_800_000, 0, GB),
             Decision::Stop(StopReason::Converged)
         );
     }
@@ -111,8 +134,10 @@ mod tests {
         let mut c = Convergence::new(Duration::from_millis(10), 30);
         assert_eq!(c.decide(0, 100_000_000, 0, GB), Decision::Continue);
         assert_eq!(c.decide(1, 50_000_000, 0, GB), Decision::Continue);
+        // 8 ms fits the budget, but the set still shrinks: one more.
+        assert_eq!(c.decide(2, 5_000_000, 0, GB), Decision::Continue);
         assert_eq!(
-            c.decide(2, 5_000_000, 0, GB),
+            c.decide(3, 1_500_000, 0, GB),
             Decision::Stop(StopReason::Converged)
         );
     }
