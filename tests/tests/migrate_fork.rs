@@ -40,24 +40,7 @@ fn a_migrated_vm_with_a_pending_ticket_forks_on_its_destination() {
         Duration::from_secs(20),
         |v| v["console_lines"].as_u64() >= Some(2),
     );
-    let r = client::call_unix(
-        &h1,
-        "POST",
-        &format!("/v1/vms/{id}/migrate"),
-        Some(r#"{"destination": "h2"}"#),
-    );
-    assert_eq!(r.status, 202, "{}", r.error());
-    let v = poll(
-        &h1,
-        &format!("/v1/vms/{id}/migration"),
-        Duration::from_secs(20),
-        |v| {
-            matches!(
-                v["phase"].as_str(),
-                Some("committed" | "aborted" | "in_doubt")
-            )
-        },
-    );
+    let v = migrate_and_wait(&h1, &id, "h2", Duration::from_secs(20));
     assert_eq!(v["phase"], "committed", "{v}");
     let v = poll(&h2, &format!("/v1/vms/{id}"), tests::WAIT, all_ended);
     // The fork happened on h2, after the move: h1 never had a family.

@@ -22,25 +22,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::{forkd_bin, qemu_done_line};
 
-/// Migrates `id` from `from` to `to` through `from`'s API and waits for the
-/// end; the final status.
-fn migrate(from: &Path, id: &str, to: &str) -> Value {
-    let body = format!(r#"{{"destination": "{to}"}}"#);
-    let r = client::call_unix(from, "POST", &format!("/v1/vms/{id}/migrate"), Some(&body));
-    assert_eq!(r.status, 202, "migrate {id} to {to}: {}", r.error());
-    poll(
-        from,
-        &format!("/v1/vms/{id}/migration"),
-        Duration::from_secs(30),
-        |v| {
-            matches!(
-                v["phase"].as_str(),
-                Some("committed" | "aborted" | "in_doubt")
-            )
-        },
-    )
-}
-
 fn get_status(sock: &Path, id: &str) -> u16 {
     client::call_unix(sock, "GET", &format!("/v1/vms/{id}"), None).status
 }
@@ -48,7 +29,7 @@ fn get_status(sock: &Path, id: &str) -> u16 {
 /// Moves `id` from `from` to `to` and checks it is there under its own id
 /// and gone from `from`.
 fn move_vm(from: &Path, to: &Path, to_name: &str, id: &str) {
-    let v = migrate(from, id, to_name);
+    let v = migrate_and_wait(from, id, to_name, Duration::from_secs(30));
     assert_eq!(v["phase"], "committed", "{v}");
     assert_eq!(v["report"]["destination_vm"], id, "{v}");
     assert_eq!(get_status(to, id), 200, "{id} on {to_name}");

@@ -162,19 +162,7 @@ fn create(h1: &Path) -> String {
 /// Migrates a new VM from h1 to the fake h2; its final status.
 fn migrate_in_doubt(h1: &Path) -> (String, Value) {
     let id = create(h1);
-    let r = client::call_unix(
-        h1,
-        "POST",
-        &format!("/v1/vms/{id}/migrate"),
-        Some(r#"{"destination": "h2"}"#),
-    );
-    assert_eq!(r.status, 202, "{}", r.error());
-    let v = poll(h1, &format!("/v1/vms/{id}/migration"), LIMIT, |v| {
-        matches!(
-            v["phase"].as_str(),
-            Some("committed" | "aborted" | "in_doubt")
-        )
-    });
+    let v = migrate_and_wait(h1, &id, "h2", LIMIT);
     (id, v)
 }
 

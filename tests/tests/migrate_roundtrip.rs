@@ -15,8 +15,6 @@ mod common;
 mod schema;
 
 use common::*;
-use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use tests::qemu_done_line;
 
@@ -28,28 +26,6 @@ const MEM_MIB: u64 = 64;
 const CMDLINE: &str = "ticks=5000 seed=17 state_mib=2 dirty_pages=4 tick_us=5000";
 /// One migration, start to commit, at most (they take ~0.1 s).
 const ONE: Duration = Duration::from_secs(20);
-
-/// Migrates `id` from `from` to `to` and waits for its end; the status.
-fn migrate(from: &Path, id: &str, to: &str) -> Value {
-    let body = format!(r#"{{"destination": "{to}"}}"#);
-    let r = client::call_unix(from, "POST", &format!("/v1/vms/{id}/migrate"), Some(&body));
-    assert_eq!(r.status, 202, "migrate {id} to {to}: {}", r.error());
-    let path = format!("/v1/vms/{id}/migration");
-    let t = Instant::now();
-    loop {
-        let r = client::call_unix(from, "GET", &path, None);
-        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
-        let v = r.json();
-        if matches!(
-            v["phase"].as_str(),
-            Some("committed" | "aborted" | "in_doubt")
-        ) {
-            return v;
-        }
-        assert!(t.elapsed() < ONE, "{id} to {to} within {ONE:?}: {v}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn a_hundred_round_trips_end_with_qemus_line() {
@@ -70,7 +46,7 @@ fn a_hundred_round_trips_end_with_qemus_line() {
     let (mut downtime, mut worst, mut bytes) = (0u64, 0u64, 0u64);
     for trip in 0..TRIPS * 2 {
         let (from, to) = (&hosts[trip % 2], &hosts[(trip + 1) % 2]);
-        let v = migrate(&from.0, &id, to.1);
+        let v = migrate_and_wait(&from.0, &id, to.1, ONE);
         assert_eq!(v["phase"], "committed", "migration {trip}: {v}");
         let r = &v["report"];
         assert_eq!(r["destination_vm"], id.as_str(), "migration {trip}: {v}");

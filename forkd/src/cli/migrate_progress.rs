@@ -156,7 +156,11 @@ impl Display {
     pub(super) fn finish(self, v: &Value) {
         let f = Figures::of(v);
         match self {
-            Display::Bar { bar, .. } => {
+            Display::Bar { bar, drawn } => {
+                // Over before the first update: the final bar still shows.
+                if !drawn {
+                    bar.set_draw_target(ProgressDrawTarget::stderr());
+                }
                 if f.phase == "committed" {
                     bar.set_length(f.bytes_sent.max(1));
                     bar.set_position(f.bytes_sent.max(1));
