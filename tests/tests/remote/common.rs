@@ -341,25 +341,11 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 }
 
 /// Migrates VM `id` from the daemon at `from` to host `to` through the
-/// API and waits (polling every 5 ms, at most `limit`) for the end; the
+/// API and waits (polling every 20 ms, at most `limit`) for the end; the
 /// final status.
 pub fn migrate_and_wait(from: &Path, id: &str, to: &str, limit: Duration) -> Value {
     let body = format!(r#"{{"destination": "{to}"}}"#);
     let r = client::call_unix(from, "POST", &format!("/v1/vms/{id}/migrate"), Some(&body));
     assert_eq!(r.status, 202, "migrate {id} to {to}: {}", r.error());
-    let path = format!("/v1/vms/{id}/migration");
-    let t = Instant::now();
-    loop {
-        let r = client::call_unix(from, "GET", &path, None);
-        assert_eq!(r.status, 200, "GET {path}: {}", r.error());
-        let v = r.json();
-        if matches!(
-            v["phase"].as_str(),
-            Some("committed" | "aborted" | "in_doubt")
-        ) {
-            return v;
-        }
-        assert!(t.elapsed() < limit, "{id} to {to} within {limit:?}: {v}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    migration_end(from, id, limit)
 }
