@@ -282,7 +282,10 @@ mod local {
             loop {
                 match read_message(s).expect("message") {
                     Message::State(_) => break,
-                    Message::Pages { .. } | Message::RoundEnd { .. } | Message::Console(_) => {}
+                    Message::RoundEnd { round, .. } => {
+                        write_message(s, &Message::RoundAck { round }).expect("ack");
+                    }
+                    Message::Pages { .. } | Message::Console(_) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -308,11 +311,19 @@ mod local {
     /// guest, resumes it (dirty log off) and it ends with QEMU's line.
     #[test]
     fn destination_gone_in_stop_and_copy_the_guest_resumes() {
-        use forkd::migrate::protocol::{read_message, Message};
+        use forkd::migrate::protocol::{read_message, write_message, Message};
         let mut vm = boot(CMDLINE, 512);
         wait_running(&vm);
         let (progress, result) = migrate_to_fake(&mut vm, |s| {
-            while !matches!(read_message(s), Ok(Message::State(_)) | Err(_)) {}
+            loop {
+                match read_message(s) {
+                    Ok(Message::State(_)) | Err(_) => break,
+                    Ok(Message::RoundEnd { round, .. }) => {
+                        let _ = write_message(s, &Message::RoundAck { round });
+                    }
+                    Ok(_) => {}
+                }
+            }
             // Gone: the connection closes without a Ready.
         });
         let err = result.unwrap_err();

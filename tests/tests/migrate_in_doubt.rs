@@ -119,7 +119,15 @@ fn fake_destination(api: SocketAddr, decisions: Vec<Decision>) -> Vec<String> {
         let mut m = accept_within(&incoming, LIMIT);
         assert!(matches!(read_message(&mut m), Ok(Message::Hello(_))));
         write_message(&mut m, &Message::Welcome).expect("welcome");
-        while !matches!(read_message(&mut m).expect("message"), Message::State(_)) {}
+        loop {
+            match read_message(&mut m).expect("message") {
+                Message::State(_) => break,
+                Message::RoundEnd { round, .. } => {
+                    write_message(&mut m, &Message::RoundAck { round }).expect("ack");
+                }
+                _ => {}
+            }
+        }
         write_message(&mut m, &Message::Ready).expect("ready");
         assert_eq!(read_message(&mut m).expect("commit"), Message::Commit);
         drop(m);

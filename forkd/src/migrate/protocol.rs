@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"FKMG";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 16;
 /// Pages in one `Pages` message (1 MiB).
 pub const MAX_PAGES_PER_MESSAGE: u64 = 256;
@@ -101,10 +101,16 @@ pub enum Message {
         first: u64,
         count: u32,
     },
-    /// End of a pre-copy round (informational).
+    /// End of a pre-copy round.
     RoundEnd {
         round: u32,
         pages: u64,
+    },
+    /// Destination: every page of round `round` is written here. The
+    /// source waits for it before deciding, so that the guest is never
+    /// paused behind pages still in flight (they would be downtime).
+    RoundAck {
+        round: u32,
     },
     /// The console lines the guest printed so far (the newest, at most
     /// [`MAX_CONSOLE_BYTES`] of them), so its history moves with it.
@@ -157,6 +163,7 @@ const T_POSTCOPY: u16 = 12;
 const T_POSTCOPY_PROGRESS: u16 = 13;
 const T_POSTCOPY_DONE: u16 = 14;
 const T_POSTCOPY_FAILED: u16 = 15;
+const T_ROUND_ACK: u16 = 16;
 /// Largest needed-set bitmap: 32 GiB of guest memory.
 const MAX_NEEDED_WORDS: usize = (32 << 30) / 4096 / 64;
 /// Console history carried at most.
@@ -227,6 +234,7 @@ impl Message {
             Message::Pages { .. } => "Pages",
             Message::Zeros { .. } => "Zeros",
             Message::RoundEnd { .. } => "RoundEnd",
+            Message::RoundAck { .. } => "RoundAck",
             Message::Console(_) => "Console",
             Message::State(_) => "State",
             Message::Ready => "Ready",
@@ -257,6 +265,7 @@ impl Message {
             }
             Message::Zeros { first, count } => (T_ZEROS, range_payload(*first, *count)),
             Message::RoundEnd { round, pages } => (T_ROUND_END, ser(&(round, pages))?),
+            Message::RoundAck { round } => (T_ROUND_ACK, ser(round)?),
             Message::Console(lines) => (T_CONSOLE, ser(lines)?),
             Message::State(s) => (T_STATE, s.clone()),
             Message::Ready => (T_READY, Vec::new()),
@@ -354,6 +363,9 @@ impl Message {
                 reason.truncate(MAX_TEXT);
                 Ok(Message::Abort { reason })
             }
+            T_ROUND_ACK => Ok(Message::RoundAck {
+                round: de("RoundAck", &p)?,
+            }),
             T_POSTCOPY => {
                 let o: PostcopyOffer = de("Postcopy", &p)?;
                 if o.needed.is_empty() || o.needed.len() > MAX_NEEDED_WORDS {
@@ -419,7 +431,7 @@ pub fn read_message(r: &mut impl Read) -> Result<Message, ProtocolError> {
         return Err(ProtocolError::WrongVersion { found: version });
     }
     let kind = u16::from_le_bytes([h[6], h[7]]);
-    if !(T_HELLO..=T_POSTCOPY_FAILED).contains(&kind) {
+    if !(T_HELLO..=T_ROUND_ACK).contains(&kind) {
         return Err(ProtocolError::UnknownType(kind));
     }
     let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
@@ -508,6 +520,7 @@ mod tests {
         });
         round_trip(Message::Zeros { first: 1, count: 5 });
         round_trip(Message::RoundEnd { round: 3, pages: 7 });
+        round_trip(Message::RoundAck { round: 3 });
         round_trip(Message::State(vec![1, 2, 3]));
         round_trip(Message::Console(vec!["zone: a".into(), "b".into()]));
         round_trip(Message::Ready);

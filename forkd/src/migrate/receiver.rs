@@ -436,7 +436,10 @@ fn receiving(
                 }
                 offer = Some(o);
             }
-            Message::RoundEnd { round, .. } => progress.update(|r| r.rounds = round + 1),
+            Message::RoundEnd { round, .. } => {
+                progress.update(|r| r.rounds = round + 1);
+                conn.send(&Message::RoundAck { round })?;
+            }
             Message::Console(lines) => console = lines,
             Message::State(bytes) => {
                 let state: VmState = bincode::DefaultOptions::new()

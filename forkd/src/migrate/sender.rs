@@ -265,6 +265,15 @@ impl Sender<'_> {
         };
         self.send(&Message::RoundEnd { round, pages })?;
         self.flush()?;
+        // Until the destination has every page of the round: nothing is
+        // left in flight to lengthen a stop now, and the throughput
+        // counts delivery, not the socket buffers.
+        let t = Instant::now();
+        match self.recv()? {
+            Message::RoundAck { round: r } if r == round => {}
+            other => return Err(self.unexpected("RoundAck", other)),
+        }
+        self.send_time += t.elapsed();
         let now = Instant::now();
         let took = now.duration_since(self.last_round_end);
         self.last_round_end = now;
@@ -359,7 +368,12 @@ impl Sender<'_> {
             .map_err(|e| MigrateError::Encode(e.to_string()))?;
         self.send(&Message::State(bytes))?;
         self.flush()?;
-        match self.recv()? {
+        let mut answer = self.recv()?;
+        // The last round's acknowledgement comes first (stop-and-copy).
+        if matches!(answer, Message::RoundAck { .. }) {
+            answer = self.recv()?;
+        }
+        match answer {
             Message::Ready => {}
             Message::Abort { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(self.unexpected("Ready", other)),
