@@ -18,7 +18,9 @@
 //!             ◀────────────────────Welcome────  Handshake (memory, VmShell made)
 //!  Round 0: dirty log on, populated non-zero
 //!           pages ──Pages…, RoundEnd──────────▶ Receiving (pages written)
+//!             ◀──────────────RoundAck{0}──────  (all of the round is here)
 //!  Round n: the dirty set ──Pages…, RoundEnd─▶
+//!             ◀──────────────RoundAck{n}──────
 //!  (converge: estimate ≤ budget | stalled | round limit)
 //!  (postcopy, or auto not converged: Switch — pause, serve the rest from
 //!   the memory server, Postcopy{server, key, needed} instead of pages)
