@@ -116,6 +116,9 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     }
 }
 
+/// How long [`VcpuHandle::stop`] waits for a vCPU thread.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
 /// Everything a vCPU thread needs.
 pub struct VcpuSetup {
     pub id: u8,
@@ -204,8 +207,32 @@ impl VcpuHandle {
     }
 
     /// Stops the thread and waits for it.
+    /// Stops the thread and joins it. A thread that has not ended is kicked
+    /// again every 50 ms (a kick that found it outside KVM_RUN is not lost
+    /// for good); after [`STOP_LIMIT`] it is left to end on its own, with an
+    /// error logged, rather than hang the caller (it owns or shares
+    /// everything it touches: the fd, the devices, the guest memory).
     pub fn stop(&mut self) {
         let _ = self.send(Command::Stop);
+        let started = Instant::now();
+        let mut kicked = started;
+        let mut nap = Duration::from_micros(50);
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            if started.elapsed() > STOP_LIMIT {
+                tracing::error!(
+                    "vCPU {} did not stop within {STOP_LIMIT:?}; its thread is left to end on its own",
+                    self.id
+                );
+                drop(self.thread.take());
+                return;
+            }
+            if kicked.elapsed() > Duration::from_millis(50) {
+                self.kick();
+                kicked = Instant::now();
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(2));
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
