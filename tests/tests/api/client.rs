@@ -304,6 +304,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A failing test shows what the daemon logged (e.g. a vCPU that
+        // would not stop).
+        if std::thread::panicking() {
+            let log = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+            if !log.is_empty() {
+                eprintln!("forkd serve's stderr:\n{log}");
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
