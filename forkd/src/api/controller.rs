@@ -220,7 +220,7 @@ impl Controller {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let key = format!("{DECISIONS}{at:015}-{term}-{seq:06}");
-        let value = serde_json::to_vec(&rec).map_err(|e| EtcdError::Encode(e.to_string()))?;
+        let value = etcd::encode(&rec)?;
         tracing::info!(%outcome, reason = %d.reason, "policy decision recorded");
         timed(ep, client.put(key, value, None)).await?;
         // Bounded: drop the oldest beyond DECISIONS_KEPT.
@@ -349,7 +349,7 @@ impl Actuator for ApiActuator {
 /// `GET /v1/policy/decisions`: the decisions in etcd, oldest first.
 pub async fn read_decisions(link: &EtcdLink) -> Result<Vec<DecisionRecord>, EtcdError> {
     let ep = link.endpoint();
-    let mut client = etcd::connect(ep).await?;
+    let mut client = link.client().await?;
     let opts = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Key, SortOrder::Ascend);

@@ -187,6 +187,15 @@ impl EtcdLink {
         &self.cfg.endpoint
     }
 
+    /// A client for reads: the registration's own while it has one (a
+    /// client multiplexes its calls), else a new connection.
+    pub async fn client(&self) -> Result<Client, EtcdError> {
+        if let Some((c, _)) = self.session.lock().await.as_ref() {
+            return Ok(c.clone());
+        }
+        connect(&self.cfg.endpoint).await
+    }
+
     /// Registers and reports until the registry closes; retries while etcd
     /// is unreachable.
     pub async fn run(self: Arc<Self>, reg: Arc<Registry>) {
@@ -219,7 +228,6 @@ impl EtcdLink {
             api: self.cfg.api.clone(),
             memserver: reg.memserver.local_addr().to_string(),
         };
-        let encode = |v: &dyn erased::Json| v.json().map_err(EtcdError::Encode);
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         timed(
             ep,
@@ -261,17 +269,9 @@ impl EtcdLink {
     }
 }
 
-/// Serializing through a trait object (the entry and the report).
-mod erased {
-    pub trait Json {
-        fn json(&self) -> Result<Vec<u8>, String>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(self).map_err(|e| e.to_string())
-        }
-    }
+/// A record as stored in etcd (JSON).
+pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, EtcdError> {
+    serde_json::to_vec(v).map_err(|e| EtcdError::Encode(e.to_string()))
 }
 
 /// `GET /v1/cluster`: one host as etcd has it.
@@ -292,7 +292,7 @@ pub struct ClusterView {
 /// Every host registered in etcd, with its last load report.
 pub async fn read_cluster(link: &EtcdLink) -> Result<ClusterView, EtcdError> {
     let ep = link.endpoint();
-    let mut client = connect(ep).await?;
+    let mut client = link.client().await?;
     let prefix = || Some(GetOptions::new().with_prefix());
     let hosts = timed(ep, client.get(HOSTS, prefix())).await?;
     let loads = timed(ep, client.get(LOADS, prefix())).await?;

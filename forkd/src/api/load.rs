@@ -28,10 +28,37 @@ pub struct VmLoad {
     pub resident_bytes: u64,
 }
 
+/// The last CPU-time sample, and the rate since the one before.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuRate(Option<(Instant, Duration)>);
+
+impl CpuRate {
+    /// Whether a new sample is due at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.0
+            .is_none_or(|(t, _)| now.duration_since(t) >= SAMPLE_EVERY)
+    }
+
+    fn sampled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Records `cpu` at `now`; the cores used since the last sample, if
+    /// there was one.
+    fn update(&mut self, now: Instant, cpu: Duration) -> Option<f64> {
+        let rate = self.0.map(|(t, before)| {
+            let dt = now.duration_since(t).as_secs_f64().max(1e-3);
+            cpu.saturating_sub(before).as_secs_f64() / dt
+        });
+        self.0 = Some((now, cpu));
+        rate
+    }
+}
+
 /// One VM's sampler.
 #[derive(Debug, Default)]
 pub(super) struct VmSampler {
-    state: Mutex<(Option<(Instant, Duration)>, VmLoad)>,
+    state: Mutex<(CpuRate, VmLoad)>,
 }
 
 impl VmSampler {
@@ -39,19 +66,15 @@ impl VmSampler {
     pub(super) fn sample(&self, vm: &Vm) {
         let mut g = lock(&self.state);
         let now = Instant::now();
-        if g.0
-            .is_some_and(|(t, _)| now.duration_since(t) < SAMPLE_EVERY)
-        {
+        if !g.0.due(now) {
             return;
         }
         let cpu = vm.cpu_time();
-        if let Some((t, before)) = g.0 {
-            let dt = now.duration_since(t).as_secs_f64().max(1e-3);
-            g.1.cpu_cores = cpu.saturating_sub(before).as_secs_f64() / dt;
+        if let Some(cores) = g.0.update(now, cpu) {
+            g.1.cpu_cores = cores;
         }
         g.1.cpu_seconds = cpu.as_secs_f64();
         g.1.resident_bytes = memory::resident_bytes(vm.memory()).unwrap_or(0);
-        g.0 = Some((now, cpu));
     }
 
     /// An ended VM uses no CPU.
@@ -61,7 +84,7 @@ impl VmSampler {
 
     pub(super) fn get(&self) -> Option<VmLoad> {
         let g = lock(&self.state);
-        g.0.map(|_| g.1)
+        g.0.sampled().then_some(g.1)
     }
 }
 
@@ -86,22 +109,19 @@ pub struct HostLoadInfo {
 /// The daemon's own sampler.
 #[derive(Debug, Default)]
 pub(super) struct HostSampler {
-    state: Mutex<(Option<(Instant, Duration)>, HostLoadInfo)>,
+    state: Mutex<(CpuRate, HostLoadInfo)>,
 }
 
 impl HostSampler {
     pub(super) fn sample(&self) {
         let mut g = lock(&self.state);
         let now = Instant::now();
-        if g.0
-            .is_some_and(|(t, _)| now.duration_since(t) < SAMPLE_EVERY)
-        {
+        if !g.0.due(now) {
             return;
         }
         let cpu = process_cpu();
-        if let Some((t, before)) = g.0 {
-            let dt = now.duration_since(t).as_secs_f64().max(1e-3);
-            g.1.cpu_cores = cpu.saturating_sub(before).as_secs_f64() / dt;
+        if let Some(cores) = g.0.update(now, cpu) {
+            g.1.cpu_cores = cores;
         }
         g.1.cpu_seconds = cpu.as_secs_f64();
         g.1.capacity_cores = std::thread::available_parallelism()
@@ -111,12 +131,11 @@ impl HostSampler {
         let (total, avail) = meminfo().unwrap_or_default();
         g.1.mem_total_bytes = total;
         g.1.mem_available_bytes = avail;
-        g.0 = Some((now, cpu));
     }
 
     /// The last sample (taken now if there is none yet).
     pub(super) fn get(&self) -> HostLoadInfo {
-        if lock(&self.state).0.is_none() {
+        if !lock(&self.state).0.sampled() {
             self.sample();
         }
         lock(&self.state).1.clone()

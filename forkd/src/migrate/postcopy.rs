@@ -334,13 +334,9 @@ pub struct Arrived {
 }
 
 impl Arrival {
-    /// Needed pages not here yet.
-    pub fn left(&self) -> u64 {
-        self.needed
-            .iter()
-            .flat_map(|r| r.first..r.first + r.count)
-            .filter(|p| !self.memory.presence.test(*p))
-            .count() as u64
+    /// Pages the destination has to fetch.
+    pub fn needed(&self) -> u64 {
+        self.needed.iter().map(|r| r.count).sum()
     }
 
     /// After commit: reports to the source until every needed page is
@@ -351,6 +347,13 @@ impl Arrival {
         let started = Instant::now();
         let (mut best, mut moved) = (u64::MAX, Instant::now());
         let mut reported: Option<Instant> = None;
+        // The needed pages still missing; each look keeps only those, so
+        // it costs what is left, not the whole needed set.
+        let mut missing: Vec<u64> = self
+            .needed
+            .iter()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect();
         let mut send = |m: &Message| {
             // A lost report does not stop the pages (they come by UDP).
             if let Err(e) = protocol::write_message(writer, m)
@@ -360,7 +363,8 @@ impl Arrival {
             }
         };
         loop {
-            let left = self.left();
+            missing.retain(|p| !self.memory.presence.test(*p));
+            let left = missing.len() as u64;
             progress(left);
             if left == 0 {
                 let f = self.faults.get();

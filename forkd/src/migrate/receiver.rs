@@ -509,7 +509,7 @@ fn building(
             let (handler, arrival) =
                 postcopy::arrive(shell.memory(), &pc.offer, &pc.have, "migrated")?;
             build.memory_server = Some(Box::new(handler));
-            let needed = arrival.left();
+            let needed = arrival.needed();
             progress.update(|r| {
                 r.postcopy_pages_needed = needed;
                 r.postcopy_pages_left = needed;
