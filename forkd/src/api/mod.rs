@@ -40,6 +40,7 @@ mod ids;
 pub mod load;
 pub mod metrics;
 pub mod migration;
+mod migration_clone;
 mod migration_table;
 pub mod peers;
 pub mod registry;

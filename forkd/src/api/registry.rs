@@ -444,16 +444,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Takes VM `id` out of its entry for a migration worker: refused for
-    /// a clone, an exited VM, one with a live fork family or one already
-    /// migrating.
+    /// Takes booted VM `id` out of its entry for a migration worker
+    /// (clones: [`super::migration_clone`]): refused for an exited VM, one
+    /// with a live fork family or one already migrating.
     pub(super) fn take_for_migration(&self, id: u64) -> Result<(Arc<Entry>, Vm), ApiError> {
-        if self.hosted_detail(id).is_some() {
-            return Err(ApiError::Conflict(format!(
-                "{} is a clone of a family hosted here; migrating clones is not implemented yet",
-                vm_id(id)
-            )));
-        }
         let entry = self.entry(id)?;
         let mut guard = lock(&entry.vm);
         if entry.migrating.load(Ordering::Acquire) {

@@ -91,8 +91,11 @@ pub struct HostedCloneInfo {
     pub clone_id: u64,
     /// Its VM id on this host.
     pub id: String,
-    /// `running`, `exited` or `failed`.
+    /// `running`, `exited`, `failed` or `migrated` (see `moved_to`).
     pub state: String,
+    /// The host a migrated clone runs on now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<ExitInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

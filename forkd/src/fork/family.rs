@@ -229,6 +229,11 @@ impl Family {
             .insert(host.to_owned(), figures);
     }
 
+    /// A clone on another host migrated to `host` (`fork::remote`).
+    pub(crate) fn remote_moved(&self, clone_id: u64, host: &str) {
+        lock(&self.report).hosts.insert(clone_id, host.to_owned());
+    }
+
     /// A clone on another host ended (`fork::remote`).
     pub(crate) fn remote_ended(&self, report: CloneReport) {
         lock(&self.report).clones.push(report);

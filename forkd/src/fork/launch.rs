@@ -130,15 +130,23 @@ pub(super) fn launch(
 
 /// Waits for a clone VM to end, or kills it once `killed` says so.
 pub(crate) fn run_to_end(vm: &mut Vm, killed: impl Fn() -> bool) -> VmExit {
+    run_until(vm, &killed).unwrap_or_else(|| {
+        vm.kill();
+        VmExit::Stopped
+    })
+}
+
+/// Watches `vm` until it ends (its exit) or `stop` holds (`None`: the
+/// guest still runs).
+pub(crate) fn run_until(vm: &mut Vm, stop: impl Fn() -> bool) -> Option<VmExit> {
     loop {
-        if killed() {
-            vm.kill();
-            return VmExit::Stopped;
+        if stop() {
+            return None;
         }
         match vm.wait(Some(REAP_SLICE)) {
-            Ok(e) => return e,
+            Ok(e) => return Some(e),
             Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => return VmExit::Failed(chain(&e)),
+            Err(e) => return Some(VmExit::Failed(chain(&e))),
         }
     }
 }
