@@ -4,6 +4,7 @@
 //! the family's memory server on h1, the parent's host follows each move
 //! (its family shows the clone's new host and its end there), and the
 //! parent and both clones end with QEMU's lines for `as_clone=0..2`.
+//! A migration of clone 2 cancelled in round 0 leaves it running on h2.
 //! Refused with 422: a clone onto its parent's host, and post-copy.
 //! Real daemons of a local cluster; needs root and /dev/kvm.
 
@@ -111,6 +112,23 @@ fn clones_migrate_between_clone_hosts_and_end_with_qemus_lines() {
     poll(&h1, &format!("/v1/vms/{id}"), Duration::from_secs(5), |v| {
         v["families"][0]["clones"][0]["host"] == "h3"
     });
+
+    // A migration cancelled in round 0 (1 MiB/s: it is slow) leaves the
+    // clone running on h2, watched by its reaper again.
+    let slow = client::call_unix(
+        &h2,
+        "POST",
+        &format!("/v1/vms/{c2}/migrate"),
+        Some(r#"{"destination": "h3", "bandwidth_mib_s": 1}"#),
+    );
+    assert_eq!(slow.status, 202, "{}", slow.error());
+    std::thread::sleep(Duration::from_millis(300));
+    let del = client::call_unix(&h2, "DELETE", &format!("/v1/vms/{c2}/migration"), None);
+    assert_eq!(del.status, 202, "{}", del.error());
+    let v = migration_end(&h2, &c2, Duration::from_secs(20));
+    assert_eq!(v["phase"], "aborted", "{v}");
+    let back = client::call_unix(&h2, "GET", &format!("/v1/vms/{c2}"), None).json();
+    assert_eq!(back["state"], "running", "{back}");
 
     migrate(&h2, &c2, "h3", "auto");
     std::thread::sleep(Duration::from_millis(300));

@@ -634,7 +634,7 @@ impl Registry {
             .spawn(move || {
                 let r = receiver::receive(listener, &inc, build, &rec.gate, &rec.progress, |vm| {
                     let adopted = match (origin, hub) {
-                        (Some(o), _) => reg.adopt_clone(&o, vm_num, vm),
+                        (Some(o), _) => reg.adopt_clone(&o, vm_num, vm, rec.progress.faults()),
                         (None, Some(hub)) => reg.adopt(vm, hub, meta),
                         (None, None) => Err(ApiError::Internal("no fork hub".into())),
                     };

@@ -30,6 +30,7 @@ use super::registry::{Entry, Registry};
 use super::types::vm_id;
 use crate::fork::clone::FamilySource;
 use crate::fork::envelope::{from_hex, to_hex};
+use crate::fork::fault::FaultStatsView;
 use crate::fork::handover::{Answer, HandoverError};
 use crate::fork::hosted::{HostedClone, HostedFamily};
 use crate::fork::identity::CloneIdentity;
@@ -263,7 +264,13 @@ impl Registry {
 
     /// Destination, at commit: the clone that arrived joins its family's
     /// share here (made for it if there is none) as VM `id`.
-    pub(super) fn adopt_clone(&self, o: &CloneOrigin, id: u64, vm: Vm) -> Result<(), ApiError> {
+    pub(super) fn adopt_clone(
+        &self,
+        o: &CloneOrigin,
+        id: u64,
+        vm: Vm,
+        faults: Option<FaultStatsView>,
+    ) -> Result<(), ApiError> {
         let identity = o.identity()?;
         let key = o.key()?;
         let received = Instant::now()
@@ -291,7 +298,7 @@ impl Registry {
             )));
         }
         family
-            .adopt(o.clone_id, id, identity, vm)
+            .adopt(o.clone_id, id, identity, vm, faults)
             .map_err(|e| ApiError::Internal(format!("the clone's reaper: {e}")))?;
         Ok(())
     }

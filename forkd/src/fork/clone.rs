@@ -316,13 +316,14 @@ pub struct FamilySource {
 /// every other page faults in from the family's memory server, as it did
 /// on the clone's first host (no zero-fill guesses: a page the clone
 /// never touched is the parent's, whatever it holds). Returns the VM's
-/// memory server (the fault handler) and its hypercall service.
+/// memory server (the fault handler), its counters and its hypercall
+/// service.
 pub fn rehome(
     memory: &GuestMemory,
     have: &PageBitmap,
     family: &FamilySource,
     name: &str,
-) -> Result<(FaultHandler, Arc<CloneService>), ForkError> {
+) -> Result<(FaultHandler, FaultStatsView, Arc<CloneService>), ForkError> {
     let cmem = Arc::new(CloneMemory::register(memory)?);
     for p in have.iter_ones() {
         cmem.presence.set(p as u64);
@@ -351,7 +352,8 @@ pub fn rehome(
         what: "fault handler",
         source,
     })?;
-    Ok((handler, Arc::new(CloneService::new(cmem, false))))
+    let faults = handler.stats_view();
+    Ok((handler, faults, Arc::new(CloneService::new(cmem, false))))
 }
 
 /// Read-ahead of a migrated clone's demand faults (pages).

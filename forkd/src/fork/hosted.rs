@@ -400,6 +400,7 @@ impl HostedFamily {
         vm_id: u64,
         identity: CloneIdentity,
         vm: Vm,
+        faults: Option<FaultStatsView>,
     ) -> std::io::Result<Arc<HostedClone>> {
         if lock(&self.clones)
             .iter()
@@ -416,7 +417,7 @@ impl HostedFamily {
         let (c, kill, received) = (clone.clone(), self.kill.clone(), self.received);
         let reaper = std::thread::Builder::new()
             .name(format!("hosted-{clone_id}"))
-            .spawn(move || reap(c, vm, None, kill, received, ()))?;
+            .spawn(move || reap(c, vm, faults, kill, received, ()))?;
         let mut clones = lock(&self.clones);
         clones.retain(|c| c.clone_id != clone_id);
         clones.push(clone.clone());

@@ -11,6 +11,7 @@ use super::micros;
 use super::postcopy::{self, PostcopyError};
 use super::protocol::{self, Hello, Message, PostcopyOffer, ProtocolError};
 use crate::fork::clone::{rehome, FamilySource};
+use crate::fork::fault::FaultStatsView;
 use crate::fork::ForkError;
 use crate::vmm::builder::VmShell;
 use crate::vmm::dirty::{PageBitmap, PAGE_SIZE};
@@ -22,7 +23,7 @@ use bincode::Options;
 use serde::Serialize;
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -160,14 +161,29 @@ impl ReceiveReport {
 }
 
 /// Progress the API shows while receiving.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ReceiveProgress {
     report: Mutex<ReceiveReport>,
+    /// A clone's fault counters, once its memory is set up here.
+    faults: OnceLock<FaultStatsView>,
+}
+
+impl std::fmt::Debug for ReceiveProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveProgress")
+            .field("report", &self.view())
+            .finish()
+    }
 }
 
 impl ReceiveProgress {
     fn update(&self, f: impl FnOnce(&mut ReceiveReport)) {
         f(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A clone's fault counters (from the build on).
+    pub fn faults(&self) -> Option<FaultStatsView> {
+        self.faults.get().cloned()
     }
 
     pub fn view(&self) -> ReceiveReport {
@@ -527,8 +543,9 @@ fn building(
         if arrived.postcopy.is_some() {
             return Err(ReceiveError::ClonePostcopy);
         }
-        let (handler, service) = rehome(shell.memory(), &arrived.have, family, "migrated")
+        let (handler, faults, service) = rehome(shell.memory(), &arrived.have, family, "migrated")
             .map_err(ReceiveError::Rehome)?;
+        let _ = progress.faults.set(faults);
         build.memory_server = Some(Box::new(handler));
         build.hypercalls = Some(service);
     }
