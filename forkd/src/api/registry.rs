@@ -660,7 +660,7 @@ impl Registry {
             .is_ok_and(|e| e.migrating.load(Ordering::Acquire))
         {
             return Err(ApiError::Conflict(format!(
-                "{} is being migrated; cancelling a migration is not implemented yet",
+                "{} is being migrated; cancel the migration first (DELETE /v1/vms/{{id}}/migration)",
                 vm_id(id)
             )));
         }
