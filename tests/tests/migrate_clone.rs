@@ -52,6 +52,11 @@ fn migrate(from: &Path, id: &str, to: &str, mode: &str) -> Value {
     assert_eq!(r.status, 202, "migrate {id} to {to}: {}", r.error());
     let v = migration_end(from, id, Duration::from_secs(30));
     assert_eq!(v["phase"], "committed", "{id} → {to}: {v}");
+    let r = &v["report"];
+    eprintln!(
+        "{id} → {to} ({mode}): downtime {} µs (pause {}, last round {}, state {}, resume {}), {} bytes",
+        r["downtime_us"], r["pause_us"], r["last_round_us"], r["state_us"], r["resume_us"], r["bytes_sent"]
+    );
     v
 }
 

@@ -325,9 +325,7 @@ pub fn rehome(
     name: &str,
 ) -> Result<(FaultHandler, FaultStatsView, Arc<CloneService>), ForkError> {
     let cmem = Arc::new(CloneMemory::register(memory)?);
-    for p in have.iter_ones() {
-        cmem.presence.set(p as u64);
-    }
+    cmem.presence.set_all(have);
     let pages = cmem.len / PAGE_SIZE as u64;
     let client = PageClient::with_pages(
         family.server,
