@@ -155,3 +155,37 @@ fn clones_migrate_between_clone_hosts_and_end_with_qemus_lines() {
         assert_eq!(running, 0, "{list}");
     }
 }
+
+/// A parent deleted right after its clone moved h2→h3 takes the clone
+/// along: the parent's host or h2 (passing the family's kill on) ends it
+/// on h3; nothing of the family is left running anywhere.
+#[test]
+fn deleting_the_parent_ends_its_migrated_clone() {
+    let (_c, up) = Cluster::up(3);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2, h3) = (socket(&hs[0]), socket(&hs[1]), socket(&hs[2]));
+    let id = start_vm(&h1, "ticks=4000 seed=43 state_mib=4 tick_us=5000");
+    let r = client::call_unix(
+        &h1,
+        "POST",
+        &format!("/v1/vms/{id}/fork"),
+        Some(r#"{"clones": 1, "hosts": {"h2": 1}}"#),
+    );
+    assert_eq!(r.status, 200, "fork: {}", r.error());
+    let family = r.json()["family"].as_u64().expect("family");
+    let c1 = clone_vm(&h2, family, 1);
+    migrate(&h2, &c1, "h3", "precopy");
+    let del = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{id}"), None);
+    assert_eq!(del.status, 204, "{}", del.error());
+    poll(&h3, "/v1/vms", Duration::from_secs(10), |v| {
+        v["vms"]
+            .as_array()
+            .is_some_and(|vs| vs.iter().all(|v| v["state"] != "running"))
+    });
+    for h in [&h2, &h3] {
+        let st = client::call_unix(h, "GET", &format!("/v1/families/{family}"), None);
+        if st.status == 200 {
+            assert_eq!(st.json()["running"], 0, "{}", st.json());
+        }
+    }
+}
