@@ -83,6 +83,13 @@ pub struct VmLoadRecord {
     pub cpu_cores: f64,
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
+    /// Absent from the reports of daemons that do not sample it.
+    #[serde(default)]
+    pub dirty_pages_per_s: Option<f64>,
+    #[serde(default)]
+    pub faults_per_s: f64,
+    #[serde(default)]
+    pub clone_faults_per_s: f64,
 }
 
 impl From<VmLoad> for VmLoadRecord {
@@ -91,6 +98,9 @@ impl From<VmLoad> for VmLoadRecord {
             cpu_cores: l.cpu_cores,
             cpu_seconds: l.cpu_seconds,
             resident_bytes: l.resident_bytes,
+            dirty_pages_per_s: l.dirty_pages_per_s,
+            faults_per_s: l.faults_per_s,
+            clone_faults_per_s: l.clone_faults_per_s,
         }
     }
 }

@@ -132,6 +132,30 @@ impl Registry {
                 l.resident_bytes as f64,
             );
         }
+        t.family(
+            "forkd_vm_dirty_pages_per_second",
+            "gauge",
+            "Distinct pages dirtied per second over the last dirty-rate window",
+        );
+        for (id, l) in &loads {
+            if let Some(d) = l.dirty_pages_per_s {
+                t.sample("forkd_vm_dirty_pages_per_second", &[("vm", id)], d);
+            }
+        }
+        t.family(
+            "forkd_vm_faults_per_second",
+            "gauge",
+            "userfaultfd faults per second: the VM's own (post-copy arrival), or its clones'",
+        );
+        for (id, l) in &loads {
+            for (whose, v) in [("own", l.faults_per_s), ("clones", l.clone_faults_per_s)] {
+                t.sample(
+                    "forkd_vm_faults_per_second",
+                    &[("vm", id), ("of", whose)],
+                    v,
+                );
+            }
+        }
         let fc = &self.fork_counters;
         t.one(
             "forkd_forks_total",

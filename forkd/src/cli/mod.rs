@@ -216,6 +216,13 @@ pub struct ServeArgs {
     /// [default: the machine's online CPUs].
     #[arg(long, value_parser = parse_cores)]
     pub cpu_capacity: Option<f64>,
+    /// Measure each VM's dirty rate this often: KVM's dirty log goes on
+    /// for --dirty-window-ms, then off again (0: never).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub dirty_sample_every_ms: u64,
+    /// How long each dirty-rate window keeps the log on.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub dirty_window_ms: u64,
 }
 
 fn parse_policy(s: &str) -> Result<crate::policy::PolicyConfig, String> {
@@ -456,6 +463,11 @@ pub fn main() -> ExitCode {
                 )
             }),
             capacity_cores: a.cpu_capacity,
+            dirty_sampling: crate::api::DirtySampling {
+                every: (a.dirty_sample_every_ms > 0)
+                    .then(|| std::time::Duration::from_millis(a.dirty_sample_every_ms)),
+                window: std::time::Duration::from_millis(a.dirty_window_ms),
+            },
         })
         .map(|()| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),

@@ -10,11 +10,20 @@
 //! range tables ([`ranges`]) for whoever copies the pages (the migration
 //! layer). Populated pages ([`populated_pages`], from pagemap) tell what a
 //! first full copy must carry: a MAP_NORESERVE page never touched is zero.
+//!
+//! A dirty-rate sampler counts the pages dirtied over a short window
+//! ([`Vm::open_dirty_window`], [`Vm::close_dirty_window`]) without keeping
+//! the log on for good (each first write to a page traps while it is on).
+//! Dirty tracking ([`Vm::start_dirty_log`], a migration) owns the log: it
+//! takes over an open window (which then counts nothing), and no window
+//! opens while tracking is on.
 
 use crate::vmm::memory::{self, GuestMemory};
 use crate::vmm::vm::Vm;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use std::io;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use crate::vmm::page_bitmap::{
@@ -34,6 +43,38 @@ pub enum DirtyError {
     NoRegion,
     #[error("cannot read the populated pages (pagemap)")]
     Pagemap(#[source] io::Error),
+}
+
+/// Who has a VM's dirty log on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogUse {
+    #[default]
+    Off,
+    /// A dirty-rate window, open since then.
+    Window(Instant),
+    /// Dirty tracking (a migration) owns the log.
+    Tracking,
+}
+
+/// The pages a window saw dirtied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DirtyWindow {
+    /// Distinct pages written (by the guest or the VMM) in the window.
+    pub pages: u64,
+    pub elapsed: Duration,
+}
+
+impl DirtyWindow {
+    /// Distinct pages dirtied per second of the window. A page written
+    /// twice counts once, so a short window of a guest that rewrites the
+    /// same pages gives an upper bound of its new-page rate.
+    pub fn pages_per_s(&self) -> f64 {
+        self.pages as f64 / self.elapsed.as_secs_f64().max(1e-3)
+    }
+}
+
+fn log_use(m: &Mutex<LogUse>) -> MutexGuard<'_, LogUse> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Which pages of guest memory a first full copy must carry: pages in RAM
@@ -100,7 +141,10 @@ impl Vm {
 
     /// Turns dirty tracking on: KVM logs the guest's writes to slot 0 and
     /// the VMM records its own. The log starts empty.
+    /// An open dirty-rate window is taken over (it counts nothing).
     pub fn start_dirty_log(&self) -> Result<(), DirtyError> {
+        let mut using = log_use(&self.dirty_use);
+        *using = LogUse::Tracking;
         self.vmm_writes().start(self.mem_pages());
         set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)?;
         self.dirty_log_kvm().map(drop)
@@ -108,8 +152,60 @@ impl Vm {
 
     /// Turns dirty tracking off again.
     pub fn stop_dirty_log(&self) -> Result<(), DirtyError> {
+        let mut using = log_use(&self.dirty_use);
+        *using = LogUse::Off;
         self.vmm_writes().stop();
         set_slot_flags(self, 0)
+    }
+
+    /// Who has the dirty log on now.
+    pub fn dirty_log_use(&self) -> LogUse {
+        *log_use(&self.dirty_use)
+    }
+
+    /// Opens a dirty-rate window: the log goes on, empty. `false` (nothing
+    /// done) while dirty tracking owns the log or a window is open.
+    pub fn open_dirty_window(&self) -> Result<bool, DirtyError> {
+        let mut using = log_use(&self.dirty_use);
+        if *using != LogUse::Off {
+            return Ok(false);
+        }
+        self.vmm_writes().start(self.mem_pages());
+        let on = set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)
+            .and_then(|()| self.dirty_log_kvm().map(drop));
+        if let Err(e) = on {
+            self.vmm_writes().stop();
+            let _ = set_slot_flags(self, 0);
+            return Err(e);
+        }
+        *using = LogUse::Window(Instant::now());
+        Ok(true)
+    }
+
+    /// Closes the open window: the pages dirtied since it opened, and the
+    /// log off again. `None` (nothing touched) when no window is open —
+    /// never opened, or dirty tracking took the log over meanwhile.
+    pub fn close_dirty_window(&self) -> Result<Option<DirtyWindow>, DirtyError> {
+        let mut using = log_use(&self.dirty_use);
+        let LogUse::Window(since) = *using else {
+            return Ok(None);
+        };
+        // Whatever fails below, the window is over.
+        *using = LogUse::Off;
+        let elapsed = since.elapsed();
+        let kvm = self.dirty_log_kvm();
+        let vmm = self.vmm_writes().take();
+        self.vmm_writes().stop();
+        let off = set_slot_flags(self, 0);
+        let mut bits = kvm?;
+        off?;
+        if let Some(v) = vmm {
+            or_into(&mut bits, &v);
+        }
+        Ok(Some(DirtyWindow {
+            pages: bits.count_ones() as u64,
+            elapsed,
+        }))
     }
 
     fn dirty_log_kvm(&self) -> Result<PageBitmap, DirtyError> {
