@@ -237,14 +237,10 @@ impl VmSampler {
     }
 }
 
-/// Faults so far of the clones of `hub`'s families (local ones, and remote
-/// ones as their hosts report them).
+/// Faults so far of the clones of `hub`'s families (this host's, and the
+/// other hosts' once they ended and reported).
 pub(super) fn clone_faults(hub: &crate::fork::parent::ForkHub) -> u64 {
-    hub.families()
-        .iter()
-        .flat_map(|f| f.report().clones)
-        .map(|c| c.faults.faults)
-        .sum()
+    hub.families().iter().map(|f| f.faults_so_far()).sum()
 }
 
 /// `GET /v1/host`: this host's load.
