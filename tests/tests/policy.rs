@@ -200,3 +200,64 @@ fn killing_the_leader_hands_over_within_the_ttl() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A zone whose demand is more than one VM serves (thresholds scaled down
+/// so a ~0.25-core zone counts as that) is forked by the leader, and its
+/// clones go to the least loaded host with room — idle h2, not the zone's
+/// own h1 (which keeps the parent): the decision carries the placement and
+/// h2 runs its clones.
+#[test]
+fn a_forked_zones_clones_go_to_the_least_loaded_host() {
+    let (_c, up) = Cluster::up_with(
+        2,
+        &[
+            "--policy",
+            "--policy-period-ms",
+            "500",
+            "--cpu-capacity",
+            "2",
+            "--policy-config",
+            r#"{"fork_above": 0.15, "fork_target": 0.1, "join_below": 0.02, "max_clones": 2}"#,
+        ],
+    );
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let zone = zone_vm(&h1, 7);
+    let t = Instant::now();
+    let fork = loop {
+        let d = get(&h1, "/v1/policy/decisions");
+        let f =
+            d.as_array().expect("decisions").iter().find(|d| {
+                d["decision"]["action"] == "fork" && d["decision"]["zone"] == zone.as_str()
+            });
+        if let Some(f) = f {
+            break f.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no fork decided; cluster: {}",
+            get(&h1, "/v1/cluster")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("decision after {:?}: {fork}", t.elapsed());
+    assert_eq!(fork["outcome"], "done", "{fork}");
+    assert_eq!(fork["decision"]["clones"], 2, "{fork}");
+    let placement = fork["decision"]["placement"]
+        .as_object()
+        .expect("placement");
+    let on = |h: &str| placement.get(h).and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(on("h1") + on("h2"), 2, "{fork}");
+    assert!(on("h2") >= 1, "no clone on idle h2: {fork}");
+    // h2 runs them, as clones of h1's zone.
+    let clones = poll(&h2, "/v1/vms", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|vs| {
+            vs.iter()
+                .filter(|c| c["parent_host"] == "h1" && c["state"] == "running")
+                .count() as u64
+                == on("h2")
+        })
+    });
+    eprintln!("h2's VMs: {clones}");
+    let _ = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{zone}"), None);
+}
