@@ -218,6 +218,10 @@ fn a_forked_zones_clones_go_to_the_least_loaded_host() {
             "2",
             "--policy-config",
             r#"{"fork_above": 0.15, "fork_target": 0.1, "join_below": 0.02, "max_clones": 2}"#,
+            "--dirty-sample-every-ms",
+            "1000",
+            "--dirty-window-ms",
+            "300",
         ],
     );
     let hs = up["hosts"].as_array().expect("hosts").clone();
@@ -259,5 +263,24 @@ fn a_forked_zones_clones_go_to_the_least_loaded_host() {
         })
     });
     eprintln!("h2's VMs: {clones}");
+    // The zone's dirty rate reaches etcd (the policy's view), windows
+    // going on while its clones read its frozen image.
+    let t = Instant::now();
+    let dirty = loop {
+        let v = get(&h1, "/v1/cluster");
+        let d = v["hosts"].as_array().and_then(|hs| {
+            hs.iter()
+                .filter_map(|h| h["load"]["vms"].as_array())
+                .flatten()
+                .find(|vm| vm["id"] == zone.as_str())
+                .and_then(|vm| vm["load"]["dirty_pages_per_s"].as_f64())
+        });
+        if let Some(d) = d.filter(|d| *d > 0.0) {
+            break d;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no dirty rate: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{zone} dirties {dirty:.0} pages/s");
     let _ = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{zone}"), None);
 }
