@@ -44,6 +44,9 @@ pub struct DirtySampling {
     pub every: Option<Duration>,
     /// How long a window stays open.
     pub window: Duration,
+    /// A window watches one page in this many (where KVM has manual
+    /// dirty-log protection; every page otherwise): fewer write traps.
+    pub one_in: u32,
 }
 
 impl Default for DirtySampling {
@@ -51,6 +54,7 @@ impl Default for DirtySampling {
         DirtySampling {
             every: Some(Duration::from_secs(30)),
             window: Duration::from_secs(1),
+            one_in: 8,
         }
     }
 }
@@ -204,7 +208,7 @@ impl VmSampler {
                 if vm.is_paused() {
                     return;
                 }
-                if let Err(e) = vm.open_dirty_window() {
+                if let Err(e) = vm.open_dirty_window(cfg.one_in) {
                     tracing::warn!("dirty-rate window: {e}");
                 }
             }
@@ -354,6 +358,7 @@ mod tests {
         let cfg = DirtySampling {
             every: Some(Duration::from_secs(10)),
             window: Duration::from_secs(1),
+            one_in: 8,
         };
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);

@@ -225,6 +225,11 @@ pub struct ServeArgs {
     /// How long each dirty-rate window keeps the log on.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub dirty_window_ms: u64,
+    /// Each window watches one page in this many, chosen at random, and
+    /// scales the count up (where KVM has manual dirty-log protection;
+    /// every page otherwise): 1 counts exactly, more traps less.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub dirty_pages_one_in: u32,
 }
 
 fn parse_policy(s: &str) -> Result<crate::policy::PolicyConfig, String> {
@@ -469,6 +474,7 @@ pub fn main() -> ExitCode {
                 every: (a.dirty_sample_every_ms > 0)
                     .then(|| std::time::Duration::from_millis(a.dirty_sample_every_ms)),
                 window: std::time::Duration::from_millis(a.dirty_window_ms),
+                one_in: a.dirty_pages_one_in,
             },
         })
         .map(|()| ExitCode::SUCCESS)

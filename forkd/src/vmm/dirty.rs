@@ -12,20 +12,17 @@
 //! first full copy must carry: a MAP_NORESERVE page never touched is zero.
 //!
 //! A dirty-rate sampler counts the pages dirtied over a short window
-//! ([`Vm::open_dirty_window`], [`Vm::close_dirty_window`]) without keeping
-//! the log on for good (each first write to a page traps while it is on).
-//! Dirty tracking ([`Vm::start_dirty_log`], a migration) owns the log: it
-//! takes over an open window (which then counts nothing), and no window
-//! opens while tracking is on.
+//! ([`crate::vmm::dirty_window`]); dirty tracking ([`Vm::start_dirty_log`],
+//! a migration) owns the log and takes over an open window.
 
 use crate::vmm::memory::{self, GuestMemory};
 use crate::vmm::vm::Vm;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use std::io;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::vmm::dirty_window::log_state;
+pub use crate::vmm::dirty_window::{DirtyWindow, LogState, LogUse};
 pub use crate::vmm::page_bitmap::{
     from_kvm_words, or_into, ranges, split, PageBitmap, PageRange, VmmWrites, PAGE_SIZE,
 };
@@ -43,38 +40,6 @@ pub enum DirtyError {
     NoRegion,
     #[error("cannot read the populated pages (pagemap)")]
     Pagemap(#[source] io::Error),
-}
-
-/// Who has a VM's dirty log on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogUse {
-    #[default]
-    Off,
-    /// A dirty-rate window, open since then.
-    Window(Instant),
-    /// Dirty tracking (a migration) owns the log.
-    Tracking,
-}
-
-/// The pages a window saw dirtied.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DirtyWindow {
-    /// Distinct pages written (by the guest or the VMM) in the window.
-    pub pages: u64,
-    pub elapsed: Duration,
-}
-
-impl DirtyWindow {
-    /// Distinct pages dirtied per second of the window. A page written
-    /// twice counts once, so a short window of a guest that rewrites the
-    /// same pages gives an upper bound of its new-page rate.
-    pub fn pages_per_s(&self) -> f64 {
-        self.pages as f64 / self.elapsed.as_secs_f64().max(1e-3)
-    }
-}
-
-fn log_use(m: &Mutex<LogUse>) -> MutexGuard<'_, LogUse> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Which pages of guest memory a first full copy must carry: pages in RAM
@@ -115,7 +80,7 @@ pub fn populated_pages(mem: &GuestMemory) -> Result<PageBitmap, DirtyError> {
     Ok(out)
 }
 
-fn set_slot_flags(vm: &Vm, flags: u32) -> Result<(), DirtyError> {
+pub(crate) fn set_slot_flags(vm: &Vm, flags: u32) -> Result<(), DirtyError> {
     let mem = vm.memory();
     let region = mem.iter().next().ok_or(DirtyError::NoRegion)?;
     let r = kvm_userspace_memory_region {
@@ -143,88 +108,52 @@ impl Vm {
     /// the VMM records its own. The log starts empty.
     /// An open dirty-rate window is taken over (it counts nothing).
     pub fn start_dirty_log(&self) -> Result<(), DirtyError> {
-        let mut using = log_use(&self.dirty_use);
-        *using = LogUse::Tracking;
+        let mut st = log_state(&self.dirty_use);
+        self.decide_log_mode(&mut st);
+        st.using = LogUse::Tracking;
+        st.subset = None;
         self.vmm_writes().start(self.mem_pages());
         set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)?;
-        self.dirty_log_kvm().map(drop)
+        // Empty: every page protected and clear (with manual protection,
+        // the initially set log is read and cleared).
+        self.dirty_log_kvm(st.manual == Some(true)).map(drop)
     }
 
     /// Turns dirty tracking off again.
     pub fn stop_dirty_log(&self) -> Result<(), DirtyError> {
-        let mut using = log_use(&self.dirty_use);
-        *using = LogUse::Off;
+        let mut st = log_state(&self.dirty_use);
+        st.using = LogUse::Off;
         self.vmm_writes().stop();
         set_slot_flags(self, 0)
     }
 
-    /// Who has the dirty log on now.
-    pub fn dirty_log_use(&self) -> LogUse {
-        *log_use(&self.dirty_use)
+    /// KVM's log of slot 0 since the last read; with manual protection
+    /// (`manual`) the pages read are cleared and write-protected again, as
+    /// `KVM_GET_DIRTY_LOG` does by itself otherwise.
+    pub(crate) fn dirty_log_kvm(&self, manual: bool) -> Result<PageBitmap, DirtyError> {
+        let words = self.dirty_log_words()?;
+        if manual {
+            self.clear_dirty_log(&words)?;
+        }
+        Ok(from_kvm_words(&words, self.mem_pages()))
     }
 
-    /// Opens a dirty-rate window: the log goes on, empty. `false` (nothing
-    /// done) while dirty tracking owns the log or a window is open.
-    pub fn open_dirty_window(&self) -> Result<bool, DirtyError> {
-        let mut using = log_use(&self.dirty_use);
-        if *using != LogUse::Off {
-            return Ok(false);
-        }
-        self.vmm_writes().start(self.mem_pages());
-        let on = set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)
-            .and_then(|()| self.dirty_log_kvm().map(drop));
-        if let Err(e) = on {
-            self.vmm_writes().stop();
-            let _ = set_slot_flags(self, 0);
-            return Err(e);
-        }
-        *using = LogUse::Window(Instant::now());
-        Ok(true)
-    }
-
-    /// Closes the open window: the pages dirtied since it opened, and the
-    /// log off again. `None` (nothing touched) when no window is open —
-    /// never opened, or dirty tracking took the log over meanwhile.
-    pub fn close_dirty_window(&self) -> Result<Option<DirtyWindow>, DirtyError> {
-        let mut using = log_use(&self.dirty_use);
-        let LogUse::Window(since) = *using else {
-            return Ok(None);
-        };
-        // Whatever fails below, the window is over.
-        *using = LogUse::Off;
-        let elapsed = since.elapsed();
-        let kvm = self.dirty_log_kvm();
-        let vmm = self.vmm_writes().take();
-        self.vmm_writes().stop();
-        let off = set_slot_flags(self, 0);
-        let mut bits = kvm?;
-        off?;
-        if let Some(v) = vmm {
-            or_into(&mut bits, &v);
-        }
-        Ok(Some(DirtyWindow {
-            pages: bits.count_ones() as u64,
-            elapsed,
-        }))
-    }
-
-    fn dirty_log_kvm(&self) -> Result<PageBitmap, DirtyError> {
+    pub(crate) fn dirty_log_words(&self) -> Result<Vec<u64>, DirtyError> {
         let bytes = self.mem_bytes() as usize;
-        let words = self
-            .vm_fd()
+        self.vm_fd()
             .get_dirty_log(0, bytes)
             .map_err(|source| DirtyError::Ioctl {
                 op: "KVM_GET_DIRTY_LOG",
                 source,
-            })?;
-        Ok(from_kvm_words(&words, self.mem_pages()))
+            })
     }
 
     /// Pages written (by the guest or the VMM) since tracking started or
     /// since the last call; the log starts over.
     pub fn dirty_pages(&self) -> Result<PageBitmap, DirtyError> {
+        let manual = log_state(&self.dirty_use).manual == Some(true);
         let vmm = self.vmm_writes().take().ok_or(DirtyError::NotTracking)?;
-        let mut bits = self.dirty_log_kvm()?;
+        let mut bits = self.dirty_log_kvm(manual)?;
         or_into(&mut bits, &vmm);
         Ok(bits)
     }
