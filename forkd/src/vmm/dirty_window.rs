@@ -88,7 +88,7 @@ pub fn sample_words(pages: usize, one_in: u32, seed: u64) -> Vec<u64> {
         x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
         x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
         x ^= x >> 31;
-        if x % one_in == 0 {
+        if x.is_multiple_of(one_in) {
             words[p / 64] |= 1 << (p % 64);
             any = true;
         }
