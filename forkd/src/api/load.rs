@@ -11,14 +11,14 @@
 //! the reaper opens a window of KVM's dirty log on the VM
 //! ([`Vm::open_dirty_window`]) and closes it [`DirtySampling::window`]
 //! later (a later pass: the reaper never waits for it), counting the
-//! distinct pages written. While the log is on, each first write to a page
-//! traps (shadow paging here), so the log is off between windows. The
-//! cost is about one trap per page the guest writes from the window on
-//! (pages the log protected and the guest writes only after it trap then):
-//! measured ~0.35–0.7 s of vCPU time per window for a zone rewriting its
-//! 32 MiB state (tests/tests/dirty_window.rs), hence the default of one
-//! 1 s window per 30 s (~1–2 % of a core for such a zone, nothing for a
-//! quiet one). A
+//! distinct pages written. While the log watches a page, the guest's first
+//! write to it traps (shadow paging here), so the log is off between
+//! windows, and a window watches one page in [`DirtySampling::one_in`]
+//! (where KVM has manual dirty-log protection) and scales the count up.
+//! Measured (tests/tests/dirty_window.rs, a loaded 2-core machine): a
+//! window watching every page cost a zone rewriting its 32 MiB state
+//! ~0.25–0.7 s of vCPU time; watching one page in 8, too little to
+//! measure. Hence the default: a 1 s window every 10 s, one page in 8. A
 //! migration owns the log: the VM is out of its entry then (the sampler
 //! cannot reach it), an open window is dropped when the migration takes
 //! the VM ([`VmSampler::drop_window`]), and the vmm layer never opens a
@@ -52,7 +52,7 @@ pub struct DirtySampling {
 impl Default for DirtySampling {
     fn default() -> Self {
         DirtySampling {
-            every: Some(Duration::from_secs(30)),
+            every: Some(Duration::from_secs(10)),
             window: Duration::from_secs(1),
             one_in: 8,
         }

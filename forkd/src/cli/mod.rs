@@ -217,10 +217,11 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_cores)]
     pub cpu_capacity: Option<f64>,
     /// Measure each VM's dirty rate this often: KVM's dirty log goes on
-    /// for --dirty-window-ms, then off again (0: never). Each window costs
-    /// a writing guest about one trap per page it writes (~0.4 s of vCPU
-    /// time for a zone rewriting 32 MiB on this shadow-paging KVM).
-    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    /// for --dirty-window-ms, then off again (0: never). A window costs a
+    /// writing guest about one trap per watched page it writes (watching
+    /// every page: ~0.25-0.7 s of vCPU time for a zone rewriting 32 MiB on
+    /// this shadow-paging KVM).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub dirty_sample_every_ms: u64,
     /// How long each dirty-rate window keeps the log on.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
