@@ -397,4 +397,47 @@ mod tests {
         let hosts = req.hosts.unwrap();
         assert_eq!((hosts["h1"], hosts["h3"]), (1, 2));
     }
+
+    /// The policy's snapshot carries each zone's published dirty rate.
+    #[test]
+    fn snapshots_carry_the_dirty_rate() {
+        use super::super::etcd::{ClusterHost, HostEntry, LinkStatus, LoadReport, VmReport};
+        let vm = |id: &str, dirty: Option<f64>| VmReport {
+            id: id.into(),
+            running: true,
+            migrating: false,
+            has_family: false,
+            family_clones: 0,
+            load: Some(super::super::etcd::VmLoadRecord {
+                cpu_cores: 0.3,
+                cpu_seconds: 1.0,
+                resident_bytes: 0,
+                dirty_pages_per_s: dirty,
+                faults_per_s: 0.0,
+                clone_faults_per_s: 0.0,
+            }),
+        };
+        let view = ClusterView {
+            etcd: LinkStatus::default(),
+            hosts: vec![ClusterHost {
+                entry: HostEntry {
+                    name: "h1".into(),
+                    api: None,
+                    memserver: "127.0.0.1:1".into(),
+                },
+                load: Some(LoadReport {
+                    at_ms: 0,
+                    capacity_cores: 2.0,
+                    cpu_cores: 0.6,
+                    resident_bytes: 0,
+                    mem_available_bytes: 0,
+                    hosted_clones: 0,
+                    vms: vec![vm("vm-1", Some(900.0)), vm("vm-3", None)],
+                }),
+            }],
+        };
+        let s = snapshot(&view, 5);
+        let d: Vec<_> = s.zones.iter().map(|z| z.dirty_pages_per_s).collect();
+        assert_eq!(d, vec![Some(900.0), None]);
+    }
 }

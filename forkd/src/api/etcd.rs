@@ -364,3 +364,31 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report from a daemon that measures no dirty or fault rates still
+    /// reads (they default), and the rates survive the round trip.
+    #[test]
+    fn load_records_round_trip_and_accept_older_reports() {
+        let old: VmLoadRecord = serde_json::from_str(
+            r#"{"cpu_cores": 0.5, "cpu_seconds": 3.0, "resident_bytes": 4096}"#,
+        )
+        .expect("an older record");
+        assert_eq!(old.dirty_pages_per_s, None);
+        assert_eq!((old.faults_per_s, old.clone_faults_per_s), (0.0, 0.0));
+        let l = VmLoad {
+            cpu_cores: 0.25,
+            dirty_pages_per_s: Some(1234.5),
+            clone_faults_per_s: 10.0,
+            ..VmLoad::default()
+        };
+        let back: VmLoadRecord =
+            serde_json::from_slice(&encode(&VmLoadRecord::from(l)).expect("encode"))
+                .expect("decode");
+        assert_eq!(back.dirty_pages_per_s, Some(1234.5));
+        assert_eq!(back.clone_faults_per_s, 10.0);
+    }
+}

@@ -17,8 +17,8 @@
 //! (where KVM has manual dirty-log protection) and scales the count up.
 //! Measured (tests/tests/dirty_window.rs, a loaded 2-core machine): a
 //! window watching every page cost a zone rewriting its 32 MiB state
-//! ~0.25–0.7 s of vCPU time; watching one page in 8, too little to
-//! measure. Hence the default: a 1 s window every 10 s, one page in 8. A
+//! ~0.23–0.7 s of vCPU time; watching one page in 8, ~0.08 s (a paced
+//! zone: 0.17–0.45 s, and nothing measurable). Hence the default: a 1 s window every 10 s, one page in 8. A
 //! migration owns the log: the VM is out of its entry then (the sampler
 //! cannot reach it), an open window is dropped when the migration takes
 //! the VM ([`VmSampler::drop_window`]), and the vmm layer never opens a
