@@ -61,3 +61,41 @@ fn a_zone_migrates_exactly_while_its_dirty_rate_is_sampled() {
         "the migrated guest's result"
     );
 }
+
+/// A zone that arrives by post-copy faults the rest of its memory in from
+/// its source: its load on the destination shows those faults as a rate.
+#[test]
+fn a_post_copy_arrival_shows_its_fault_rate() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let cmdline = "ticks=1000 seed=22 state_mib=64 dirty_pages=32 tick_us=5000";
+    let id = start_vm(&h1, cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = client::call_unix(
+        &h1,
+        "POST",
+        &format!("/v1/vms/{id}/migrate"),
+        Some(r#"{"destination": "h2", "mode": "postcopy"}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.error());
+    let done = migration_end(&h1, &id, Duration::from_secs(60));
+    assert_eq!(done["phase"], "committed", "{done}");
+    let v = poll(
+        &h2,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(10),
+        |v| v["load"]["faults_per_s"].as_f64() > Some(0.0),
+    );
+    eprintln!("arrival: {}", v["load"]);
+    let end: Value = poll(
+        &h2,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(60),
+        |v| v["state"] == "exited",
+    );
+    assert_eq!(
+        end["last_line"].as_str().expect("last line"),
+        qemu_done_line(cmdline, MEM)
+    );
+}

@@ -192,6 +192,11 @@ impl VmSampler {
         }
         g.load.cpu_seconds = cpu.as_secs_f64();
         g.load.resident_bytes = memory::resident_bytes(vm.memory()).unwrap_or(0);
+        // Faults count from the VM's making (a post-copy arrival takes
+        // most of its faults before a first sample could see them).
+        if g.faults.0.is_none() {
+            g.faults.0 = Some((vm.times.started, 0));
+        }
         if let Some(r) = g.faults.update(now, vm.memory_faults().unwrap_or(0)) {
             g.load.faults_per_s = r;
         }
