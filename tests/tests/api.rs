@@ -636,8 +636,16 @@ fn dirty_and_fault_rates_are_measured_and_exported() {
         &format!("/v1/vms/{idle}"),
         Duration::from_secs(10),
         "the clones' faults counted as a rate",
-        |v| v["load"]["clone_faults_per_s"].as_f64() > Some(0.0),
+        |v| {
+            v["load"]["clone_faults_per_s"].as_f64() > Some(0.0)
+                && v["families"][0]["clones"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["faults_per_s"].as_f64() > Some(0.0)))
+        },
     );
+    let text = String::from_utf8(s.get("/metrics").body).expect("utf-8");
+    let want = format!("forkd_clone_faults_per_second{{vm=\"{idle}\",family=");
+    assert!(text.contains(&want), "no {want:?} in:\n{text}");
     for id in [&writer, &idle] {
         assert_eq!(s.call("DELETE", &format!("/v1/vms/{id}"), None).status, 204);
     }

@@ -25,6 +25,7 @@
 //! window while tracking is on.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -155,6 +156,8 @@ struct VmSamples {
     cpu: CpuRate,
     faults: CountRate,
     clone_faults: CountRate,
+    /// Each clone's fault rate (and the counter it came from).
+    per_clone: BTreeMap<CloneKey, (CountRate, f64)>,
     /// When this sampler last opened a dirty-rate window.
     window_opened: Option<Instant>,
     load: VmLoad,
@@ -175,7 +178,7 @@ impl VmSampler {
         &self,
         vm: &Vm,
         dirty: &DirtySampling,
-        clone_faults: impl FnOnce() -> u64,
+        clone_faults: impl FnOnce() -> Vec<(CloneKey, u64)>,
     ) {
         let mut g = lock(&self.state);
         let now = Instant::now();
@@ -200,9 +203,23 @@ impl VmSampler {
         if let Some(r) = g.faults.update(now, vm.memory_faults().unwrap_or(0)) {
             g.load.faults_per_s = r;
         }
-        if let Some(r) = g.clone_faults.update(now, clone_faults()) {
+        let per_clone = clone_faults();
+        let before = g.clone_faults.0.map(|(t, _)| t);
+        let total = per_clone.iter().map(|(_, n)| n).sum();
+        if let Some(r) = g.clone_faults.update(now, total) {
             g.load.clone_faults_per_s = r;
         }
+        let mut rates = BTreeMap::new();
+        for (key, n) in per_clone {
+            // A clone first seen counts from 0 at the last sample.
+            let (mut c, _) = g
+                .per_clone
+                .remove(&key)
+                .unwrap_or((CountRate(before.map(|t| (t, 0))), 0.0));
+            let r = c.update(now, n).unwrap_or(0.0);
+            rates.insert(key, (c, r));
+        }
+        g.per_clone = rates;
     }
 
     fn dirty(&self, g: &mut VmSamples, vm: &Vm, cfg: &DirtySampling, now: Instant) {
@@ -246,17 +263,37 @@ impl VmSampler {
         }
     }
 
+    /// Each clone's faults per second over the last sample.
+    pub(super) fn clone_rates(&self) -> BTreeMap<CloneKey, f64> {
+        lock(&self.state)
+            .per_clone
+            .iter()
+            .map(|(k, (_, r))| (*k, *r))
+            .collect()
+    }
+
     pub(super) fn get(&self) -> Option<VmLoad> {
         let g = lock(&self.state);
         g.cpu.sampled().then_some(g.load)
     }
 }
 
-/// Faults so far of the clones of `hub`'s families (this host's, and the
-/// other hosts' once they ended and reported).
-pub(super) fn clone_faults(hub: &crate::fork::parent::ForkHub) -> u64 {
-    hub.families().iter().map(|f| f.faults_so_far()).sum()
+/// Faults so far of each clone of `hub`'s families, by (family, clone id)
+/// (this host's, and the other hosts' once they ended and reported).
+pub(super) fn clone_faults(hub: &crate::fork::parent::ForkHub) -> Vec<(CloneKey, u64)> {
+    hub.families()
+        .iter()
+        .flat_map(|f| {
+            let fam = f.id();
+            f.faults_by_clone()
+                .into_iter()
+                .map(move |(c, n)| ((fam, c), n))
+        })
+        .collect()
 }
+
+/// A clone: its family and clone id.
+pub(super) type CloneKey = (u64, u64);
 
 /// `GET /v1/host`: this host's load.
 #[derive(Debug, Clone, Default, Serialize)]

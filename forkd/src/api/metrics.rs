@@ -156,6 +156,22 @@ impl Registry {
                 );
             }
         }
+        t.family(
+            "forkd_clone_faults_per_second",
+            "gauge",
+            "userfaultfd faults per second of each clone of a VM's families",
+        );
+        for e in &entries {
+            let vm = vm_id(e.id);
+            for ((family, clone), r) in e.load.clone_rates() {
+                let (family, clone) = (family.to_string(), clone.to_string());
+                t.sample(
+                    "forkd_clone_faults_per_second",
+                    &[("vm", &vm), ("family", &family), ("clone", &clone)],
+                    r,
+                );
+            }
+        }
         let fc = &self.fork_counters;
         t.one(
             "forkd_forks_total",

@@ -534,7 +534,14 @@ impl Registry {
             mem_mib: e.mem_mib,
             vcpus: e.vcpus,
             guest: e.guest.display().to_string(),
-            families: e.hub.families().iter().map(|f| family_info(f)).collect(),
+            families: {
+                let rates = e.load.clone_rates();
+                e.hub
+                    .families()
+                    .iter()
+                    .map(|f| family_info(f, &rates))
+                    .collect()
+            },
             load: e.load.get(),
         })
     }

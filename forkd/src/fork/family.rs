@@ -197,16 +197,24 @@ impl Family {
     /// Faults the family's clones have taken so far: the ended clones'
     /// (on any host) and this host's running ones'.
     pub fn faults_so_far(&self) -> u64 {
-        let live: u64 = lock(&self.live_faults)
-            .values()
-            .map(|v| v.get().faults)
-            .sum();
-        let ended: u64 = lock(&self.report)
-            .clones
+        self.faults_by_clone().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Each clone's faults so far, by clone id: this host's running
+    /// clones' and every ended clone's (a clone ending meanwhile counts
+    /// once, by its report).
+    pub fn faults_by_clone(&self) -> Vec<(u64, u64)> {
+        let mut v: std::collections::BTreeMap<u64, u64> = lock(&self.live_faults)
             .iter()
-            .map(|c| c.faults.faults)
-            .sum();
-        live + ended
+            .map(|(id, f)| (*id, f.get().faults))
+            .collect();
+        v.extend(
+            lock(&self.report)
+                .clones
+                .iter()
+                .map(|c| (c.clone_id, c.faults.faults)),
+        );
+        v.into_iter().collect()
     }
 
     pub fn running(&self) -> u64 {
