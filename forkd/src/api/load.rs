@@ -123,6 +123,26 @@ impl CountRate {
     }
 }
 
+/// Each clone's rate from its counter now (`per_clone`), the previous
+/// sample's (`prev`, taken at `before`): a clone first seen counts from 0
+/// at the previous sample; a clone no longer listed is dropped.
+fn clone_rates(
+    mut prev: BTreeMap<CloneKey, (CountRate, f64)>,
+    per_clone: Vec<(CloneKey, u64)>,
+    before: Option<Instant>,
+    now: Instant,
+) -> BTreeMap<CloneKey, (CountRate, f64)> {
+    let mut rates = BTreeMap::new();
+    for (key, n) in per_clone {
+        let (mut c, _) = prev
+            .remove(&key)
+            .unwrap_or((CountRate(before.map(|t| (t, 0))), 0.0));
+        let r = c.update(now, n).unwrap_or(0.0);
+        rates.insert(key, (c, r));
+    }
+    rates
+}
+
 /// What the dirty-rate sampler should do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DirtyStep {
@@ -209,17 +229,8 @@ impl VmSampler {
         if let Some(r) = g.clone_faults.update(now, total) {
             g.load.clone_faults_per_s = r;
         }
-        let mut rates = BTreeMap::new();
-        for (key, n) in per_clone {
-            // A clone first seen counts from 0 at the last sample.
-            let (mut c, _) = g
-                .per_clone
-                .remove(&key)
-                .unwrap_or((CountRate(before.map(|t| (t, 0))), 0.0));
-            let r = c.update(now, n).unwrap_or(0.0);
-            rates.insert(key, (c, r));
-        }
-        g.per_clone = rates;
+        let prev = std::mem::take(&mut g.per_clone);
+        g.per_clone = clone_rates(prev, per_clone, before, now);
     }
 
     fn dirty(&self, g: &mut VmSamples, vm: &Vm, cfg: &DirtySampling, now: Instant) {
@@ -443,6 +454,25 @@ mod tests {
         assert!((v - 1000.0).abs() < 1e-6, "{v}");
         // A counter that went down (a family forgotten) is no negative rate.
         assert_eq!(r.update(t0 + Duration::from_secs(1), 10), Some(0.0));
+    }
+
+    #[test]
+    fn per_clone_rates() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let get = |m: &BTreeMap<CloneKey, (CountRate, f64)>| -> Vec<(CloneKey, f64)> {
+            m.iter().map(|(k, (_, r))| (*k, *r)).collect()
+        };
+        // The first sample of a VM: no rate yet.
+        let m = clone_rates(BTreeMap::new(), vec![((7, 1), 50)], None, t0);
+        assert_eq!(get(&m), vec![((7, 1), 0.0)]);
+        // A second later: clone 1 took 100 more; clone 2 appeared with 30
+        // (counted from 0 at the last sample).
+        let m = clone_rates(m, vec![((7, 1), 150), ((7, 2), 30)], Some(t0), at(1000));
+        assert_eq!(get(&m), vec![((7, 1), 100.0), ((7, 2), 30.0)]);
+        // Clone 1's family is forgotten: it goes.
+        let m = clone_rates(m, vec![((7, 2), 30)], Some(at(1000)), at(2000));
+        assert_eq!(get(&m), vec![((7, 2), 0.0)]);
     }
 
     #[test]
