@@ -217,7 +217,8 @@ fn a_forked_zones_clones_go_to_the_least_loaded_host() {
             "--cpu-capacity",
             "2",
             "--policy-config",
-            r#"{"fork_above": 0.15, "fork_target": 0.1, "join_below": 0.02, "max_clones": 2}"#,
+            // Any demand above 0.1 cores forks into max_clones.
+            r#"{"fork_above": 0.1, "fork_target": 0.01, "join_below": 0.005, "max_clones": 2}"#,
             "--dirty-sample-every-ms",
             "1000",
             "--dirty-window-ms",
