@@ -60,6 +60,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
 
 pub use error::ApiError;
+pub use load::DirtySampling;
 pub use registry::{Limits, Registry};
 
 /// In-flight requests get this long to finish after SIGINT/SIGTERM.
@@ -86,6 +87,8 @@ pub struct ServeConfig {
     pub policy: Option<(Duration, crate::policy::PolicyConfig)>,
     /// The cores this host offers its zones (`--cpu-capacity`).
     pub capacity_cores: Option<f64>,
+    /// Dirty-rate sampling (`--dirty-sample-every-ms`, `--dirty-window-ms`).
+    pub dirty_sampling: load::DirtySampling,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
     pub on_listening: fn(&str),
@@ -405,6 +408,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(c) = cfg.capacity_cores {
         let _ = registry.capacity_cores.set(c);
     }
+    let _ = registry.dirty_sampling.set(cfg.dirty_sampling);
     let links = Arc::new(links);
     let reaper = registry
         .start_reaper()

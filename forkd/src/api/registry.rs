@@ -20,7 +20,7 @@ use memserver::server::MemServer;
 use super::error::ApiError;
 use super::family_view::family_info;
 use super::ids::{IdTaken, VmIds};
-use super::load::{Counters, HostSampler, VmSampler};
+use super::load::{clone_faults, Counters, DirtySampling, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, ConsoleLines, CreateVm, ExitInfo, ForkVm, Forked, Joined, MemServerInfo, MulticastInfo,
@@ -142,6 +142,8 @@ pub struct Registry {
     /// `--cpu-capacity`: the cores this host offers its zones (default:
     /// the machine's online CPUs).
     pub(super) capacity_cores: std::sync::OnceLock<f64>,
+    /// Dirty-rate sampling (`--dirty-sample-every-ms`; default if unset).
+    pub(super) dirty_sampling: std::sync::OnceLock<DirtySampling>,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -224,6 +226,7 @@ impl Registry {
             counters: Counters::default(),
             fork_counters: Arc::default(),
             capacity_cores: std::sync::OnceLock::new(),
+            dirty_sampling: std::sync::OnceLock::new(),
         })
     }
 
@@ -474,6 +477,8 @@ impl Registry {
             )));
         }
         let vm = guard.take().ok_or(ApiError::Conflict("no VM".into()))?;
+        // The migration's dirty tracking owns the log from now on.
+        entry.load.drop_window(&vm);
         entry.migrating.store(true, Ordering::Release);
         drop(guard);
         Ok((entry, vm))
@@ -523,7 +528,14 @@ impl Registry {
             mem_mib: e.mem_mib,
             vcpus: e.vcpus,
             guest: e.guest.display().to_string(),
-            families: e.hub.families().iter().map(|f| family_info(f)).collect(),
+            families: {
+                let rates = e.load.clone_rates();
+                e.hub
+                    .families()
+                    .iter()
+                    .map(|f| family_info(f, &rates))
+                    .collect()
+            },
             load: e.load.get(),
         })
     }
@@ -585,6 +597,7 @@ impl Registry {
                 heuristics: h.unwrap_or(entry.hub.options().heuristics()),
             }),
         };
+        entry.load.drop_window(vm);
         match fork_vm_placed(vm, &entry.hub, clones, plan, tuning) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
@@ -693,6 +706,7 @@ impl Registry {
         std::thread::Builder::new()
             .name("api-reaper".into())
             .spawn(move || {
+                let dirty = reg.dirty_sampling.get().copied().unwrap_or_default();
                 while !reg.closed.load(Ordering::Acquire) {
                     let entries: Vec<_> = lock(&reg.inner).vms.values().cloned().collect();
                     for e in entries {
@@ -706,7 +720,7 @@ impl Registry {
                             if e.record_exit(vm).is_some() {
                                 e.load.ended();
                             } else {
-                                e.load.sample(vm);
+                                e.load.sample(vm, &dirty, || clone_faults(&e.hub));
                             }
                         }
                         // An exited VM gives its guest memory back at once

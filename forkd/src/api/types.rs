@@ -300,6 +300,10 @@ pub struct CloneInfo {
     /// Its fault counters, once it has ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultCounts>,
+    /// Its faults per second over the parent's last load sample (this
+    /// host's clones; others once they ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults_per_s: Option<f64>,
 }
 
 impl CloneInfo {
@@ -318,6 +322,7 @@ impl CloneInfo {
             start_us: None,
             done_us: None,
             faults: None,
+            faults_per_s: None,
         }
     }
 }

@@ -54,6 +54,13 @@ pub struct UpArgs {
     /// hosts of a local cluster share this machine's CPUs).
     #[arg(long)]
     pub cpu_capacity: Option<f64>,
+    /// Each host's dirty-rate sampling: a window every this often (0:
+    /// none; see `forkd serve --help`).
+    #[arg(long)]
+    pub dirty_sample_every_ms: Option<u64>,
+    /// How long each dirty-rate window lasts.
+    #[arg(long)]
+    pub dirty_window_ms: Option<u64>,
     #[command(flatten)]
     pub which: Which,
 }
@@ -106,6 +113,12 @@ fn serve_args(a: &UpArgs) -> Vec<String> {
     }
     if let Some(c) = a.cpu_capacity {
         v.extend(["--cpu-capacity".to_owned(), c.to_string()]);
+    }
+    if let Some(ms) = a.dirty_sample_every_ms {
+        v.extend(["--dirty-sample-every-ms".to_owned(), ms.to_string()]);
+    }
+    if let Some(ms) = a.dirty_window_ms {
+        v.extend(["--dirty-window-ms".to_owned(), ms.to_string()]);
     }
     v
 }

@@ -419,6 +419,10 @@ impl MemoryServer for FaultHandler {
     fn stop(&mut self) {
         FaultHandler::stop(self)
     }
+
+    fn faults(&self) -> u64 {
+        crate::sync::lock(&self.stats).faults
+    }
 }
 
 fn handler_loop(

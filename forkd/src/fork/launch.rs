@@ -116,6 +116,7 @@ pub(super) fn launch(
                 continue;
             }
         };
+        lock(&family.live_faults).insert(clone_id, started.faults.clone());
         let f = family.clone();
         let reaper = std::thread::Builder::new()
             .name(format!("clone-{clone_id}"))
@@ -123,7 +124,10 @@ pub(super) fn launch(
         match reaper {
             Ok(t) => lock(&family.threads).push(t),
             // The clone (moved into the failed closure) is dropped: stopped.
-            Err(e) => fail(clone_id, format!("reaper thread: {e}")),
+            Err(e) => {
+                lock(&family.live_faults).remove(&clone_id);
+                fail(clone_id, format!("reaper thread: {e}"))
+            }
         }
     }
 }
@@ -183,6 +187,8 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
         pages_declared: clone.service.pages_declared(),
     };
     drop(vm);
+    let id = report.clone_id;
     lock(&family.report).clones.push(report);
+    lock(&family.live_faults).remove(&id);
     family.clone_ended();
 }
