@@ -169,6 +169,8 @@ pub struct Family {
     pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
     /// Signalled whenever a clone ends.
     pub(super) ended: (Mutex<()>, Condvar),
+    /// This host's running clones' memory (`fork::guests`).
+    pub(super) guests: crate::fork::guests::CloneGuests,
 }
 
 impl std::fmt::Debug for Family {
@@ -189,6 +191,11 @@ impl Family {
         let mut r = lock(&self.report).clone();
         r.host_receiver = self.multicast.as_ref().and_then(|m| m.stats());
         r
+    }
+
+    /// This host's running clones' guest memory.
+    pub fn guests(&self) -> &crate::fork::guests::CloneGuests {
+        &self.guests
     }
 
     pub fn running(&self) -> u64 {

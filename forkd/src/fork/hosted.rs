@@ -76,6 +76,8 @@ pub struct HostedClone {
     times: Mutex<HostedTimes>,
     kill: AtomicBool,
     removed: AtomicBool,
+    /// Its guest memory while it runs (the client ingress writes it).
+    pub guest: crate::fork::guests::CloneGuests,
 }
 
 impl HostedClone {
@@ -253,6 +255,7 @@ impl HostedFamily {
                 times: Mutex::new(HostedTimes::default()),
                 kill: AtomicBool::new(false),
                 removed: AtomicBool::new(false),
+                guest: Default::default(),
             });
             if let Ok(p) = built {
                 prepared.push((clones.len(), p));
@@ -290,6 +293,8 @@ impl HostedFamily {
                 }
             };
             let _ = clones[i].console.set(started.vm.console().clone());
+            let g = crate::fork::guests::CloneGuest::of(&started.vm);
+            clones[i].guest.insert(clones[i].clone_id, g);
             let (clone, kill, rx) = (clones[i].clone(), kill.clone(), multicast.clone());
             let reaper = std::thread::Builder::new()
                 .name(format!("hosted-{}", clone.clone_id))
@@ -366,6 +371,7 @@ fn reap(
         done_after: vm.console().line_time("zone: done").map(after),
         faults: Some(started.faults.get().counts()),
     };
+    clone.guest.remove(clone.clone_id);
     drop(vm);
     // Times first: a reader that sees the exit sees them too.
     *lock(&clone.times) = times;

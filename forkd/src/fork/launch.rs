@@ -116,6 +116,9 @@ pub(super) fn launch(
                 continue;
             }
         };
+        family
+            .guests
+            .insert(clone_id, crate::fork::guests::CloneGuest::of(&started.vm));
         let f = family.clone();
         let reaper = std::thread::Builder::new()
             .name(format!("clone-{clone_id}"))
@@ -174,6 +177,7 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
         faults: Arc::new(clone.faults.get()),
         pages_declared: clone.service.pages_declared(),
     };
+    family.guests.remove(report.clone_id);
     drop(vm);
     lock(&family.report).clones.push(report);
     family.clone_ended();

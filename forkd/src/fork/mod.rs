@@ -19,6 +19,7 @@ pub mod clone;
 pub mod descriptor;
 pub mod envelope;
 pub mod family;
+pub mod guests;
 pub mod fault;
 pub mod fault_stats;
 pub mod host;
