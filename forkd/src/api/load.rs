@@ -26,6 +26,12 @@ pub struct VmLoad {
     pub cpu_seconds: f64,
     /// Guest memory resident on this host.
     pub resident_bytes: u64,
+    /// Client updates for this VM (`api::updates`), once any came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<crate::clients::ClientCounters>,
+    /// The guest's own tick load, from its agent page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::clients::GuestLoad>,
 }
 
 /// The last CPU-time sample, and the rate since the one before.

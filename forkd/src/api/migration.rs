@@ -396,6 +396,7 @@ impl Registry {
                 if committed {
                     vm.kill();
                     drop(vm);
+                    reg.zone_moved(id, &dest);
                     reg.forget_migrated(id);
                 } else {
                     reg.give_back(&entry, vm);

@@ -44,6 +44,7 @@ mod migration_table;
 pub mod peers;
 pub mod registry;
 pub mod types;
+pub mod updates;
 
 use std::future::IntoFuture;
 use std::io;
@@ -85,6 +86,9 @@ pub struct ServeConfig {
     pub policy: Option<(Duration, crate::policy::PolicyConfig)>,
     /// The cores this host offers its zones (`--cpu-capacity`).
     pub capacity_cores: Option<f64>,
+    /// The client ingress (`--clients-udp`): `None` off; an address with
+    /// port 0 takes any free port.
+    pub clients_udp: Option<SocketAddr>,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
     pub on_listening: fn(&str),
@@ -404,6 +408,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(c) = cfg.capacity_cores {
         let _ = registry.capacity_cores.set(c);
     }
+    if let Some(bind) = cfg.clients_udp {
+        let addr = registry
+            .start_ingress(bind)
+            .map_err(|source| ServeError::Setup {
+                what: "client ingress (--clients-udp)",
+                source,
+            })?;
+        tracing::info!("client ingress on udp:{addr}");
+    }
     let links = Arc::new(links);
     let reaper = registry
         .start_reaper()
@@ -419,6 +432,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         token,
         cfg.on_listening,
     ));
+    registry.stop_ingress();
     registry.shutdown();
     if let Some(link) = &links.etcd {
         rt.block_on(link.leave());

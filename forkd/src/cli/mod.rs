@@ -216,6 +216,34 @@ pub struct ServeArgs {
     /// [default: the machine's online CPUs].
     #[arg(long, value_parser = parse_cores)]
     pub cpu_capacity: Option<f64>,
+    /// The UDP ingress of client updates: IP:PORT, PORT (on the --tcp
+    /// address, else 127.0.0.1), or `off` [default: the --tcp address's
+    /// IP port 7071 when it is not loopback, else 127.0.0.1 on a free
+    /// port; `GET /v1/clients` shows where].
+    #[arg(long)]
+    pub clients_udp: Option<String>,
+}
+
+/// `--clients-udp`: where the client ingress listens.
+pub fn clients_udp(arg: Option<&str>, tcp: Option<SocketAddr>) -> Result<Option<SocketAddr>, String> {
+    let host = match tcp {
+        Some(a) if !a.ip().is_loopback() => a.ip(),
+        _ => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    match arg {
+        Some("off") => Ok(None),
+        Some(s) => match s.parse::<u16>() {
+            Ok(port) => Ok(Some(SocketAddr::new(host, port))),
+            Err(_) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("--clients-udp '{s}': expected IP:PORT, PORT or off")),
+        },
+        None if !host.is_loopback() => {
+            Ok(Some(SocketAddr::new(host, crate::clients::DEFAULT_PORT)))
+        }
+        None => Ok(Some(SocketAddr::new(host, 0))),
+    }
 }
 
 fn parse_policy(s: &str) -> Result<crate::policy::PolicyConfig, String> {
@@ -434,7 +462,10 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => restore(a),
         Command::Cluster(c) => cluster::run(c),
         Command::Vm(c) => vm::run(c),
-        Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
+        Command::Serve(a) => clients_udp(a.clients_udp.as_deref(), a.tcp)
+            .map_err(anyhow::Error::msg)
+            .and_then(|clients_udp| crate::api::serve(crate::api::ServeConfig {
+            clients_udp,
             on_listening: |at| eprintln!("forkd: listening on {at}"),
             socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
             tcp: a.tcp,
@@ -457,8 +488,8 @@ pub fn main() -> ExitCode {
             }),
             capacity_cores: a.cpu_capacity,
         })
-        .map(|()| ExitCode::SUCCESS)
-        .map_err(anyhow::Error::from),
+        .map_err(anyhow::Error::from))
+        .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("forkd: error: {e:#}");
