@@ -62,11 +62,18 @@ impl Applied {
 pub fn update_hash(u: &Update, cost: u64) -> u64 {
     let mut h = mix64(((u.client as u64) << 32) ^ u.seq ^ UPDATE_STREAM);
     h = mix64(h ^ u.payload.len() as u64);
+    // The payload as words once (at most a slot's), then the passes.
+    let mut words = [0u64; (abi::UPDATE_PAYLOAD_MAX / 8) as usize];
+    let mut n = 0;
+    for (w, chunk) in words.iter_mut().zip(u.payload.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u64::from_le_bytes(b);
+        n += 1;
+    }
     for round in 0..cost.max(1) {
-        for chunk in u.payload.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            h = mix64(h ^ u64::from_le_bytes(w)).wrapping_add(round);
+        for &w in &words[..n] {
+            h = mix64(h ^ w).wrapping_add(round);
         }
     }
     h

@@ -168,7 +168,7 @@ fn update_cost_makes_work_grow_with_the_updates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Server::start(&dir.path().join("forkd.sock"), &[]);
     let sock = dir.path().join("forkd.sock");
-    let cmdline = "ticks=150 tick_us=10000 state_mib=1 seed=2 clients=host update_cost=3000";
+    let cmdline = "ticks=150 tick_us=10000 state_mib=1 seed=2 clients=host update_cost=1000";
     let mut busy = Vec::new();
     for (clients, per) in [(0u32, 0u64), (10, 30), (20, 60)] {
         let id = create(&sock, cmdline);
