@@ -282,16 +282,13 @@ impl Platform for GuestPlatform {
         }
     }
 
-    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) {
+    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied) {
         if let Some(inbox) = &self.inbox {
-            inbox.drain(apply);
-        }
-    }
-
-    fn family_members(&mut self) -> Option<u64> {
-        match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
-            0 => None,
-            m => Some(m),
+            let members = match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
+                0 => None,
+                m => Some(m),
+            };
+            inbox.drain(&mut |u: &Update| apply(u, members));
         }
     }
 

@@ -98,13 +98,15 @@ pub trait Platform {
     /// The zone is about to look for a host fork for the last time.
     fn finishing(&mut self) {}
     /// `clients=host`: hands every update waiting in the inbox (at the
-    /// start of tick `tick`) to `apply`, in order, and records what became
-    /// of each. No ring (QEMU): nothing.
-    fn drain_inbox(&mut self, _tick: u64, _apply: &mut dyn FnMut(&Update) -> Applied) {}
-    /// Members of this VM's fork family as the VMM last said (`None`: it
-    /// said nothing; the zone's own count holds).
-    fn family_members(&mut self) -> Option<u64> {
-        None
+    /// start of tick `tick`) to `apply`, in order, with the members of
+    /// this VM's fork family as the VMM says (`None`: it said nothing; the
+    /// zone's own count holds), and records what became of each. No ring
+    /// (QEMU): nothing.
+    fn drain_inbox(
+        &mut self,
+        _tick: u64,
+        _apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied,
+    ) {
     }
     /// A guest fork (`sf_clone`, `as_clone`) made a family of `members`.
     fn set_family_members(&mut self, _members: u64) {}
@@ -182,9 +184,10 @@ impl Zone<'_> {
         let Some(table) = self.clients.as_mut() else {
             return;
         };
-        let members = platform.family_members().unwrap_or(self.members).max(1);
-        let (cost, clone_id) = (self.cfg.update_cost, self.clone_id);
-        platform.drain_inbox(t, &mut |u: &Update| table.apply(u, cost, clone_id, members));
+        let (cost, clone_id, own) = (self.cfg.update_cost, self.clone_id, self.members);
+        platform.drain_inbox(t, &mut |u: &Update, members: Option<u64>| {
+            table.apply(u, cost, clone_id, members.unwrap_or(own).max(1))
+        });
     }
 
     fn tick(&mut self, t: u64, platform: &mut dyn Platform) -> Result<u64, ZoneError> {

@@ -17,7 +17,7 @@ mod schema;
 
 use client::Server;
 use forkd::clients::{ClientSender, SenderConfig};
-use guest_agent::reference::{reference, reference_sequence, OwnedUpdate};
+use guest_agent::reference::{reference, reference_events, reference_sequence, Event, OwnedUpdate};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -287,6 +287,121 @@ fn a_forked_zone_splits_its_clients_by_clone_id() {
     // The members differ: each applied other clients.
     assert_ne!(member(1), member(2));
     s.stop();
+}
+
+/// After a join the zone's clients go back to the parent: it applies
+/// every client's updates again, and ends with the reference's checksum
+/// for that history.
+#[test]
+fn after_a_join_the_parent_takes_every_client_again() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir.path().join("forkd.sock"), &["--max-clones", "4"]);
+    let sock = dir.path().join("forkd.sock");
+    let cmdline = "ticks=500 tick_us=10000 state_mib=2 seed=6 clients=host update_cost=1";
+    let id = create(&sock, cmdline);
+    let vm = vm_num(&id);
+    let mut tx = sender();
+    tx.set_zone(vm, ingress(&sock));
+    let before = updates(9, 1, 4);
+    send_all(&mut tx, vm, &before);
+    assert!(tx.wait_acked(Duration::from_secs(20)).expect("poll"));
+    let fork_at = host_fork(&sock, &id, 2);
+    let during = updates(9, 5, 4);
+    send_all(&mut tx, vm, &during);
+    assert!(tx.wait_acked(Duration::from_secs(30)).expect("poll"));
+    let r = client::call_unix(&sock, "POST", &format!("/v1/vms/{id}/join"), Some("{}"));
+    assert_eq!(r.status, 200, "join: {}", r.error());
+    let after = updates(9, 9, 4);
+    send_all(&mut tx, vm, &after);
+    assert!(
+        tx.wait_acked(Duration::from_secs(30)).expect("poll"),
+        "after the join every client is acknowledged by the parent: {} left; {}",
+        tx.unacked(),
+        get(&sock, "/v1/clients")
+    );
+    let end = wait_exit(&sock, &id, Duration::from_secs(60));
+    let ev: Vec<_> = before
+        .iter()
+        .map(|u| (0, Event::Update(u.clone())))
+        .chain(during.iter().map(|u| (fork_at, Event::Update(u.clone()))))
+        .chain([(fork_at, Event::Members(1))])
+        .chain(after.iter().map(|u| (fork_at, Event::Update(u.clone()))))
+        .collect();
+    let c = format!("{cmdline} fork_at={fork_at} clones=2 as_clone=0");
+    let want = reference_events(&c, &ev).expect("reference");
+    assert_eq!(done_checksum(&end), want.checksum, "the parent's history");
+    s.stop();
+}
+
+/// A zone on h1 forked with both clones on h2: the clones' clients are
+/// forwarded to h2's ingress, which acknowledges them; every member ends
+/// with the reference's checksum for its share.
+#[test]
+fn clones_on_another_host_get_their_clients_forwarded() {
+    let (cluster, up) = common::Cluster::up(2);
+    let hosts = up["hosts"].as_array().expect("hosts").clone();
+    let h1 = common::socket(&hosts[0]);
+    let ns = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let cmdline = "ticks=500 tick_us=10000 state_mib=2 seed=8 clients=host update_cost=1";
+    let id = common::start_vm(&h1, cmdline);
+    let vm = vm_num(&id);
+    let addr = ingress(&h1);
+    let before = updates(12, 1, 4);
+    let after = updates(12, 5, 4);
+    let (b, a) = (before.clone(), after.clone());
+    let (h1c, idc) = (h1.clone(), id.clone());
+    let (fork_at, stats) = common::in_netns(&ns, move || {
+        let mut tx = sender();
+        tx.set_zone(vm, addr);
+        send_all(&mut tx, vm, &b);
+        assert!(tx.wait_acked(Duration::from_secs(20)).expect("poll"));
+        let t = Instant::now();
+        loop {
+            let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+            let r = client::call_unix(&h1c, "POST", &format!("/v1/vms/{idc}/fork"), Some(body));
+            if r.status == 409 && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            assert_eq!(r.status, 200, "fork: {}", r.error());
+            break;
+        }
+        // The clones run once h2 built them; updates meanwhile are re-sent.
+        send_all(&mut tx, vm, &a);
+        let all = tx.wait_acked(Duration::from_secs(40)).expect("poll");
+        assert!(all, "{} unacknowledged: {:?}", tx.unacked(), tx.stats());
+        (common::fork_tick(&h1c, &idc), tx.stats())
+    });
+    assert_eq!(stats.acked, (before.len() + after.len()) as u64);
+    let ingress_h1 = get(&h1, "/v1/clients");
+    assert!(
+        ingress_h1["forwarded"].as_u64() >= Some(1),
+        "h1 forwarded the clones' clients: {ingress_h1}"
+    );
+    let end = wait_exit(&h1, &id, Duration::from_secs(60));
+    let schedule: Vec<_> = before
+        .iter()
+        .map(|u| (0, u.clone()))
+        .chain(after.iter().map(|u| (fork_at, u.clone())))
+        .collect();
+    let member = |i: u64| {
+        let c = format!("{cmdline} fork_at={fork_at} clones=2 as_clone={i}");
+        reference(&c, &schedule).expect("reference").checksum
+    };
+    assert_eq!(done_checksum(&end), member(0), "the parent's share");
+    let clones = end["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 2, "{end}");
+    for c in &clones {
+        let i = c["clone_id"].as_u64().expect("clone id");
+        assert_eq!(c["host"], "h2", "{c}");
+        let line = c["last_line"].as_str().expect("clone's line");
+        assert_eq!(checksum(line), member(i), "clone {i}'s share on h2: {line}");
+    }
+    drop(cluster);
 }
 
 /// A zone migrated h1 → h2 while a client streams updates to it: the
