@@ -92,6 +92,11 @@ impl<'a> ClientTable<'a> {
         ClientTable { words }
     }
 
+    /// A table over words that already hold one (not cleared).
+    pub fn resume(words: &'a mut [u64]) -> Self {
+        ClientTable { words }
+    }
+
     fn entries(&self) -> usize {
         self.words.len() / 4
     }

@@ -234,9 +234,10 @@ impl ClientSender {
         Ok(())
     }
 
-    /// Takes what arrived for up to `wait`, re-sends what timed out, and
-    /// flushes.
+    /// Flushes, takes what arrives for up to `wait`, then re-sends what
+    /// timed out.
     pub fn poll(&mut self, wait: Duration) -> Result<(), SendError> {
+        self.flush()?;
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
