@@ -143,8 +143,7 @@ impl<'a> ClientTable<'a> {
 
     /// Applies `u` as member `clone_id` of `members` (1: not forked).
     pub fn apply(&mut self, u: &Update, cost: u64, clone_id: u64, members: u64) -> Applied {
-        if u.payload.is_empty() || u.payload.len() as u64 > abi::UPDATE_PAYLOAD_MAX || u.seq == 0
-        {
+        if u.payload.is_empty() || u.payload.len() as u64 > abi::UPDATE_PAYLOAD_MAX || u.seq == 0 {
             return Applied::Malformed;
         }
         if members > 1 && u.client as u64 % members != clone_id {

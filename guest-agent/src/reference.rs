@@ -143,7 +143,11 @@ mod tests {
         let mut v = Vec::new();
         for s in 1..=per {
             for c in 0..clients {
-                v.push(OwnedUpdate::generated(c, s, 256 + (c as usize * 37 + s as usize) % 257));
+                v.push(OwnedUpdate::generated(
+                    c,
+                    s,
+                    256 + (c as usize * 37 + s as usize) % 257,
+                ));
             }
         }
         v
@@ -153,7 +157,11 @@ mod tests {
     fn arrival_tick_and_duplicates_do_not_matter() {
         let u = ups(5, 4);
         let at0 = reference_sequence(CMD, &u).unwrap();
-        let spread: Vec<_> = u.iter().enumerate().map(|(i, x)| (i as u64 / 3, x.clone())).collect();
+        let spread: Vec<_> = u
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (i as u64 / 3, x.clone()))
+            .collect();
         assert_eq!(reference(CMD, &spread).unwrap(), at0);
         let mut dup = u.clone();
         dup.insert(7, u[2].clone());

@@ -2,9 +2,9 @@
 //! (allocator, TSC pacing, fork hooks) and the panic handler.
 
 use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZE};
+use crate::clients::{self, Applied, Update};
 use crate::console::Console;
 use crate::palloc::PageAllocator;
-use crate::clients::{self, Applied, Update};
 use crate::zone::{self, Platform, ZoneError};
 use crate::{boot, cmdline, hypercall, io, pace, pvh, sf};
 use core::fmt::Write;

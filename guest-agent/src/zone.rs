@@ -102,11 +102,7 @@ pub trait Platform {
     /// this VM's fork family as the VMM says (`None`: it said nothing; the
     /// zone's own count holds), and records what became of each. No ring
     /// (QEMU): nothing.
-    fn drain_inbox(
-        &mut self,
-        _tick: u64,
-        _apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied,
-    ) {
+    fn drain_inbox(&mut self, _tick: u64, _apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied) {
     }
     /// A guest fork (`sf_clone`, `as_clone`) made a family of `members`.
     fn set_family_members(&mut self, _members: u64) {}

@@ -51,9 +51,12 @@ fn create(sock: &Path, cmdline: &str) -> String {
     let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
     assert_eq!(r.status, 201, "create: {}", r.error());
     let id = r.json()["id"].as_str().expect("id").to_owned();
-    common::poll(sock, &format!("/v1/vms/{id}"), Duration::from_secs(30), |v| {
-        v["console_lines"].as_u64() >= Some(2)
-    });
+    common::poll(
+        sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(30),
+        |v| v["console_lines"].as_u64() >= Some(2),
+    );
     id
 }
 
@@ -90,7 +93,10 @@ fn updates(clients: u32, first_seq: u64, per: u64) -> Vec<OwnedUpdate> {
 fn send_all(tx: &mut ClientSender, vm: u64, ups: &[OwnedUpdate]) {
     for u in ups {
         let seq = tx.send(vm, u.client, &u.payload).expect("send");
-        assert_eq!(seq, u.seq, "the sender numbers each client's updates from 1");
+        assert_eq!(
+            seq, u.seq,
+            "the sender numbers each client's updates from 1"
+        );
     }
     tx.flush().expect("flush");
 }
@@ -131,10 +137,17 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
         tx.resend_now(vm, u.client, u.seq, &u.payload)
             .expect("resend");
     }
-    let v = common::poll(&sock, &format!("/v1/vms/{id}"), Duration::from_secs(10), |v| {
-        v["load"]["guest"]["duplicates"].as_u64() >= Some(10)
-    });
-    assert_eq!(v["load"]["guest"]["updates_applied"], ups.len() as u64, "{v}");
+    let v = common::poll(
+        &sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(10),
+        |v| v["load"]["guest"]["duplicates"].as_u64() >= Some(10),
+    );
+    assert_eq!(
+        v["load"]["guest"]["updates_applied"],
+        ups.len() as u64,
+        "{v}"
+    );
     let c = &v["load"]["clients"];
     assert_eq!(c["applied"], ups.len() as u64, "{v}");
     assert_eq!(c["acked"].as_u64(), Some(ups.len() as u64 + 10), "{v}");
@@ -155,7 +168,9 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
     // Not the empty run's: the updates counted.
     assert_ne!(
         want.checksum,
-        reference_sequence(cmdline, &[]).expect("reference").checksum
+        reference_sequence(cmdline, &[])
+            .expect("reference")
+            .checksum
     );
     s.stop();
 }
@@ -216,7 +231,9 @@ fn host_fork(sock: &Path, id: &str, clones: u64) -> u64 {
     loop {
         let body = format!(r#"{{"clones": {clones}}}"#);
         let r = client::call_unix(sock, "POST", &format!("/v1/vms/{id}/fork"), Some(&body));
-        if r.status == 409 && r.error().contains("try again") && t.elapsed() < Duration::from_secs(5)
+        if r.status == 409
+            && r.error().contains("try again")
+            && t.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(2));
             continue;
@@ -231,7 +248,10 @@ fn host_fork(sock: &Path, id: &str, clones: u64) -> u64 {
         if lines.contains("forked by the host") {
             return common::fork_tick(sock, id);
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the parent sees the fork");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the parent sees the fork"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -313,11 +313,7 @@ impl Worker {
                 .targets
                 .values()
                 .any(|t| !t.queue.is_empty() || !t.in_ring.is_empty());
-            let wait = if busy {
-                self.cfg.pump_every
-            } else {
-                IDLE_WAIT
-            };
+            let wait = if busy { self.cfg.pump_every } else { IDLE_WAIT };
             let _ = self.sock.set_read_timeout(Some(wait));
             match self.sock.recv_from(&mut buf) {
                 Ok((n, from)) => {

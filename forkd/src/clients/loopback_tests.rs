@@ -126,8 +126,8 @@ fn start(moved: Option<SocketAddr>) -> (Ingress, Arc<FakeGuest>, Arc<AtomicBool>
         guest: guest.clone(),
         moved,
     });
-    let ingress = Ingress::start(IngressConfig::new("127.0.0.1:0".parse().unwrap()), dir)
-        .expect("ingress");
+    let ingress =
+        Ingress::start(IngressConfig::new("127.0.0.1:0".parse().unwrap()), dir).expect("ingress");
     let stop = Arc::new(AtomicBool::new(false));
     let (g, s) = (guest.clone(), stop.clone());
     std::thread::spawn(move || {
@@ -158,7 +158,11 @@ fn many_clients_through_a_small_ring_are_applied_once_in_order() {
     assert_eq!(applied.len(), 200);
     for c in 0..10 {
         let seqs: Vec<u64> = applied.iter().filter(|a| a.0 == c).map(|a| a.1).collect();
-        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "client {c} in order, once");
+        assert_eq!(
+            seqs,
+            (1..=20).collect::<Vec<_>>(),
+            "client {c} in order, once"
+        );
     }
     // The figures are published right after the acks go out.
     let t = Instant::now();
@@ -231,7 +235,10 @@ fn a_moved_zone_redirects_and_the_client_follows() {
     assert!(tx.stats().redirects >= 1);
     let t = Instant::now();
     while old.stats().redirected < 1 {
-        assert!(t.elapsed() < Duration::from_secs(5), "the old daemon counts it");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the old daemon counts it"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     drop(guest);

@@ -16,7 +16,9 @@ pub mod wire;
 #[cfg(test)]
 mod loopback_tests;
 
-pub use ingress::{Access, ClientCounters, Directory, Ingress, IngressConfig, Route, Routing, Target};
+pub use ingress::{
+    Access, ClientCounters, Directory, Ingress, IngressConfig, Route, Routing, Target,
+};
 pub use ring::{GuestLoad, GuestView};
 pub use sender::{ClientSender, SendError, SenderConfig, SenderStats};
 

@@ -216,7 +216,8 @@ impl ClientSender {
             .outbox
             .entry(vm)
             .or_insert_with(|| UpdatesEncoder::new(vm, None));
-        enc.push(&u).map_err(|_| SendError::Payload(u.payload.len()))?;
+        enc.push(&u)
+            .map_err(|_| SendError::Payload(u.payload.len()))?;
         self.stats.sent += 1;
         Ok(())
     }
