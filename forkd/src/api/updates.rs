@@ -210,14 +210,16 @@ impl Registry {
         let Ok(e) = self.entry(id) else {
             return Access::Gone;
         };
-        if e.migrating.load(std::sync::atomic::Ordering::Acquire) {
-            return Access::Busy;
-        }
         let guard = match e.vm.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Access::Busy,
         };
+        // Looked at under the lock `take_for_migration` sets it under: a
+        // VM out with a migration worker waits (its updates queue).
+        if e.migrating.load(std::sync::atomic::Ordering::Acquire) {
+            return Access::Busy;
+        }
         let Some(vm) = guard.as_ref() else {
             return Access::Gone;
         };

@@ -316,11 +316,7 @@ impl Worker {
             let wait = if busy { self.cfg.pump_every } else { IDLE_WAIT };
             let _ = self.sock.set_read_timeout(Some(wait));
             match self.sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    // Copy out: handling may send from the same buffer owner.
-                    let d = buf[..n.min(wire::DATAGRAM_MAX)].to_vec();
-                    self.datagram(&d, from);
-                }
+                Ok((n, from)) => self.datagram(&buf[..n.min(wire::DATAGRAM_MAX)], from),
                 Err(e)
                     if matches!(
                         e.kind(),

@@ -246,8 +246,10 @@ impl ClientSender {
                 .set_read_timeout(Some(left.max(Duration::from_micros(100))))?;
             match self.sock.recv_from(&mut self.buf) {
                 Ok((n, _from)) => {
-                    let d = self.buf[..n.min(wire::DATAGRAM_MAX)].to_vec();
-                    self.incoming(&d)?;
+                    let buf = std::mem::take(&mut self.buf);
+                    let handled = self.incoming(&buf[..n.min(wire::DATAGRAM_MAX)]);
+                    self.buf = buf;
+                    handled?;
                 }
                 Err(e)
                     if matches!(
