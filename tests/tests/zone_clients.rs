@@ -175,6 +175,19 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
     s.stop();
 }
 
+/// Under QEMU there is no ring: the same ELF ends with the reference's
+/// checksum for no updates, and so does forkd's run of it with no client.
+#[test]
+fn without_a_ring_the_zone_ends_as_the_empty_reference() {
+    require_kvm();
+    let cmdline = "ticks=40 state_mib=2 seed=11 clients=host update_cost=7";
+    let want = reference_sequence(cmdline, &[]).expect("reference").checksum;
+    let line = tests::qemu_done_line(cmdline, MEM);
+    assert_eq!(checksum(&line), want, "QEMU: {line}");
+    let forkd = tests::straight_run(cmdline, MEM);
+    assert_eq!(checksum(&forkd), want, "forkd, no client: {forkd}");
+}
+
 /// With `update_cost`, more updates mean more guest work per tick: the
 /// guest's own busy time orders the runs by the updates they were fed.
 #[test]
