@@ -181,7 +181,9 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
 fn without_a_ring_the_zone_ends_as_the_empty_reference() {
     require_kvm();
     let cmdline = "ticks=40 state_mib=2 seed=11 clients=host update_cost=7";
-    let want = reference_sequence(cmdline, &[]).expect("reference").checksum;
+    let want = reference_sequence(cmdline, &[])
+        .expect("reference")
+        .checksum;
     let line = tests::qemu_done_line(cmdline, MEM);
     assert_eq!(checksum(&line), want, "QEMU: {line}");
     let forkd = tests::straight_run(cmdline, MEM);
@@ -374,7 +376,7 @@ fn after_a_join_the_parent_takes_every_client_again() {
 fn clones_on_another_host_get_their_clients_forwarded() {
     let (cluster, up) = common::Cluster::up(2);
     let hosts = up["hosts"].as_array().expect("hosts").clone();
-    let h1 = common::socket(&hosts[0]);
+    let (h1, h2) = (common::socket(&hosts[0]), common::socket(&hosts[1]));
     let ns = hosts[0]["netns"].as_str().expect("netns").to_owned();
     let cmdline = "ticks=500 tick_us=10000 state_mib=2 seed=8 clients=host update_cost=1";
     let id = common::start_vm(&h1, cmdline);
@@ -407,6 +409,22 @@ fn clones_on_another_host_get_their_clients_forwarded() {
         (common::fork_tick(&h1c, &idc), tx.stats())
     });
     assert_eq!(stats.acked, (before.len() + after.len()) as u64);
+    // h2 shows each clone's client counters in its load.
+    let vms = get(&h2, "/v1/vms");
+    let clone_ids: Vec<String> = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .filter(|v| v["clone_id"].is_u64())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(clone_ids.len(), 2, "{vms}");
+    for cid in &clone_ids {
+        let v = get(&h2, &format!("/v1/vms/{cid}"));
+        if v["state"] == "running" {
+            assert!(v["load"]["clients"]["acked"].as_u64() > Some(0), "{v}");
+        }
+    }
     let ingress_h1 = get(&h1, "/v1/clients");
     assert!(
         ingress_h1["forwarded"].as_u64() >= Some(1),

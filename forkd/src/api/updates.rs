@@ -117,6 +117,35 @@ impl Registry {
         self.ingress()?.counters(Target::Vm(id))
     }
 
+    /// A hosted clone's load: its client counters and its guest's own.
+    pub(super) fn hosted_load(
+        &self,
+        family: u64,
+        c: &crate::fork::hosted::HostedClone,
+    ) -> Option<super::load::VmLoad> {
+        let clients = self.ingress().and_then(|i| {
+            i.counters(Target::HostedClone {
+                family,
+                clone_id: c.clone_id,
+            })
+        });
+        let guest = c
+            .guest
+            .with(c.clone_id, |g| {
+                guest_load(&GuestView {
+                    memory: &g.memory,
+                    writes: &g.writes,
+                    agent_gpa: g.agent_gpa,
+                })
+            })
+            .flatten();
+        (clients.is_some() || guest.is_some()).then(|| super::load::VmLoad {
+            clients,
+            guest,
+            ..Default::default()
+        })
+    }
+
     /// `GET /v1/clients`.
     pub fn clients_info(&self) -> Option<ClientsInfo> {
         let stats = self.ingress()?.stats();
