@@ -86,7 +86,11 @@ impl Registry {
     /// Starts the client ingress on `bind` (`serve --clients-udp`).
     pub fn start_ingress(self: &Arc<Self>, bind: SocketAddr) -> std::io::Result<SocketAddr> {
         let dir = Arc::new(RegistryDirectory(Arc::downgrade(self)));
-        let ingress = Ingress::start(crate::clients::IngressConfig::new(bind), dir)?;
+        let mut cfg = crate::clients::IngressConfig::new(bind);
+        cfg.forward_key = self
+            .envelope_key()
+            .map(|k| crate::clients::wire::forward_key(&k));
+        let ingress = Ingress::start(cfg, dir)?;
         let addr = ingress.local_addr();
         let _ = self.clients.ingress.set(Arc::new(ingress));
         Ok(addr)

@@ -22,8 +22,8 @@
 //! **Routing.** An update for a forked zone goes to family member
 //! `client % (n + 1)`: this host's VM or local clone, or — **forwarded**
 //! by this daemon to the clone host's ingress (`Forward` datagram, which
-//! names the client's address: the clone host acknowledges the client
-//! directly). A zone that migrated away answers `Redirect` to its new
+//! names the client's address and carries a MAC under the cluster's key:
+//! the clone host acknowledges the client directly). A zone that migrated away answers `Redirect` to its new
 //! host; an unknown zone, `Refused`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -116,6 +116,9 @@ pub struct IngressConfig {
     pub queue_per_target: usize,
     /// How often rings are filled and acknowledged while work waits.
     pub pump_every: Duration,
+    /// The MAC key of `Forward` datagrams (`wire::forward_key` of the
+    /// cluster's secret); without one, forwards are neither sent nor taken.
+    pub forward_key: Option<[u8; 32]>,
 }
 
 impl IngressConfig {
@@ -124,6 +127,7 @@ impl IngressConfig {
             bind,
             queue_per_target: 8192,
             pump_every: Duration::from_millis(1),
+            forward_key: None,
         }
     }
 }
@@ -371,6 +375,15 @@ impl Worker {
                 updates,
             } => self.updates(vm, &updates, from),
             Datagram::Updates {
+                forward: Some(_), ..
+            } if !self
+                .cfg
+                .forward_key
+                .is_some_and(|k| wire::forward_verifies(b, &k)) =>
+            {
+                self.local.bad_datagrams += 1;
+            }
+            Datagram::Updates {
                 vm,
                 forward: Some(f),
                 updates,
@@ -400,7 +413,7 @@ impl Worker {
                     family,
                     clone_id,
                 } => {
-                    let Ok(reply_to) = wire::v4(from) else {
+                    let (Ok(reply_to), Some(_)) = (wire::v4(from), self.cfg.forward_key) else {
                         continue;
                     };
                     let key = (*to, *family, *clone_id);
@@ -412,9 +425,11 @@ impl Worker {
                     let enc = forwards
                         .entry(key)
                         .or_insert_with(|| UpdatesEncoder::new(vm, Some(fwd)));
-                    if enc.len() + UpdatesEncoder::cost(u) > wire::DATAGRAM_MAX {
+                    if enc.len() + UpdatesEncoder::cost(u) + wire::TAG_BYTES > wire::DATAGRAM_MAX {
                         let full = std::mem::replace(enc, UpdatesEncoder::new(vm, Some(fwd)));
-                        self.send(&full.finish(), *to);
+                        if let Some(k) = &self.cfg.forward_key {
+                            self.send(&full.finish_signed(k), *to);
+                        }
                     }
                     if enc.push(u).is_ok() {
                         self.local.forwarded += 1;
@@ -424,8 +439,10 @@ impl Worker {
                 Route::Unknown => unknown = true,
             }
         }
-        for ((to, _, _), enc) in forwards {
-            self.send(&enc.finish(), to);
+        if let Some(k) = self.cfg.forward_key {
+            for ((to, _, _), enc) in forwards {
+                self.send(&enc.finish_signed(&k), to);
+            }
         }
         if let Some(to) = moved.and_then(|a| wire::v4(a).ok()) {
             self.local.redirected += 1;
