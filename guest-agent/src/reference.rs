@@ -71,26 +71,32 @@ impl Platform for HostPlatform<'_> {
         Err(ZoneError::ForkUnavailable)
     }
     fn pace(&mut self, _tick: u64, _tick_us: u64) {}
-    fn drain_inbox(&mut self, tick: u64, apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied) {
+    fn drain_inbox(&mut self, tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
         while let Some((t, e)) = self.schedule.get(self.next) {
             if *t > tick {
                 break;
             }
+            self.next += 1;
             match e {
                 Event::Update(u) => {
-                    apply(
-                        &Update {
-                            client: u.client,
-                            seq: u.seq,
-                            payload: &u.payload,
-                        },
-                        self.members,
-                    );
+                    apply(&Update {
+                        client: u.client,
+                        seq: u.seq,
+                        payload: &u.payload,
+                    });
                 }
-                Event::Members(m) => self.members = Some(*m),
+                // The zone looks at the family size before its next drain.
+                Event::Members(m) => {
+                    self.members = Some(*m);
+                    return true;
+                }
             }
-            self.next += 1;
         }
+        false
+    }
+
+    fn family_size(&mut self) -> Option<u64> {
+        self.members
     }
 }
 

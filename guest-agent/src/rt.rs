@@ -282,13 +282,17 @@ impl Platform for GuestPlatform {
         }
     }
 
-    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update, Option<u64>) -> Applied) {
+    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
         if let Some(inbox) = &self.inbox {
-            let members = match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
-                0 => None,
-                m => Some(m),
-            };
-            inbox.drain(&mut |u: &Update| apply(u, members));
+            inbox.drain(apply);
+        }
+        false
+    }
+
+    fn family_size(&mut self) -> Option<u64> {
+        match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
+            0 => None,
+            m => Some(m),
         }
     }
 
