@@ -460,22 +460,46 @@ fn clones_on_another_host_get_their_clients_forwarded() {
 /// lost, and the zone ends on h2 with the reference's checksum.
 #[test]
 fn a_migrating_zone_loses_no_update() {
+    stream_through_a_migration(0);
+}
+
+/// The same with 10 % of the UDP datagrams arriving on either host
+/// dropped (updates, acks, redirects): the client's re-sends and the
+/// daemons' order rule still apply every update exactly once.
+#[test]
+fn a_migrating_zone_loses_no_update_under_loss() {
+    stream_through_a_migration(10);
+}
+
+/// The client runs in h2's namespace (its datagrams cross the bridge to
+/// h1, then stay local after the redirect).
+fn stream_through_a_migration(loss_pct: u32) {
     let (cluster, up) = common::Cluster::up(2);
     let hosts = up["hosts"].as_array().expect("hosts").clone();
     let (h1, h2) = (common::socket(&hosts[0]), common::socket(&hosts[1]));
-    let ns = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let ns1 = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let ns2 = hosts[1]["netns"].as_str().expect("netns").to_owned();
     let cmdline =
         "ticks=800 tick_us=10000 state_mib=8 dirty_pages=8 seed=4 clients=host update_cost=2";
     let id = common::start_vm(&h1, cmdline);
     let vm = vm_num(&id);
     let addr = ingress(&h1);
+    if loss_pct > 0 {
+        common::add_udp_loss(&ns1, loss_pct);
+        common::add_udp_loss(&ns2, loss_pct);
+    }
     let ups = updates(16, 1, 120);
     let sent = ups.clone();
+    let ns = ns2.clone();
     let streamer = std::thread::spawn(move || {
         common::in_netns(&ns, move || {
-            let mut tx = sender();
+            let mut tx = ClientSender::new(SenderConfig {
+                retry_after: Duration::from_millis(100),
+                ..SenderConfig::default()
+            })
+            .expect("client socket");
             tx.set_zone(vm, addr);
-            // 16 updates every 10 ms: ~1.2 s of traffic per 1920 updates.
+            // 16 updates every 10 ms: ~1.2 s of traffic for 1920 updates.
             for chunk in sent.chunks(16) {
                 send_all(&mut tx, vm, chunk);
                 tx.poll(Duration::from_millis(10)).expect("poll");
@@ -492,6 +516,12 @@ fn a_migrating_zone_loses_no_update() {
     assert!(stats.redirects >= 1, "the client was redirected: {stats:?}");
     assert_eq!(zone, Some(ingress(&h2)), "it sends to h2 now");
     assert_eq!(stats.acked, ups.len() as u64);
+    if loss_pct > 0 {
+        let dropped = common::udp_dropped(&ns1) + common::udp_dropped(&ns2);
+        assert!(dropped > 0, "the loss rules dropped datagrams");
+        assert!(stats.resent > 0, "the client re-sent: {stats:?}");
+        eprintln!("loss {loss_pct}%: {dropped} datagrams dropped, {stats:?}");
+    }
     let end = wait_exit(&h2, &id, Duration::from_secs(60));
     let want = reference_sequence(cmdline, &ups).expect("reference");
     assert_eq!(
