@@ -197,7 +197,18 @@ struct TargetState {
 }
 
 impl TargetState {
-    /// The per-client order rule (see the module docs).
+    /// Everything queued is dropped (unacknowledged): what was admitted no
+    /// longer says what is in the ring, so the order starts over (each
+    /// client again from its floor).
+    fn drop_queue(&mut self) {
+        self.counters.dropped += self.queue.len() as u64;
+        self.queue.clear();
+        self.admitted.clear();
+    }
+
+    /// The per-client order rule (see the module docs). Its invariant: for
+    /// `admitted[c] = L`, every update of `c` up to `L` the client has not
+    /// had acknowledged is in the ring or applied by this guest.
     fn admit(&mut self, u: &WireUpdate) -> bool {
         match self.admitted.get(&u.client).copied() {
             Some(last) if u.seq <= last => true,
@@ -493,11 +504,10 @@ impl Worker {
                 .with_guest(t, &mut |v| service(&mut st, v, &mut acks));
             if access == Access::Gone {
                 gone.push(t);
-                st.counters.dropped += (st.queue.len() + st.in_ring.len()) as u64;
-                st.queue.clear();
+                st.counters.dropped += st.in_ring.len() as u64;
                 st.in_ring.clear();
                 st.ring = None;
-                st.admitted.clear();
+                st.drop_queue();
             }
             st.counters.acked += acks.len() as u64;
             for (reply, vm, a) in acks {
@@ -554,8 +564,7 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             }
             Err(e) => {
                 tracing::debug!("client ring: {e}");
-                st.counters.dropped += st.queue.len() as u64;
-                st.queue.clear();
+                st.drop_queue();
                 return;
             }
         },
@@ -580,8 +589,11 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
                 st.counters.duplicates += 1;
                 wire::ACK_DUPLICATE
             }
+            // Another member's client (or malformed): not applied here,
+            // so this client's order here starts over from its floor.
             _ => {
                 st.counters.dropped += 1;
+                st.admitted.remove(&e.client);
                 continue;
             }
         };
@@ -613,7 +625,8 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
         };
         if ring.write_slot(v, pos, &u).is_err() {
             st.counters.dropped += 1;
-            continue;
+            st.drop_queue();
+            break;
         }
         st.in_ring.push_back(InRing {
             client: q.client,
