@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod clients;
 pub mod cluster;
 pub mod errors;
 pub mod fork;

@@ -55,6 +55,80 @@ pub const AGENT_WORD_ENTROPY: usize = 6;
 pub const AGENT_WORD_MAC: usize = 10;
 pub const AGENT_WORD_IP: usize = 11;
 
+/// The guest's own tick load, written by the guest after every tick (all
+/// TSC values in the guest's TSC; read by the daemon, never by the VMM):
+/// ticks done so far,
+pub const AGENT_WORD_TICKS_DONE: usize = 12;
+/// TSC the last tick was busy (its work, not the pacing wait),
+pub const AGENT_WORD_BUSY_TSC_LAST: usize = 13;
+/// TSC all ticks were busy,
+pub const AGENT_WORD_BUSY_TSC_TOTAL: usize = 14;
+/// the tick's budget (`tick_us` in TSC; 0 when unpaced),
+pub const AGENT_WORD_TICK_BUDGET_TSC: usize = 15;
+/// and the guest's TSC ticks per microsecond.
+pub const AGENT_WORD_TSC_PER_US: usize = 16;
+/// The client inbox ring ([`INBOX_MAGIC`]): its guest-physical address
+/// (4 KiB aligned, 0: none) and size in bytes, written by the guest
+/// before `OP_HELLO` declares the agent page. The daemon bounds both
+/// against guest memory before it writes a byte.
+pub const AGENT_WORD_INBOX_GPA: usize = 17;
+pub const AGENT_WORD_INBOX_BYTES: usize = 18;
+/// Members of the fork family this VM belongs to (parent included; 0 or
+/// 1: not forked). Written by the VMM's host fork into the parent before
+/// the freeze (so every clone inherits it) and reset to 1 by the daemon
+/// at a join; a guest fork (`sf_clone`) sets it itself. A member with
+/// clone id `i` of `m` members applies only the client updates with
+/// `client_id % m == i` (others are answered [`SLOT_NOT_MINE`]).
+pub const AGENT_WORD_FAMILY_SIZE: usize = 19;
+
+/// The client inbox ring (`clients=host`): one header page, then `slots`
+/// slots of [`INBOX_SLOT_BYTES`]. The daemon (producer) writes a slot,
+/// then advances `producer`; the guest (consumer) applies slots in order,
+/// writes each slot's status, then advances `consumer`. Positions count
+/// slots ever written (slot = position % slots); the producer never gets
+/// more than `slots` ahead of the consumer. The header words, LE u64:
+pub const INBOX_MAGIC: u64 = 0x584f_424e_4944_4b46; // "FKDINBOX"
+pub const INBOX_VERSION: u64 = 1;
+pub const INBOX_WORD_MAGIC: usize = 0;
+pub const INBOX_WORD_VERSION: usize = 1;
+/// Slots in the ring (a power of two).
+pub const INBOX_WORD_SLOTS: usize = 2;
+/// Bytes per slot ([`INBOX_SLOT_BYTES`]).
+pub const INBOX_WORD_SLOT_BYTES: usize = 3;
+/// Written by the producer only.
+pub const INBOX_WORD_PRODUCER: usize = 4;
+/// Written by the consumer only.
+pub const INBOX_WORD_CONSUMER: usize = 5;
+/// Guest counters: updates applied, duplicates skipped, updates of other
+/// family members skipped, malformed slots.
+pub const INBOX_WORD_APPLIED: usize = 6;
+pub const INBOX_WORD_DUPLICATES: usize = 7;
+pub const INBOX_WORD_NOT_MINE: usize = 8;
+pub const INBOX_WORD_MALFORMED: usize = 9;
+/// Bytes of the header before the first slot.
+pub const INBOX_HEADER_BYTES: u64 = 4096;
+/// One slot: client id (u32), payload length (u32), sequence number
+/// (u64), status (u32, written by the guest), reserved up to
+/// [`SLOT_HEADER_BYTES`], then the payload.
+pub const INBOX_SLOT_BYTES: u64 = 576;
+pub const SLOT_HEADER_BYTES: u64 = 64;
+pub const SLOT_OFF_CLIENT: u64 = 0;
+pub const SLOT_OFF_LEN: u64 = 4;
+pub const SLOT_OFF_SEQ: u64 = 8;
+pub const SLOT_OFF_STATUS: u64 = 16;
+/// Payload bytes per update: at most this many (the DVE's 256–512 B).
+pub const UPDATE_PAYLOAD_MAX: u64 = INBOX_SLOT_BYTES - SLOT_HEADER_BYTES;
+/// Slot status: written as `SLOT_NEW` by the producer; the guest answers
+/// applied, duplicate (`seq` ≤ the last applied for that client: applied
+/// before), not mine (another family member's client), malformed.
+pub const SLOT_NEW: u32 = 0;
+pub const SLOT_APPLIED: u32 = 1;
+pub const SLOT_DUPLICATE: u32 = 2;
+pub const SLOT_NOT_MINE: u32 = 3;
+pub const SLOT_MALFORMED: u32 = 4;
+/// Slots of the zone guest's ring (`clients=host`): 288 KiB + the header.
+pub const INBOX_SLOTS: u64 = 512;
+
 /// Console output: `args[0]` is the guest-physical address of `args[1]`
 /// bytes (at most [`CONSOLE_MAX`]) to print. A zero-length call probes
 /// whether the VMM takes console output this way.

@@ -37,6 +37,13 @@ pub struct ZoneConfig {
     /// allocator bitmap, 2: addresses past the end of memory), to check
     /// that the VMM contains it. 0: the real HELLO.
     pub hostile_hello: u64,
+    /// `clients=host`: the zone takes its client updates from the inbox
+    /// ring the daemon fills (`abi::INBOX_*`) instead of generating 256
+    /// per tick itself (`clients=self`, the default).
+    pub host_clients: bool,
+    /// `update_cost=K`: passes over each host update's payload when it is
+    /// applied (the CPU an update costs; default 1).
+    pub update_cost: u64,
 }
 
 impl Default for ZoneConfig {
@@ -54,6 +61,8 @@ impl Default for ZoneConfig {
             clones: None,
             as_clone: None,
             hostile_hello: 0,
+            host_clients: false,
+            update_cost: 1,
         }
     }
 }
@@ -81,6 +90,12 @@ impl fmt::Display for CmdlineError<'_> {
         match self {
             CmdlineError::UnknownKey(k) => write!(f, "unknown cmdline key '{k}'"),
             CmdlineError::MissingValue(w) => write!(f, "cmdline word '{w}' is not key=value"),
+            CmdlineError::BadNumber { key, value } if *key == "clients" => {
+                write!(
+                    f,
+                    "cmdline key 'clients' is 'host' or 'self', got '{value}'"
+                )
+            }
             CmdlineError::BadNumber { key, value } => {
                 write!(f, "cmdline key '{key}' needs a number, got '{value}'")
             }
@@ -167,6 +182,18 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
                 cfg.dirty_all = check("dirty_all", n?, 0, 1)? == 1;
                 11
             }
+            "clients" => {
+                cfg.host_clients = match value {
+                    "host" => true,
+                    "self" => false,
+                    _ => return Err(CmdlineError::BadNumber { key, value }),
+                };
+                12
+            }
+            "update_cost" => {
+                cfg.update_cost = check("update_cost", n?, 0, crate::clients::MAX_UPDATE_COST)?;
+                13
+            }
             _ => return Err(CmdlineError::UnknownKey(key)),
         };
         if seen & (1 << bit) != 0 {
@@ -215,6 +242,12 @@ mod tests {
         );
         assert!(parse("tick_us=5 pace_spin=1").unwrap().pace_spin);
         assert!(parse("dirty_all=1").unwrap().dirty_all);
+        let c = parse("clients=host update_cost=50").unwrap();
+        assert!(c.host_clients);
+        assert_eq!(c.update_cost, 50);
+        assert!(!parse("clients=self").unwrap().host_clients);
+        assert!(parse("clients=bogus").is_err());
+        assert!(parse("update_cost=100001").is_err());
         assert!(parse("dirty_all=2").is_err());
         assert!(!parse("pace_spin=0").unwrap().pace_spin);
         assert!(matches!(

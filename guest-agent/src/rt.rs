@@ -2,6 +2,7 @@
 //! (allocator, TSC pacing, fork hooks) and the panic handler.
 
 use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZE};
+use crate::clients::{self, Applied, Update};
 use crate::console::Console;
 use crate::palloc::PageAllocator;
 use crate::zone::{self, Platform, ZoneError};
@@ -25,6 +26,102 @@ fn agent_word(i: usize) -> u64 {
     // SAFETY: AGENT is a static page; the VMM may change it between reads,
     // hence the volatile read; i < 512 at every call site.
     unsafe { core::ptr::addr_of!(AGENT.0[i]).read_volatile() }
+}
+
+fn set_agent_word(i: usize, v: u64) {
+    // SAFETY: a volatile store into the static agent page (i < 512 at every
+    // call site); the guest is single-threaded.
+    unsafe { core::ptr::addr_of_mut!(AGENT.0[i]).write_volatile(v) }
+}
+
+/// The client inbox ring (`abi::INBOX_*`) at `gpa`, identity-mapped.
+struct Inbox {
+    base: *mut u8,
+    slots: u64,
+}
+
+impl Inbox {
+    fn word(&self, i: usize) -> *mut u64 {
+        // SAFETY (of the callers' accesses): the ring's header page was
+        // handed out by the allocator for the ring alone; i < 512.
+        self.base.wrapping_add(8 * i) as *mut u64
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        // SAFETY: inside the ring's header page; the daemon writes it
+        // concurrently, hence volatile.
+        unsafe { self.word(i).read_volatile() }
+    }
+
+    fn set(&self, i: usize, v: u64) {
+        // SAFETY: as for `get`; the guest writes only its own words.
+        unsafe { self.word(i).write_volatile(v) }
+    }
+
+    /// Applies every slot between the consumer and the producer.
+    fn drain(&self, apply: &mut dyn FnMut(&Update) -> Applied) {
+        let producer = self.get(abi::INBOX_WORD_PRODUCER);
+        let mut consumer = self.get(abi::INBOX_WORD_CONSUMER);
+        // Never trust the producer to be sane: at most one ring's worth.
+        let producer = producer.min(consumer.wrapping_add(self.slots));
+        let mut counts = [0u64; 4];
+        while consumer < producer {
+            let off = abi::INBOX_HEADER_BYTES + (consumer % self.slots) * abi::INBOX_SLOT_BYTES;
+            let slot = self.base.wrapping_add(off as usize);
+            // SAFETY: the slot lies inside the ring the allocator handed out
+            // (header + slots × slot bytes); the producer does not touch a
+            // slot between producer and consumer, so reading it as plain
+            // memory is sound. Field reads are unaligned-safe by offset.
+            let (client, len, seq) = unsafe {
+                (
+                    (slot.add(abi::SLOT_OFF_CLIENT as usize) as *const u32).read_volatile(),
+                    (slot.add(abi::SLOT_OFF_LEN as usize) as *const u32).read_volatile(),
+                    (slot.add(abi::SLOT_OFF_SEQ as usize) as *const u64).read_volatile(),
+                )
+            };
+            let len = (len as u64).min(abi::UPDATE_PAYLOAD_MAX + 1);
+            let outcome = if len > abi::UPDATE_PAYLOAD_MAX {
+                Applied::Malformed
+            } else {
+                // SAFETY: `len` ≤ the slot's payload bytes, inside the slot.
+                let payload = unsafe {
+                    core::slice::from_raw_parts(
+                        slot.add(abi::SLOT_HEADER_BYTES as usize),
+                        len as usize,
+                    )
+                };
+                apply(&Update {
+                    client,
+                    seq,
+                    payload,
+                })
+            };
+            let status = outcome.slot_status();
+            counts[(status as usize).saturating_sub(1).min(3)] += 1;
+            // SAFETY: the status word of the slot, written by the guest only.
+            unsafe {
+                (slot.add(abi::SLOT_OFF_STATUS as usize) as *mut u32).write_volatile(status);
+            }
+            consumer += 1;
+        }
+        for (i, w) in [
+            abi::INBOX_WORD_APPLIED,
+            abi::INBOX_WORD_DUPLICATES,
+            abi::INBOX_WORD_NOT_MINE,
+            abi::INBOX_WORD_MALFORMED,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if counts[i] != 0 {
+                self.set(w, self.get(w).wrapping_add(counts[i]));
+            }
+        }
+        // The statuses are written before the consumer passes them (x86
+        // keeps stores in order; the fence keeps the compiler from moving).
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+        self.set(abi::INBOX_WORD_CONSUMER, consumer);
+    }
 }
 
 /// A clone prints the identity the VMM gave it in the agent page (its
@@ -100,6 +197,11 @@ struct GuestPlatform {
     /// Wait for ticks asleep in the VMM (`OP_SLEEP`); cleared when no VMM
     /// answers (QEMU) or `pace_spin=1`.
     can_sleep: bool,
+    /// `clients=host`: the inbox ring.
+    inbox: Option<Inbox>,
+    /// The TSC when the current tick's work began (after its pacing).
+    tick_start: u64,
+    busy_total: u64,
 }
 
 /// The TSC and the VMM's sleep, for `pace::wait_until`.
@@ -144,6 +246,7 @@ impl Platform for GuestPlatform {
             None => sf::sf_request_ticket(clones).map_err(refused)?,
         };
         let id = sf::sf_clone(&ticket).map_err(refused)?;
+        set_agent_word(abi::AGENT_WORD_FAMILY_SIZE, ticket.granted + 1);
         self.ticket = Some(ticket);
         if id != 0 {
             note_identity(id);
@@ -179,6 +282,36 @@ impl Platform for GuestPlatform {
         }
     }
 
+    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
+        if let Some(inbox) = &self.inbox {
+            inbox.drain(apply);
+        }
+        false
+    }
+
+    fn family_size(&mut self) -> Option<u64> {
+        match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
+            0 => None,
+            m => Some(m),
+        }
+    }
+
+    fn set_family_members(&mut self, members: u64) {
+        // sf_clone wrote the granted count already; as_clone has no VMM.
+        if agent_word(abi::AGENT_WORD_FAMILY_SIZE) == 0 {
+            set_agent_word(abi::AGENT_WORD_FAMILY_SIZE, members);
+        }
+    }
+
+    fn tick_done(&mut self, tick: u64) {
+        let busy = io::rdtsc().saturating_sub(self.tick_start);
+        self.busy_total = self.busy_total.wrapping_add(busy);
+        set_agent_word(abi::AGENT_WORD_BUSY_TSC_LAST, busy);
+        set_agent_word(abi::AGENT_WORD_BUSY_TSC_TOTAL, self.busy_total);
+        set_agent_word(abi::AGENT_WORD_TICKS_DONE, tick + 1);
+        self.tick_start = io::rdtsc();
+    }
+
     fn will_overwrite(&mut self, buf: &[u64]) {
         sf::will_overwrite(buf.as_ptr() as u64, core::mem::size_of_val(buf) as u64);
     }
@@ -186,6 +319,7 @@ impl Platform for GuestPlatform {
     fn pace(&mut self, tick: u64, tick_us: u64) {
         let due = self.tsc_start + tick * tick_us * self.tsc_per_us;
         pace::wait_until(due, self.tsc_per_us, &mut self.can_sleep, &mut TscClock);
+        self.tick_start = io::rdtsc();
     }
 }
 
@@ -233,6 +367,31 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
             format_args!("no guest RAM left for the client inbox"),
         )
     };
+    // clients=host: the inbox ring the daemon fills and the client table.
+    let (mut ring_gpa, mut table_gpa) = (0, 0);
+    let ring_bytes = abi::INBOX_HEADER_BYTES + abi::INBOX_SLOTS * abi::INBOX_SLOT_BYTES;
+    let table_bytes = (clients::TABLE_WORDS * 8) as u64;
+    if cfg.host_clients {
+        match (
+            alloc.alloc(ring_bytes.div_ceil(PAGE_SIZE)),
+            alloc.alloc(table_bytes.div_ceil(PAGE_SIZE)),
+        ) {
+            (Some(r), Some(t)) => (ring_gpa, table_gpa) = (r, t),
+            _ => fail(
+                EXIT_BAD_CMDLINE,
+                format_args!("no guest RAM left for the client ring and table"),
+            ),
+        }
+        // SAFETY: the allocator handed these pages out for the ring alone.
+        let header = unsafe { core::slice::from_raw_parts_mut(ring_gpa as *mut u64, 512) };
+        header.fill(0);
+        header[abi::INBOX_WORD_MAGIC] = abi::INBOX_MAGIC;
+        header[abi::INBOX_WORD_VERSION] = abi::INBOX_VERSION;
+        header[abi::INBOX_WORD_SLOTS] = abi::INBOX_SLOTS;
+        header[abi::INBOX_WORD_SLOT_BYTES] = abi::INBOX_SLOT_BYTES;
+        set_agent_word(abi::AGENT_WORD_INBOX_GPA, ring_gpa);
+        set_agent_word(abi::AGENT_WORD_INBOX_BYTES, ring_bytes);
+    }
     let (heap_lo, heap_hi) = alloc.heap();
     let mut args = [0u64; 8];
     args[abi::HELLO_ABI_VERSION] = abi::ABI_VERSION;
@@ -273,20 +432,36 @@ extern "C" fn guest_user_entry(start_info: u64) -> ! {
     // SAFETY: as for the state: pages handed out for the inbox alone.
     let inbox =
         unsafe { core::slice::from_raw_parts_mut(inbox_gpa as *mut u64, zone::INBOX_WORDS) };
+    let table: &mut [u64] = if table_gpa == 0 {
+        &mut []
+    } else {
+        // SAFETY: pages the allocator handed out for the client table alone.
+        unsafe { core::slice::from_raw_parts_mut(table_gpa as *mut u64, clients::TABLE_WORDS) }
+    };
+    let tsc_per_us = tsc_per_us();
+    set_agent_word(abi::AGENT_WORD_TSC_PER_US, tsc_per_us);
+    set_agent_word(abi::AGENT_WORD_TICK_BUDGET_TSC, cfg.tick_us * tsc_per_us);
+    let now = io::rdtsc();
     let mut platform = GuestPlatform {
         alloc,
-        tsc_start: io::rdtsc(),
-        tsc_per_us: tsc_per_us(),
+        tsc_start: now,
+        tsc_per_us,
         ticket: None,
         fork_epoch: 0,
         can_sleep: answered && !cfg.pace_spin,
+        inbox: (ring_gpa != 0).then_some(Inbox {
+            base: ring_gpa as *mut u8,
+            slots: abi::INBOX_SLOTS,
+        }),
+        tick_start: now,
+        busy_total: 0,
     };
     // Reserve the clones now (SnowFlock's ticket): the VMM can build their
     // VMs while the zone runs up to `fork_at`.
     if let (Some(_), None, Some(clones)) = (cfg.fork_at, cfg.as_clone, cfg.clones) {
         platform.ticket = sf::sf_request_ticket(clones).ok();
     }
-    match zone::run(&cfg, state, inbox, &mut platform) {
+    match zone::run(&cfg, state, inbox, table, &mut platform) {
         Ok(o) => {
             if let (Some(t), 0) = (&platform.ticket, o.clone_id) {
                 if let Err(e) = sf::sf_join(t, platform.tsc_per_us, JOIN_POLL_US) {

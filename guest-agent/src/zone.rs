@@ -12,7 +12,17 @@
 //! `alloc_mib` of fresh buffers are allocated, fully overwritten, read back
 //! and freed. The checksum depends only on the configuration and the clone
 //! id, never on time or on where the guest ran.
+//!
+//! With `clients=host` the zone generates no updates itself: at the start
+//! of every tick (and once more after the last) it applies the updates the
+//! daemon put into its inbox ring, in ring order, into the per-client
+//! table of [`crate::clients`], each costing `update_cost` passes over its
+//! payload. The checksum is then `mix64(tick part ^ clients digest)`: the
+//! tick part is the run above without generated updates (cmdline and clone
+//! id only), the digest depends only on each client's ordered sequence of
+//! applied updates — never on the tick an update arrived in.
 
+use crate::clients::{Applied, ClientTable, Update};
 use crate::cmdline::ZoneConfig;
 use crate::mix::{mix64, Fold, Rng};
 use core::fmt;
@@ -87,6 +97,25 @@ pub trait Platform {
     fn note_host_fork(&mut self, _tick: u64, _clone_id: u64) {}
     /// The zone is about to look for a host fork for the last time.
     fn finishing(&mut self) {}
+    /// `clients=host`: hands every update waiting in the inbox (at the
+    /// start of tick `tick`) to `apply`, in order, and records what became
+    /// of each. True if it stopped early and wants to be called again (the
+    /// host-side oracle, at a family-size change). No ring (QEMU): nothing.
+    fn drain_inbox(&mut self, _tick: u64, _apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
+        false
+    }
+    /// The family size the VMM wrote into the agent page now (`None`:
+    /// nothing written). Read when the zone notices a host fork (with the
+    /// clone id: both change at the same tick boundary) and before every
+    /// drain, where a 1 is the daemon's reset at a join.
+    fn family_size(&mut self) -> Option<u64> {
+        None
+    }
+    /// A guest fork (`sf_clone`, `as_clone`) made a family of `members`.
+    fn set_family_members(&mut self, _members: u64) {}
+    /// Tick `tick` finished its work (before pacing): the guest publishes
+    /// its tick load.
+    fn tick_done(&mut self, _tick: u64) {}
 }
 
 /// The result the guest prints on its last console line.
@@ -131,6 +160,11 @@ struct Zone<'s> {
     salt: u64,
     /// Declare the inbox before its next refill (after a fork).
     declare_inbox: bool,
+    /// `clients=host`: the per-client table.
+    clients: Option<ClientTable<'s>>,
+    clone_id: u64,
+    /// Members of the fork family (1: not forked).
+    members: u64,
 }
 
 impl Zone<'_> {
@@ -148,22 +182,47 @@ impl Zone<'_> {
         self.state[i + 2] ^= self.salt;
     }
 
+    /// Applies the host's client updates waiting in the inbox ring.
+    fn drain(&mut self, t: u64, platform: &mut dyn Platform) {
+        if self.clients.is_none() {
+            return;
+        }
+        loop {
+            // A join: the daemon set the family size back to 1.
+            if self.members > 1 && platform.family_size() == Some(1) {
+                self.members = 1;
+            }
+            let (cost, clone_id, members) = (self.cfg.update_cost, self.clone_id, self.members);
+            let Some(table) = self.clients.as_mut() else {
+                return;
+            };
+            let again =
+                platform.drain_inbox(t, &mut |u: &Update| table.apply(u, cost, clone_id, members));
+            if !again {
+                return;
+            }
+        }
+    }
+
     fn tick(&mut self, t: u64, platform: &mut dyn Platform) -> Result<u64, ZoneError> {
         let base = self.cfg.seed ^ mix64(t ^ TICK_STREAM) ^ self.salt;
         let mut rng = Rng::new(mix64(base));
         let n = self.entities();
-        if self.declare_inbox {
-            platform.will_overwrite(self.inbox);
-            self.declare_inbox = false;
-        }
-        for w in self.inbox.iter_mut() {
-            *w = rng.next();
-        }
-        for k in 0..UPDATES_PER_TICK as usize {
-            let (target, r) = (self.inbox[2 * k], self.inbox[2 * k + 1]);
-            let i = ((target as u128 * n as u128) >> 64) as usize * ENTITY_WORDS;
-            self.state[i + 1] = velocity(r);
-            self.state[i + 2] ^= r >> 48;
+        let generated = self.clients.is_none();
+        if generated {
+            if self.declare_inbox {
+                platform.will_overwrite(self.inbox);
+                self.declare_inbox = false;
+            }
+            for w in self.inbox.iter_mut() {
+                *w = rng.next();
+            }
+            for k in 0..UPDATES_PER_TICK as usize {
+                let (target, r) = (self.inbox[2 * k], self.inbox[2 * k + 1]);
+                let i = ((target as u128 * n as u128) >> 64) as usize * ENTITY_WORDS;
+                self.state[i + 1] = velocity(r);
+                self.state[i + 2] ^= r >> 48;
+            }
         }
         let pages = (self.state.len() / PAGE_WORDS) as u64;
         for _ in 0..self.cfg.dirty_pages {
@@ -180,7 +239,9 @@ impl Zone<'_> {
         }
         let mut fold = Fold::default();
         fold.add_words(self.state);
-        fold.add_words(self.inbox);
+        if generated {
+            fold.add_words(self.inbox);
+        }
         if self.cfg.alloc_mib > 0 {
             let words = (self.cfg.alloc_mib << 20) as usize / 8;
             let mut srng = Rng::new(mix64(base ^ SCRATCH_STREAM));
@@ -199,13 +260,15 @@ impl Zone<'_> {
     }
 }
 
-/// Runs the zone described by `cfg` on `state` (its `state_mib` MiB) and
-/// `inbox` ([`INBOX_WORDS`] words); contents irrelevant, both are
-/// initialised here.
+/// Runs the zone described by `cfg` on `state` (its `state_mib` MiB),
+/// `inbox` ([`INBOX_WORDS`] words) and, with `clients=host`, `table` (the
+/// client table, [`crate::clients::TABLE_WORDS`] words; unused otherwise);
+/// contents irrelevant, all are initialised here.
 pub fn run(
     cfg: &ZoneConfig,
     state: &mut [u64],
     inbox: &mut [u64],
+    table: &mut [u64],
     platform: &mut dyn Platform,
 ) -> Result<Outcome, ZoneError> {
     if state.len() < PAGE_WORDS || inbox.len() < 2 * UPDATES_PER_TICK as usize {
@@ -218,6 +281,9 @@ pub fn run(
         inbox,
         salt: 0,
         declare_inbox: false,
+        clients: cfg.host_clients.then(|| ClientTable::new(table)),
+        clone_id: 0,
+        members: 1,
     };
     let mut clone_id = 0;
     let mut acc = mix64(cfg.seed);
@@ -230,6 +296,8 @@ pub fn run(
         if let Some(id) = platform.host_fork() {
             clone_id = id;
             zone.become_clone(id);
+            zone.clone_id = id;
+            zone.members = platform.family_size().unwrap_or(1).max(1);
             zone.declare_inbox = true;
             platform.note_host_fork(t, id);
         }
@@ -239,23 +307,38 @@ pub fn run(
                 None => platform.fork(cfg.clones.unwrap_or(1))?,
             };
             zone.become_clone(clone_id);
+            zone.clone_id = clone_id;
+            zone.members = match cfg.as_clone {
+                Some(_) => cfg.clones.unwrap_or(1) + 1,
+                // sf_clone: the clones granted (it wrote them).
+                None => platform
+                    .family_size()
+                    .unwrap_or(cfg.clones.unwrap_or(1) + 1),
+            };
+            platform.set_family_members(zone.members);
             zone.declare_inbox = true;
         }
+        zone.drain(t, platform);
         if t == cfg.ticks {
             break;
         }
         let h = zone.tick(t, platform)?;
         acc = mix64(acc.wrapping_add(h) ^ t);
+        platform.tick_done(t);
         if cfg.tick_us > 0 {
             platform.pace(t + 1, cfg.tick_us);
         }
     }
     let mut fold = Fold::default();
     fold.add_words(zone.state);
+    let mut checksum = mix64(acc ^ fold.finish());
+    if let Some(table) = &zone.clients {
+        checksum = mix64(checksum ^ table.digest());
+    }
     Ok(Outcome {
         clone_id,
         ticks: cfg.ticks,
-        checksum: mix64(acc ^ fold.finish()),
+        checksum,
     })
 }
 
@@ -287,7 +370,7 @@ mod tests {
         let cfg = parse(c).unwrap();
         let mut state = vec![0u64; (cfg.state_mib << 20) as usize / 8];
         let mut inbox = vec![0u64; INBOX_WORDS];
-        run(&cfg, &mut state, &mut inbox, &mut HostPlatform)
+        run(&cfg, &mut state, &mut inbox, &mut [], &mut HostPlatform)
     }
 
     #[test]

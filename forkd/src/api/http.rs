@@ -73,6 +73,7 @@ pub fn router(registry: Arc<Registry>, links: Arc<ClusterLinks>) -> Router {
         )
         .route("/v1/memserver", get(memserver))
         .route("/v1/host", get(host))
+        .route("/v1/clients", get(clients))
         .route("/v1/cluster", get(cluster))
         .route("/v1/policy", get(policy))
         .route("/v1/policy/decisions", get(decisions))
@@ -136,6 +137,14 @@ async fn decisions(
 
 async fn host(State(reg): Reg) -> Json<super::load::HostLoadInfo> {
     Json(reg.host_info())
+}
+
+/// The client ingress (404 when this daemon runs none).
+async fn clients(State(reg): Reg) -> Result<Json<super::updates::ClientsInfo>, ApiError> {
+    reg.clients_info().map(Json).ok_or(ApiError::NoRoute {
+        method: "GET".into(),
+        path: "/v1/clients (this daemon runs no client ingress: --clients-udp off)".into(),
+    })
 }
 
 /// Prometheus text exposition.

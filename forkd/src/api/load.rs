@@ -78,6 +78,12 @@ pub struct VmLoad {
     /// Faults per second of the clones of its fork families (on this host
     /// and, as their hosts report them, elsewhere).
     pub clone_faults_per_s: f64,
+    /// Client updates for this VM (`api::updates`), once any came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<crate::clients::ClientCounters>,
+    /// The guest's own tick load, from its agent page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::clients::GuestLoad>,
 }
 
 /// The last CPU-time sample, and the rate since the one before.

@@ -259,7 +259,103 @@ impl Registry {
             "Migrations out of this host not finished",
             running as f64,
         );
+        self.clients_metrics(&mut t, &entries);
         t.0
+    }
+
+    /// The client ingress's counters per VM and the guests' tick loads.
+    fn clients_metrics(&self, t: &mut Text, entries: &[std::sync::Arc<super::registry::Entry>]) {
+        let guests: Vec<_> = entries
+            .iter()
+            .filter_map(|e| lock(&e.guest_load).map(|g| (vm_id(e.id), g)))
+            .collect();
+        t.family(
+            "forkd_vm_guest_tick_load",
+            "gauge",
+            "The guest's busy time of its last tick over its tick budget (0: unpaced)",
+        );
+        for (id, g) in &guests {
+            t.sample("forkd_vm_guest_tick_load", &[("vm", id)], g.load);
+        }
+        t.family(
+            "forkd_vm_guest_busy_seconds_total",
+            "counter",
+            "Time the guest's ticks were busy, by its own TSC",
+        );
+        for (id, g) in &guests {
+            t.sample(
+                "forkd_vm_guest_busy_seconds_total",
+                &[("vm", id)],
+                g.busy_us_total / 1e6,
+            );
+        }
+        t.family(
+            "forkd_vm_guest_ticks_total",
+            "counter",
+            "Ticks the guest ran",
+        );
+        for (id, g) in &guests {
+            t.sample("forkd_vm_guest_ticks_total", &[("vm", id)], g.ticks as f64);
+        }
+        let Some(ingress) = self.ingress() else {
+            return;
+        };
+        let s = ingress.stats();
+        t.one(
+            "forkd_client_datagrams_total",
+            "counter",
+            "Datagrams the client ingress received",
+            s.datagrams as f64,
+        );
+        t.one(
+            "forkd_client_bad_datagrams_total",
+            "counter",
+            "Datagrams the client ingress dropped as malformed",
+            s.bad_datagrams as f64,
+        );
+        t.one(
+            "forkd_client_forwarded_total",
+            "counter",
+            "Client updates forwarded to a clone's host",
+            s.forwarded as f64,
+        );
+        t.one(
+            "forkd_client_redirects_total",
+            "counter",
+            "Redirects sent for zones that migrated away",
+            s.redirected as f64,
+        );
+        let per_vm: Vec<_> = s
+            .targets
+            .iter()
+            .filter_map(|(k, c)| match k {
+                crate::clients::Target::Vm(id) => Some((vm_id(*id), *c)),
+                _ => None,
+            })
+            .collect();
+        type Get = fn(&crate::clients::ClientCounters) -> u64;
+        let series: [(&str, &str, Get); 5] = [
+            ("received", "Client updates received", |c| c.received),
+            ("applied", "Client updates the guest applied", |c| c.applied),
+            (
+                "duplicates",
+                "Client updates the guest skipped as applied before",
+                |c| c.duplicates,
+            ),
+            ("acked", "Client updates acknowledged", |c| c.acked),
+            (
+                "dropped",
+                "Client updates dropped unacknowledged (re-sent by the client)",
+                |c| c.dropped,
+            ),
+        ];
+        for (what, help, get) in series {
+            let name = format!("forkd_vm_client_updates_{what}_total");
+            t.family(&name, "counter", help);
+            for (id, c) in &per_vm {
+                t.sample(&name, &[("vm", id)], get(c) as f64);
+            }
+        }
     }
 
     /// The fault counters of every local clone of the families known here.

@@ -121,6 +121,8 @@ impl Subject {
     pub(super) fn committed(self, reg: &Registry, id: u64, mut vm: Vm, destination: &str) {
         vm.kill();
         drop(vm);
+        // Its clients are redirected there from now on.
+        reg.zone_moved(id, destination);
         match self {
             Subject::Booted(_) => reg.forget_migrated(id),
             Subject::Clone {

@@ -45,6 +45,7 @@ mod migration_table;
 pub mod peers;
 pub mod registry;
 pub mod types;
+pub mod updates;
 
 use std::future::IntoFuture;
 use std::io;
@@ -89,6 +90,9 @@ pub struct ServeConfig {
     pub capacity_cores: Option<f64>,
     /// Dirty-rate sampling (`--dirty-sample-every-ms`, `--dirty-window-ms`).
     pub dirty_sampling: load::DirtySampling,
+    /// The client ingress (`--clients-udp`): `None` off; an address with
+    /// port 0 takes any free port.
+    pub clients_udp: Option<SocketAddr>,
     /// Called once with where the API listens (e.g. `unix:PATH tcp:ADDR`),
     /// when it does.
     pub on_listening: fn(&str),
@@ -409,6 +413,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         let _ = registry.capacity_cores.set(c);
     }
     let _ = registry.dirty_sampling.set(cfg.dirty_sampling);
+    if let Some(bind) = cfg.clients_udp {
+        let addr = registry
+            .start_ingress(bind)
+            .map_err(|source| ServeError::Setup {
+                what: "client ingress (--clients-udp)",
+                source,
+            })?;
+        tracing::info!("client ingress on udp:{addr}");
+    }
     let links = Arc::new(links);
     let reaper = registry
         .start_reaper()
@@ -424,6 +437,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         token,
         cfg.on_listening,
     ));
+    registry.stop_ingress();
     registry.shutdown();
     if let Some(link) = &links.etcd {
         rt.block_on(link.leave());

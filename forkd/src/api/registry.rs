@@ -68,6 +68,8 @@ pub(super) struct Entry {
     pub(super) vm: Mutex<Option<Vm>>,
     /// Its load, sampled by the reaper.
     pub(super) load: VmSampler,
+    /// The guest's own tick load, read by the reaper.
+    pub(super) guest_load: Mutex<Option<crate::clients::GuestLoad>>,
 }
 
 impl Entry {
@@ -144,6 +146,8 @@ pub struct Registry {
     pub(super) capacity_cores: std::sync::OnceLock<f64>,
     /// Dirty-rate sampling (`--dirty-sample-every-ms`; default if unset).
     pub(super) dirty_sampling: std::sync::OnceLock<DirtySampling>,
+    /// The client ingress and the zones that moved away (`api::updates`).
+    pub(super) clients: super::updates::ClientsState,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -227,6 +231,7 @@ impl Registry {
             fork_counters: Arc::default(),
             capacity_cores: std::sync::OnceLock::new(),
             dirty_sampling: std::sync::OnceLock::new(),
+            clients: Default::default(),
         })
     }
 
@@ -372,6 +377,7 @@ impl Registry {
             exit: Mutex::new(None),
             vm: Mutex::new(Some(vm)),
             load: VmSampler::default(),
+            guest_load: Mutex::new(None),
         });
         {
             let mut inner = lock(&self.inner);
@@ -420,6 +426,7 @@ impl Registry {
             exit: Mutex::new(None),
             vm: Mutex::new(Some(vm)),
             load: VmSampler::default(),
+            guest_load: Mutex::new(None),
         });
         let mut inner = lock(&self.inner);
         if self.closed.load(Ordering::Acquire) {
@@ -435,6 +442,8 @@ impl Registry {
             )));
         }
         inner.vms.insert(meta.id, entry);
+        drop(inner);
+        self.zone_arrived(meta.id);
         Ok(())
     }
 
@@ -506,6 +515,20 @@ impl Registry {
         }
     }
 
+    /// A VM's load: sampled figures, client counters, the guest's own.
+    pub(super) fn vm_load(&self, e: &Entry) -> Option<super::load::VmLoad> {
+        let clients = self.client_counters(e.id);
+        let guest = *lock(&e.guest_load);
+        let load = e.load.get();
+        if load.is_none() && clients.is_none() && guest.is_none() {
+            return None;
+        }
+        let mut l = load.unwrap_or_default();
+        l.clients = clients;
+        l.guest = guest;
+        Some(l)
+    }
+
     pub(super) fn list_entries(&self) -> Vec<Arc<Entry>> {
         lock(&self.inner).vms.values().cloned().collect()
     }
@@ -536,7 +559,7 @@ impl Registry {
                     .map(|f| family_info(f, &rates))
                     .collect()
             },
-            load: e.load.get(),
+            load: self.vm_load(&e),
         })
     }
 
@@ -721,6 +744,7 @@ impl Registry {
                                 e.load.ended();
                             } else {
                                 e.load.sample(vm, &dirty, || clone_faults(&e.hub));
+                                *lock(&e.guest_load) = super::updates::vm_guest_load(vm);
                             }
                         }
                         // An exited VM gives its guest memory back at once

@@ -231,6 +231,37 @@ pub struct ServeArgs {
     /// every page otherwise): 1 counts exactly, more traps less.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub dirty_pages_one_in: u32,
+    /// The UDP ingress of client updates: IP:PORT, PORT (on the --tcp
+    /// address, else 127.0.0.1), or `off` [default: the --tcp address's
+    /// IP port 7071 when it is not loopback, else 127.0.0.1 on a free
+    /// port; `GET /v1/clients` shows where].
+    #[arg(long)]
+    pub clients_udp: Option<String>,
+}
+
+/// `--clients-udp`: where the client ingress listens.
+pub fn clients_udp(
+    arg: Option<&str>,
+    tcp: Option<SocketAddr>,
+) -> Result<Option<SocketAddr>, String> {
+    let host = match tcp {
+        Some(a) if !a.ip().is_loopback() => a.ip(),
+        _ => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    match arg {
+        Some("off") => Ok(None),
+        Some(s) => match s.parse::<u16>() {
+            Ok(port) => Ok(Some(SocketAddr::new(host, port))),
+            Err(_) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("--clients-udp '{s}': expected IP:PORT, PORT or off")),
+        },
+        None if !host.is_loopback() => {
+            Ok(Some(SocketAddr::new(host, crate::clients::DEFAULT_PORT)))
+        }
+        None => Ok(Some(SocketAddr::new(host, 0))),
+    }
 }
 
 fn parse_policy(s: &str) -> Result<crate::policy::PolicyConfig, String> {
@@ -449,37 +480,42 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => restore(a),
         Command::Cluster(c) => cluster::run(c),
         Command::Vm(c) => vm::run(c),
-        Command::Serve(a) => crate::api::serve(crate::api::ServeConfig {
-            on_listening: |at| eprintln!("forkd: listening on {at}"),
-            socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
-            tcp: a.tcp,
-            tcp_allow_remote: a.tcp_allow_remote,
-            token_file: a.token_file,
-            name: a.name,
-            peers: a.peers,
-            limits: crate::api::Limits {
-                max_vms: a.max_vms as usize,
-                max_clones: a.max_clones,
-            },
-            etcd: a
-                .etcd
-                .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
-            policy: a.policy.then(|| {
-                (
-                    std::time::Duration::from_millis(a.policy_period_ms),
-                    a.policy_config.unwrap_or_default(),
-                )
-            }),
-            capacity_cores: a.cpu_capacity,
-            dirty_sampling: crate::api::DirtySampling {
-                every: (a.dirty_sample_every_ms > 0)
-                    .then(|| std::time::Duration::from_millis(a.dirty_sample_every_ms)),
-                window: std::time::Duration::from_millis(a.dirty_window_ms),
-                one_in: a.dirty_pages_one_in,
-            },
-        })
-        .map(|()| ExitCode::SUCCESS)
-        .map_err(anyhow::Error::from),
+        Command::Serve(a) => clients_udp(a.clients_udp.as_deref(), a.tcp)
+            .map_err(anyhow::Error::msg)
+            .and_then(|clients_udp| {
+                crate::api::serve(crate::api::ServeConfig {
+                    clients_udp,
+                    on_listening: |at| eprintln!("forkd: listening on {at}"),
+                    socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
+                    tcp: a.tcp,
+                    tcp_allow_remote: a.tcp_allow_remote,
+                    token_file: a.token_file,
+                    name: a.name,
+                    peers: a.peers,
+                    limits: crate::api::Limits {
+                        max_vms: a.max_vms as usize,
+                        max_clones: a.max_clones,
+                    },
+                    etcd: a
+                        .etcd
+                        .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
+                    policy: a.policy.then(|| {
+                        (
+                            std::time::Duration::from_millis(a.policy_period_ms),
+                            a.policy_config.unwrap_or_default(),
+                        )
+                    }),
+                    capacity_cores: a.cpu_capacity,
+                    dirty_sampling: crate::api::DirtySampling {
+                        every: (a.dirty_sample_every_ms > 0)
+                            .then(|| std::time::Duration::from_millis(a.dirty_sample_every_ms)),
+                        window: std::time::Duration::from_millis(a.dirty_window_ms),
+                        one_in: a.dirty_pages_one_in,
+                    },
+                })
+                .map_err(anyhow::Error::from)
+            })
+            .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("forkd: error: {e:#}");

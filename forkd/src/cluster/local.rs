@@ -411,6 +411,8 @@ fn spawn_daemon(o: &UpOptions, s: &ClusterState, h: &HostRecord) -> Result<Child
         .arg(&h.name)
         .arg("--etcd")
         .arg(&s.etcd.client_url)
+        .arg("--clients-udp")
+        .arg(std::net::SocketAddr::new(h.tcp.ip(), crate::clients::DEFAULT_PORT).to_string())
         .args(&o.serve_args)
         .args(
             s.hosts

@@ -172,6 +172,8 @@ pub struct Family {
     pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
     /// Signalled whenever a clone ends.
     pub(super) ended: (Mutex<()>, Condvar),
+    /// This host's running clones' memory (`fork::guests`).
+    pub(super) guests: crate::fork::guests::CloneGuests,
 }
 
 impl std::fmt::Debug for Family {
@@ -215,6 +217,11 @@ impl Family {
                 .map(|c| (c.clone_id, c.faults.faults)),
         );
         v.into_iter().collect()
+    }
+
+    /// This host's running clones' guest memory.
+    pub fn guests(&self) -> &crate::fork::guests::CloneGuests {
+        &self.guests
     }
 
     pub fn running(&self) -> u64 {

@@ -99,6 +99,11 @@ pub fn fork_vm_placed(
         if read(vm, abi::AGENT_WORD_FINISHED)? != 0 {
             return Err(HostForkError::GuestFinished);
         }
+        // Every member learns the family's size from its agent page (the
+        // clones inherit this write through the frozen image).
+        vm.memory()
+            .write_obj(clones + 1, word(abi::AGENT_WORD_FAMILY_SIZE))
+            .map_err(HostForkError::AgentPage)?;
         let state = vm.capture_state()?;
         let epoch = read(vm, abi::AGENT_WORD_EPOCH)?.wrapping_add(1);
         let req = ForkRequest {

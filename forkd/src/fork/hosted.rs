@@ -90,6 +90,8 @@ pub struct HostedClone {
     removed: AtomicBool,
     /// Where a migration borrows the running VM from its reaper.
     lender: Lender<Vm>,
+    /// Its guest memory while it runs (the client ingress writes it).
+    pub guest: crate::fork::guests::CloneGuests,
 }
 
 impl HostedClone {
@@ -105,6 +107,7 @@ impl HostedClone {
             kill: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             lender: Lender::default(),
+            guest: Default::default(),
         }
     }
 
@@ -332,6 +335,8 @@ impl HostedFamily {
                 }
             };
             let _ = clones[i].console.set(started.vm.console().clone());
+            let g = crate::fork::guests::CloneGuest::of(&started.vm);
+            clones[i].guest.insert(clones[i].clone_id, g);
             let (clone, kill, rx) = (clones[i].clone(), kill.clone(), multicast.clone());
             let reaper = std::thread::Builder::new()
                 .name(format!("hosted-{}", clone.clone_id))
@@ -414,6 +419,8 @@ impl HostedFamily {
         let mem_bytes = vm.mem_bytes();
         let clone = Arc::new(HostedClone::new(clone_id, vm_id, identity, mem_bytes));
         let _ = clone.console.set(vm.console().clone());
+        let g = crate::fork::guests::CloneGuest::of(&vm);
+        clone.guest.insert(clone_id, g);
         let (c, kill, received) = (clone.clone(), self.kill.clone(), self.received);
         let reaper = std::thread::Builder::new()
             .name(format!("hosted-{clone_id}"))
@@ -481,9 +488,17 @@ fn reap(
             if killed() {
                 break run_to_end(&mut vm, || true);
             }
+            // While it is lent, nothing above the VMM writes its memory
+            // (a write after the last dirty pass would stay behind): the
+            // client ingress holds its updates until it is back or gone.
+            clone.guest.remove(clone.clone_id);
             vm = match clone.lender.lend(vm) {
                 // Nobody waited after all, or the migration gave it back.
-                Err(v) | Ok(Returned::Back(v)) => v,
+                Err(v) | Ok(Returned::Back(v)) => {
+                    let g = crate::fork::guests::CloneGuest::of(&v);
+                    clone.guest.insert(clone.clone_id, g);
+                    v
+                }
                 Ok(Returned::Moved(host)) => {
                     drop(keep);
                     *lock(&clone.state) = HostedState::Moved(host);
@@ -506,6 +521,7 @@ fn reap(
         done_after: vm.console().line_time("zone: done").map(after),
         faults: faults.map(|f| f.get().counts()),
     };
+    clone.guest.remove(clone.clone_id);
     drop(vm);
     drop(keep);
     // Times first: a reader that sees the exit sees them too.

@@ -117,6 +117,9 @@ pub(super) fn launch(
             }
         };
         lock(&family.live_faults).insert(clone_id, started.faults.clone());
+        family
+            .guests
+            .insert(clone_id, crate::fork::guests::CloneGuest::of(&started.vm));
         let f = family.clone();
         let reaper = std::thread::Builder::new()
             .name(format!("clone-{clone_id}"))
@@ -186,6 +189,7 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
         faults: Arc::new(clone.faults.get()),
         pages_declared: clone.service.pages_declared(),
     };
+    family.guests.remove(report.clone_id);
     drop(vm);
     let id = report.clone_id;
     lock(&family.report).clones.push(report);

@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod family;
 pub mod fault;
 pub mod fault_stats;
+pub mod guests;
 pub mod handover;
 pub mod host;
 pub mod hosted;

@@ -310,6 +310,7 @@ impl ForkHub {
             }),
             threads: Mutex::new(Vec::new()),
             ended: (Mutex::new(()), Condvar::new()),
+            guests: Default::default(),
         });
         let encoded_remote = if remote.is_some() {
             encoded.clone()
