@@ -580,16 +580,19 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             }
         },
     };
-    let (Ok(producer), Ok(consumer)) = (ring.producer(v), ring.consumer(v)) else {
+    // The producer position is ours (the guest's memory may say anything):
+    // the slots from `handled` on are `in_ring`, in order.
+    let ours = st.handled + st.in_ring.len() as u64;
+    let Ok(guest_consumer) = ring.word(v, abi::INBOX_WORD_CONSUMER) else {
         return;
     };
-    // Acknowledge what the guest passed.
+    // Acknowledge what the guest passed (never past what we wrote).
+    let consumer = guest_consumer.min(ours);
     while st.handled < consumer {
         let pos = st.handled;
         st.handled += 1;
-        // Positions of an old producer (a ring taken over) have no entry.
         let Some(e) = st.in_ring.pop_front() else {
-            continue;
+            break;
         };
         st.pending.remove(&(e.client, e.seq));
         let status = match ring.status(v, pos) {
@@ -620,9 +623,13 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             },
         ));
     }
-    // The producer is ours: it moves only here.
-    let base = producer.max(st.handled);
-    let free = ring.slots().saturating_sub(base - consumer);
+    // Room: what the guest has not consumed of what we wrote (a consumer
+    // behind the ring's width — a ring taken over, or a confused guest —
+    // leaves none).
+    let base = st.handled + st.in_ring.len() as u64;
+    let free = ring
+        .slots()
+        .saturating_sub(base.saturating_sub(guest_consumer.min(base)));
     let mut pos = base;
     for _ in 0..free {
         let Some(q) = st.queue.pop_front() else {
@@ -650,7 +657,7 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
         });
         pos += 1;
     }
-    if pos != producer {
+    if pos != base {
         st.counters.enqueued += pos - base;
         if ring.publish(v, pos).is_err() {
             tracing::debug!("client ring: cannot publish");

@@ -254,6 +254,41 @@ fn a_moved_zone_redirects_and_the_client_follows() {
     stop2.store(true, Ordering::Release);
 }
 
+#[test]
+fn a_guest_lying_about_its_consumer_cannot_stall_the_ingress() {
+    let (ingress, guest, stop) = start(None);
+    stop.store(true, Ordering::Release);
+    std::thread::sleep(Duration::from_millis(10));
+    let consumer = GuestAddress(RING + 8 * abi::INBOX_WORD_CONSUMER as u64);
+    guest.mem.write_obj(u64::MAX, consumer).unwrap();
+    let mut tx = ClientSender::new(SenderConfig::default()).expect("sender");
+    tx.set_zone(1, ingress.local_addr());
+    tx.set_zone(9, ingress.local_addr());
+    for s in 1..=3 {
+        tx.send(1, 4, &payload(4, s)).unwrap();
+    }
+    tx.poll(Duration::from_millis(50)).unwrap();
+    // Nothing the guest did not answer is acknowledged...
+    let t = Instant::now();
+    loop {
+        let c = ingress.counters(Target::Vm(1)).expect("counters");
+        if c.dropped >= 3 {
+            assert_eq!(c.acked, 0, "{c:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{c:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ... and the ingress still answers.
+    tx.send(9, 1, &payload(1, 1)).unwrap();
+    let t = Instant::now();
+    while tx.stats().refused == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the ingress answers");
+        tx.poll(Duration::from_millis(10)).unwrap();
+    }
+    assert_eq!(tx.stats().acked, 0);
+}
+
 /// A figure, not a check: 10,000 clients' updates through one ingress and
 /// a fake guest (`cargo test --release -p forkd --lib throughput -- --ignored --nocapture`).
 #[test]
