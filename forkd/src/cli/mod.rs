@@ -522,3 +522,26 @@ pub fn main() -> ExitCode {
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::clients_udp;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn clients_udp_defaults_follow_the_tcp_address() {
+        let cluster: SocketAddr = "10.77.3.2:7070".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(clients_udp(None, Some(cluster)), Ok(at("10.77.3.2:7071")));
+        assert_eq!(clients_udp(None, Some(local)), Ok(at("127.0.0.1:0")));
+        assert_eq!(clients_udp(None, None), Ok(at("127.0.0.1:0")));
+        assert_eq!(
+            clients_udp(Some("9000"), Some(cluster)),
+            Ok(at("10.77.3.2:9000"))
+        );
+        assert_eq!(clients_udp(Some("0.0.0.0:5"), None), Ok(at("0.0.0.0:5")));
+        assert_eq!(clients_udp(Some("off"), Some(cluster)), Ok(None));
+        assert!(clients_udp(Some("bogus"), None).is_err());
+    }
+}
