@@ -142,19 +142,28 @@ pub fn start_vm(sock: &Path, cmdline: &str) -> String {
     id
 }
 
-/// The tick the parent saw the host's fork at.
+/// The tick the parent saw the host's fork at (it notices at its next
+/// tick, which on a busy machine may come after its clones have ended:
+/// looked for up to 10 s).
 pub fn fork_tick(sock: &Path, id: &str) -> u64 {
-    let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
-    let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
-    lines
-        .iter()
-        .find_map(|l| {
+    let t = Instant::now();
+    loop {
+        let r = client::call_unix(sock, "GET", &format!("/v1/vms/{id}/console"), None);
+        let lines: Vec<String> = serde_json::from_value(r.json()["lines"].clone()).expect("lines");
+        let tick = lines.iter().find_map(|l| {
             l.strip_prefix("zone: forked by the host before tick ")?
                 .strip_suffix(": clone=0")?
                 .parse()
                 .ok()
-        })
-        .unwrap_or_else(|| panic!("the parent did not see the fork: {lines:?}"))
+        });
+        match tick {
+            Some(tick) => return tick,
+            None if t.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            None => panic!("the parent did not see the fork: {lines:?}"),
+        }
+    }
 }
 
 /// Runs `nft` inside a host's network namespace (nftables from Debian's
