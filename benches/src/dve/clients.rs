@@ -1,0 +1,172 @@
+//! The simulated clients: one thread inside a host's network namespace
+//! (so UDP reaches the hosts' ingresses on the cluster's bridge), one
+//! [`ClientSender`] for all of them. Every tick it sends each client's
+//! updates that came due (to the zone it is in now: a client that crossed
+//! into another zone is handed over), flushes, and takes acknowledgements
+//! until the next tick; at the end it drains (waits, bounded, for every
+//! update to be acknowledged).
+
+use anyhow::{bail, Context, Result};
+use bench_shared::cluster::check_stop;
+use forkd::clients::{ClientSender, SenderConfig};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::world::World;
+
+/// What the driver has done so far (read by the progress lines).
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub t_s: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    pub handovers: u64,
+    pub redirects: u64,
+    pub resent: u64,
+    pub draining: bool,
+}
+
+/// The driver's end.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub progress: Progress,
+    pub acked_duplicate: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    /// Unacknowledged after the drain.
+    pub lost: u64,
+    pub drained: bool,
+}
+
+pub struct Shared {
+    pub progress: Mutex<Progress>,
+    /// Set by the main thread to stop early (an error elsewhere).
+    pub abort: AtomicBool,
+}
+
+pub struct Plan {
+    pub world: World,
+    /// The VM id (number) of each zone, and its first host's ingress.
+    pub zone_vm: Vec<u64>,
+    pub zone_addr: Vec<SocketAddr>,
+    pub tick: Duration,
+    pub drain: Duration,
+    /// The namespace to send from.
+    pub netns: String,
+}
+
+fn enter(netns: &str) -> Result<()> {
+    let path = format!("/run/netns/{netns}");
+    let f = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+    // SAFETY: setns(2) on a namespace file we opened; it moves only the
+    // calling thread into that network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {netns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn publish(shared: &Shared, tx: &ClientSender, p: &mut Progress) {
+    let st = tx.stats();
+    p.sent = st.updates;
+    p.acked = st.acked;
+    p.unacked = tx.unacked() as u64;
+    p.redirects = st.redirects;
+    p.resent = st.resent;
+    if let Ok(mut g) = shared.progress.lock() {
+        *g = p.clone();
+    }
+}
+
+fn stopped(shared: &Shared) -> Result<()> {
+    check_stop()?;
+    if shared.abort.load(Ordering::Acquire) {
+        bail!("the clients were stopped");
+    }
+    Ok(())
+}
+
+/// Runs the clients from `start` for the world's duration, then drains.
+/// Call on a thread of its own: it enters the plan's namespace.
+pub fn drive(plan: &Plan, shared: &Arc<Shared>, start: Instant) -> Result<Outcome> {
+    enter(&plan.netns)?;
+    let w = &plan.world;
+    let n = w.config().clients;
+    let mut tx = ClientSender::new(SenderConfig {
+        retry_after: Duration::from_millis(300),
+        ..SenderConfig::default()
+    })
+    .context("cannot open the clients' socket")?;
+    for (vm, addr) in plan.zone_vm.iter().zip(&plan.zone_addr) {
+        tx.set_zone(*vm, *addr);
+    }
+    let mut sent_k = vec![0u64; n as usize];
+    let mut zone: Vec<u32> = (0..n).map(|c| w.zone_of(c, 0.0)).collect();
+    let mut p = Progress::default();
+    let duration = Duration::from_secs_f64(w.config().duration_s);
+    let mut next = start;
+    // Bounded: one pass per tick for the duration.
+    let max_ticks = (duration.as_secs_f64() / plan.tick.as_secs_f64()).ceil() as u64 + 2;
+    for _ in 0..max_ticks {
+        stopped(shared)?;
+        let now = Instant::now();
+        if now.duration_since(start) >= duration {
+            break;
+        }
+        let t = now.duration_since(start).as_secs_f64();
+        for c in 0..n {
+            let due = w.due_by(c, t);
+            let k = &mut sent_k[c as usize];
+            if due <= *k {
+                continue;
+            }
+            let z = w.zone_of(c, t);
+            if z != zone[c as usize] {
+                p.handovers += 1;
+                zone[c as usize] = z;
+            }
+            let vm = plan.zone_vm[z as usize];
+            while *k < due {
+                tx.send(vm, c, &World::payload(c, *k))
+                    .with_context(|| format!("client {c}: send to zone {z}"))?;
+                *k += 1;
+            }
+        }
+        tx.flush().context("clients: flush")?;
+        next += plan.tick;
+        let wait = next.saturating_duration_since(Instant::now());
+        tx.poll(wait.max(Duration::from_millis(1)))
+            .context("clients: poll")?;
+        p.t_s = start.elapsed().as_secs_f64();
+        publish(shared, &tx, &mut p);
+    }
+    // Drain, in slices so that progress and a stop are seen.
+    p.draining = true;
+    let end = Instant::now() + plan.drain;
+    let mut drained = false;
+    while Instant::now() < end {
+        stopped(shared)?;
+        let slice = (end - Instant::now()).min(Duration::from_millis(500));
+        if tx.wait_acked(slice).context("clients: drain")? {
+            drained = true;
+            break;
+        }
+        p.t_s = start.elapsed().as_secs_f64();
+        publish(shared, &tx, &mut p);
+    }
+    p.t_s = start.elapsed().as_secs_f64();
+    publish(shared, &tx, &mut p);
+    let st = tx.stats();
+    Ok(Outcome {
+        acked_duplicate: st.acked_duplicate,
+        p50_us: tx.latency_us(0.5),
+        p99_us: tx.latency_us(0.99),
+        lost: tx.unacked() as u64,
+        drained,
+        progress: p,
+    })
+}
