@@ -11,15 +11,18 @@
 //! `DIR/dve-series.jsonl`, and draws the figures (`plots`).
 //!
 //! **Scale** (this machine has 2 cores for all hosts and other users):
-//! each client sends `20 × --rate-scale` updates a second (default 0.1:
-//! 2/s, 20,000 updates/s for 10,000 clients); a zone guest spends
-//! `update_cost` passes over each payload (default 40); zones tick every
-//! 50 ms. A host's capacity (`--cpu-capacity`, what the policy's loads are
-//! fractions of) is set so the average host runs at [`TARGET_AVG`] of it:
-//! from the off run's measured CPU when both run, else from a per-update
-//! and per-VM cost measured on this machine ([`COST_PER_UPDATE_US`],
-//! [`COST_PER_VM_CORES`]). The policy's thresholds sit around that
-//! average ([`policy_config`]). See BENCHMARKS.md, "Game world (dve)".
+//! each client sends `20 × --rate-scale` updates a second (default 0.05:
+//! 1/s, 10,000 updates/s for 10,000 clients; `--quick` 0.2); a zone guest
+//! spends `update_cost` passes over each payload (default 50, ~50 µs of
+//! guest CPU an update here); zones tick every 200 ms (a tick costs
+//! ~0.55 ms of host CPU with 1 MiB of state even when idle, so 100 zones
+//! at 50 ms would burn a core doing nothing). A host's capacity
+//! (`--cpu-capacity`, what the policy's loads are fractions of) is set so
+//! the average host runs at [`TARGET_AVG`] of it: from the off run's
+//! measured CPU when both run, else from the costs measured on this
+//! machine ([`COST_PER_UPDATE_US`] and the others). The policy's
+//! thresholds sit around that average ([`policy_config`]). See
+//! BENCHMARKS.md, "Game world (dve)".
 
 mod clients;
 mod plots;
@@ -36,10 +39,14 @@ use world::{World, WorldConfig};
 
 /// The average host load (fraction of capacity) the capacity aims at.
 const TARGET_AVG: f64 = 0.65;
-/// Measured here: a host's CPU per client update a second (ingress, ring,
-/// guest work at update_cost 40, acks), µs; and per idle zone VM, cores.
-const COST_PER_UPDATE_US: f64 = 8.0;
-const COST_PER_VM_CORES: f64 = 0.004;
+/// Measured here (Dec 1 2026, a loaded machine): a host's CPU per client
+/// update (ingress, ring, acks) plus per pass of `update_cost` over its
+/// payload, µs; per zone tick (exits, the state scan of 1 MiB), µs; and
+/// a daemon's own, cores.
+const COST_PER_UPDATE_US: f64 = 3.0;
+const COST_PER_PASS_US: f64 = 1.0;
+const COST_PER_TICK_US: f64 = 550.0;
+const COST_PER_HOST_CORES: f64 = 0.01;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,7 +58,8 @@ struct Args {
     /// One JSON object per run on stdout (one a line).
     #[arg(long)]
     json: bool,
-    /// A small run: 20 zones, 3 hosts, 1000 clients, 40 s (unless given).
+    /// A small run: 36 zones, 4 hosts, 1000 clients at 4 updates/s, 40 s
+    /// (unless given).
     #[arg(long)]
     quick: bool,
     #[arg(long)]
@@ -65,14 +73,14 @@ struct Args {
     /// on or off; both (off, then on) without it.
     #[arg(long)]
     policy: Option<String>,
-    /// Updates a second per client: 20 × this.
-    #[arg(long, default_value_t = 0.1)]
-    rate_scale: f64,
+    /// Updates a second per client: 20 × this [default: 0.05, --quick 0.2].
+    #[arg(long)]
+    rate_scale: Option<f64>,
     /// Passes over each update's payload in the guest.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     update_cost: u64,
     /// The zones' tick.
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000))]
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000))]
     tick_us: u64,
     /// Each host's capacity in cores, as the policy sees it (default: see
     /// the bench's docs).
@@ -136,9 +144,13 @@ fn policy_config(over: Option<&str>) -> Result<String> {
 
 /// The capacity that puts the average host at [`TARGET_AVG`], from the
 /// cost model.
-fn modelled_capacity(w: &WorldConfig) -> f64 {
+fn modelled_capacity(w: &WorldConfig, update_cost: u64, tick_us: u64) -> f64 {
     let updates = w.clients as f64 * w.rate_hz;
-    let cpu = updates * COST_PER_UPDATE_US * 1e-6 + w.zones as f64 * COST_PER_VM_CORES;
+    let per_update = COST_PER_UPDATE_US + COST_PER_PASS_US * update_cost as f64;
+    let ticks = w.zones as f64 * 1e6 / tick_us as f64;
+    let cpu = updates * per_update * 1e-6
+        + ticks * COST_PER_TICK_US * 1e-6
+        + w.hosts as f64 * COST_PER_HOST_CORES;
     round3(cpu / (w.hosts as f64 * TARGET_AVG))
 }
 
@@ -191,14 +203,15 @@ fn main() -> Result<()> {
     bench_shared::need_kvm("dve")?;
     bench_shared::cluster::install_signal_handlers()?;
     let q = a.quick;
+    let rate_scale = a.rate_scale.unwrap_or(if q { 0.2 } else { 0.05 });
     let cfg = WorldConfig {
-        zones: a.zones.unwrap_or(if q { 20 } else { 100 }),
-        hosts: a.hosts.unwrap_or(if q { 3 } else { 5 }),
+        zones: a.zones.unwrap_or(if q { 36 } else { 100 }),
+        hosts: a.hosts.unwrap_or(if q { 4 } else { 5 }),
         clients: a.clients.unwrap_or(if q { 1000 } else { 10_000 }),
         duration_s: a.duration_s.unwrap_or(if q { 40.0 } else { 240.0 }),
-        rate_hz: 20.0 * a.rate_scale,
+        rate_hz: 20.0 * rate_scale,
     };
-    if !(a.rate_scale > 0.0 && a.rate_scale <= 1.0) {
+    if !(rate_scale > 0.0 && rate_scale <= 1.0) {
         bail!("--rate-scale must be in (0, 1]");
     }
     if cfg.duration_s > 1800.0 {
@@ -212,7 +225,9 @@ fn main() -> Result<()> {
         Some(x) => bail!("--policy {x}: on or off"),
     };
     let forkd = bench_shared::forkd_bin(a.forkd_bin.clone())?;
-    let mut capacity = a.cpu_capacity.unwrap_or_else(|| modelled_capacity(&cfg));
+    let mut capacity = a
+        .cpu_capacity
+        .unwrap_or_else(|| modelled_capacity(&cfg, a.update_cost, a.tick_us));
     let mut series = Vec::new();
     for policy in runs {
         let params = run::Params {
@@ -284,12 +299,17 @@ mod tests {
             duration_s: 60.0,
             rate_hz: 2.0,
         };
-        let c = modelled_capacity(&w);
+        let c = modelled_capacity(&w, 50, 200_000);
         assert!(c > 0.0);
-        let more = modelled_capacity(&WorldConfig {
-            clients: 20_000,
-            ..w.clone()
-        });
+        let more = modelled_capacity(
+            &WorldConfig {
+                clients: 20_000,
+                ..w.clone()
+            },
+            50,
+            200_000,
+        );
         assert!(more > c);
+        assert!(modelled_capacity(&w, 100, 200_000) > c);
     }
 }
