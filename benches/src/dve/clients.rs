@@ -107,6 +107,11 @@ pub fn drive(plan: &Plan, shared: &Arc<Shared>, start: Instant) -> Result<Outcom
     let mut sent_k = vec![0u64; n as usize];
     let mut zone: Vec<u32> = (0..n).map(|c| w.zone_of(c, 0.0)).collect();
     let mut p = Progress::default();
+    // Wait for the start (the hosts settle after the boot).
+    while Instant::now() < start {
+        stopped(shared)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let duration = Duration::from_secs_f64(w.config().duration_s);
     let mut next = start;
     // Bounded: one pass per tick for the duration.

@@ -88,6 +88,7 @@ fn host_chart(path: &Path, s: &Series, m: Metric) -> Result<()> {
         .iter()
         .map(|x| x.t_s)
         .fold(s.duration_s, f64::max);
+    let t_min = s.samples.iter().map(|x| x.t_s).fold(0.0, f64::min);
     let y_max = names
         .iter()
         .flat_map(|h| pts(h))
@@ -110,11 +111,11 @@ fn host_chart(path: &Path, s: &Series, m: Metric) -> Result<()> {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .build_cartesian_2d(t_min..t_max, 0.0..y_max)
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("seconds since the clients started")
+        .x_desc("seconds since the clients started (before: the hosts settle after the boot)")
         .y_desc(match m {
             Metric::Load => "load",
             Metric::Vms => "VMs",
@@ -175,6 +176,7 @@ fn events_chart(path: &Path, s: &Series) -> Result<()> {
     let t_max = s.duration_s.max(
         s.events.iter().map(|e| e.t_s).fold(0.0, f64::max),
     );
+    let t_min = s.events.iter().map(|e| e.t_s).fold(0.0, f64::min);
     let total = s.events.iter().filter(|e| e.outcome == "done").count();
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -187,17 +189,17 @@ fn events_chart(path: &Path, s: &Series) -> Result<()> {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(0.0..t_max, 0.0..(total.max(1) as f64 * 1.4))
+        .build_cartesian_2d(t_min..t_max, 0.0..(total.max(1) as f64 * 1.4))
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("seconds since the clients started")
+        .x_desc("seconds since the clients started (before: the hosts settle after the boot)")
         .y_desc("actions done (cumulative)")
         .draw()
         .map_err(err)?;
     for (action, color) in MARKS {
         let mut n = 0.0;
-        let mut pts = vec![(0.0, 0.0)];
+        let mut pts = vec![(t_min, 0.0)];
         for e in s
             .events
             .iter()

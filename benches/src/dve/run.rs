@@ -22,6 +22,18 @@ use super::clients::{self, Plan, Progress, Shared};
 use super::record::{self, Event, HostSample, Record, Sample, Series};
 use super::world::World;
 
+/// From the zones' boot to the clients' start.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Seconds from `start` to now (negative before it).
+fn since(start: Instant) -> f64 {
+    let now = Instant::now();
+    match now.checked_duration_since(start) {
+        Some(d) => d.as_secs_f64(),
+        None => -(start - now).as_secs_f64(),
+    }
+}
+
 /// How one run is set up.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -204,7 +216,16 @@ fn progress_line(p: &Progress, s: Option<&Sample>, events: usize) -> String {
 }
 
 fn extra_args(p: &Params) -> Vec<String> {
-    let mut v = vec!["--cpu-capacity".to_owned(), p.cpu_capacity.to_string()];
+    let zones = p.world.config().zones;
+    let mut v = vec![
+        "--cpu-capacity".to_owned(),
+        p.cpu_capacity.to_string(),
+        // Any host may end up with every zone; forks stay small.
+        "--max-vms".to_owned(),
+        zones.max(16).to_string(),
+        "--max-clones".to_owned(),
+        "8".to_owned(),
+    ];
     if p.policy {
         v.extend([
             "--policy".to_owned(),
@@ -286,7 +307,9 @@ pub fn run(p: &Params) -> Result<(Record, Series)> {
         progress: Mutex::new(Progress::default()),
         abort: std::sync::atomic::AtomicBool::new(false),
     });
-    let start = Instant::now();
+    // The boot's CPU leaves the hosts' reports before the clients start
+    // (samples and decisions before are at negative times).
+    let start = Instant::now() + SETTLE;
     let driver = {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -305,7 +328,7 @@ pub fn run(p: &Params) -> Result<(Record, Series)> {
     let out = out?;
     // The last decisions.
     if p.policy {
-        let t = start.elapsed().as_secs_f64();
+        let t = since(start);
         if let Ok(all) = decisions(&apis[0]) {
             for rec in &all {
                 if seen.insert(rec.to_string()) {
@@ -329,8 +352,8 @@ pub fn run(p: &Params) -> Result<(Record, Series)> {
     cluster.down()?;
     let hosts = cfg.hosts as usize;
     let d = cfg.duration_s;
-    // The first reports predate the clients (and lag a second or two).
-    let from = 5.0_f64.min(d / 4.0);
+    // The reports lag a second or two: the first ones predate the clients.
+    let from = 2.0_f64.min(d / 4.0);
     let (avg_load, cluster_cpu) = record::mean_load(&samples, hosts, from, d);
     let rec = Record {
         bench: "dve".into(),
@@ -405,7 +428,7 @@ fn watch(
     let mut events: Vec<Event> = Vec::new();
     let mut last_line = Instant::now();
     let limit = Duration::from_secs_f64(p.world.config().duration_s) + p.drain + Duration::from_secs(60);
-    let mut tick = start;
+    let mut tick = Instant::now();
     let mut failures = 0;
     let mut seen: BTreeSet<String> = BTreeSet::new();
     while !driver.is_finished() {
@@ -413,7 +436,7 @@ fn watch(
             bail!("the clients did not finish within {limit:?}");
         }
         check_stop()?;
-        let t = start.elapsed().as_secs_f64();
+        let t = since(start);
         match sample(&apis[0], t, p.cpu_capacity) {
             Ok(s) => samples.push(s),
             Err(e) => {
