@@ -62,11 +62,18 @@ impl Applied {
 pub fn update_hash(u: &Update, cost: u64) -> u64 {
     let mut h = mix64(((u.client as u64) << 32) ^ u.seq ^ UPDATE_STREAM);
     h = mix64(h ^ u.payload.len() as u64);
+    // The payload as words once (at most a slot's), then the passes.
+    let mut words = [0u64; (abi::UPDATE_PAYLOAD_MAX / 8) as usize];
+    let mut n = 0;
+    for (w, chunk) in words.iter_mut().zip(u.payload.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u64::from_le_bytes(b);
+        n += 1;
+    }
     for round in 0..cost.max(1) {
-        for chunk in u.payload.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            h = mix64(h ^ u64::from_le_bytes(w)).wrapping_add(round);
+        for &w in &words[..n] {
+            h = mix64(h ^ w).wrapping_add(round);
         }
     }
     h
@@ -82,6 +89,11 @@ impl<'a> ClientTable<'a> {
     /// they are cleared here.
     pub fn new(words: &'a mut [u64]) -> Self {
         words.fill(0);
+        ClientTable { words }
+    }
+
+    /// A table over words that already hold one (not cleared).
+    pub fn resume(words: &'a mut [u64]) -> Self {
         ClientTable { words }
     }
 
@@ -131,8 +143,7 @@ impl<'a> ClientTable<'a> {
 
     /// Applies `u` as member `clone_id` of `members` (1: not forked).
     pub fn apply(&mut self, u: &Update, cost: u64, clone_id: u64, members: u64) -> Applied {
-        if u.payload.is_empty() || u.payload.len() as u64 > abi::UPDATE_PAYLOAD_MAX || u.seq == 0
-        {
+        if u.payload.is_empty() || u.payload.len() as u64 > abi::UPDATE_PAYLOAD_MAX || u.seq == 0 {
             return Applied::Malformed;
         }
         if members > 1 && u.client as u64 % members != clone_id {

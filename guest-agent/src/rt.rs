@@ -2,9 +2,9 @@
 //! (allocator, TSC pacing, fork hooks) and the panic handler.
 
 use crate::abi::{self, EXIT_BAD_CMDLINE, EXIT_FATAL, EXIT_OK, OP_HELLO, PAGE_SIZE};
+use crate::clients::{self, Applied, Update};
 use crate::console::Console;
 use crate::palloc::PageAllocator;
-use crate::clients::{self, Applied, Update};
 use crate::zone::{self, Platform, ZoneError};
 use crate::{boot, cmdline, hypercall, io, pace, pvh, sf};
 use core::fmt::Write;
@@ -282,13 +282,14 @@ impl Platform for GuestPlatform {
         }
     }
 
-    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) {
+    fn drain_inbox(&mut self, _tick: u64, apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
         if let Some(inbox) = &self.inbox {
             inbox.drain(apply);
         }
+        false
     }
 
-    fn family_members(&mut self) -> Option<u64> {
+    fn family_size(&mut self) -> Option<u64> {
         match agent_word(abi::AGENT_WORD_FAMILY_SIZE) {
             0 => None,
             m => Some(m),

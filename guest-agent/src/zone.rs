@@ -99,11 +99,16 @@ pub trait Platform {
     fn finishing(&mut self) {}
     /// `clients=host`: hands every update waiting in the inbox (at the
     /// start of tick `tick`) to `apply`, in order, and records what became
-    /// of each. No ring (QEMU): nothing.
-    fn drain_inbox(&mut self, _tick: u64, _apply: &mut dyn FnMut(&Update) -> Applied) {}
-    /// Members of this VM's fork family as the VMM last said (`None`: it
-    /// said nothing; the zone's own count holds).
-    fn family_members(&mut self) -> Option<u64> {
+    /// of each. True if it stopped early and wants to be called again (the
+    /// host-side oracle, at a family-size change). No ring (QEMU): nothing.
+    fn drain_inbox(&mut self, _tick: u64, _apply: &mut dyn FnMut(&Update) -> Applied) -> bool {
+        false
+    }
+    /// The family size the VMM wrote into the agent page now (`None`:
+    /// nothing written). Read when the zone notices a host fork (with the
+    /// clone id: both change at the same tick boundary) and before every
+    /// drain, where a 1 is the daemon's reset at a join.
+    fn family_size(&mut self) -> Option<u64> {
         None
     }
     /// A guest fork (`sf_clone`, `as_clone`) made a family of `members`.
@@ -179,12 +184,24 @@ impl Zone<'_> {
 
     /// Applies the host's client updates waiting in the inbox ring.
     fn drain(&mut self, t: u64, platform: &mut dyn Platform) {
-        let Some(table) = self.clients.as_mut() else {
+        if self.clients.is_none() {
             return;
-        };
-        let members = platform.family_members().unwrap_or(self.members).max(1);
-        let (cost, clone_id) = (self.cfg.update_cost, self.clone_id);
-        platform.drain_inbox(t, &mut |u: &Update| table.apply(u, cost, clone_id, members));
+        }
+        loop {
+            // A join: the daemon set the family size back to 1.
+            if self.members > 1 && platform.family_size() == Some(1) {
+                self.members = 1;
+            }
+            let (cost, clone_id, members) = (self.cfg.update_cost, self.clone_id, self.members);
+            let Some(table) = self.clients.as_mut() else {
+                return;
+            };
+            let again =
+                platform.drain_inbox(t, &mut |u: &Update| table.apply(u, cost, clone_id, members));
+            if !again {
+                return;
+            }
+        }
     }
 
     fn tick(&mut self, t: u64, platform: &mut dyn Platform) -> Result<u64, ZoneError> {
@@ -280,6 +297,7 @@ pub fn run(
             clone_id = id;
             zone.become_clone(id);
             zone.clone_id = id;
+            zone.members = platform.family_size().unwrap_or(1).max(1);
             zone.declare_inbox = true;
             platform.note_host_fork(t, id);
         }
@@ -290,7 +308,13 @@ pub fn run(
             };
             zone.become_clone(clone_id);
             zone.clone_id = clone_id;
-            zone.members = cfg.clones.unwrap_or(1) + 1;
+            zone.members = match cfg.as_clone {
+                Some(_) => cfg.clones.unwrap_or(1) + 1,
+                // sf_clone: the clones granted (it wrote them).
+                None => platform
+                    .family_size()
+                    .unwrap_or(cfg.clones.unwrap_or(1) + 1),
+            };
             platform.set_family_members(zone.members);
             zone.declare_inbox = true;
         }

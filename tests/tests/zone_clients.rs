@@ -17,7 +17,7 @@ mod schema;
 
 use client::Server;
 use forkd::clients::{ClientSender, SenderConfig};
-use guest_agent::reference::{reference, reference_sequence, OwnedUpdate};
+use guest_agent::reference::{reference, reference_events, reference_sequence, Event, OwnedUpdate};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -51,9 +51,12 @@ fn create(sock: &Path, cmdline: &str) -> String {
     let r = client::call_unix(sock, "POST", "/v1/vms", Some(&body));
     assert_eq!(r.status, 201, "create: {}", r.error());
     let id = r.json()["id"].as_str().expect("id").to_owned();
-    common::poll(sock, &format!("/v1/vms/{id}"), Duration::from_secs(30), |v| {
-        v["console_lines"].as_u64() >= Some(2)
-    });
+    common::poll(
+        sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(30),
+        |v| v["console_lines"].as_u64() >= Some(2),
+    );
     id
 }
 
@@ -90,7 +93,10 @@ fn updates(clients: u32, first_seq: u64, per: u64) -> Vec<OwnedUpdate> {
 fn send_all(tx: &mut ClientSender, vm: u64, ups: &[OwnedUpdate]) {
     for u in ups {
         let seq = tx.send(vm, u.client, &u.payload).expect("send");
-        assert_eq!(seq, u.seq, "the sender numbers each client's updates from 1");
+        assert_eq!(
+            seq, u.seq,
+            "the sender numbers each client's updates from 1"
+        );
     }
     tx.flush().expect("flush");
 }
@@ -131,10 +137,17 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
         tx.resend_now(vm, u.client, u.seq, &u.payload)
             .expect("resend");
     }
-    let v = common::poll(&sock, &format!("/v1/vms/{id}"), Duration::from_secs(10), |v| {
-        v["load"]["guest"]["duplicates"].as_u64() >= Some(10)
-    });
-    assert_eq!(v["load"]["guest"]["updates_applied"], ups.len() as u64, "{v}");
+    let v = common::poll(
+        &sock,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(10),
+        |v| v["load"]["guest"]["duplicates"].as_u64() >= Some(10),
+    );
+    assert_eq!(
+        v["load"]["guest"]["updates_applied"],
+        ups.len() as u64,
+        "{v}"
+    );
     let c = &v["load"]["clients"];
     assert_eq!(c["applied"], ups.len() as u64, "{v}");
     assert_eq!(c["acked"].as_u64(), Some(ups.len() as u64 + 10), "{v}");
@@ -155,9 +168,26 @@ fn updates_are_applied_once_and_the_checksum_matches_the_reference() {
     // Not the empty run's: the updates counted.
     assert_ne!(
         want.checksum,
-        reference_sequence(cmdline, &[]).expect("reference").checksum
+        reference_sequence(cmdline, &[])
+            .expect("reference")
+            .checksum
     );
     s.stop();
+}
+
+/// Under QEMU there is no ring: the same ELF ends with the reference's
+/// checksum for no updates, and so does forkd's run of it with no client.
+#[test]
+fn without_a_ring_the_zone_ends_as_the_empty_reference() {
+    require_kvm();
+    let cmdline = "ticks=40 state_mib=2 seed=11 clients=host update_cost=7";
+    let want = reference_sequence(cmdline, &[])
+        .expect("reference")
+        .checksum;
+    let line = tests::qemu_done_line(cmdline, MEM);
+    assert_eq!(checksum(&line), want, "QEMU: {line}");
+    let forkd = tests::straight_run(cmdline, MEM);
+    assert_eq!(checksum(&forkd), want, "forkd, no client: {forkd}");
 }
 
 /// With `update_cost`, more updates mean more guest work per tick: the
@@ -168,7 +198,7 @@ fn update_cost_makes_work_grow_with_the_updates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Server::start(&dir.path().join("forkd.sock"), &[]);
     let sock = dir.path().join("forkd.sock");
-    let cmdline = "ticks=150 tick_us=10000 state_mib=1 seed=2 clients=host update_cost=3000";
+    let cmdline = "ticks=150 tick_us=10000 state_mib=1 seed=2 clients=host update_cost=1000";
     let mut busy = Vec::new();
     for (clients, per) in [(0u32, 0u64), (10, 30), (20, 60)] {
         let id = create(&sock, cmdline);
@@ -216,7 +246,9 @@ fn host_fork(sock: &Path, id: &str, clones: u64) -> u64 {
     loop {
         let body = format!(r#"{{"clones": {clones}}}"#);
         let r = client::call_unix(sock, "POST", &format!("/v1/vms/{id}/fork"), Some(&body));
-        if r.status == 409 && r.error().contains("try again") && t.elapsed() < Duration::from_secs(5)
+        if r.status == 409
+            && r.error().contains("try again")
+            && t.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(2));
             continue;
@@ -231,7 +263,10 @@ fn host_fork(sock: &Path, id: &str, clones: u64) -> u64 {
         if lines.contains("forked by the host") {
             return common::fork_tick(sock, id);
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the parent sees the fork");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the parent sees the fork"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -289,27 +324,182 @@ fn a_forked_zone_splits_its_clients_by_clone_id() {
     s.stop();
 }
 
+/// After a join the zone's clients go back to the parent: it applies
+/// every client's updates again, and ends with the reference's checksum
+/// for that history.
+#[test]
+fn after_a_join_the_parent_takes_every_client_again() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(&dir.path().join("forkd.sock"), &["--max-clones", "4"]);
+    let sock = dir.path().join("forkd.sock");
+    let cmdline = "ticks=500 tick_us=10000 state_mib=2 seed=6 clients=host update_cost=1";
+    let id = create(&sock, cmdline);
+    let vm = vm_num(&id);
+    let mut tx = sender();
+    tx.set_zone(vm, ingress(&sock));
+    let before = updates(9, 1, 4);
+    send_all(&mut tx, vm, &before);
+    assert!(tx.wait_acked(Duration::from_secs(20)).expect("poll"));
+    let fork_at = host_fork(&sock, &id, 2);
+    let during = updates(9, 5, 4);
+    send_all(&mut tx, vm, &during);
+    assert!(tx.wait_acked(Duration::from_secs(30)).expect("poll"));
+    let r = client::call_unix(&sock, "POST", &format!("/v1/vms/{id}/join"), Some("{}"));
+    assert_eq!(r.status, 200, "join: {}", r.error());
+    let after = updates(9, 9, 4);
+    send_all(&mut tx, vm, &after);
+    assert!(
+        tx.wait_acked(Duration::from_secs(30)).expect("poll"),
+        "after the join every client is acknowledged by the parent: {} left; {}",
+        tx.unacked(),
+        get(&sock, "/v1/clients")
+    );
+    let end = wait_exit(&sock, &id, Duration::from_secs(60));
+    let ev: Vec<_> = before
+        .iter()
+        .map(|u| (0, Event::Update(u.clone())))
+        .chain(during.iter().map(|u| (fork_at, Event::Update(u.clone()))))
+        .chain([(fork_at, Event::Members(1))])
+        .chain(after.iter().map(|u| (fork_at, Event::Update(u.clone()))))
+        .collect();
+    let c = format!("{cmdline} fork_at={fork_at} clones=2 as_clone=0");
+    let want = reference_events(&c, &ev).expect("reference");
+    assert_eq!(done_checksum(&end), want.checksum, "the parent's history");
+    s.stop();
+}
+
+/// A zone on h1 forked with both clones on h2: the clones' clients are
+/// forwarded to h2's ingress, which acknowledges them; every member ends
+/// with the reference's checksum for its share.
+#[test]
+fn clones_on_another_host_get_their_clients_forwarded() {
+    let (cluster, up) = common::Cluster::up(2);
+    let hosts = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (common::socket(&hosts[0]), common::socket(&hosts[1]));
+    let ns = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let cmdline = "ticks=500 tick_us=10000 state_mib=2 seed=8 clients=host update_cost=1";
+    let id = common::start_vm(&h1, cmdline);
+    let vm = vm_num(&id);
+    let addr = ingress(&h1);
+    let before = updates(12, 1, 4);
+    let after = updates(12, 5, 4);
+    let (b, a) = (before.clone(), after.clone());
+    let (h1c, idc) = (h1.clone(), id.clone());
+    let (fork_at, stats) = common::in_netns(&ns, move || {
+        let mut tx = sender();
+        tx.set_zone(vm, addr);
+        send_all(&mut tx, vm, &b);
+        assert!(tx.wait_acked(Duration::from_secs(20)).expect("poll"));
+        let t = Instant::now();
+        loop {
+            let body = r#"{"clones": 2, "hosts": {"h2": 2}}"#;
+            let r = client::call_unix(&h1c, "POST", &format!("/v1/vms/{idc}/fork"), Some(body));
+            if r.status == 409 && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            assert_eq!(r.status, 200, "fork: {}", r.error());
+            break;
+        }
+        // The clones run once h2 built them; updates meanwhile are re-sent.
+        send_all(&mut tx, vm, &a);
+        let all = tx.wait_acked(Duration::from_secs(40)).expect("poll");
+        assert!(all, "{} unacknowledged: {:?}", tx.unacked(), tx.stats());
+        (common::fork_tick(&h1c, &idc), tx.stats())
+    });
+    assert_eq!(stats.acked, (before.len() + after.len()) as u64);
+    // h2 shows each clone's client counters in its load.
+    let vms = get(&h2, "/v1/vms");
+    let clone_ids: Vec<String> = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .filter(|v| v["clone_id"].is_u64())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(clone_ids.len(), 2, "{vms}");
+    for cid in &clone_ids {
+        let v = get(&h2, &format!("/v1/vms/{cid}"));
+        if v["state"] == "running" {
+            assert!(v["load"]["clients"]["acked"].as_u64() > Some(0), "{v}");
+        }
+    }
+    let ingress_h1 = get(&h1, "/v1/clients");
+    assert!(
+        ingress_h1["forwarded"].as_u64() >= Some(1),
+        "h1 forwarded the clones' clients: {ingress_h1}"
+    );
+    let end = wait_exit(&h1, &id, Duration::from_secs(60));
+    let schedule: Vec<_> = before
+        .iter()
+        .map(|u| (0, u.clone()))
+        .chain(after.iter().map(|u| (fork_at, u.clone())))
+        .collect();
+    let member = |i: u64| {
+        let c = format!("{cmdline} fork_at={fork_at} clones=2 as_clone={i}");
+        reference(&c, &schedule).expect("reference").checksum
+    };
+    assert_eq!(done_checksum(&end), member(0), "the parent's share");
+    let clones = end["families"][0]["clones"]
+        .as_array()
+        .expect("clones")
+        .clone();
+    assert_eq!(clones.len(), 2, "{end}");
+    for c in &clones {
+        let i = c["clone_id"].as_u64().expect("clone id");
+        assert_eq!(c["host"], "h2", "{c}");
+        let line = c["last_line"].as_str().expect("clone's line");
+        assert_eq!(checksum(line), member(i), "clone {i}'s share on h2: {line}");
+    }
+    drop(cluster);
+}
+
 /// A zone migrated h1 → h2 while a client streams updates to it: the
 /// client is redirected, re-sends what was unacknowledged, nothing is
 /// lost, and the zone ends on h2 with the reference's checksum.
 #[test]
 fn a_migrating_zone_loses_no_update() {
+    stream_through_a_migration(0);
+}
+
+/// The same with 10 % of the UDP datagrams arriving on either host
+/// dropped (updates, acks, redirects): the client's re-sends and the
+/// daemons' order rule still apply every update exactly once.
+#[test]
+fn a_migrating_zone_loses_no_update_under_loss() {
+    stream_through_a_migration(10);
+}
+
+/// The client runs in h2's namespace (its datagrams cross the bridge to
+/// h1, then stay local after the redirect).
+fn stream_through_a_migration(loss_pct: u32) {
     let (cluster, up) = common::Cluster::up(2);
     let hosts = up["hosts"].as_array().expect("hosts").clone();
     let (h1, h2) = (common::socket(&hosts[0]), common::socket(&hosts[1]));
-    let ns = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let ns1 = hosts[0]["netns"].as_str().expect("netns").to_owned();
+    let ns2 = hosts[1]["netns"].as_str().expect("netns").to_owned();
     let cmdline =
         "ticks=800 tick_us=10000 state_mib=8 dirty_pages=8 seed=4 clients=host update_cost=2";
     let id = common::start_vm(&h1, cmdline);
     let vm = vm_num(&id);
     let addr = ingress(&h1);
+    if loss_pct > 0 {
+        common::add_udp_loss(&ns1, loss_pct);
+        common::add_udp_loss(&ns2, loss_pct);
+    }
     let ups = updates(16, 1, 120);
     let sent = ups.clone();
+    let ns = ns2.clone();
     let streamer = std::thread::spawn(move || {
         common::in_netns(&ns, move || {
-            let mut tx = sender();
+            let mut tx = ClientSender::new(SenderConfig {
+                retry_after: Duration::from_millis(100),
+                ..SenderConfig::default()
+            })
+            .expect("client socket");
             tx.set_zone(vm, addr);
-            // 16 updates every 10 ms: ~1.2 s of traffic per 1920 updates.
+            // 16 updates every 10 ms: ~1.2 s of traffic for 1920 updates.
             for chunk in sent.chunks(16) {
                 send_all(&mut tx, vm, chunk);
                 tx.poll(Duration::from_millis(10)).expect("poll");
@@ -326,6 +516,12 @@ fn a_migrating_zone_loses_no_update() {
     assert!(stats.redirects >= 1, "the client was redirected: {stats:?}");
     assert_eq!(zone, Some(ingress(&h2)), "it sends to h2 now");
     assert_eq!(stats.acked, ups.len() as u64);
+    if loss_pct > 0 {
+        let dropped = common::udp_dropped(&ns1) + common::udp_dropped(&ns2);
+        assert!(dropped > 0, "the loss rules dropped datagrams");
+        assert!(stats.resent > 0, "the client re-sent: {stats:?}");
+        eprintln!("loss {loss_pct}%: {dropped} datagrams dropped, {stats:?}");
+    }
     let end = wait_exit(&h2, &id, Duration::from_secs(60));
     let want = reference_sequence(cmdline, &ups).expect("reference");
     assert_eq!(

@@ -185,7 +185,7 @@ impl Registry {
             vcpus: 1,
             guest: String::new(),
             families: Vec::new(),
-            load: None,
+            load: self.hosted_load(f.family, &c),
         })
     }
 

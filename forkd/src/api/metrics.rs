@@ -249,7 +249,11 @@ impl Registry {
                 g.busy_us_total / 1e6,
             );
         }
-        t.family("forkd_vm_guest_ticks_total", "counter", "Ticks the guest ran");
+        t.family(
+            "forkd_vm_guest_ticks_total",
+            "counter",
+            "Ticks the guest ran",
+        );
         for (id, g) in &guests {
             t.sample("forkd_vm_guest_ticks_total", &[("vm", id)], g.ticks as f64);
         }
@@ -293,13 +297,17 @@ impl Registry {
         let series: [(&str, &str, Get); 5] = [
             ("received", "Client updates received", |c| c.received),
             ("applied", "Client updates the guest applied", |c| c.applied),
-            ("duplicates", "Client updates the guest skipped as applied before", |c| {
-                c.duplicates
-            }),
+            (
+                "duplicates",
+                "Client updates the guest skipped as applied before",
+                |c| c.duplicates,
+            ),
             ("acked", "Client updates acknowledged", |c| c.acked),
-            ("dropped", "Client updates dropped unacknowledged (re-sent by the client)", |c| {
-                c.dropped
-            }),
+            (
+                "dropped",
+                "Client updates dropped unacknowledged (re-sent by the client)",
+                |c| c.dropped,
+            ),
         ];
         for (what, help, get) in series {
             let name = format!("forkd_vm_client_updates_{what}_total");

@@ -86,7 +86,11 @@ impl Registry {
     /// Starts the client ingress on `bind` (`serve --clients-udp`).
     pub fn start_ingress(self: &Arc<Self>, bind: SocketAddr) -> std::io::Result<SocketAddr> {
         let dir = Arc::new(RegistryDirectory(Arc::downgrade(self)));
-        let ingress = Ingress::start(crate::clients::IngressConfig::new(bind), dir)?;
+        let mut cfg = crate::clients::IngressConfig::new(bind);
+        cfg.forward_key = self
+            .envelope_key()
+            .map(|k| crate::clients::wire::forward_key(&k));
+        let ingress = Ingress::start(cfg, dir)?;
         let addr = ingress.local_addr();
         let _ = self.clients.ingress.set(Arc::new(ingress));
         Ok(addr)
@@ -115,6 +119,35 @@ impl Registry {
     /// The client counters of VM `id` here.
     pub(super) fn client_counters(&self, id: u64) -> Option<ClientCounters> {
         self.ingress()?.counters(Target::Vm(id))
+    }
+
+    /// A hosted clone's load: its client counters and its guest's own.
+    pub(super) fn hosted_load(
+        &self,
+        family: u64,
+        c: &crate::fork::hosted::HostedClone,
+    ) -> Option<super::load::VmLoad> {
+        let clients = self.ingress().and_then(|i| {
+            i.counters(Target::HostedClone {
+                family,
+                clone_id: c.clone_id,
+            })
+        });
+        let guest = c
+            .guest
+            .with(c.clone_id, |g| {
+                guest_load(&GuestView {
+                    memory: &g.memory,
+                    writes: &g.writes,
+                    agent_gpa: g.agent_gpa,
+                })
+            })
+            .flatten();
+        (clients.is_some() || guest.is_some()).then(|| super::load::VmLoad {
+            clients,
+            guest,
+            ..Default::default()
+        })
     }
 
     /// `GET /v1/clients`.
@@ -210,14 +243,16 @@ impl Registry {
         let Ok(e) = self.entry(id) else {
             return Access::Gone;
         };
-        if e.migrating.load(std::sync::atomic::Ordering::Acquire) {
-            return Access::Busy;
-        }
         let guard = match e.vm.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Access::Busy,
         };
+        // Looked at under the lock `take_for_migration` sets it under: a
+        // VM out with a migration worker waits (its updates queue).
+        if e.migrating.load(std::sync::atomic::Ordering::Acquire) {
+            return Access::Busy;
+        }
         let Some(vm) = guard.as_ref() else {
             return Access::Gone;
         };

@@ -225,7 +225,10 @@ pub struct ServeArgs {
 }
 
 /// `--clients-udp`: where the client ingress listens.
-pub fn clients_udp(arg: Option<&str>, tcp: Option<SocketAddr>) -> Result<Option<SocketAddr>, String> {
+pub fn clients_udp(
+    arg: Option<&str>,
+    tcp: Option<SocketAddr>,
+) -> Result<Option<SocketAddr>, String> {
     let host = match tcp {
         Some(a) if !a.ip().is_loopback() => a.ip(),
         _ => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -464,32 +467,34 @@ pub fn main() -> ExitCode {
         Command::Vm(c) => vm::run(c),
         Command::Serve(a) => clients_udp(a.clients_udp.as_deref(), a.tcp)
             .map_err(anyhow::Error::msg)
-            .and_then(|clients_udp| crate::api::serve(crate::api::ServeConfig {
-            clients_udp,
-            on_listening: |at| eprintln!("forkd: listening on {at}"),
-            socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
-            tcp: a.tcp,
-            tcp_allow_remote: a.tcp_allow_remote,
-            token_file: a.token_file,
-            name: a.name,
-            peers: a.peers,
-            limits: crate::api::Limits {
-                max_vms: a.max_vms as usize,
-                max_clones: a.max_clones,
-            },
-            etcd: a
-                .etcd
-                .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
-            policy: a.policy.then(|| {
-                (
-                    std::time::Duration::from_millis(a.policy_period_ms),
-                    a.policy_config.unwrap_or_default(),
-                )
-            }),
-            capacity_cores: a.cpu_capacity,
-        })
-        .map_err(anyhow::Error::from))
-        .map(|()| ExitCode::SUCCESS),
+            .and_then(|clients_udp| {
+                crate::api::serve(crate::api::ServeConfig {
+                    clients_udp,
+                    on_listening: |at| eprintln!("forkd: listening on {at}"),
+                    socket: a.socket.unwrap_or_else(crate::api::default_socket_path),
+                    tcp: a.tcp,
+                    tcp_allow_remote: a.tcp_allow_remote,
+                    token_file: a.token_file,
+                    name: a.name,
+                    peers: a.peers,
+                    limits: crate::api::Limits {
+                        max_vms: a.max_vms as usize,
+                        max_clones: a.max_clones,
+                    },
+                    etcd: a
+                        .etcd
+                        .map(|e| (e, std::time::Duration::from_secs(a.etcd_ttl_s))),
+                    policy: a.policy.then(|| {
+                        (
+                            std::time::Duration::from_millis(a.policy_period_ms),
+                            a.policy_config.unwrap_or_default(),
+                        )
+                    }),
+                    capacity_cores: a.cpu_capacity,
+                })
+                .map_err(anyhow::Error::from)
+            })
+            .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("forkd: error: {e:#}");

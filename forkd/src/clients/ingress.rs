@@ -22,8 +22,8 @@
 //! **Routing.** An update for a forked zone goes to family member
 //! `client % (n + 1)`: this host's VM or local clone, or — **forwarded**
 //! by this daemon to the clone host's ingress (`Forward` datagram, which
-//! names the client's address: the clone host acknowledges the client
-//! directly). A zone that migrated away answers `Redirect` to its new
+//! names the client's address and carries a MAC under the cluster's key:
+//! the clone host acknowledges the client directly). A zone that migrated away answers `Redirect` to its new
 //! host; an unknown zone, `Refused`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -116,6 +116,9 @@ pub struct IngressConfig {
     pub queue_per_target: usize,
     /// How often rings are filled and acknowledged while work waits.
     pub pump_every: Duration,
+    /// The MAC key of `Forward` datagrams (`wire::forward_key` of the
+    /// cluster's secret); without one, forwards are neither sent nor taken.
+    pub forward_key: Option<[u8; 32]>,
 }
 
 impl IngressConfig {
@@ -124,6 +127,7 @@ impl IngressConfig {
             bind,
             queue_per_target: 8192,
             pump_every: Duration::from_millis(1),
+            forward_key: None,
         }
     }
 }
@@ -193,7 +197,18 @@ struct TargetState {
 }
 
 impl TargetState {
-    /// The per-client order rule (see the module docs).
+    /// Everything queued is dropped (unacknowledged): what was admitted no
+    /// longer says what is in the ring, so the order starts over (each
+    /// client again from its floor).
+    fn drop_queue(&mut self) {
+        self.counters.dropped += self.queue.len() as u64;
+        self.queue.clear();
+        self.admitted.clear();
+    }
+
+    /// The per-client order rule (see the module docs). Its invariant: for
+    /// `admitted[c] = L`, every update of `c` up to `L` the client has not
+    /// had acknowledged is in the ring or applied by this guest.
     fn admit(&mut self, u: &WireUpdate) -> bool {
         match self.admitted.get(&u.client).copied() {
             Some(last) if u.seq <= last => true,
@@ -313,18 +328,10 @@ impl Worker {
                 .targets
                 .values()
                 .any(|t| !t.queue.is_empty() || !t.in_ring.is_empty());
-            let wait = if busy {
-                self.cfg.pump_every
-            } else {
-                IDLE_WAIT
-            };
+            let wait = if busy { self.cfg.pump_every } else { IDLE_WAIT };
             let _ = self.sock.set_read_timeout(Some(wait));
             match self.sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    // Copy out: handling may send from the same buffer owner.
-                    let d = buf[..n.min(wire::DATAGRAM_MAX)].to_vec();
-                    self.datagram(&d, from);
-                }
+                Ok((n, from)) => self.datagram(&buf[..n.min(wire::DATAGRAM_MAX)], from),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -379,6 +386,15 @@ impl Worker {
                 updates,
             } => self.updates(vm, &updates, from),
             Datagram::Updates {
+                forward: Some(_), ..
+            } if !self
+                .cfg
+                .forward_key
+                .is_some_and(|k| wire::forward_verifies(b, &k)) =>
+            {
+                self.local.bad_datagrams += 1;
+            }
+            Datagram::Updates {
                 vm,
                 forward: Some(f),
                 updates,
@@ -408,7 +424,7 @@ impl Worker {
                     family,
                     clone_id,
                 } => {
-                    let Ok(reply_to) = wire::v4(from) else {
+                    let (Ok(reply_to), Some(_)) = (wire::v4(from), self.cfg.forward_key) else {
                         continue;
                     };
                     let key = (*to, *family, *clone_id);
@@ -420,9 +436,11 @@ impl Worker {
                     let enc = forwards
                         .entry(key)
                         .or_insert_with(|| UpdatesEncoder::new(vm, Some(fwd)));
-                    if enc.len() + UpdatesEncoder::cost(u) > wire::DATAGRAM_MAX {
+                    if enc.len() + UpdatesEncoder::cost(u) + wire::TAG_BYTES > wire::DATAGRAM_MAX {
                         let full = std::mem::replace(enc, UpdatesEncoder::new(vm, Some(fwd)));
-                        self.send(&full.finish(), *to);
+                        if let Some(k) = &self.cfg.forward_key {
+                            self.send(&full.finish_signed(k), *to);
+                        }
                     }
                     if enc.push(u).is_ok() {
                         self.local.forwarded += 1;
@@ -432,8 +450,10 @@ impl Worker {
                 Route::Unknown => unknown = true,
             }
         }
-        for ((to, _, _), enc) in forwards {
-            self.send(&enc.finish(), to);
+        if let Some(k) = self.cfg.forward_key {
+            for ((to, _, _), enc) in forwards {
+                self.send(&enc.finish_signed(&k), to);
+            }
         }
         if let Some(to) = moved.and_then(|a| wire::v4(a).ok()) {
             self.local.redirected += 1;
@@ -484,11 +504,10 @@ impl Worker {
                 .with_guest(t, &mut |v| service(&mut st, v, &mut acks));
             if access == Access::Gone {
                 gone.push(t);
-                st.counters.dropped += (st.queue.len() + st.in_ring.len()) as u64;
-                st.queue.clear();
+                st.counters.dropped += st.in_ring.len() as u64;
                 st.in_ring.clear();
                 st.ring = None;
-                st.admitted.clear();
+                st.drop_queue();
             }
             st.counters.acked += acks.len() as u64;
             for (reply, vm, a) in acks {
@@ -545,8 +564,7 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             }
             Err(e) => {
                 tracing::debug!("client ring: {e}");
-                st.counters.dropped += st.queue.len() as u64;
-                st.queue.clear();
+                st.drop_queue();
                 return;
             }
         },
@@ -571,8 +589,11 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
                 st.counters.duplicates += 1;
                 wire::ACK_DUPLICATE
             }
+            // Another member's client (or malformed): not applied here,
+            // so this client's order here starts over from its floor.
             _ => {
                 st.counters.dropped += 1;
+                st.admitted.remove(&e.client);
                 continue;
             }
         };
@@ -604,7 +625,8 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
         };
         if ring.write_slot(v, pos, &u).is_err() {
             st.counters.dropped += 1;
-            continue;
+            st.drop_queue();
+            break;
         }
         st.in_ring.push_back(InRing {
             client: q.client,

@@ -13,7 +13,12 @@ pub mod ring;
 pub mod sender;
 pub mod wire;
 
-pub use ingress::{Access, ClientCounters, Directory, Ingress, IngressConfig, Route, Routing, Target};
+#[cfg(test)]
+mod loopback_tests;
+
+pub use ingress::{
+    Access, ClientCounters, Directory, Ingress, IngressConfig, Route, Routing, Target,
+};
 pub use ring::{GuestLoad, GuestView};
 pub use sender::{ClientSender, SendError, SenderConfig, SenderStats};
 

@@ -111,7 +111,9 @@ impl Ring {
         }
         let slots = word(abi::INBOX_WORD_SLOTS)?;
         if slots == 0 || slots > MAX_SLOTS || !slots.is_power_of_two() {
-            return Err(RingError::Header("slot count not a power of two up to 65536"));
+            return Err(RingError::Header(
+                "slot count not a power of two up to 65536",
+            ));
         }
         if abi::INBOX_HEADER_BYTES + slots * abi::INBOX_SLOT_BYTES > bytes {
             return Err(RingError::Header("slots do not fit the declared size"));
@@ -273,10 +275,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(Ring::attach(&v), Err(RingError::Bounds { .. })));
-        let none = GuestView {
-            agent_gpa: 0,
-            ..v
-        };
+        let none = GuestView { agent_gpa: 0, ..v };
         assert_eq!(Ring::attach(&none), Err(RingError::NoAgent));
     }
 }

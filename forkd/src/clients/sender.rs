@@ -216,7 +216,8 @@ impl ClientSender {
             .outbox
             .entry(vm)
             .or_insert_with(|| UpdatesEncoder::new(vm, None));
-        enc.push(&u).map_err(|_| SendError::Payload(u.payload.len()))?;
+        enc.push(&u)
+            .map_err(|_| SendError::Payload(u.payload.len()))?;
         self.stats.sent += 1;
         Ok(())
     }
@@ -234,9 +235,10 @@ impl ClientSender {
         Ok(())
     }
 
-    /// Takes what arrived for up to `wait`, re-sends what timed out, and
-    /// flushes.
+    /// Flushes, takes what arrives for up to `wait`, then re-sends what
+    /// timed out.
     pub fn poll(&mut self, wait: Duration) -> Result<(), SendError> {
+        self.flush()?;
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -244,8 +246,10 @@ impl ClientSender {
                 .set_read_timeout(Some(left.max(Duration::from_micros(100))))?;
             match self.sock.recv_from(&mut self.buf) {
                 Ok((n, _from)) => {
-                    let d = self.buf[..n.min(wire::DATAGRAM_MAX)].to_vec();
-                    self.incoming(&d)?;
+                    let buf = std::mem::take(&mut self.buf);
+                    let handled = self.incoming(&buf[..n.min(wire::DATAGRAM_MAX)]);
+                    self.buf = buf;
+                    handled?;
                 }
                 Err(e)
                     if matches!(

@@ -9,7 +9,7 @@
 //! | 2 `Acks` | `count` acks | the daemon whose guest applied them |
 //! | 3 `Redirect` | IPv4 (4), port (u16), pad (2): send this zone's updates there | a daemon the zone left |
 //! | 4 `Refused` | reason (u8), pad (7) | a daemon that cannot take them (unknown zone) |
-//! | 5 `Forward` | family (u64), clone id (u64), reply IPv4 (4), port (u16), pad (2), then `count` updates | the parent's daemon, to a clone's |
+//! | 5 `Forward` | family (u64), clone id (u64), reply IPv4 (4), port (u16), pad (2), then `count` updates, then a 16-byte tag | the parent's daemon, to a clone's |
 //!
 //! An update: client id (u32), payload length (u16), flags (u16, 0),
 //! sequence number (u64), floor (u64: the client's oldest unacknowledged
@@ -17,6 +17,11 @@
 //! timestamp (u64, echoed in the ack), then the payload (1..=512 bytes).
 //! An ack: client id (u32), status (u8: 1 applied, 2 duplicate — applied
 //! before), pad (3), sequence number (u64), timestamp (u64).
+//!
+//! A `Forward` ends with a BLAKE3 keyed MAC (16 bytes) of everything
+//! before it, under a key the cluster's daemons share ([`forward_key`]):
+//! only a daemon of the cluster can inject updates for a clone with
+//! somebody else's reply address.
 //!
 //! Decoding never trusts the input: every length is checked against the
 //! datagram, and anything malformed is a [`WireError`].
@@ -38,6 +43,35 @@ const KIND_ACKS: u8 = 2;
 const KIND_REDIRECT: u8 = 3;
 const KIND_REFUSED: u8 = 4;
 const KIND_FORWARD: u8 = 5;
+
+/// Bytes of a `Forward`'s MAC.
+pub const TAG_BYTES: usize = 16;
+
+/// The forwards' MAC key, derived from the cluster's shared secret.
+pub fn forward_key(cluster_secret: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("forkd 2026-12 client update forward v1", cluster_secret)
+}
+
+fn tag(key: &[u8; 32], body: &[u8]) -> [u8; TAG_BYTES] {
+    let mut t = [0u8; TAG_BYTES];
+    t.copy_from_slice(&blake3::keyed_hash(key, body).as_bytes()[..TAG_BYTES]);
+    t
+}
+
+/// Whether a `Forward` datagram's tag is right under `key` (constant
+/// time). Any other datagram: false.
+pub fn forward_verifies(b: &[u8], key: &[u8; 32]) -> bool {
+    if b.len() < HEADER_BYTES + TAG_BYTES || b.get(5) != Some(&KIND_FORWARD) {
+        return false;
+    }
+    let (body, t) = b.split_at(b.len() - TAG_BYTES);
+    let want = blake3::keyed_hash(key, body);
+    let mut diff = 0u8;
+    for (x, y) in want.as_bytes()[..TAG_BYTES].iter().zip(t) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
 
 /// Ack status: the guest applied the update, or had applied it before.
 pub const ACK_APPLIED: u8 = 1;
@@ -152,6 +186,14 @@ pub fn decode(b: &[u8]) -> Result<Datagram<'_>, WireError> {
     if b.len() < HEADER_BYTES {
         return Err(WireError::Short(b.len()));
     }
+    // A forward's tag is not part of its body (checked by the receiver).
+    let b = if b[5] == KIND_FORWARD {
+        b.get(..b.len().saturating_sub(TAG_BYTES))
+            .filter(|body| body.len() >= HEADER_BYTES)
+            .ok_or(WireError::Short(b.len()))?
+    } else {
+        b
+    };
     if b[0..4] != MAGIC {
         return Err(WireError::Magic);
     }
@@ -317,6 +359,13 @@ impl UpdatesEncoder {
     pub fn finish(self) -> Vec<u8> {
         self.buf
     }
+
+    /// A `Forward`'s bytes with their MAC under `key`.
+    pub fn finish_signed(mut self, key: &[u8; 32]) -> Vec<u8> {
+        let t = tag(key, &self.buf);
+        self.buf.extend_from_slice(&t);
+        self.buf
+    }
 }
 
 pub fn encode_acks(vm: u64, acks: &[Ack]) -> Vec<u8> {
@@ -387,8 +436,16 @@ mod tests {
         };
         let mut e = UpdatesEncoder::new(5, Some(f));
         e.push(&upd(&p1)).unwrap();
-        assert!(matches!(decode(&e.finish()).unwrap(),
+        let key = forward_key(&[7; 32]);
+        let signed = e.finish_signed(&key);
+        assert!(matches!(decode(&signed).unwrap(),
             Datagram::Updates { forward: Some(g), updates, .. } if g == f && updates.len() == 1));
+        assert!(forward_verifies(&signed, &key));
+        assert!(!forward_verifies(&signed, &forward_key(&[8; 32])));
+        let mut forged = signed.clone();
+        forged[HEADER_BYTES + 16] ^= 1;
+        assert!(!forward_verifies(&forged, &key));
+        assert!(!forward_verifies(&encode_refused(1, 1), &key));
         let acks = vec![Ack {
             client: 1,
             status: ACK_APPLIED,
