@@ -1,6 +1,8 @@
 //! The simulated clients: one thread inside a host's network namespace
-//! (so UDP reaches the hosts' ingresses on the cluster's bridge), one
-//! [`ClientSender`] for all of them. Every tick it sends each client's
+//! (so UDP reaches the hosts' ingresses on the cluster's bridge),
+//! [`SENDERS`] [`ClientSender`]s (client `c` on sender `c % SENDERS`: more
+//! socket buffer for the acknowledgements of 10,000 clients when the
+//! thread is late on a loaded machine). Every tick it sends each client's
 //! updates that came due (to the zone it is in now: a client that crossed
 //! into another zone is handed over), flushes, and takes acknowledgements
 //! until the next tick; at the end it drains (waits, bounded, for every
@@ -16,6 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::world::World;
+
+/// Sockets the clients are spread over.
+pub const SENDERS: usize = 4;
+/// An update unacknowledged this long is sent again: well above the
+/// zones' tick, so that a loaded machine's delays do not turn into a
+/// storm of re-sends (a redirect re-sends at once anyway).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// What the driver has done so far (read by the progress lines).
 #[derive(Debug, Clone, Default)]
@@ -70,16 +79,25 @@ fn enter(netns: &str) -> Result<()> {
     Ok(())
 }
 
-fn publish(shared: &Shared, tx: &ClientSender, p: &mut Progress) {
-    let st = tx.stats();
-    p.sent = st.updates;
-    p.acked = st.acked;
-    p.unacked = tx.unacked() as u64;
-    p.redirects = st.redirects;
-    p.resent = st.resent;
+fn publish(shared: &Shared, txs: &[ClientSender], p: &mut Progress) {
+    let st: Vec<_> = txs.iter().map(ClientSender::stats).collect();
+    p.sent = st.iter().map(|s| s.updates).sum();
+    p.acked = st.iter().map(|s| s.acked).sum();
+    p.unacked = txs.iter().map(|t| t.unacked() as u64).sum();
+    p.redirects = st.iter().map(|s| s.redirects).sum();
+    p.resent = st.iter().map(|s| s.resent).sum();
     if let Ok(mut g) = shared.progress.lock() {
         *g = p.clone();
     }
+}
+
+/// Polls every sender in turn for `wait` in all.
+fn poll_all(txs: &mut [ClientSender], wait: Duration) -> Result<()> {
+    let each = (wait / txs.len().max(1) as u32).max(Duration::from_micros(500));
+    for tx in txs.iter_mut() {
+        tx.poll(each).context("clients: poll")?;
+    }
+    Ok(())
 }
 
 fn stopped(shared: &Shared) -> Result<()> {
@@ -96,13 +114,17 @@ pub fn drive(plan: &Plan, shared: &Arc<Shared>, start: Instant) -> Result<Outcom
     enter(&plan.netns)?;
     let w = &plan.world;
     let n = w.config().clients;
-    let mut tx = ClientSender::new(SenderConfig {
-        retry_after: Duration::from_millis(300),
-        ..SenderConfig::default()
-    })
-    .context("cannot open the clients' socket")?;
-    for (vm, addr) in plan.zone_vm.iter().zip(&plan.zone_addr) {
-        tx.set_zone(*vm, *addr);
+    let mut txs = Vec::with_capacity(SENDERS);
+    for _ in 0..SENDERS {
+        let mut tx = ClientSender::new(SenderConfig {
+            retry_after: RETRY_AFTER,
+            ..SenderConfig::default()
+        })
+        .context("cannot open a clients' socket")?;
+        for (vm, addr) in plan.zone_vm.iter().zip(&plan.zone_addr) {
+            tx.set_zone(*vm, *addr);
+        }
+        txs.push(tx);
     }
     let mut sent_k = vec![0u64; n as usize];
     let mut zone: Vec<u32> = (0..n).map(|c| w.zone_of(c, 0.0)).collect();
@@ -135,19 +157,21 @@ pub fn drive(plan: &Plan, shared: &Arc<Shared>, start: Instant) -> Result<Outcom
                 zone[c as usize] = z;
             }
             let vm = plan.zone_vm[z as usize];
+            let tx = &mut txs[c as usize % SENDERS];
             while *k < due {
                 tx.send(vm, c, &World::payload(c, *k))
                     .with_context(|| format!("client {c}: send to zone {z}"))?;
                 *k += 1;
             }
         }
-        tx.flush().context("clients: flush")?;
+        for tx in txs.iter_mut() {
+            tx.flush().context("clients: flush")?;
+        }
         next += plan.tick;
         let wait = next.saturating_duration_since(Instant::now());
-        tx.poll(wait.max(Duration::from_millis(1)))
-            .context("clients: poll")?;
+        poll_all(&mut txs, wait.max(Duration::from_millis(1)))?;
         p.t_s = start.elapsed().as_secs_f64();
-        publish(shared, &tx, &mut p);
+        publish(shared, &txs, &mut p);
     }
     // Drain, in slices so that progress and a stop are seen.
     p.draining = true;
@@ -155,22 +179,24 @@ pub fn drive(plan: &Plan, shared: &Arc<Shared>, start: Instant) -> Result<Outcom
     let mut drained = false;
     while Instant::now() < end {
         stopped(shared)?;
-        let slice = (end - Instant::now()).min(Duration::from_millis(500));
-        if tx.wait_acked(slice).context("clients: drain")? {
+        if txs.iter().all(|t| t.unacked() == 0) {
             drained = true;
             break;
         }
+        poll_all(&mut txs, Duration::from_millis(200))?;
         p.t_s = start.elapsed().as_secs_f64();
-        publish(shared, &tx, &mut p);
+        publish(shared, &txs, &mut p);
     }
     p.t_s = start.elapsed().as_secs_f64();
-    publish(shared, &tx, &mut p);
-    let st = tx.stats();
+    publish(shared, &txs, &mut p);
+    // The shards' clients are alike (ids spread over them): the worst
+    // shard's quantile stands for all (an upper bound of the p99).
+    let q = |x: f64| txs.iter().map(|t| t.latency_us(x)).max().unwrap_or(0);
     Ok(Outcome {
-        acked_duplicate: st.acked_duplicate,
-        p50_us: tx.latency_us(0.5),
-        p99_us: tx.latency_us(0.99),
-        lost: tx.unacked() as u64,
+        acked_duplicate: txs.iter().map(|t| t.stats().acked_duplicate).sum(),
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        lost: p.unacked,
         drained,
         progress: p,
     })
