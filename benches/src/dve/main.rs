@@ -13,10 +13,10 @@
 //! **Scale** (this machine has 2 cores for all hosts and other users):
 //! each client sends `20 × --rate-scale` updates a second (default 0.05:
 //! 1/s, 10,000 updates/s for 10,000 clients; `--quick` 0.2); a zone guest
-//! spends `update_cost` passes over each payload (default 50, ~50 µs of
-//! guest CPU an update here); zones tick every 200 ms (a tick costs
-//! ~0.55 ms of host CPU with 1 MiB of state even when idle, so 100 zones
-//! at 50 ms would burn a core doing nothing). A host's capacity
+//! spends `update_cost` passes over each payload (default 50, ~15–50 µs
+//! of guest CPU an update here, by the machine's load); zones tick every
+//! 200 ms (a tick costs 0.3–0.55 ms of host CPU with 1 MiB of state even
+//! when idle, so 100 zones at 50 ms would burn a core doing nothing). A host's capacity
 //! (`--cpu-capacity`, what the policy's loads are fractions of) is set so
 //! the average host runs at [`TARGET_AVG`] of it: from the off run's
 //! measured CPU when both run, else from the costs measured on this
@@ -39,13 +39,15 @@ use world::{World, WorldConfig};
 
 /// The average host load (fraction of capacity) the capacity aims at.
 const TARGET_AVG: f64 = 0.65;
-/// Measured here (Dec 1 2026, a loaded machine): a host's CPU per client
-/// update (ingress, ring, acks) plus per pass of `update_cost` over its
-/// payload, µs; per zone tick (exits, the state scan of 1 MiB), µs; and
-/// a daemon's own, cores.
-const COST_PER_UPDATE_US: f64 = 3.0;
-const COST_PER_PASS_US: f64 = 1.0;
-const COST_PER_TICK_US: f64 = 550.0;
+/// Measured here (Dec 1 2026; the default run used 0.46 cores in all):
+/// a host's CPU per client update (ingress, ring, acks) plus per pass of
+/// `update_cost` over its payload, µs; per zone tick (exits, the state
+/// scan of 1 MiB), µs; and a daemon's own, cores. Only a first guess: on
+/// a loaded machine the same work costs up to twice the CPU time, which
+/// is why the on run takes its capacity from the off run.
+const COST_PER_UPDATE_US: f64 = 8.0;
+const COST_PER_PASS_US: f64 = 0.35;
+const COST_PER_TICK_US: f64 = 300.0;
 const COST_PER_HOST_CORES: f64 = 0.01;
 
 #[derive(Parser, Debug)]

@@ -89,13 +89,19 @@ fn host_chart(path: &Path, s: &Series, m: Metric) -> Result<()> {
         .map(|x| x.t_s)
         .fold(s.duration_s, f64::max);
     let t_min = s.samples.iter().map(|x| x.t_s).fold(0.0, f64::min);
+    // The scale from the run itself: the boot's spike before the start
+    // is cut off at the top.
     let y_max = names
         .iter()
         .flat_map(|h| pts(h))
+        .filter(|p| p.0 >= 0.0)
         .map(|p| p.1)
         .fold(0.0, f64::max)
         .max(1.0)
         * 1.3;
+    let pts = |h: &str| -> Vec<(f64, f64)> {
+        pts(h).into_iter().map(|(t, y)| (t, y.min(y_max))).collect()
+    };
     let what = match m {
         Metric::Load => "load per host (fraction of capacity)",
         Metric::Vms => "zone VMs per host (clones included)",
