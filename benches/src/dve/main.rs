@@ -255,7 +255,10 @@ fn main() -> Result<()> {
         }
         eprintln!("{}", summary(&rec));
         append(&a.results.join("dve.jsonl"), &line)?;
-        append(&a.results.join("dve-series.jsonl"), &serde_json::to_string(&s)?)?;
+        append(
+            &a.results.join("dve-series.jsonl"),
+            &serde_json::to_string(&s)?,
+        )?;
         series.push(s);
         // The on run's capacity from the off run's measured CPU, unless
         // given: the same average load whatever this machine's speed.

@@ -83,11 +83,7 @@ fn host_chart(path: &Path, s: &Series, m: Metric) -> Result<()> {
             })
             .collect()
     };
-    let t_max = s
-        .samples
-        .iter()
-        .map(|x| x.t_s)
-        .fold(s.duration_s, f64::max);
+    let t_max = s.samples.iter().map(|x| x.t_s).fold(s.duration_s, f64::max);
     let t_min = s.samples.iter().map(|x| x.t_s).fold(0.0, f64::min);
     // The scale from the run itself: the boot's spike before the start
     // is cut off at the top.
@@ -179,9 +175,9 @@ fn host_chart(path: &Path, s: &Series, m: Metric) -> Result<()> {
 }
 
 fn events_chart(path: &Path, s: &Series) -> Result<()> {
-    let t_max = s.duration_s.max(
-        s.events.iter().map(|e| e.t_s).fold(0.0, f64::max),
-    );
+    let t_max = s
+        .duration_s
+        .max(s.events.iter().map(|e| e.t_s).fold(0.0, f64::max));
     let t_min = s.events.iter().map(|e| e.t_s).fold(0.0, f64::min);
     let total = s.events.iter().filter(|e| e.outcome == "done").count();
     let root = SVGBackend::new(path, SIZE).into_drawing_area();

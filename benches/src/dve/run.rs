@@ -427,7 +427,8 @@ fn watch(
     let mut samples = Vec::new();
     let mut events: Vec<Event> = Vec::new();
     let mut last_line = Instant::now();
-    let limit = Duration::from_secs_f64(p.world.config().duration_s) + p.drain + Duration::from_secs(60);
+    let limit =
+        Duration::from_secs_f64(p.world.config().duration_s) + p.drain + Duration::from_secs(60);
     let mut tick = Instant::now();
     let mut failures = 0;
     let mut seen: BTreeSet<String> = BTreeSet::new();
@@ -463,7 +464,11 @@ fn watch(
         }
         if last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
-            let pr = shared.progress.lock().map(|g| g.clone()).unwrap_or_default();
+            let pr = shared
+                .progress
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_default();
             eprintln!("{}", progress_line(&pr, samples.last(), events.len()));
         }
         tick += Duration::from_secs(1);

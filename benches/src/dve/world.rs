@@ -89,7 +89,11 @@ impl World {
             );
         }
         if cfg.hosts == 0 || cfg.hosts > cfg.zones {
-            bail!("--hosts {}: 1..={} (every host owns zones)", cfg.hosts, cfg.zones);
+            bail!(
+                "--hosts {}: 1..={} (every host owns zones)",
+                cfg.hosts,
+                cfg.zones
+            );
         }
         if cfg.clients == 0 {
             bail!("--clients must be at least 1");
@@ -177,7 +181,8 @@ impl World {
 
     /// Update `k`'s payload size (256–512 bytes).
     pub fn payload_len(client: u32, k: u64) -> usize {
-        PAYLOAD_MIN + (hash(SIZE_STREAM, client, k) % (PAYLOAD_MAX - PAYLOAD_MIN + 1) as u64) as usize
+        PAYLOAD_MIN
+            + (hash(SIZE_STREAM, client, k) % (PAYLOAD_MAX - PAYLOAD_MIN + 1) as u64) as usize
     }
 
     /// Update `k`'s payload (deterministic in the client and `k`).
