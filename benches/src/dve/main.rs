@@ -213,7 +213,7 @@ fn main() -> Result<()> {
         duration_s: a.duration_s.unwrap_or(if q { 40.0 } else { 240.0 }),
         rate_hz: 20.0 * rate_scale,
     };
-    if !(rate_scale > 0.0 && rate_scale <= 1.0) {
+    if !(rate_scale.is_finite() && rate_scale > 0.0 && rate_scale <= 1.0) {
         bail!("--rate-scale must be in (0, 1]");
     }
     if cfg.duration_s > 1800.0 {

@@ -134,7 +134,7 @@ fn sample(api: &Api, t_s: f64, capacity: f64) -> Result<Sample> {
             clones,
         });
     }
-    out.sort_by(|a, b| natural(&a.host).cmp(&natural(&b.host)));
+    out.sort_by_key(|a| natural(&a.host));
     Ok(Sample { t_s, hosts: out })
 }
 

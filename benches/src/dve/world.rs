@@ -98,7 +98,8 @@ impl World {
         if cfg.clients == 0 {
             bail!("--clients must be at least 1");
         }
-        if !(cfg.duration_s > 0.0) || !(cfg.rate_hz > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(cfg.duration_s) || !positive(cfg.rate_hz) {
             bail!("the duration and the update rate must be positive");
         }
         Ok(World { cfg, rows, cols })
