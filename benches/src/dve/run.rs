@@ -97,11 +97,39 @@ fn boot_zones(p: &Params, apis: &[Api]) -> Result<Vec<u64>> {
             .with_context(|| format!("boot zone {z} on {}", api.host))?;
         ids.push(id);
     }
-    for (z, id) in ids.iter().enumerate() {
-        let api = &apis[p.world.initial_host(z as u32) as usize];
-        api.wait_started(id, Duration::from_secs(60))?;
-    }
+    wait_started(apis, &ids, Duration::from_secs(120))?;
     ids.iter().map(|id| vm_number(id)).collect()
+}
+
+/// Waits until every zone has printed its `zone: start` line, wherever it
+/// runs now (the policy may move a zone while the others boot).
+fn wait_started(apis: &[Api], ids: &[String], limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let mut started = BTreeSet::new();
+        for api in apis {
+            let v = api.get("/v1/vms")?;
+            for vm in v["vms"].as_array().cloned().unwrap_or_default() {
+                if vm["state"] == "running" && vm["console_lines"].as_u64() >= Some(2) {
+                    if let Some(id) = vm["id"].as_str() {
+                        started.insert(id.to_owned());
+                    }
+                }
+            }
+        }
+        let missing: Vec<&String> = ids.iter().filter(|i| !started.contains(*i)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "{} zones did not start within {limit:?}: {:?}",
+                missing.len(),
+                missing.iter().take(10).collect::<Vec<_>>()
+            );
+        }
+        nap(Duration::from_millis(100))?;
+    }
 }
 
 /// Every host's load and VMs from `GET /v1/cluster` (what the policy sees).
