@@ -60,7 +60,7 @@ cdir="$snap/cluster"
 trap '$forkd cluster down --name "$cluster" --dir "$cdir" >/dev/null 2>&1 || true; rm -rf "$snap"' EXIT
 $forkd cluster up --hosts 3 --name "$cluster" --dir "$cdir"
 on_h1=(--host h1 --cluster "$cluster" --cluster-dir "$cdir")
-zone="ticks=60 seed=38 state_mib=8 dirty_pages=10 tick_us=5000"
+zone="ticks=200 seed=38 state_mib=8 dirty_pages=10 tick_us=5000"
 id=$($forkd vm create "${on_h1[@]}" --mem 512 --cmdline "$zone" --json \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 echo "   $id on h1: $zone"
@@ -144,5 +144,57 @@ want=$(timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-cap
     -append "$mig" | grep 'zone: done' | tr -d '\r' || true)
 if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [h1] $got (QEMU straight-line, never migrated)"
 else echo "   MISMATCH [h1] forkd '$got' QEMU '$want'" >&2; exit 1; fi
+echo "== 9. a clone migrates: a zone on h1 forks 2 clones onto h2; clone 1 moves h2 → h3 while it runs"
+cz="ticks=800 seed=44 state_mib=16 dirty_pages=8 tick_us=5000"
+id=$($forkd vm create "${on_h1[@]}" --mem 512 --cmdline "$cz" --json \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 200); do
+    $forkd vm console "$id" "${on_h1[@]}" | grep -q 'zone: start' && break
+    sleep 0.01
+done
+$forkd vm fork "$id" "${on_h1[@]}" --clones 2 --place h2=2 --json > "$snap/cfamily.json"
+clone=""
+for _ in $(seq 300); do
+    clone=$($forkd vm list --host h2 --cluster "$cluster" --cluster-dir "$cdir" --json | python3 -c '
+import json, sys
+v = [v for v in json.load(sys.stdin)["vms"] if v.get("clone_id") == 1 and v["state"] == "running"]
+print(v[0]["id"] if v else "")')
+    [ -n "$clone" ] && break
+    sleep 0.02
+done
+[ -n "$clone" ] || { echo "   clone 1 did not start on h2" >&2; exit 1; }
+sleep 0.5
+$forkd vm migrate "$clone" "${on_h2[@]}" --to h3 --wait --json > "$snap/cmigration.json"
+python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))["report"]
+print("   clone 1 (%s) moved to h3: %.1f MiB sent (what h2 had; the rest still comes from h1), downtime %.1f ms"
+      % (r["destination_vm"], r["bytes_sent"] / 2**20, r["downtime_us"] / 1000))' "$snap/cmigration.json"
+for _ in $(seq 1000); do
+    $forkd vm get "$id" "${on_h1[@]}" --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+sys.exit(0 if v["state"] == "exited" and all(f["running"] == 0 for f in v["families"]) else 1)' && break
+    sleep 0.02
+done
+tick=$($forkd vm console "$id" "${on_h1[@]}" | sed -n 's/^zone: forked by the host before tick \([0-9]*\): clone=0$/\1/p')
+for i in 0 1 2; do
+    want=$(timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-capabilities \
+        -m 512 -nographic -no-reboot -device isa-debug-exit,iobase=0xf4 -kernel "$elf" \
+        -append "$cz fork_at=$tick clones=2 as_clone=$i" | grep 'zone: done' | tr -d '\r' || true)
+    info=$($forkd vm get "$id" "${on_h1[@]}" --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+i = int(sys.argv[1])
+if i == 0:
+    print("h1"); print(v["last_line"])
+else:
+    c = [c for c in v["families"][0]["clones"] if c["clone_id"] == i][0]
+    print(c.get("host") or "h1"); print(c.get("last_line"))' "$i")
+    where=$(head -1 <<<"$info")
+    got=$(tail -n +2 <<<"$info")
+    if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [$where] $got"
+    else echo "   MISMATCH [$where] forkd '$got' QEMU '$want'" >&2; exit 1; fi
+done
 $forkd cluster down --name "$cluster" --dir "$cdir"
 echo "== done"

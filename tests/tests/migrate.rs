@@ -99,6 +99,7 @@ mod local {
             mem_bytes,
             accept_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(5),
+            family: None,
         };
         (l, inc)
     }

@@ -62,6 +62,7 @@ mod local {
             mem_bytes,
             accept_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(5),
+            family: None,
         };
         let (tx, rx) = mpsc::channel();
         let recv = std::thread::spawn(move || {

@@ -200,3 +200,88 @@ fn killing_the_leader_hands_over_within_the_ttl() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A zone whose demand is more than one VM serves (thresholds scaled down
+/// so a ~0.25-core zone counts as that) is forked by the leader, and its
+/// clones go to the least loaded host with room — idle h2, not the zone's
+/// own h1 (which keeps the parent): the decision carries the placement and
+/// h2 runs its clones.
+#[test]
+fn a_forked_zones_clones_go_to_the_least_loaded_host() {
+    let (_c, up) = Cluster::up_with(
+        2,
+        &[
+            "--policy",
+            "--policy-period-ms",
+            "500",
+            "--cpu-capacity",
+            "2",
+            "--policy-config",
+            // Any demand above 0.1 cores forks into max_clones.
+            r#"{"fork_above": 0.1, "fork_target": 0.01, "join_below": 0.005, "max_clones": 2}"#,
+            "--dirty-sample-every-ms",
+            "1000",
+            "--dirty-window-ms",
+            "300",
+        ],
+    );
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let zone = zone_vm(&h1, 7);
+    let t = Instant::now();
+    let fork = loop {
+        let d = get(&h1, "/v1/policy/decisions");
+        let f =
+            d.as_array().expect("decisions").iter().find(|d| {
+                d["decision"]["action"] == "fork" && d["decision"]["zone"] == zone.as_str()
+            });
+        if let Some(f) = f {
+            break f.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no fork decided; cluster: {}",
+            get(&h1, "/v1/cluster")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("decision after {:?}: {fork}", t.elapsed());
+    assert_eq!(fork["outcome"], "done", "{fork}");
+    assert_eq!(fork["decision"]["clones"], 2, "{fork}");
+    let placement = fork["decision"]["placement"]
+        .as_object()
+        .expect("placement");
+    let on = |h: &str| placement.get(h).and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(on("h1") + on("h2"), 2, "{fork}");
+    assert!(on("h2") >= 1, "no clone on idle h2: {fork}");
+    // h2 runs them, as clones of h1's zone.
+    let clones = poll(&h2, "/v1/vms", Duration::from_secs(10), |v| {
+        v["vms"].as_array().is_some_and(|vs| {
+            vs.iter()
+                .filter(|c| c["parent_host"] == "h1" && c["state"] == "running")
+                .count() as u64
+                == on("h2")
+        })
+    });
+    eprintln!("h2's VMs: {clones}");
+    // The zone's dirty rate reaches etcd (the policy's view), windows
+    // going on while its clones read its frozen image.
+    let t = Instant::now();
+    let dirty = loop {
+        let v = get(&h1, "/v1/cluster");
+        let d = v["hosts"].as_array().and_then(|hs| {
+            hs.iter()
+                .filter_map(|h| h["load"]["vms"].as_array())
+                .flatten()
+                .find(|vm| vm["id"] == zone.as_str())
+                .and_then(|vm| vm["load"]["dirty_pages_per_s"].as_f64())
+        });
+        if let Some(d) = d.filter(|d| *d > 0.0) {
+            break d;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no dirty rate: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{zone} dirties {dirty:.0} pages/s");
+    let _ = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{zone}"), None);
+}

@@ -12,6 +12,7 @@
 //! once and campaigns again when etcd is back; a leader that dies loses its
 //! lease within the TTL and another candidate takes over.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -267,6 +268,7 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
                     Vec::new()
                 },
                 migrating: vm.migrating,
+                dirty_pages_per_s: vm.load.and_then(|l| l.dirty_pages_per_s),
             });
         }
     }
@@ -303,6 +305,18 @@ impl ApiActuator {
     }
 }
 
+/// `POST /v1/vms/{id}/fork`'s body on `host`: the clone count, and the
+/// placement unless every clone stays on `host`.
+fn fork_body(host: &str, clones: u32, placement: &BTreeMap<String, u32>) -> String {
+    let home = placement.is_empty() || placement.keys().all(|h| h == host);
+    let body = if home {
+        serde_json::json!({ "clones": clones })
+    } else {
+        serde_json::json!({ "clones": clones, "hosts": placement })
+    };
+    body.to_string()
+}
+
 fn id_of(zone: &str) -> Result<u64, String> {
     super::types::parse_vm_id(zone).ok_or_else(|| format!("zone '{zone}' is not a VM id"))
 }
@@ -321,8 +335,14 @@ impl Actuator for ApiActuator {
         self.call(from, &format!("/v1/vms/{zone}/migrate"), &body, 202)
     }
 
-    fn fork(&self, zone: &str, host: &str, clones: u32) -> Result<(), String> {
-        let body = format!(r#"{{"clones": {clones}}}"#);
+    fn fork(
+        &self,
+        zone: &str,
+        host: &str,
+        clones: u32,
+        placement: &BTreeMap<String, u32>,
+    ) -> Result<(), String> {
+        let body = fork_body(host, clones, placement);
         if self.is_here(host) {
             let req = serde_json::from_str(&body).map_err(|e| e.to_string())?;
             return self
@@ -358,4 +378,66 @@ pub async fn read_decisions(link: &EtcdLink) -> Result<Vec<DecisionRecord>, Etcd
         .iter()
         .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_bodies_carry_the_placement() {
+        let p = |v: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            v.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect()
+        };
+        assert_eq!(fork_body("h1", 2, &p(&[])), r#"{"clones":2}"#);
+        assert_eq!(fork_body("h1", 2, &p(&[("h1", 2)])), r#"{"clones":2}"#);
+        let b = fork_body("h1", 3, &p(&[("h1", 1), ("h3", 2)]));
+        let req: super::super::types::ForkVm = serde_json::from_str(&b).unwrap();
+        assert_eq!(req.clones, 3);
+        let hosts = req.hosts.unwrap();
+        assert_eq!((hosts["h1"], hosts["h3"]), (1, 2));
+    }
+
+    /// The policy's snapshot carries each zone's published dirty rate.
+    #[test]
+    fn snapshots_carry_the_dirty_rate() {
+        use super::super::etcd::{ClusterHost, HostEntry, LinkStatus, LoadReport, VmReport};
+        let vm = |id: &str, dirty: Option<f64>| VmReport {
+            id: id.into(),
+            running: true,
+            migrating: false,
+            has_family: false,
+            family_clones: 0,
+            load: Some(super::super::etcd::VmLoadRecord {
+                cpu_cores: 0.3,
+                cpu_seconds: 1.0,
+                resident_bytes: 0,
+                dirty_pages_per_s: dirty,
+                faults_per_s: 0.0,
+                clone_faults_per_s: 0.0,
+            }),
+        };
+        let view = ClusterView {
+            etcd: LinkStatus::default(),
+            hosts: vec![ClusterHost {
+                entry: HostEntry {
+                    name: "h1".into(),
+                    api: None,
+                    memserver: "127.0.0.1:1".into(),
+                },
+                load: Some(LoadReport {
+                    at_ms: 0,
+                    capacity_cores: 2.0,
+                    cpu_cores: 0.6,
+                    resident_bytes: 0,
+                    mem_available_bytes: 0,
+                    hosted_clones: 0,
+                    vms: vec![vm("vm-1", Some(900.0)), vm("vm-3", None)],
+                }),
+            }],
+        };
+        let s = snapshot(&view, 5);
+        let d: Vec<_> = s.zones.iter().map(|z| z.dirty_pages_per_s).collect();
+        assert_eq!(d, vec![Some(900.0), None]);
+    }
 }

@@ -50,8 +50,8 @@ pub enum ApiError {
     Hosted(#[source] HostedError),
     #[error("this daemon has no cluster token (--token-file) and no peers: it cannot {0}")]
     NoCluster(&'static str),
-    /// A well-formed request this host cannot carry out (e.g. a migration
-    /// mode not implemented yet, an unknown destination).
+    /// A well-formed request this host cannot carry out (e.g. a clone
+    /// onto its parent's host, an unknown destination).
     #[error("{0}")]
     Unprocessable(String),
     /// Another daemon this request needed refused or did not answer.

@@ -83,6 +83,13 @@ pub struct VmLoadRecord {
     pub cpu_cores: f64,
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
+    /// Absent from the reports of daemons that do not sample it.
+    #[serde(default)]
+    pub dirty_pages_per_s: Option<f64>,
+    #[serde(default)]
+    pub faults_per_s: f64,
+    #[serde(default)]
+    pub clone_faults_per_s: f64,
 }
 
 impl From<VmLoad> for VmLoadRecord {
@@ -91,6 +98,9 @@ impl From<VmLoad> for VmLoadRecord {
             cpu_cores: l.cpu_cores,
             cpu_seconds: l.cpu_seconds,
             resident_bytes: l.resident_bytes,
+            dirty_pages_per_s: l.dirty_pages_per_s,
+            faults_per_s: l.faults_per_s,
+            clone_faults_per_s: l.clone_faults_per_s,
         }
     }
 }
@@ -352,5 +362,33 @@ impl Registry {
             hosted_clones: h.hosted_clones,
             vms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report from a daemon that measures no dirty or fault rates still
+    /// reads (they default), and the rates survive the round trip.
+    #[test]
+    fn load_records_round_trip_and_accept_older_reports() {
+        let old: VmLoadRecord = serde_json::from_str(
+            r#"{"cpu_cores": 0.5, "cpu_seconds": 3.0, "resident_bytes": 4096}"#,
+        )
+        .expect("an older record");
+        assert_eq!(old.dirty_pages_per_s, None);
+        assert_eq!((old.faults_per_s, old.clone_faults_per_s), (0.0, 0.0));
+        let l = VmLoad {
+            cpu_cores: 0.25,
+            dirty_pages_per_s: Some(1234.5),
+            clone_faults_per_s: 10.0,
+            ..VmLoad::default()
+        };
+        let back: VmLoadRecord =
+            serde_json::from_slice(&encode(&VmLoadRecord::from(l)).expect("encode"))
+                .expect("decode");
+        assert_eq!(back.dirty_pages_per_s, Some(1234.5));
+        assert_eq!(back.clone_faults_per_s, 10.0);
     }
 }

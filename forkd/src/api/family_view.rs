@@ -2,6 +2,7 @@
 //! every clone's state, exit, times and fault counters, and the
 //! multicast receivers' figures per host.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::types::{CloneInfo, CloneState, ExitInfo, FamilyInfo, HostReceiverInfo, StartFailure};
@@ -11,7 +12,8 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-pub(super) fn family_info(f: &Family) -> FamilyInfo {
+/// `rates`: the clones' fault rates, by (family, clone id).
+pub(super) fn family_info(f: &Family, rates: &BTreeMap<(u64, u64), f64>) -> FamilyInfo {
     // The count first: a clone's report entry is written before the count
     // drops, so a count of 0 read here means every clone's entry is in the
     // report read next.
@@ -39,6 +41,7 @@ pub(super) fn family_info(f: &Family) -> FamilyInfo {
                 CloneInfo::new(identity, CloneState::Running)
             };
             info.host = host(i);
+            info.faults_per_s = rates.get(&(report.family, i)).copied();
             info
         })
         .collect();

@@ -21,21 +21,25 @@ use super::types::{
 
 /// Ended hosted families kept for their status.
 const ENDED_KEPT: usize = 16;
+/// Longest wait for a host a clone moved to, passing a kill on.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn clone_info(c: &HostedClone) -> HostedCloneInfo {
     let st = c.status();
-    let (state, exit, error) = match st.state {
-        RemoteCloneState::Running => ("running", None, None),
+    let (state, exit, error, moved_to) = match st.state {
+        RemoteCloneState::Running => ("running", None, None, None),
         RemoteCloneState::Exited { code, reason } => {
-            ("exited", Some(ExitInfo { code, reason }), None)
+            ("exited", Some(ExitInfo { code, reason }), None, None)
         }
-        RemoteCloneState::Failed(why) => ("failed", None, Some(why)),
+        RemoteCloneState::Failed(why) => ("failed", None, Some(why), None),
+        RemoteCloneState::Moved { host } => ("migrated", None, None, Some(host)),
     };
     let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     HostedCloneInfo {
         clone_id: c.clone_id,
         id: vm_id(c.vm_id),
         state: state.into(),
+        moved_to,
         exit,
         last_line: st.last_line,
         error,
@@ -50,7 +54,7 @@ fn status(f: &HostedFamily) -> FamilyStatus {
         family: f.family,
         parent_host: f.parent_host.clone(),
         running: f.running() as u64,
-        clones: f.clones.iter().map(|c| clone_info(c)).collect(),
+        clones: f.clones().iter().map(|c| clone_info(c)).collect(),
         receiver: f.receiver(),
         handled_us: None,
     }
@@ -147,12 +151,38 @@ impl Registry {
         Ok(status(&f))
     }
 
-    /// `DELETE /v1/families/{id}`: kills the family's clones here.
+    /// `DELETE /v1/families/{id}`: kills the family's clones here, and
+    /// passes the kill on to the hosts its clones migrated to (the
+    /// parent's host may not know of the move yet).
     pub fn kill_family(&self, family: u64) -> Result<(), ApiError> {
         let f = lock(&self.hosted)
             .remove(&family)
             .ok_or(ApiError::NoSuchFamily(family))?;
+        let clones = f.clones();
+        for c in &clones {
+            self.cancel_out(c.vm_id);
+        }
         f.kill();
+        let mut moved: Vec<String> = clones.iter().filter_map(|c| c.moved_to()).collect();
+        moved.sort();
+        moved.dedup();
+        if let (Some(peers), false) = (self.peers().cloned(), moved.is_empty()) {
+            let pass_on = move || {
+                let path = format!("/v1/families/{family}");
+                for host in moved {
+                    let r = peers.call(&host, "DELETE", &path, None, KILL_TIMEOUT);
+                    if let Err(e) = r {
+                        tracing::warn!("family {family}: passing the kill on to {host}: {e}");
+                    }
+                }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("kill-moved-{family}"))
+                .spawn(pass_on)
+            {
+                tracing::warn!("family {family}: the kill is not passed on: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -161,18 +191,19 @@ impl Registry {
         let families: Vec<_> = lock(&self.hosted).values().cloned().collect();
         families
             .iter()
-            .flat_map(|f| f.clones.iter().map(move |c| (f, c)))
-            .filter(|(_, c)| !c.is_removed())
-            .map(|(f, c)| summary(f, c))
+            .flat_map(|f| f.clones().into_iter().map(move |c| (f, c)))
+            .filter(|(_, c)| !c.is_removed() && c.moved_to().is_none())
+            .map(|(f, c)| summary(f, &c))
             .collect()
     }
 
-    fn hosted_clone(&self, id: u64) -> Option<(Arc<HostedFamily>, Arc<HostedClone>)> {
+    /// A hosted clone that runs here (or ended here) by its VM id.
+    pub(super) fn hosted_clone(&self, id: u64) -> Option<(Arc<HostedFamily>, Arc<HostedClone>)> {
         lock(&self.hosted).values().find_map(|f| {
-            f.clones
-                .iter()
-                .find(|c| c.vm_id == id && !c.is_removed())
-                .map(|c| (f.clone(), c.clone()))
+            f.clones()
+                .into_iter()
+                .find(|c| c.vm_id == id && !c.is_removed() && c.moved_to().is_none())
+                .map(|c| (f.clone(), c))
         })
     }
 
@@ -211,6 +242,7 @@ impl Registry {
     pub(super) fn remove_hosted(&self, id: u64) -> bool {
         match self.hosted_clone(id) {
             Some((_, c)) => {
+                self.cancel_out(id);
                 c.remove();
                 true
             }
@@ -223,6 +255,9 @@ impl Registry {
             .into_values()
             .collect();
         for f in all {
+            for c in f.clones() {
+                self.cancel_out(c.vm_id);
+            }
             f.kill();
         }
     }

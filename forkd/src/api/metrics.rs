@@ -132,6 +132,46 @@ impl Registry {
                 l.resident_bytes as f64,
             );
         }
+        t.family(
+            "forkd_vm_dirty_pages_per_second",
+            "gauge",
+            "Distinct pages dirtied per second over the last dirty-rate window",
+        );
+        for (id, l) in &loads {
+            if let Some(d) = l.dirty_pages_per_s {
+                t.sample("forkd_vm_dirty_pages_per_second", &[("vm", id)], d);
+            }
+        }
+        t.family(
+            "forkd_vm_faults_per_second",
+            "gauge",
+            "userfaultfd faults per second: the VM's own (post-copy arrival), or its clones'",
+        );
+        for (id, l) in &loads {
+            for (whose, v) in [("own", l.faults_per_s), ("clones", l.clone_faults_per_s)] {
+                t.sample(
+                    "forkd_vm_faults_per_second",
+                    &[("vm", id), ("of", whose)],
+                    v,
+                );
+            }
+        }
+        t.family(
+            "forkd_clone_faults_per_second",
+            "gauge",
+            "userfaultfd faults per second of each clone of a VM's families",
+        );
+        for e in &entries {
+            let vm = vm_id(e.id);
+            for ((family, clone), r) in e.load.clone_rates() {
+                let (family, clone) = (family.to_string(), clone.to_string());
+                t.sample(
+                    "forkd_clone_faults_per_second",
+                    &[("vm", &vm), ("family", &family), ("clone", &clone)],
+                    r,
+                );
+            }
+        }
         let fc = &self.fork_counters;
         t.one(
             "forkd_forks_total",

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{blocking, parse_body, vm_path};
+use super::migration_clone::{CloneOrigin, Subject};
 use super::migration_table::{trim, InRecord, OutRecord};
 use super::registry::{Adopted, Registry};
 use super::types::{parse_vm_id, vm_id};
@@ -123,6 +124,10 @@ pub struct OpenIncoming {
     /// hub grants them again, so its `sf_clone` works there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tickets: Vec<PendingTicket>,
+    /// A clone of a family whose parent runs elsewhere
+    /// ([`super::migration_clone`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneOrigin>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -282,23 +287,8 @@ impl Registry {
                 vm_id(id)
             )));
         }
-        let (entry, vm) = self.take_for_migration(id)?;
+        let (subject, vm, open) = self.take_subject(id, &req.destination, mode)?;
         let populated_bytes = populated_bytes(&vm);
-        let open = OpenIncoming {
-            source: format!("{}/{}", peers.name(), vm_id(id)),
-            vm: vm_id(id),
-            mem_mib: entry.mem_mib,
-            vcpus: entry.vcpus,
-            cmdline: entry.cmdline.clone(),
-            name: entry.name.clone(),
-            guest: Some(entry.guest.clone()),
-            tickets: entry
-                .hub
-                .pending_tickets()
-                .into_iter()
-                .map(|(id, clones)| PendingTicket { id, clones })
-                .collect(),
-        };
         let opened = serde_json::to_vec(&open)
             .map_err(|e| ApiError::Internal(e.to_string()))
             .and_then(|body| {
@@ -327,7 +317,7 @@ impl Registry {
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {
-                self.give_back(&entry, vm);
+                subject.give_back(self, vm);
                 return Err(e);
             }
         };
@@ -335,7 +325,7 @@ impl Registry {
         match from_hex(&opened.secret) {
             Some(s) if s.len() == 32 => secret.copy_from_slice(&s),
             _ => {
-                self.give_back(&entry, vm);
+                subject.give_back(self, vm);
                 return Err(ApiError::BadGateway(
                     "the destination's secret is malformed".into(),
                 ));
@@ -365,20 +355,20 @@ impl Registry {
             mode,
             downtime: Duration::from_millis(req.downtime_ms),
             bandwidth_mib_s: req.bandwidth_mib_s,
+            family_backed: subject.is_clone(),
             ..MigrateOptions::default()
         };
         let reg = self.clone();
         let dest = req.destination.clone();
         // The VM goes to the worker once it runs: if it cannot start, the
         // VM is still here to be given back.
-        let (handover, vm_rx) = std::sync::mpsc::sync_channel::<crate::vmm::Vm>(1);
-        let worker_entry = entry.clone();
+        let (handover, vm_rx) = std::sync::mpsc::sync_channel::<(Subject, crate::vmm::Vm)>(1);
         let worker_record = record.clone();
         let worker = std::thread::Builder::new()
             .name(format!("migrate-{}", vm_id(id)))
             .spawn(move || {
-                let (entry, record) = (worker_entry, worker_record);
-                let Ok(mut vm) = vm_rx.recv() else {
+                let record = worker_record;
+                let Ok((subject, mut vm)) = vm_rx.recv() else {
                     return;
                 };
                 let result = sender::migrate(&mut vm, &out, &opts, &record.progress);
@@ -394,12 +384,9 @@ impl Registry {
                 let committed = result.is_ok() || doubt == Some(Resolution::Committed);
                 // The VM where it belongs first, then the final phase.
                 if committed {
-                    vm.kill();
-                    drop(vm);
-                    reg.zone_moved(id, &dest);
-                    reg.forget_migrated(id);
+                    subject.committed(&reg, id, vm, &dest);
                 } else {
-                    reg.give_back(&entry, vm);
+                    subject.give_back(&reg, vm);
                 }
                 let p = &record.progress;
                 // Post-copy: serve the rest until the destination has it.
@@ -433,15 +420,15 @@ impl Registry {
                 reg.count_migration(p.phase(), counted);
             });
         if let Err(e) = worker {
-            self.give_back(&entry, vm);
+            subject.give_back(self, vm);
             let why = format!("migration worker: {e}");
             record
                 .progress
                 .finish(Phase::Aborted, None, Some(why.clone()));
             return Err(ApiError::Internal(why));
         }
-        if let Err(std::sync::mpsc::SendError(vm)) = handover.send(vm) {
-            self.give_back(&entry, vm);
+        if let Err(std::sync::mpsc::SendError((subject, vm))) = handover.send((subject, vm)) {
+            subject.give_back(self, vm);
             return Err(ApiError::Internal(
                 "the migration worker ended at once".into(),
             ));
@@ -511,6 +498,16 @@ impl Registry {
         Ok(status(&r))
     }
 
+    /// Cancels the migration of `id` if one is under way (its VM is
+    /// being killed); a commit already sent goes on.
+    pub(super) fn cancel_out(&self, id: u64) {
+        if let Some(r) = lock(&self.migrations.out).get(&id) {
+            if !r.progress.phase().is_final() {
+                r.progress.cancel();
+            }
+        }
+    }
+
     fn out_record(&self, id: u64) -> Result<Arc<OutRecord>, ApiError> {
         lock(&self.migrations.out)
             .get(&id)
@@ -554,7 +551,21 @@ impl Registry {
                 "{open} incoming migrations are open already (at most {MAX_INCOMING})"
             )));
         }
-        self.check_room()?;
+        // A clone joins its family's share here; any other VM is one of
+        // this host's booted VMs.
+        let family = match &req.clone {
+            Some(o) if !req.tickets.is_empty() => {
+                return Err(ApiError::BadRequest(format!(
+                    "clone {}: clones hold no fork tickets",
+                    o.clone_id
+                )))
+            }
+            Some(o) => Some(self.check_origin(o)?),
+            None => {
+                self.check_room()?;
+                None
+            }
+        };
         let mig = self.migrations.next_in.fetch_add(1, Ordering::Relaxed) + 1;
         // Held until the receiver ends (the VM registered, or gone).
         let id_hold = self.reserve_incoming_id(vm_num, mig)?;
@@ -578,27 +589,36 @@ impl Registry {
             all.insert(mig, record.clone());
             trim(&mut all, |r| r.gate.state().0 != GateState::Open);
         }
-        let hub = self.new_hub(
-            vm_num,
-            ForkTuning {
-                distribution: Default::default(),
-                heuristics: true,
-            },
-        );
-        let tickets: Vec<_> = req.tickets.iter().map(|t| (t.id, t.clones)).collect();
-        hub.adopt_tickets(&tickets);
+        // A clone's hypercalls are its own (the receiver makes them with
+        // its memory); a booted VM gets a fork hub with its tickets.
+        let hub = req.clone.is_none().then(|| {
+            let hub = self.new_hub(
+                vm_num,
+                ForkTuning {
+                    distribution: Default::default(),
+                    heuristics: true,
+                },
+            );
+            let tickets: Vec<_> = req.tickets.iter().map(|t| (t.id, t.clones)).collect();
+            hub.adopt_tickets(&tickets);
+            hub
+        });
         let inc = Incoming {
             secret,
             mem_bytes,
             accept_timeout: ACCEPT_TIMEOUT,
             io_timeout: MigrateOptions::default().io_timeout,
+            family,
         };
         let build = BuildOptions {
             console: Console::new(false, req.name.as_deref()),
-            hypercalls: Some(hub.clone()),
+            hypercalls: hub
+                .clone()
+                .map(|h| h as Arc<dyn crate::vmm::services::HypercallService>),
             memory_server: None,
             started: Instant::now(),
         };
+        let origin = req.clone.clone();
         let meta = Adopted {
             id: vm_num,
             name: req.name.clone(),
@@ -613,9 +633,12 @@ impl Registry {
             .name(format!("migrate-in-{mig}"))
             .spawn(move || {
                 let r = receiver::receive(listener, &inc, build, &rec.gate, &rec.progress, |vm| {
-                    reg.adopt(vm, hub, meta)
-                        .map(|()| vm_id(vm_num))
-                        .map_err(|e| e.to_string())
+                    let adopted = match (origin, hub) {
+                        (Some(o), _) => reg.adopt_clone(&o, vm_num, vm, rec.progress.faults()),
+                        (None, Some(hub)) => reg.adopt(vm, hub, meta),
+                        (None, None) => Err(ApiError::Internal("no fork hub".into())),
+                    };
+                    adopted.map(|()| vm_id(vm_num)).map_err(|e| e.to_string())
                 });
                 if let Err(e) = r {
                     tracing::warn!("incoming migration {mig} from {}: {e}", rec.source);

@@ -40,6 +40,7 @@ mod ids;
 pub mod load;
 pub mod metrics;
 pub mod migration;
+mod migration_clone;
 mod migration_table;
 pub mod peers;
 pub mod registry;
@@ -60,6 +61,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
 
 pub use error::ApiError;
+pub use load::DirtySampling;
 pub use registry::{Limits, Registry};
 
 /// In-flight requests get this long to finish after SIGINT/SIGTERM.
@@ -86,6 +88,8 @@ pub struct ServeConfig {
     pub policy: Option<(Duration, crate::policy::PolicyConfig)>,
     /// The cores this host offers its zones (`--cpu-capacity`).
     pub capacity_cores: Option<f64>,
+    /// Dirty-rate sampling (`--dirty-sample-every-ms`, `--dirty-window-ms`).
+    pub dirty_sampling: load::DirtySampling,
     /// The client ingress (`--clients-udp`): `None` off; an address with
     /// port 0 takes any free port.
     pub clients_udp: Option<SocketAddr>,
@@ -408,6 +412,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(c) = cfg.capacity_cores {
         let _ = registry.capacity_cores.set(c);
     }
+    let _ = registry.dirty_sampling.set(cfg.dirty_sampling);
     if let Some(bind) = cfg.clients_udp {
         let addr = registry
             .start_ingress(bind)

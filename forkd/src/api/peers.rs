@@ -279,6 +279,9 @@ impl CloneHosts for Peers {
                 clone_id: c.clone_id,
                 state: match (c.state.as_str(), c.exit) {
                     ("running", _) => RemoteCloneState::Running,
+                    ("migrated", _) if c.moved_to.is_some() => RemoteCloneState::Moved {
+                        host: c.moved_to.unwrap_or_default(),
+                    },
                     ("exited", Some(e)) => RemoteCloneState::Exited {
                         code: e.code,
                         reason: e.reason,

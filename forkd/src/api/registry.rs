@@ -20,7 +20,7 @@ use memserver::server::MemServer;
 use super::error::ApiError;
 use super::family_view::family_info;
 use super::ids::{IdTaken, VmIds};
-use super::load::{Counters, HostSampler, VmSampler};
+use super::load::{clone_faults, Counters, DirtySampling, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, ConsoleLines, CreateVm, ExitInfo, ForkVm, Forked, Joined, MemServerInfo, MulticastInfo,
@@ -144,6 +144,8 @@ pub struct Registry {
     /// `--cpu-capacity`: the cores this host offers its zones (default:
     /// the machine's online CPUs).
     pub(super) capacity_cores: std::sync::OnceLock<f64>,
+    /// Dirty-rate sampling (`--dirty-sample-every-ms`; default if unset).
+    pub(super) dirty_sampling: std::sync::OnceLock<DirtySampling>,
     /// The client ingress and the zones that moved away (`api::updates`).
     pub(super) clients: super::updates::ClientsState,
 }
@@ -228,6 +230,7 @@ impl Registry {
             counters: Counters::default(),
             fork_counters: Arc::default(),
             capacity_cores: std::sync::OnceLock::new(),
+            dirty_sampling: std::sync::OnceLock::new(),
             clients: Default::default(),
         })
     }
@@ -453,16 +456,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Takes VM `id` out of its entry for a migration worker: refused for
-    /// a clone, an exited VM, one with a live fork family or one already
-    /// migrating.
+    /// Takes booted VM `id` out of its entry for a migration worker
+    /// (clones: [`super::migration_clone`]): refused for an exited VM, one
+    /// with a live fork family or one already migrating.
     pub(super) fn take_for_migration(&self, id: u64) -> Result<(Arc<Entry>, Vm), ApiError> {
-        if self.hosted_detail(id).is_some() {
-            return Err(ApiError::Conflict(format!(
-                "{} is a clone of a family hosted here; migrating clones is not implemented yet",
-                vm_id(id)
-            )));
-        }
         let entry = self.entry(id)?;
         let mut guard = lock(&entry.vm);
         if entry.migrating.load(Ordering::Acquire) {
@@ -489,6 +486,8 @@ impl Registry {
             )));
         }
         let vm = guard.take().ok_or(ApiError::Conflict("no VM".into()))?;
+        // The migration's dirty tracking owns the log from now on.
+        entry.load.drop_window(&vm);
         entry.migrating.store(true, Ordering::Release);
         drop(guard);
         Ok((entry, vm))
@@ -552,7 +551,14 @@ impl Registry {
             mem_mib: e.mem_mib,
             vcpus: e.vcpus,
             guest: e.guest.display().to_string(),
-            families: e.hub.families().iter().map(|f| family_info(f)).collect(),
+            families: {
+                let rates = e.load.clone_rates();
+                e.hub
+                    .families()
+                    .iter()
+                    .map(|f| family_info(f, &rates))
+                    .collect()
+            },
             load: self.vm_load(&e),
         })
     }
@@ -614,6 +620,7 @@ impl Registry {
                 heuristics: h.unwrap_or(entry.hub.options().heuristics()),
             }),
         };
+        entry.load.drop_window(vm);
         match fork_vm_placed(vm, &entry.hub, clones, plan, tuning) {
             Ok(family) => Ok(Forked {
                 family: family.id(),
@@ -689,7 +696,7 @@ impl Registry {
             .is_ok_and(|e| e.migrating.load(Ordering::Acquire))
         {
             return Err(ApiError::Conflict(format!(
-                "{} is being migrated; cancelling a migration is not implemented yet",
+                "{} is being migrated; cancel the migration first (DELETE /v1/vms/{{id}}/migration)",
                 vm_id(id)
             )));
         }
@@ -722,6 +729,7 @@ impl Registry {
         std::thread::Builder::new()
             .name("api-reaper".into())
             .spawn(move || {
+                let dirty = reg.dirty_sampling.get().copied().unwrap_or_default();
                 while !reg.closed.load(Ordering::Acquire) {
                     let entries: Vec<_> = lock(&reg.inner).vms.values().cloned().collect();
                     for e in entries {
@@ -735,7 +743,7 @@ impl Registry {
                             if e.record_exit(vm).is_some() {
                                 e.load.ended();
                             } else {
-                                e.load.sample(vm);
+                                e.load.sample(vm, &dirty, || clone_faults(&e.hub));
                                 *lock(&e.guest_load) = super::updates::vm_guest_load(vm);
                             }
                         }

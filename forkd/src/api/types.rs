@@ -91,8 +91,11 @@ pub struct HostedCloneInfo {
     pub clone_id: u64,
     /// Its VM id on this host.
     pub id: String,
-    /// `running`, `exited` or `failed`.
+    /// `running`, `exited`, `failed` or `migrated` (see `moved_to`).
     pub state: String,
+    /// The host a migrated clone runs on now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<ExitInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,6 +300,10 @@ pub struct CloneInfo {
     /// Its fault counters, once it has ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultCounts>,
+    /// Its faults per second over the parent's last load sample (this
+    /// host's clones; others once they ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults_per_s: Option<f64>,
 }
 
 impl CloneInfo {
@@ -315,6 +322,7 @@ impl CloneInfo {
             start_us: None,
             done_us: None,
             faults: None,
+            faults_per_s: None,
         }
     }
 }

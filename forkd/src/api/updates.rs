@@ -220,8 +220,8 @@ impl Registry {
     /// A clone hosted here, addressed by its VM id here.
     fn hosted_target_of_vm(&self, vm: u64) -> Option<Target> {
         lock(&self.hosted).values().find_map(|f| {
-            f.clones
-                .iter()
+            f.clones()
+                .into_iter()
                 .find(|c| c.vm_id == vm && c.is_running())
                 .map(|c| Target::HostedClone {
                     family: f.family,
@@ -233,7 +233,7 @@ impl Registry {
     fn forwarded_target(&self, family: u64, clone_id: u64) -> Option<Target> {
         let hosted = lock(&self.hosted);
         let f = hosted.get(&family)?;
-        f.clones
+        f.clones()
             .iter()
             .any(|c| c.clone_id == clone_id && c.is_running())
             .then_some(Target::HostedClone { family, clone_id })
@@ -331,9 +331,14 @@ impl Directory for RegistryDirectory {
                 let Some(fam) = fam else {
                     return Access::Gone;
                 };
-                let c = fam.clones.iter().find(|c| c.clone_id == clone_id);
-                match c.and_then(|c| c.guest.with(clone_id, |g| run(g, f))) {
+                let clones = fam.clones();
+                let Some(c) = clones.iter().find(|c| c.clone_id == clone_id) else {
+                    return Access::Gone;
+                };
+                match c.guest.with(clone_id, |g| run(g, f)) {
                     Some(()) => Access::Done,
+                    // Lent to a migration: its updates wait.
+                    None if c.is_running() => Access::Busy,
                     None => Access::Gone,
                 }
             }

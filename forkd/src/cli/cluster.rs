@@ -60,6 +60,13 @@ pub struct UpArgs {
     /// Most clones one fork may ask for, per host (its `--max-clones`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_clones: Option<u64>,
+    /// Each host's dirty-rate sampling: a window every this often (0:
+    /// none; see `forkd serve --help`).
+    #[arg(long)]
+    pub dirty_sample_every_ms: Option<u64>,
+    /// How long each dirty-rate window lasts.
+    #[arg(long)]
+    pub dirty_window_ms: Option<u64>,
     #[command(flatten)]
     pub which: Which,
 }
@@ -118,6 +125,12 @@ fn serve_args(a: &UpArgs) -> Vec<String> {
     }
     if let Some(n) = a.max_clones {
         v.extend(["--max-clones".to_owned(), n.to_string()]);
+    }
+    if let Some(ms) = a.dirty_sample_every_ms {
+        v.extend(["--dirty-sample-every-ms".to_owned(), ms.to_string()]);
+    }
+    if let Some(ms) = a.dirty_window_ms {
+        v.extend(["--dirty-window-ms".to_owned(), ms.to_string()]);
     }
     v
 }

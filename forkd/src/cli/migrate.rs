@@ -23,7 +23,9 @@ pub struct MigrateArgs {
     /// Bandwidth cap in MiB/s (0: none).
     #[arg(long, default_value_t = 0)]
     pub bandwidth_mib_s: u64,
-    /// `precopy` (postcopy and auto are not implemented yet).
+    /// `precopy`, `postcopy` (resume on the destination at once, fetch
+    /// the rest from here) or `auto` (pre-copy, post-copy if it cannot
+    /// converge). A clone migrates by pre-copy only.
     #[arg(long, default_value = "precopy")]
     pub mode: String,
     /// Wait for the end, showing progress on stderr (a bar on a terminal,

@@ -24,7 +24,7 @@ pub enum VmCommand {
     Console(IdArgs),
     /// Fork a running VM into clones (host-initiated).
     Fork(ForkArgs),
-    /// Live-migrate a running VM to another host (pre-copy).
+    /// Live-migrate a running VM (or a clone) to another host.
     Migrate(super::migrate::MigrateArgs),
     /// Stop a VM (and its clones) and forget it.
     Delete(IdArgs),

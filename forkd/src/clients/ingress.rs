@@ -26,7 +26,7 @@
 //! the clone host acknowledges the client directly). A zone that migrated away answers `Redirect` to its new
 //! host; an unknown zone, `Refused`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -193,6 +193,9 @@ struct TargetState {
     queue: VecDeque<Queued>,
     /// The last sequence number admitted per client.
     admitted: HashMap<u32, u64>,
+    /// (client, seq) queued or in the ring: a re-send of one is not
+    /// queued again (its acknowledgement comes when the guest passes it).
+    pending: HashSet<(u32, u64)>,
     counters: ClientCounters,
 }
 
@@ -202,7 +205,9 @@ impl TargetState {
     /// client again from its floor).
     fn drop_queue(&mut self) {
         self.counters.dropped += self.queue.len() as u64;
-        self.queue.clear();
+        for q in self.queue.drain(..) {
+            self.pending.remove(&(q.client, q.seq));
+        }
         self.admitted.clear();
     }
 
@@ -469,11 +474,16 @@ impl Worker {
         let max = self.cfg.queue_per_target;
         let st = self.targets.entry(t).or_default();
         st.counters.received += 1;
+        if st.pending.contains(&(u.client, u.seq)) {
+            // A re-send of one on its way: its acknowledgement will come.
+            return;
+        }
         if st.queue.len() >= max || !st.admit(u) {
             st.counters.dropped += 1;
             // A refused update must not count as admitted.
             return;
         }
+        st.pending.insert((u.client, u.seq));
         st.queue.push_back(Queued {
             client: u.client,
             seq: u.seq,
@@ -506,6 +516,7 @@ impl Worker {
                 gone.push(t);
                 st.counters.dropped += st.in_ring.len() as u64;
                 st.in_ring.clear();
+                st.pending.clear();
                 st.ring = None;
                 st.drop_queue();
             }
@@ -569,17 +580,21 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             }
         },
     };
-    let (Ok(producer), Ok(consumer)) = (ring.producer(v), ring.consumer(v)) else {
+    // The producer position is ours (the guest's memory may say anything):
+    // the slots from `handled` on are `in_ring`, in order.
+    let ours = st.handled + st.in_ring.len() as u64;
+    let Ok(guest_consumer) = ring.word(v, abi::INBOX_WORD_CONSUMER) else {
         return;
     };
-    // Acknowledge what the guest passed.
+    // Acknowledge what the guest passed (never past what we wrote).
+    let consumer = guest_consumer.min(ours);
     while st.handled < consumer {
         let pos = st.handled;
         st.handled += 1;
-        // Positions of an old producer (a ring taken over) have no entry.
         let Some(e) = st.in_ring.pop_front() else {
-            continue;
+            break;
         };
+        st.pending.remove(&(e.client, e.seq));
         let status = match ring.status(v, pos) {
             Ok(abi::SLOT_APPLIED) => {
                 st.counters.applied += 1;
@@ -608,9 +623,13 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
             },
         ));
     }
-    // The producer is ours: it moves only here.
-    let base = producer.max(st.handled);
-    let free = ring.slots().saturating_sub(base - consumer);
+    // Room: what the guest has not consumed of what we wrote (a consumer
+    // behind the ring's width — a ring taken over, or a confused guest —
+    // leaves none).
+    let base = st.handled + st.in_ring.len() as u64;
+    let free = ring
+        .slots()
+        .saturating_sub(base.saturating_sub(guest_consumer.min(base)));
     let mut pos = base;
     for _ in 0..free {
         let Some(q) = st.queue.pop_front() else {
@@ -625,6 +644,7 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
         };
         if ring.write_slot(v, pos, &u).is_err() {
             st.counters.dropped += 1;
+            st.pending.remove(&(q.client, q.seq));
             st.drop_queue();
             break;
         }
@@ -637,7 +657,7 @@ fn service(st: &mut TargetState, v: &GuestView, acks: &mut Vec<(SocketAddr, u64,
         });
         pos += 1;
     }
-    if pos != producer {
+    if pos != base {
         st.counters.enqueued += pos - base;
         if ring.publish(v, pos).is_err() {
             tracing::debug!("client ring: cannot publish");

@@ -18,9 +18,11 @@ use vm_memory::{Bytes, GuestAddress};
 
 const AGENT: u64 = 0x10_0000;
 const RING: u64 = 0x20_0000;
+/// A small ring: the producer often waits for room.
 const SLOTS: u64 = 16;
 
 struct FakeGuest {
+    slots: u64,
     mem: GuestMemory,
     writes: VmmWrites,
     table: Mutex<Vec<u64>>,
@@ -29,22 +31,23 @@ struct FakeGuest {
 }
 
 impl FakeGuest {
-    fn new() -> Arc<FakeGuest> {
+    fn new(slots: u64) -> Arc<FakeGuest> {
         let mem = memory::anonymous(8 << 20).expect("memory");
         let put = |gpa: u64, v: u64| mem.write_obj(v, GuestAddress(gpa)).expect("write");
         put(AGENT + 8 * abi::AGENT_WORD_INBOX_GPA as u64, RING);
         put(
             AGENT + 8 * abi::AGENT_WORD_INBOX_BYTES as u64,
-            abi::INBOX_HEADER_BYTES + SLOTS * abi::INBOX_SLOT_BYTES,
+            abi::INBOX_HEADER_BYTES + slots * abi::INBOX_SLOT_BYTES,
         );
         put(RING, abi::INBOX_MAGIC);
         put(RING + 8, abi::INBOX_VERSION);
-        put(RING + 16, SLOTS);
+        put(RING + 16, slots);
         put(RING + 24, abi::INBOX_SLOT_BYTES);
         Arc::new(FakeGuest {
+            slots,
             mem,
             writes: VmmWrites::default(),
-            table: Mutex::new(vec![0; 4 * 64]),
+            table: Mutex::new(vec![0; guest_agent::clients::TABLE_WORDS]),
             applied: Mutex::new(Vec::new()),
         })
     }
@@ -62,7 +65,8 @@ impl FakeGuest {
         let mut words = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut table = ClientTable::resume(&mut words);
         while consumer < producer {
-            let slot = RING + abi::INBOX_HEADER_BYTES + (consumer % SLOTS) * abi::INBOX_SLOT_BYTES;
+            let slot =
+                RING + abi::INBOX_HEADER_BYTES + (consumer % self.slots) * abi::INBOX_SLOT_BYTES;
             let client: u32 = self.mem.read_obj(GuestAddress(slot)).unwrap_or(0);
             let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).unwrap_or(0);
             let seq: u64 = self.mem.read_obj(GuestAddress(slot + 8)).unwrap_or(0);
@@ -121,7 +125,11 @@ impl Directory for FakeDir {
 }
 
 fn start(moved: Option<SocketAddr>) -> (Ingress, Arc<FakeGuest>, Arc<AtomicBool>) {
-    let guest = FakeGuest::new();
+    start_with(moved, SLOTS)
+}
+
+fn start_with(moved: Option<SocketAddr>, slots: u64) -> (Ingress, Arc<FakeGuest>, Arc<AtomicBool>) {
+    let guest = FakeGuest::new(slots);
     let dir = Arc::new(FakeDir {
         guest: guest.clone(),
         moved,
@@ -244,4 +252,71 @@ fn a_moved_zone_redirects_and_the_client_follows() {
     drop(guest);
     stop.store(true, Ordering::Release);
     stop2.store(true, Ordering::Release);
+}
+
+#[test]
+fn a_guest_lying_about_its_consumer_cannot_stall_the_ingress() {
+    let (ingress, guest, stop) = start(None);
+    stop.store(true, Ordering::Release);
+    std::thread::sleep(Duration::from_millis(10));
+    let consumer = GuestAddress(RING + 8 * abi::INBOX_WORD_CONSUMER as u64);
+    guest.mem.write_obj(u64::MAX, consumer).unwrap();
+    let mut tx = ClientSender::new(SenderConfig::default()).expect("sender");
+    tx.set_zone(1, ingress.local_addr());
+    tx.set_zone(9, ingress.local_addr());
+    for s in 1..=3 {
+        tx.send(1, 4, &payload(4, s)).unwrap();
+    }
+    tx.poll(Duration::from_millis(50)).unwrap();
+    // Nothing the guest did not answer is acknowledged...
+    let t = Instant::now();
+    loop {
+        let c = ingress.counters(Target::Vm(1)).expect("counters");
+        if c.dropped >= 3 {
+            assert_eq!(c.acked, 0, "{c:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{c:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ... and the ingress still answers.
+    tx.send(9, 1, &payload(1, 1)).unwrap();
+    let t = Instant::now();
+    while tx.stats().refused == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the ingress answers");
+        tx.poll(Duration::from_millis(10)).unwrap();
+    }
+    assert_eq!(tx.stats().acked, 0);
+}
+
+/// A figure, not a check: 10,000 clients' updates through one ingress and
+/// a fake guest (`cargo test --release -p forkd --lib throughput -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn throughput_of_ten_thousand_clients() {
+    // The zone guest's ring, drained every millisecond.
+    let (ingress, guest, stop) = start_with(None, abi::INBOX_SLOTS);
+    let mut tx = ClientSender::new(SenderConfig::default()).expect("sender");
+    tx.set_zone(1, ingress.local_addr());
+    let p = payload(1, 1);
+    let t = Instant::now();
+    let rounds = 5u64;
+    for _ in 0..rounds {
+        for c in 0..10_000 {
+            tx.send(1, c, &p[..256]).expect("send");
+        }
+        tx.poll(Duration::from_millis(1)).expect("poll");
+    }
+    assert!(tx.wait_acked(Duration::from_secs(120)).expect("poll"));
+    let dt = t.elapsed().as_secs_f64();
+    let n = rounds * 10_000;
+    eprintln!(
+        "{n} updates in {dt:.2} s: {:.0} updates/s, {} datagrams, p50 {} µs, p99 {} µs",
+        n as f64 / dt,
+        tx.stats().datagrams,
+        tx.latency_us(0.5),
+        tx.latency_us(0.99)
+    );
+    assert_eq!(guest.applied.lock().unwrap().len() as u64, n);
+    stop.store(true, Ordering::Release);
 }

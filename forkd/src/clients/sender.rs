@@ -74,6 +74,9 @@ struct Pending {
 struct ClientState {
     next_seq: u64,
     unacked: BTreeMap<u64, Pending>,
+    /// Re-sends since the client's last acknowledgement: each doubles the
+    /// wait before the next (up to 16 × `retry_after`).
+    backoff: u32,
 }
 
 /// Many clients' updates to many zones, from one socket.
@@ -275,6 +278,7 @@ impl ClientSender {
                         continue;
                     };
                     if st.unacked.remove(&a.seq).is_some() {
+                        st.backoff = 0;
                         self.stats.acked += 1;
                         if a.status == wire::ACK_DUPLICATE {
                             self.stats.acked_duplicate += 1;
@@ -310,21 +314,26 @@ impl ClientSender {
         Ok(())
     }
 
-    /// Re-sends every update unacknowledged for `retry_after`: a client
-    /// with one timed out sends all its unacknowledged ones, in order.
+    /// Re-sends every update unacknowledged for `retry_after` (doubled per
+    /// re-send without progress, up to 16 times): a client with one timed
+    /// out sends all its unacknowledged ones, in order.
     fn retry(&mut self) -> Result<(), SendError> {
         let now = Instant::now();
         let after = self.cfg.retry_after;
         let todo: Vec<(u64, u32, Vec<u64>)> = self
             .clients
-            .iter()
+            .iter_mut()
             .filter(|(_, st)| {
+                let wait = after * (1u32 << st.backoff.min(4));
                 st.unacked
                     .values()
                     .next()
-                    .is_some_and(|p| p.sent_at.is_none_or(|t| now.duration_since(t) >= after))
+                    .is_some_and(|p| p.sent_at.is_none_or(|t| now.duration_since(t) >= wait))
             })
-            .map(|((vm, c), st)| (*vm, *c, st.unacked.keys().copied().collect()))
+            .map(|((vm, c), st)| {
+                st.backoff += 1;
+                (*vm, *c, st.unacked.keys().copied().collect())
+            })
             .collect();
         for (vm, c, seqs) in todo {
             for s in seqs {

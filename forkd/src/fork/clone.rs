@@ -7,12 +7,16 @@ use crate::fork::identity::{fresh_entropy, CloneIdentity, IdentityLease};
 use crate::fork::{Answer, ForkError};
 use crate::vmm::builder::{PreparedVm, VmShell};
 use crate::vmm::devices::Console;
+use crate::vmm::dirty::PageBitmap;
 use crate::vmm::memory;
+use crate::vmm::memory::GuestMemory;
 use crate::vmm::vm::BuildOptions;
 use crate::vmm::{Vm, VmError};
 use guest_agent::abi::{self, HypercallPage};
+use memserver::client::{ClientOptions, PageClient};
 use memserver::mcdist::host::HostReceiver;
-use memserver::{PageSource, PAGE_SIZE};
+use memserver::{FamilyKey, PageSource, PAGE_SIZE};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +76,16 @@ pub struct CloneService {
 }
 
 impl CloneService {
+    /// The service of a clone whose memory is `memory` (with `avoidance`,
+    /// declared buffers are zero-filled instead of fetched).
+    pub fn new(memory: Arc<CloneMemory>, avoidance: bool) -> CloneService {
+        CloneService {
+            memory,
+            declared: AtomicU64::new(0),
+            avoidance,
+        }
+    }
+
     pub fn pages_declared(&self) -> u64 {
         self.declared.load(Ordering::Relaxed)
     }
@@ -239,11 +253,7 @@ pub fn prepare_clone(
         }
         cmem.install(p.gpa / PAGE_SIZE as u64, &data)?;
     }
-    let service = Arc::new(CloneService {
-        memory: cmem.clone(),
-        declared: AtomicU64::new(0),
-        avoidance: opts.avoidance,
-    });
+    let service = Arc::new(CloneService::new(cmem.clone(), opts.avoidance));
     let handler = FaultHandler::spawn(
         FaultHandlerConfig {
             known_zero: None,
@@ -293,3 +303,56 @@ pub fn prepare_clone(
         faults,
     })
 }
+
+/// Where a clone's missing pages come from: its family's memory server.
+#[derive(Debug, Clone)]
+pub struct FamilySource {
+    pub server: SocketAddr,
+    pub key: FamilyKey,
+}
+
+/// A clone that migrated, on its new host: the pages that came with it
+/// (`have`) are present; the memory is registered with userfaultfd and
+/// every other page faults in from the family's memory server, as it did
+/// on the clone's first host (no zero-fill guesses: a page the clone
+/// never touched is the parent's, whatever it holds). Returns the VM's
+/// memory server (the fault handler), its counters and its hypercall
+/// service.
+pub fn rehome(
+    memory: &GuestMemory,
+    have: &PageBitmap,
+    family: &FamilySource,
+    name: &str,
+) -> Result<(FaultHandler, FaultStatsView, Arc<CloneService>), ForkError> {
+    let cmem = Arc::new(CloneMemory::register(memory)?);
+    cmem.presence.set_all(have);
+    let pages = cmem.len / PAGE_SIZE as u64;
+    let client = PageClient::with_pages(
+        family.server,
+        family.key.clone(),
+        pages,
+        ClientOptions::default(),
+    )
+    .map_err(ForkError::PageClient)?;
+    let handler = FaultHandler::spawn(
+        FaultHandlerConfig {
+            known_zero: None,
+            memory: cmem.clone(),
+            source: Arc::new(client),
+            avoidance: None,
+            readahead: REHOME_READAHEAD,
+            prefetch: None,
+            feed: None,
+        },
+        name,
+    )
+    .map_err(|source| ForkError::Thread {
+        what: "fault handler",
+        source,
+    })?;
+    let faults = handler.stats_view();
+    Ok((handler, faults, Arc::new(CloneService::new(cmem, false))))
+}
+
+/// Read-ahead of a migrated clone's demand faults (pages).
+const REHOME_READAHEAD: u64 = 32;

@@ -2,7 +2,7 @@
 //! options forks run with. The hub (`parent`) makes families, the launcher
 //! (`launch`) and the remote watcher (`remote`) end their clones.
 
-use crate::fork::fault::FaultStats;
+use crate::fork::fault::{FaultStats, FaultStatsView};
 use crate::fork::identity::{CloneIdentity, IdentityPool};
 use crate::fork::mcdist::{Distribution, FamilyMulticast, ReceiverFigures};
 use crate::fork::pending::PendingImage;
@@ -166,6 +166,9 @@ pub struct Family {
     pub(super) kill: AtomicBool,
     pub(super) released: AtomicBool,
     pub(super) report: Mutex<FamilyReport>,
+    /// The fault counters of this host's clones still running (an ended
+    /// clone's are in its report).
+    pub(super) live_faults: Mutex<std::collections::BTreeMap<u64, FaultStatsView>>,
     pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
     /// Signalled whenever a clone ends.
     pub(super) ended: (Mutex<()>, Condvar),
@@ -191,6 +194,29 @@ impl Family {
         let mut r = lock(&self.report).clone();
         r.host_receiver = self.multicast.as_ref().and_then(|m| m.stats());
         r
+    }
+
+    /// Faults the family's clones have taken so far: the ended clones'
+    /// (on any host) and this host's running ones'.
+    pub fn faults_so_far(&self) -> u64 {
+        self.faults_by_clone().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Each clone's faults so far, by clone id: this host's running
+    /// clones' and every ended clone's (a clone ending meanwhile counts
+    /// once, by its report).
+    pub fn faults_by_clone(&self) -> Vec<(u64, u64)> {
+        let mut v: std::collections::BTreeMap<u64, u64> = lock(&self.live_faults)
+            .iter()
+            .map(|(id, f)| (*id, f.get().faults))
+            .collect();
+        v.extend(
+            lock(&self.report)
+                .clones
+                .iter()
+                .map(|c| (c.clone_id, c.faults.faults)),
+        );
+        v.into_iter().collect()
     }
 
     /// This host's running clones' guest memory.
@@ -234,6 +260,11 @@ impl Family {
         lock(&self.report)
             .remote_receivers
             .insert(host.to_owned(), figures);
+    }
+
+    /// A clone on another host migrated to `host` (`fork::remote`).
+    pub(crate) fn remote_moved(&self, clone_id: u64, host: &str) {
+        lock(&self.report).hosts.insert(clone_id, host.to_owned());
     }
 
     /// A clone on another host ended (`fork::remote`).

@@ -84,6 +84,23 @@ impl Presence {
     pub fn count(&self) -> u64 {
         self.bits.count_ones() as u64
     }
+
+    /// Marks every page set in `pages` present, a word at a time (a
+    /// bitmap of the same page numbering; bits beyond this one's end are
+    /// ignored).
+    pub fn set_all(&self, pages: &crate::vmm::dirty::PageBitmap) {
+        let words = self.bits.as_raw_slice();
+        for (w, add) in words.iter().zip(pages.as_raw_slice()) {
+            if *add != 0 {
+                w.fetch_or(*add, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+        // The last word may hold bits past the end: clear them again.
+        let tail = self.bits.len() % 64;
+        if let (Some(last), true) = (words.last(), tail != 0) {
+            last.fetch_and((1u64 << tail) - 1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// A clone's memory, as the handler sees it.
@@ -402,6 +419,10 @@ impl MemoryServer for FaultHandler {
     fn stop(&mut self) {
         FaultHandler::stop(self)
     }
+
+    fn faults(&self) -> u64 {
+        crate::sync::lock(&self.stats).faults
+    }
 }
 
 fn handler_loop(
@@ -602,6 +623,20 @@ mod tests {
     use super::*;
     use crate::vmm::memory;
     use memserver::SourceError;
+
+    #[test]
+    fn presence_set_all_marks_the_pages_of_a_bitmap() {
+        let p = Presence::new(100);
+        p.set(3);
+        let mut pages = crate::vmm::dirty::PageBitmap::repeat(false, 128);
+        for i in [0, 63, 64, 99, 127] {
+            pages.set(i, true);
+        }
+        p.set_all(&pages);
+        let set: Vec<u64> = (0..100).filter(|i| p.test(*i)).collect();
+        assert_eq!(set, [0, 3, 63, 64, 99]);
+        assert_eq!(p.count(), 5, "nothing beyond the end counts");
+    }
 
     /// Pages whose bytes say which page they are.
     struct Pattern(u64);

@@ -7,24 +7,34 @@
 //! the parent's host (`fork::mcdist`); the receiver is closed when the last
 //! clone here ends. Each clone is watched by a reaper thread. Killing the
 //! family (or dropping it) stops and joins them all.
+//!
+//! A clone migrates: its reaper lends the running VM to the migration
+//! worker ([`crate::fork::handover`]) and watches it again if the
+//! migration does not commit; if it does, the clone is recorded here as
+//! moved (the parent's host, polling, learns where to). On the destination
+//! the arrived VM joins the family's share there ([`HostedFamily::adopt`];
+//! a share is made for it if that host had none), its missing pages still
+//! coming from the family's memory server.
 
 use crate::errors::chain;
 use crate::fork::clone::{prepare_clone, CloneOptions, CloneSources, StartedClone};
 use crate::fork::descriptor::ForkDescriptor;
 use crate::fork::envelope::{cpu_fingerprint, EnvelopeBody, EnvelopeError};
-use crate::fork::fault::FaultCounts;
+use crate::fork::fault::{FaultCounts, FaultStatsView};
+use crate::fork::handover::{Answer, HandoverError, Lender, Returned};
 use crate::fork::identity::{CloneIdentity, IdentityLease};
-use crate::fork::launch::run_to_end;
+use crate::fork::launch::{run_to_end, run_until};
 use crate::fork::mcdist::ReceiverFigures;
 use crate::fork::remote::{RemoteClone, RemoteCloneState};
 use crate::fork::ForkError;
 use crate::sync::{join_all, lock};
 use crate::vmm::devices::Console;
-use crate::vmm::VmExit;
+use crate::vmm::{Vm, VmExit};
 use memserver::client::{ClientOptions, PageClient};
 use memserver::mcdist::host::{local_ip_for, HostConfig, HostReceiver};
 use memserver::mcdist::McEndpoint;
 use memserver::{FamilyKey, PageSource, PAGE_SIZE};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -62,6 +72,8 @@ enum HostedState {
     Running,
     Exited(VmExit),
     Failed(String),
+    /// Migrated to this host.
+    Moved(String),
 }
 
 /// One clone of a hosted family: a VM of this host (`vm_id`).
@@ -76,11 +88,46 @@ pub struct HostedClone {
     times: Mutex<HostedTimes>,
     kill: AtomicBool,
     removed: AtomicBool,
+    /// Where a migration borrows the running VM from its reaper.
+    lender: Lender<Vm>,
     /// Its guest memory while it runs (the client ingress writes it).
     pub guest: crate::fork::guests::CloneGuests,
 }
 
 impl HostedClone {
+    fn new(clone_id: u64, vm_id: u64, identity: CloneIdentity, mem_bytes: u64) -> HostedClone {
+        HostedClone {
+            clone_id,
+            vm_id,
+            identity,
+            mem_bytes,
+            console: OnceLock::new(),
+            state: Mutex::new(HostedState::Running),
+            times: Mutex::new(HostedTimes::default()),
+            kill: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            lender: Lender::default(),
+            guest: Default::default(),
+        }
+    }
+
+    /// Takes the running VM from its reaper for a migration; the answer
+    /// gives it back or records where it went.
+    pub fn borrow(&self, timeout: Duration) -> Result<(Vm, Answer<Vm>), HandoverError> {
+        if !self.is_running() {
+            return Err(HandoverError::Ended);
+        }
+        self.lender.borrow(timeout, || self.is_running())
+    }
+
+    /// The host it migrated to, once it has.
+    pub fn moved_to(&self) -> Option<String> {
+        match &*lock(&self.state) {
+            HostedState::Moved(h) => Some(h.clone()),
+            _ => None,
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         matches!(*lock(&self.state), HostedState::Running)
     }
@@ -91,6 +138,7 @@ impl HostedClone {
             HostedState::Running => None,
             HostedState::Exited(e) => Some(e.clone()),
             HostedState::Failed(why) => Some(VmExit::Failed(why.clone())),
+            HostedState::Moved(h) => Some(VmExit::Failed(format!("migrated to {h}"))),
         }
     }
 
@@ -128,6 +176,7 @@ impl HostedClone {
                 reason: e.to_string(),
             },
             HostedState::Failed(why) => RemoteCloneState::Failed(why.clone()),
+            HostedState::Moved(h) => RemoteCloneState::Moved { host: h.clone() },
         };
         let t = *lock(&self.times);
         RemoteClone {
@@ -160,7 +209,11 @@ impl SharedReceiver {
 pub struct HostedFamily {
     pub family: u64,
     pub parent_host: String,
-    pub clones: Vec<Arc<HostedClone>>,
+    /// The family's key and its memory server's unicast endpoint, for a
+    /// clone that migrates on.
+    pub key: FamilyKey,
+    pub memserver: SocketAddr,
+    clones: Mutex<Vec<Arc<HostedClone>>>,
     /// When the envelope arrived (the clones' times count from here).
     pub received: Instant,
     multicast: Option<Arc<SharedReceiver>>,
@@ -219,7 +272,7 @@ impl HostedFamily {
                 generation: (c.generation[1] as u128) << 64 | c.generation[0] as u128,
             };
             let id = vm_id();
-            let name = format!("{}vm-{id}", opts.name_prefix);
+            let name = name_of(opts, id);
             let client = || {
                 PageClient::with_pages(body.memserver, key.clone(), pages, ClientOptions::default())
                     .map(|c| Arc::new(c) as Arc<dyn PageSource>)
@@ -241,22 +294,11 @@ impl HostedFamily {
                     None,
                 )
             })();
-            let state = match &built {
-                Ok(_) => HostedState::Running,
-                Err(e) => HostedState::Failed(chain(e)),
-            };
-            let clone = Arc::new(HostedClone {
-                clone_id: c.clone_id,
-                vm_id: id,
-                identity,
-                mem_bytes: desc.state.mem_bytes,
-                console: OnceLock::new(),
-                state: Mutex::new(state),
-                times: Mutex::new(HostedTimes::default()),
-                kill: AtomicBool::new(false),
-                removed: AtomicBool::new(false),
-                guest: Default::default(),
-            });
+            let clone = HostedClone::new(c.clone_id, id, identity, desc.state.mem_bytes);
+            if let Err(e) = &built {
+                *lock(&clone.state) = HostedState::Failed(chain(e));
+            }
+            let clone = Arc::new(clone);
             if let Ok(p) = built {
                 prepared.push((clones.len(), p));
             }
@@ -299,7 +341,13 @@ impl HostedFamily {
             let reaper = std::thread::Builder::new()
                 .name(format!("hosted-{}", clone.clone_id))
                 .spawn(move || {
-                    reap(clone, started, kill, received);
+                    let StartedClone {
+                        vm,
+                        service,
+                        lease,
+                        faults,
+                    } = started;
+                    reap(clone, vm, Some(faults), kill, received, (service, lease));
                     if let Some(m) = rx {
                         m.clone_ended();
                     }
@@ -315,12 +363,78 @@ impl HostedFamily {
         Ok(Arc::new(HostedFamily {
             family: body.family,
             parent_host: body.parent_host,
-            clones,
+            key,
+            memserver: body.memserver,
+            clones: Mutex::new(clones),
             received,
             multicast,
             kill,
             threads: Mutex::new(threads),
         }))
+    }
+
+    /// An empty share of a family, for clones that arrive by migration
+    /// (`received`: when the first host of the family got its envelope,
+    /// as near as known, so the clones' times keep counting from there).
+    pub fn for_arrivals(
+        family: u64,
+        parent_host: String,
+        key: FamilyKey,
+        memserver: SocketAddr,
+        received: Instant,
+    ) -> Arc<HostedFamily> {
+        Arc::new(HostedFamily {
+            family,
+            parent_host,
+            key,
+            memserver,
+            clones: Mutex::new(Vec::new()),
+            received,
+            multicast: None,
+            kill: Arc::new(AtomicBool::new(false)),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Adds a running clone that arrived by migration (its VM already
+    /// started, its memory server the family's) and watches it. A record
+    /// of the same clone having left this host before gives way to it.
+    pub fn adopt(
+        &self,
+        clone_id: u64,
+        vm_id: u64,
+        identity: CloneIdentity,
+        vm: Vm,
+        faults: Option<FaultStatsView>,
+    ) -> std::io::Result<Arc<HostedClone>> {
+        if lock(&self.clones)
+            .iter()
+            .any(|c| c.clone_id == clone_id && c.moved_to().is_none())
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("clone {clone_id} of family {} is here already", self.family),
+            ));
+        }
+        let mem_bytes = vm.mem_bytes();
+        let clone = Arc::new(HostedClone::new(clone_id, vm_id, identity, mem_bytes));
+        let _ = clone.console.set(vm.console().clone());
+        let g = crate::fork::guests::CloneGuest::of(&vm);
+        clone.guest.insert(clone_id, g);
+        let (c, kill, received) = (clone.clone(), self.kill.clone(), self.received);
+        let reaper = std::thread::Builder::new()
+            .name(format!("hosted-{clone_id}"))
+            .spawn(move || reap(c, vm, faults, kill, received, ()))?;
+        let mut clones = lock(&self.clones);
+        clones.retain(|c| c.clone_id != clone_id);
+        clones.push(clone.clone());
+        drop(clones);
+        lock(&self.threads).push(reaper);
+        Ok(clone)
+    }
+
+    pub fn clones(&self) -> Vec<Arc<HostedClone>> {
+        lock(&self.clones).clone()
     }
 
     /// The family's receiver on this host (multicast), live or as it
@@ -331,11 +445,11 @@ impl HostedFamily {
     }
 
     pub fn running(&self) -> usize {
-        self.clones.iter().filter(|c| c.is_running()).count()
+        lock(&self.clones).iter().filter(|c| c.is_running()).count()
     }
 
     pub fn status(&self) -> Vec<RemoteClone> {
-        self.clones.iter().map(|c| c.status()).collect()
+        lock(&self.clones).iter().map(|c| c.status()).collect()
     }
 
     /// Kills every clone and waits for their reapers.
@@ -354,25 +468,62 @@ impl Drop for HostedFamily {
     }
 }
 
-/// Watches one hosted clone until it ends or is killed.
+fn name_of(opts: &HostedOptions, id: u64) -> String {
+    format!("{}vm-{id}", opts.name_prefix)
+}
+
+/// Watches one hosted clone until it ends, is killed or migrates away;
+/// lends it to a migration that asks. `keep` lives as long as the VM here.
 fn reap(
     clone: Arc<HostedClone>,
-    started: StartedClone,
+    mut vm: Vm,
+    faults: Option<FaultStatsView>,
     family_kill: Arc<AtomicBool>,
     received: Instant,
+    keep: impl Send,
 ) {
-    let mut vm = started.vm;
-    let exit = run_to_end(&mut vm, || {
-        clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire)
-    });
+    let killed = || clone.kill.load(Ordering::Acquire) || family_kill.load(Ordering::Acquire);
+    let exit = loop {
+        let Some(exit) = run_until(&mut vm, || killed() || clone.lender.requested()) else {
+            if killed() {
+                break run_to_end(&mut vm, || true);
+            }
+            // While it is lent, nothing above the VMM writes its memory
+            // (a write after the last dirty pass would stay behind): the
+            // client ingress holds its updates until it is back or gone.
+            clone.guest.remove(clone.clone_id);
+            vm = match clone.lender.lend(vm) {
+                // Nobody waited after all, or the migration gave it back.
+                Err(v) | Ok(Returned::Back(v)) => {
+                    let g = crate::fork::guests::CloneGuest::of(&v);
+                    clone.guest.insert(clone.clone_id, g);
+                    v
+                }
+                Ok(Returned::Moved(host)) => {
+                    drop(keep);
+                    *lock(&clone.state) = HostedState::Moved(host);
+                    return;
+                }
+                Ok(Returned::Lost) => {
+                    drop(keep);
+                    *lock(&clone.state) =
+                        HostedState::Failed("lost during a migration that failed".into());
+                    return;
+                }
+            };
+            continue;
+        };
+        break exit;
+    };
     let after = |t: Instant| t.saturating_duration_since(received);
     let times = HostedTimes {
         start_after: vm.times.first_run.get().map(|t| after(*t)),
         done_after: vm.console().line_time("zone: done").map(after),
-        faults: Some(started.faults.get().counts()),
+        faults: faults.map(|f| f.get().counts()),
     };
     clone.guest.remove(clone.clone_id);
     drop(vm);
+    drop(keep);
     // Times first: a reader that sees the exit sees them too.
     *lock(&clone.times) = times;
     *lock(&clone.state) = HostedState::Exited(exit);

@@ -116,6 +116,7 @@ pub(super) fn launch(
                 continue;
             }
         };
+        lock(&family.live_faults).insert(clone_id, started.faults.clone());
         family
             .guests
             .insert(clone_id, crate::fork::guests::CloneGuest::of(&started.vm));
@@ -126,22 +127,33 @@ pub(super) fn launch(
         match reaper {
             Ok(t) => lock(&family.threads).push(t),
             // The clone (moved into the failed closure) is dropped: stopped.
-            Err(e) => fail(clone_id, format!("reaper thread: {e}")),
+            Err(e) => {
+                lock(&family.live_faults).remove(&clone_id);
+                fail(clone_id, format!("reaper thread: {e}"))
+            }
         }
     }
 }
 
 /// Waits for a clone VM to end, or kills it once `killed` says so.
 pub(crate) fn run_to_end(vm: &mut Vm, killed: impl Fn() -> bool) -> VmExit {
+    run_until(vm, &killed).unwrap_or_else(|| {
+        vm.kill();
+        VmExit::Stopped
+    })
+}
+
+/// Watches `vm` until it ends (its exit) or `stop` holds (`None`: the
+/// guest still runs).
+pub(crate) fn run_until(vm: &mut Vm, stop: impl Fn() -> bool) -> Option<VmExit> {
     loop {
-        if killed() {
-            vm.kill();
-            return VmExit::Stopped;
+        if stop() {
+            return None;
         }
         match vm.wait(Some(REAP_SLICE)) {
-            Ok(e) => return e,
+            Ok(e) => return Some(e),
             Err(VmError::WaitTimeout(_)) => continue,
-            Err(e) => return VmExit::Failed(chain(&e)),
+            Err(e) => return Some(VmExit::Failed(chain(&e))),
         }
     }
 }
@@ -179,6 +191,8 @@ fn reap(family: Arc<Family>, clone: StartedClone, requested_at: Instant) {
     };
     family.guests.remove(report.clone_id);
     drop(vm);
+    let id = report.clone_id;
     lock(&family.report).clones.push(report);
+    lock(&family.live_faults).remove(&id);
     family.clone_ended();
 }

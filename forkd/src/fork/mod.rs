@@ -22,6 +22,7 @@ pub mod family;
 pub mod fault;
 pub mod fault_stats;
 pub mod guests;
+pub mod handover;
 pub mod host;
 pub mod hosted;
 pub mod identity;

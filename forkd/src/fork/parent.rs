@@ -287,6 +287,7 @@ impl ForkHub {
             running: AtomicU64::new(granted),
             kill: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            live_faults: Mutex::default(),
             report: Mutex::new(FamilyReport {
                 family: id,
                 clones_granted: granted,

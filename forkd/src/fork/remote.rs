@@ -5,7 +5,9 @@
 //! clones' state, so the family's `running` count and report cover remote
 //! clones, forwards `sf_kill` (and the parent's end) as a kill of the
 //! family on each host, and marks the clones of a host that stops
-//! answering for [`HOST_SILENCE`] as failed, so `sf_join` returns.
+//! answering for [`HOST_SILENCE`] as failed, so `sf_join` returns. A clone
+//! its host reports as moved (migrated) is watched on its new host from
+//! then on.
 //!
 //! The transport is the layer above's: it implements [`CloneHosts`].
 
@@ -51,6 +53,10 @@ pub enum RemoteCloneState {
     },
     /// Could not be built or started.
     Failed(String),
+    /// Migrated to `host`, which runs it now.
+    Moved {
+        host: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -357,6 +363,7 @@ fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
             }
             return;
         }
+        let mut moved = Vec::new();
         for w in &mut watches {
             if w.pending.is_empty() {
                 continue;
@@ -367,7 +374,7 @@ fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
                     if let Some(r) = st.receiver {
                         family.remote_receiver(&w.name, r);
                     }
-                    settle(family, w, &st.clones);
+                    moved.extend(settle(family, w, &st.clones));
                 }
                 Err(e) => {
                     if w.last_ok.elapsed() > HOST_SILENCE {
@@ -383,16 +390,55 @@ fn watch(family: &Family, hosts: &dyn CloneHosts, mut watches: Vec<HostWatch>) {
                 }
             }
         }
+        for (lease, host, offset) in moved {
+            follow(family, &mut watches, lease, host, offset);
+        }
         std::thread::sleep(POLL_EVERY);
     }
 }
 
-/// Records the clones a host says have ended.
-fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
+/// Watches a clone that migrated on its new host from now on.
+fn follow(
+    family: &Family,
+    watches: &mut Vec<HostWatch>,
+    lease: IdentityLease,
+    host: String,
+    offset: Duration,
+) {
+    family.remote_moved(lease.identity.clone_id, &host);
+    match watches.iter_mut().find(|w| w.name == host) {
+        Some(w) => {
+            // A host that had gone quiet gets a fresh chance for it.
+            if w.pending.is_empty() {
+                w.last_ok = Instant::now();
+            }
+            w.pending.push(lease);
+        }
+        None => watches.push(HostWatch {
+            name: host,
+            pending: vec![lease],
+            last_ok: Instant::now(),
+            offset,
+        }),
+    }
+}
+
+/// Records the clones a host says have ended; returns those it says have
+/// migrated, with their new host (no longer pending here).
+fn settle(
+    family: &Family,
+    w: &mut HostWatch,
+    clones: &[RemoteClone],
+) -> Vec<(IdentityLease, String, Duration)> {
+    let mut moved = Vec::new();
     let mut i = 0;
     while i < w.pending.len() {
         let id = w.pending[i].identity.clone_id;
         let state = clones.iter().find(|c| c.clone_id == id);
+        if let Some(RemoteCloneState::Moved { host }) = state.map(|c| &c.state) {
+            moved.push((w.pending.swap_remove(i), host.clone(), w.offset));
+            continue;
+        }
         let done = match state {
             None => Some(Err(format!("host {} does not know clone {id}", w.name))),
             Some(c) => match &c.state {
@@ -401,6 +447,7 @@ fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
                     Some(Ok((exit_of(*code, reason.clone()), c)))
                 }
                 RemoteCloneState::Failed(why) => Some(Err(format!("on {}: {why}", w.name))),
+                RemoteCloneState::Moved { .. } => None,
             },
         };
         match done {
@@ -414,4 +461,5 @@ fn settle(family: &Family, w: &mut HostWatch, clones: &[RemoteClone]) {
             }
         }
     }
+    moved
 }

@@ -93,6 +93,11 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// Longest wait for the peer on any one read or write.
     pub io_timeout: Duration,
+    /// A clone: the pages not populated here are not zero but its fork
+    /// family's (the destination faults them from the family's memory
+    /// server), so round 0 sends populated zero pages too (as `Zeros`),
+    /// and `auto` never switches to post-copy.
+    pub family_backed: bool,
 }
 
 impl Default for MigrateOptions {
@@ -103,6 +108,7 @@ impl Default for MigrateOptions {
             bandwidth_mib_s: 0,
             max_rounds: 30,
             io_timeout: Duration::from_secs(5),
+            family_backed: false,
         }
     }
 }

@@ -287,11 +287,10 @@ pub fn arrive(
         memory::discard(memory, r.first, r.count).map_err(|e| prep(&e))?;
     }
     let cmem = Arc::new(CloneMemory::register(memory).map_err(|e: UffdError| prep(&e))?);
-    for p in have.iter_ones() {
-        if !needed_bits[p] {
-            cmem.presence.set(p as u64);
-        }
-    }
+    let mut present = needed_bits.clone();
+    present = !present;
+    present &= have;
+    cmem.presence.set_all(&present);
     let key = FamilyKey::from_parts(offer.family, offer.secret);
     let client = || {
         PageClient::with_pages(offer.server, key.clone(), pages, ClientOptions::default())

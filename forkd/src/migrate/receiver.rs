@@ -10,6 +10,9 @@
 use super::micros;
 use super::postcopy::{self, PostcopyError};
 use super::protocol::{self, Hello, Message, PostcopyOffer, ProtocolError};
+use crate::fork::clone::{rehome, FamilySource};
+use crate::fork::fault::FaultStatsView;
+use crate::fork::ForkError;
 use crate::vmm::builder::VmShell;
 use crate::vmm::dirty::{PageBitmap, PAGE_SIZE};
 use crate::vmm::memory::{self, GuestMemory};
@@ -20,7 +23,7 @@ use bincode::Options;
 use serde::Serialize;
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -36,6 +39,9 @@ pub struct Incoming {
     pub accept_timeout: Duration,
     /// Longest wait for the next message.
     pub io_timeout: Duration,
+    /// A clone: the pages that do not come fault in from its family's
+    /// memory server ([`crate::fork::clone::rehome`]).
+    pub family: Option<FamilySource>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,10 @@ pub enum ReceiveError {
     Register(String),
     #[error(transparent)]
     Postcopy(#[from] PostcopyError),
+    #[error("a clone migrates by pre-copy only: its missing pages are its family's")]
+    ClonePostcopy,
+    #[error("the clone's memory: {0}")]
+    Rehome(#[source] ForkError),
 }
 
 /// Where the destination is, as its API shows it.
@@ -151,14 +161,29 @@ impl ReceiveReport {
 }
 
 /// Progress the API shows while receiving.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ReceiveProgress {
     report: Mutex<ReceiveReport>,
+    /// A clone's fault counters, once its memory is set up here.
+    faults: OnceLock<FaultStatsView>,
+}
+
+impl std::fmt::Debug for ReceiveProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveProgress")
+            .field("report", &self.view())
+            .finish()
+    }
 }
 
 impl ReceiveProgress {
     fn update(&self, f: impl FnOnce(&mut ReceiveReport)) {
         f(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A clone's fault counters (from the build on).
+    pub fn faults(&self) -> Option<FaultStatsView> {
+        self.faults.get().cloned()
     }
 
     pub fn view(&self) -> ReceiveReport {
@@ -181,16 +206,12 @@ enum State {
         shell: VmShell,
         state: Box<VmState>,
         console: Vec<String>,
-        postcopy: Option<Postcopy>,
+        /// Post-copy, as offered by the source: where the rest comes from.
+        postcopy: Option<PostcopyOffer>,
+        /// The pages pre-copy wrote here.
+        have: PageBitmap,
     },
     Done(String),
-}
-
-/// Post-copy, as offered by the source: where the rest comes from, and
-/// the pages pre-copy wrote here.
-struct Postcopy {
-    offer: PostcopyOffer,
-    have: PageBitmap,
 }
 
 struct Conn {
@@ -238,13 +259,19 @@ pub fn receive(
                 state,
                 console,
                 postcopy,
+                have,
             } => match (build.take(), commit.take()) {
                 (Some(b), Some(c)) => {
                     for line in &console {
                         b.console.push_bytes(line.as_bytes());
                         b.console.push_byte(b'\n');
                     }
-                    building(conn, shell, &state, postcopy, b, c, gate, progress)
+                    let arrived = Arrived {
+                        postcopy,
+                        have,
+                        family: inc.family.as_ref(),
+                    };
+                    building(conn, shell, &state, arrived, b, c, gate, progress)
                 }
                 _ => Err(ReceiveError::Aborted),
             },
@@ -451,7 +478,8 @@ fn receiving(
                     shell,
                     state: Box::new(state),
                     console,
-                    postcopy: offer.map(|offer| Postcopy { offer, have }),
+                    postcopy: offer,
+                    have,
                 });
             }
             Message::Abort { reason } => return Err(ReceiveError::SourceAborted(reason)),
@@ -485,12 +513,19 @@ fn write(memory: &GuestMemory, first: u64, data: &[u8]) -> Result<(), ReceiveErr
         .map_err(|e| ReceiveError::BadState(format!("writing guest memory: {e}")))
 }
 
+/// What came before the state, and where the rest of memory is.
+struct Arrived<'a> {
+    postcopy: Option<PostcopyOffer>,
+    have: PageBitmap,
+    family: Option<&'a FamilySource>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn building(
     mut conn: Conn,
     shell: VmShell,
     state: &VmState,
-    postcopy: Option<Postcopy>,
+    arrived: Arrived<'_>,
     mut build: BuildOptions,
     commit: impl FnOnce(Vm) -> Result<String, String>,
     gate: &CommitGate,
@@ -503,11 +538,22 @@ fn building(
             state.vcpus.len()
         )));
     }
+    // A clone: what did not come faults in from its family.
+    if let Some(family) = arrived.family {
+        if arrived.postcopy.is_some() {
+            return Err(ReceiveError::ClonePostcopy);
+        }
+        let (handler, faults, service) = rehome(shell.memory(), &arrived.have, family, "migrated")
+            .map_err(ReceiveError::Rehome)?;
+        let _ = progress.faults.set(faults);
+        build.memory_server = Some(Box::new(handler));
+        build.hypercalls = Some(service);
+    }
     // Post-copy: the rest of memory faults in from the source.
-    let arrival = match postcopy {
-        Some(pc) => {
+    let arrival = match arrived.postcopy {
+        Some(offer) => {
             let (handler, arrival) =
-                postcopy::arrive(shell.memory(), &pc.offer, &pc.have, "migrated")?;
+                postcopy::arrive(shell.memory(), &offer, &arrived.have, "migrated")?;
             build.memory_server = Some(Box::new(handler));
             let needed = arrival.needed();
             progress.update(|r| {
@@ -589,6 +635,7 @@ mod tests {
             mem_bytes: 64 << 20,
             accept_timeout: Duration::from_secs(1),
             io_timeout: Duration::from_secs(1),
+            family: None,
         };
         let mut h = Hello {
             secret: [9; 32],

@@ -291,7 +291,9 @@ impl Sender<'_> {
             Decision::Continue => Ok(State::Round(round + 1)),
             // Auto: pre-copy cannot converge, post-copy the rest.
             Decision::Stop(reason)
-                if self.opts.mode == Mode::Auto && reason != StopReason::Converged =>
+                if self.opts.mode == Mode::Auto
+                    && !self.opts.family_backed
+                    && reason != StopReason::Converged =>
             {
                 Ok(State::Switch {
                     rounds: round + 1,
@@ -557,29 +559,43 @@ impl Sender<'_> {
                 sent += self.send_run(r, &buf[..len])?;
                 continue;
             }
-            // Runs of non-zero pages within the range.
-            let mut start = None;
-            for i in 0..=r.count as usize {
-                let zero = i == r.count as usize || {
-                    let p = &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
-                    p == &ZERO_PAGE[..]
-                };
-                match (zero, start) {
-                    (false, None) => start = Some(i),
-                    (true, Some(s)) => {
-                        let run = PageRange {
-                            first: r.first + s as u64,
-                            count: (i - s) as u64,
-                        };
-                        let bytes = &buf[s * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
-                        sent += self.send_run(run, bytes)?;
-                        start = None;
-                    }
-                    _ => {}
+            // Runs of zero and of non-zero pages within the range: the
+            // non-zero ones are sent; the zero ones only for a clone,
+            // whose missing pages are its family's, not zero (a few
+            // bytes per run).
+            let page = |i: usize| &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+            let count = r.count as usize;
+            let mut s = 0;
+            while s < count {
+                let zero = page(s) == &ZERO_PAGE[..];
+                let mut e = s + 1;
+                while e < count && (page(e) == &ZERO_PAGE[..]) == zero {
+                    e += 1;
                 }
+                let run = PageRange {
+                    first: r.first + s as u64,
+                    count: (e - s) as u64,
+                };
+                if !zero {
+                    let bytes = &buf[s * PAGE_SIZE as usize..e * PAGE_SIZE as usize];
+                    sent += self.send_run(run, bytes)?;
+                } else if self.opts.family_backed {
+                    self.send_zeros(run)?;
+                }
+                s = e;
             }
         }
         Ok(sent)
+    }
+
+    fn send_zeros(&mut self, r: PageRange) -> Result<(), MigrateError> {
+        self.check_cancel()?;
+        let n = self.send(&Message::Zeros {
+            first: r.first,
+            count: r.count as u32,
+        })?;
+        self.send_bytes += n as u64;
+        Ok(())
     }
 
     fn send_run(&mut self, r: PageRange, bytes: &[u8]) -> Result<u64, MigrateError> {

@@ -2,6 +2,7 @@
 //! do, remembering only what keeps it from thrashing (which hosts are
 //! overloaded, for the hysteresis; the cool-downs) and its log.
 
+use super::placement::place_clones;
 use super::snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
 use super::{Action, Decision, Inputs};
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,9 @@ pub struct PolicyConfig {
     pub host_cooldown_ms: u64,
     /// Migrations in flight at most, cluster-wide.
     pub max_migrations: usize,
+    /// Selection: zones whose CPU is within this (cores) of the best
+    /// match are near-equal; among them the lowest dirty rate goes first.
+    pub near_equal_cores: f64,
 }
 
 impl Default for PolicyConfig {
@@ -51,6 +55,7 @@ impl Default for PolicyConfig {
             zone_cooldown_ms: 30_000,
             host_cooldown_ms: 10_000,
             max_migrations: 1,
+            near_equal_cores: 0.05,
         }
     }
 }
@@ -185,16 +190,20 @@ impl Policy {
         let (action, reason) = if !z.is_split() && demand > c.fork_above {
             let vms = (demand / c.fork_target).ceil() as u32;
             let clones = vms.saturating_sub(1).clamp(1, c.max_clones);
+            let placement = place_clones(snap, z, clones, c.fit_below);
+            let on: Vec<String> = placement.iter().map(|(h, n)| format!("{h}={n}")).collect();
             (
                 Action::Fork {
                     zone: z.zone.clone(),
                     host: z.host.clone(),
                     clones,
+                    placement,
                 },
                 format!(
-                    "demand {demand:.2} cores is more than one VM serves (fork above {:.2}): {clones} clones for ~{:.2} each",
+                    "demand {demand:.2} cores is more than one VM serves (fork above {:.2}): {clones} clones for ~{:.2} each, on the least loaded hosts with room ({})",
                     c.fork_above,
-                    demand / (clones + 1) as f64
+                    demand / (clones + 1) as f64,
+                    on.join(",")
                 ),
             )
         } else if z.is_split() && demand < c.join_below {
@@ -255,12 +264,7 @@ impl Policy {
                         && !self.zone_quiet(&z.zone, now)
                 })
                 .collect();
-            zones.sort_by(|a, b| {
-                (a.cpu - excess)
-                    .abs()
-                    .total_cmp(&(b.cpu - excess).abs())
-                    .then(a.zone.cmp(&b.zone))
-            });
+            select_order(&mut zones, excess, c.near_equal_cores);
             // Location: the other side of the average, least loaded
             // first, where the zone fits.
             let mut dests: Vec<&HostLoad> = snap
@@ -343,6 +347,28 @@ impl Policy {
             self.log.pop_front();
         }
     }
+}
+
+/// Selection order: closest to `excess` first; the zones within `near` of
+/// the closest go first, the lowest dirty rate among them first (not
+/// measured: after the measured ones).
+fn select_order(zones: &mut [&ZoneLoad], excess: f64, near: f64) {
+    let dist = |z: &ZoneLoad| (z.cpu - excess).abs();
+    let best = zones.iter().map(|z| dist(z)).fold(f64::INFINITY, f64::min);
+    let dirty = |z: &ZoneLoad| z.dirty_pages_per_s.unwrap_or(f64::INFINITY);
+    zones.sort_by(|a, b| {
+        let (na, nb) = (dist(a) <= best + near, dist(b) <= best + near);
+        nb.cmp(&na)
+            .then_with(|| {
+                if na && nb {
+                    dirty(a).total_cmp(&dirty(b))
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .then(dist(a).total_cmp(&dist(b)))
+            .then(a.zone.cmp(&b.zone))
+    });
 }
 
 #[cfg(test)]

@@ -20,7 +20,12 @@ fn zone(name: &str, host: &str, cpu: f64) -> ZoneLoad {
         cpu,
         clones: Vec::new(),
         migrating: false,
+        dirty_pages_per_s: None,
     }
+}
+
+fn on(hosts: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {
+    hosts.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect()
 }
 
 /// Hosts with zones whose CPU sums to each host's load.
@@ -299,14 +304,18 @@ fn fork_and_join_on_a_zones_demand() {
     let mut p = policy();
     let mut s = snap(0, &[("h1", &[0.2]), ("h2", &[0.2])]);
     s.zones[0].cpu = 1.7; // demand: 1.7 cores of clients
+    s.hosts[0].cpu = 1.7;
     let d = p.decide(&s);
     assert_eq!(d.len(), 1, "{d:?}");
+    // Shares of ~0.57: the first clone to idle h2 (0.19 after), the
+    // second back home (h1 keeps one share: 0.28 after, h2 0.33).
     assert_eq!(
         d[0].action,
         Action::Fork {
             zone: "h1/z0".into(),
             host: "h1".into(),
-            clones: 2
+            clones: 2,
+            placement: on(&[("h1", 1), ("h2", 1)]),
         }
     );
     assert!(d[0].reason.contains("1.70"), "{}", d[0].reason);
@@ -336,9 +345,77 @@ fn fork_and_join_on_a_zones_demand() {
         Action::Fork {
             zone: "h1/z0".into(),
             host: "h1".into(),
-            clones: 7
+            clones: 7,
+            placement: on(&[("h1", 7)]),
         }
     );
+}
+
+/// A fork on a busy host puts its clones on the least loaded hosts with
+/// room, not all at home; the decision's reason says where.
+#[test]
+fn fork_places_clones_on_the_least_loaded_hosts() {
+    let mut s = snap(
+        0,
+        &[("h1", &[2.0, 1.0]), ("h2", &[1.5, 1.0]), ("h3", &[0.2])],
+    );
+    s.zones[0].cpu = 2.0;
+    let d = policy().decide(&s);
+    let fork = d
+        .iter()
+        .find_map(|d| match &d.action {
+            Action::Fork {
+                zone,
+                clones,
+                placement,
+                ..
+            } if zone == "h1/z0" => Some((*clones, placement.clone(), d.reason.clone())),
+            _ => None,
+        })
+        .expect("a fork of h1/z0");
+    // 2.0 cores over 4 VMs of 0.5: h1 keeps 1.5 (0.5 of the zone); h3
+    // (0.2) stays the least loaded after each clone; h2 (2.5) gets none.
+    assert_eq!(fork.0, 3);
+    assert_eq!(fork.1.values().sum::<u32>(), 3);
+    assert!(fork.1.get("h3").copied().unwrap_or(0) >= 2, "{fork:?}");
+    assert!(!fork.1.contains_key("h2"), "{fork:?}");
+    assert!(fork.2.contains("h3="), "{}", fork.2);
+}
+
+/// Selection among near-equal candidates: the zone that dirties fewer
+/// pages per second moves (it is cheaper to migrate); a clearly better
+/// CPU match still wins over a lower dirty rate.
+#[test]
+fn near_equal_zones_move_by_the_lower_dirty_rate() {
+    let mk = |dirty: [Option<f64>; 2], cpus: [f64; 2]| {
+        let mut s = snap(
+            0,
+            &[
+                ("h1", &[cpus[0], cpus[1], 0.5, 0.5, 0.7]),
+                ("h2", &[0.2]),
+                ("h3", &[0.2]),
+            ],
+        );
+        s.zones[0].dirty_pages_per_s = dirty[0];
+        s.zones[1].dirty_pages_per_s = dirty[1];
+        s
+    };
+    let moved = |s: &LoadSnapshot| {
+        let m = migrations(&Policy::new(no_fork()).unwrap().decide(s));
+        assert_eq!(m.len(), 1, "{m:?}");
+        m[0].0.clone()
+    };
+    // h1 at 3.5 of 4 cores, the average 3.9/12: its excess is 2.2 cores,
+    // and z0 and z1 (0.9 each) are the closest match.
+    let base = mk([None, None], [0.9, 0.9]);
+    assert_eq!(moved(&base), "h1/z0", "names break the tie");
+    assert_eq!(moved(&mk([Some(5000.0), Some(10.0)], [0.9, 0.9])), "h1/z1");
+    // Within near_equal_cores (0.05) of each other: still the dirty rate.
+    assert_eq!(moved(&mk([Some(5000.0), Some(10.0)], [0.92, 0.9])), "h1/z1");
+    // Unmeasured goes after measured.
+    assert_eq!(moved(&mk([None, Some(9000.0)], [0.9, 0.9])), "h1/z1");
+    // Not near-equal: the CPU match decides.
+    assert_eq!(moved(&mk([Some(5000.0), Some(10.0)], [1.3, 0.6])), "h1/z0");
 }
 
 /// A host whose load swings across both marks every second for five
@@ -413,7 +490,14 @@ fn the_actuator_applies_each_action() {
                 .push(format!("migrate {zone} {from} {to}"));
             Ok(())
         }
-        fn fork(&self, zone: &str, _host: &str, clones: u32) -> Result<(), String> {
+        fn fork(
+            &self,
+            zone: &str,
+            _host: &str,
+            clones: u32,
+            placement: &std::collections::BTreeMap<String, u32>,
+        ) -> Result<(), String> {
+            assert_eq!(placement.values().sum::<u32>(), clones);
             self.0.borrow_mut().push(format!("fork {zone} {clones}"));
             Ok(())
         }

@@ -12,24 +12,30 @@
 //!   opposite side of the cluster's average load (below it), least loaded
 //!   first, where the zone fits under the high-water mark.
 //! - **Selection policy** (what to move): the zone whose CPU use is
-//!   closest to the host's excess over the cluster average.
+//!   closest to the host's excess over the cluster average; among zones
+//!   within [`PolicyConfig::near_equal_cores`] of the closest, the one
+//!   that dirties the fewest pages per second (cheapest to migrate).
 //! - **Information policy**: periodic; every host publishes its load (the
 //!   snapshot is built from those reports).
 //!
 //! Fork: a zone whose load is more than one VM serves
 //! ([`PolicyConfig::fork_above`]) is split over clones; its clones are
 //! joined back when the zone's whole load falls below
-//! [`PolicyConfig::join_below`] of one VM. Cool-downs per zone and per
+//! [`PolicyConfig::join_below`] of one VM. The clones go to the least
+//! loaded hosts that have room ([`placement::place_clones`]). Cool-downs per zone and per
 //! host, and a bound on concurrent migrations, keep it from thrashing;
 //! every decision carries its inputs and its reason.
 
 pub mod engine;
+pub mod placement;
 pub mod snapshot;
 
 pub use engine::{Policy, PolicyConfig};
+pub use placement::place_clones;
 pub use snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// What the engine asks for.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -42,11 +48,14 @@ pub enum Action {
         to: String,
     },
     /// Fork zone `zone` (on `host`) into `clones` more VMs (its clients
-    /// are split between the parent and its clones by clone id).
+    /// are split between the parent and its clones by clone id), placed
+    /// as `placement` says (clones per host, adding up to `clones`:
+    /// [`placement::place_clones`]).
     Fork {
         zone: String,
         host: String,
         clones: u32,
+        placement: BTreeMap<String, u32>,
     },
     /// Join the clones of zone `zone` (on `host`) back into its parent.
     Join { zone: String, host: String },
@@ -84,14 +93,26 @@ pub struct Inputs {
 /// logged with the decision.
 pub trait Actuator {
     fn migrate(&self, zone: &str, from: &str, to: &str) -> Result<(), String>;
-    fn fork(&self, zone: &str, host: &str, clones: u32) -> Result<(), String>;
+    /// `placement`: clones per host (`host` itself may be among them).
+    fn fork(
+        &self,
+        zone: &str,
+        host: &str,
+        clones: u32,
+        placement: &BTreeMap<String, u32>,
+    ) -> Result<(), String>;
     fn join(&self, zone: &str, host: &str) -> Result<(), String>;
 
     /// Carries out `d`.
     fn apply(&self, d: &Decision) -> Result<(), String> {
         match &d.action {
             Action::Migrate { zone, from, to } => self.migrate(zone, from, to),
-            Action::Fork { zone, host, clones } => self.fork(zone, host, *clones),
+            Action::Fork {
+                zone,
+                host,
+                clones,
+                placement,
+            } => self.fork(zone, host, *clones, placement),
             Action::Join { zone, host } => self.join(zone, host),
         }
     }

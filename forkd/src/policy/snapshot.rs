@@ -38,6 +38,11 @@ pub struct ZoneLoad {
     /// Being migrated now.
     #[serde(default)]
     pub migrating: bool,
+    /// Distinct pages the parent VM dirtied per second in its last
+    /// dirty-rate window (`None`: not measured). Migrating a zone that
+    /// dirties less costs less (fewer pre-copy rounds, shorter downtime).
+    #[serde(default)]
+    pub dirty_pages_per_s: Option<f64>,
 }
 
 impl ZoneLoad {

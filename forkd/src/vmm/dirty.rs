@@ -10,6 +10,10 @@
 //! range tables ([`ranges`]) for whoever copies the pages (the migration
 //! layer). Populated pages ([`populated_pages`], from pagemap) tell what a
 //! first full copy must carry: a MAP_NORESERVE page never touched is zero.
+//!
+//! A dirty-rate sampler counts the pages dirtied over a short window
+//! ([`crate::vmm::dirty_window`]); dirty tracking ([`Vm::start_dirty_log`],
+//! a migration) owns the log and takes over an open window.
 
 use crate::vmm::memory::{self, GuestMemory};
 use crate::vmm::vm::Vm;
@@ -17,6 +21,8 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use std::io;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::vmm::dirty_window::log_state;
+pub use crate::vmm::dirty_window::{DirtyWindow, LogState, LogUse};
 pub use crate::vmm::page_bitmap::{
     from_kvm_words, or_into, ranges, split, PageBitmap, PageRange, VmmWrites, PAGE_SIZE,
 };
@@ -74,7 +80,7 @@ pub fn populated_pages(mem: &GuestMemory) -> Result<PageBitmap, DirtyError> {
     Ok(out)
 }
 
-fn set_slot_flags(vm: &Vm, flags: u32) -> Result<(), DirtyError> {
+pub(crate) fn set_slot_flags(vm: &Vm, flags: u32) -> Result<(), DirtyError> {
     let mem = vm.memory();
     let region = mem.iter().next().ok_or(DirtyError::NoRegion)?;
     let r = kvm_userspace_memory_region {
@@ -100,35 +106,54 @@ impl Vm {
 
     /// Turns dirty tracking on: KVM logs the guest's writes to slot 0 and
     /// the VMM records its own. The log starts empty.
+    /// An open dirty-rate window is taken over (it counts nothing).
     pub fn start_dirty_log(&self) -> Result<(), DirtyError> {
+        let mut st = log_state(&self.dirty_use);
+        self.decide_log_mode(&mut st);
+        st.using = LogUse::Tracking;
+        st.subset = None;
         self.vmm_writes().start(self.mem_pages());
         set_slot_flags(self, KVM_MEM_LOG_DIRTY_PAGES)?;
-        self.dirty_log_kvm().map(drop)
+        // Empty: every page protected and clear (with manual protection,
+        // the initially set log is read and cleared).
+        self.dirty_log_kvm(st.manual == Some(true)).map(drop)
     }
 
     /// Turns dirty tracking off again.
     pub fn stop_dirty_log(&self) -> Result<(), DirtyError> {
+        let mut st = log_state(&self.dirty_use);
+        st.using = LogUse::Off;
         self.vmm_writes().stop();
         set_slot_flags(self, 0)
     }
 
-    fn dirty_log_kvm(&self) -> Result<PageBitmap, DirtyError> {
+    /// KVM's log of slot 0 since the last read; with manual protection
+    /// (`manual`) the pages read are cleared and write-protected again, as
+    /// `KVM_GET_DIRTY_LOG` does by itself otherwise.
+    pub(crate) fn dirty_log_kvm(&self, manual: bool) -> Result<PageBitmap, DirtyError> {
+        let words = self.dirty_log_words()?;
+        if manual {
+            self.clear_dirty_log(&words)?;
+        }
+        Ok(from_kvm_words(&words, self.mem_pages()))
+    }
+
+    pub(crate) fn dirty_log_words(&self) -> Result<Vec<u64>, DirtyError> {
         let bytes = self.mem_bytes() as usize;
-        let words = self
-            .vm_fd()
+        self.vm_fd()
             .get_dirty_log(0, bytes)
             .map_err(|source| DirtyError::Ioctl {
                 op: "KVM_GET_DIRTY_LOG",
                 source,
-            })?;
-        Ok(from_kvm_words(&words, self.mem_pages()))
+            })
     }
 
     /// Pages written (by the guest or the VMM) since tracking started or
     /// since the last call; the log starts over.
     pub fn dirty_pages(&self) -> Result<PageBitmap, DirtyError> {
+        let manual = log_state(&self.dirty_use).manual == Some(true);
         let vmm = self.vmm_writes().take().ok_or(DirtyError::NotTracking)?;
-        let mut bits = self.dirty_log_kvm()?;
+        let mut bits = self.dirty_log_kvm(manual)?;
         or_into(&mut bits, &vmm);
         Ok(bits)
     }

@@ -75,4 +75,8 @@ pub trait MemoryServer: Send {
     /// Stops serving. Called after the vCPUs have stopped and before the
     /// memory is unmapped.
     fn stop(&mut self);
+    /// Faults served so far (a load figure: faults per second).
+    fn faults(&self) -> u64 {
+        0
+    }
 }

@@ -185,6 +185,8 @@ pub struct Vm {
     exit: Option<VmExit>,
     pub times: StartTimes,
     shared: Arc<VmShared>,
+    /// Who has KVM's dirty log on (`vmm::dirty`).
+    pub(crate) dirty_use: Mutex<crate::vmm::dirty::LogState>,
 }
 
 pub fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
@@ -226,6 +228,7 @@ impl Vm {
                 first_run: Arc::new(OnceLock::new()),
             },
             shared: Arc::new(shared),
+            dirty_use: Mutex::default(),
         }
     }
 
@@ -261,6 +264,12 @@ impl Vm {
     /// handling; not the time paused or asleep).
     pub fn cpu_time(&self) -> Duration {
         self.cpu.iter().map(|c| c.time()).sum()
+    }
+
+    /// Faults its memory server (a userfaultfd handler: clones, post-copy
+    /// arrivals) has served so far; `None` without one.
+    pub fn memory_faults(&self) -> Option<u64> {
+        self.memory_server.as_ref().map(|m| m.faults())
     }
 
     pub fn console(&self) -> &Console {
