@@ -119,7 +119,10 @@ struct Args {
 /// The policy's thresholds for a run whose average host load is about
 /// [`TARGET_AVG`]: overloaded above 1.15× the average, until under 1.05×;
 /// a zone fits where it stays under 1.08×; short cool-downs and two
-/// migrations in flight so it keeps up with the clients; fork and join
+/// migrations in flight so it keeps up with the clients; candidates
+/// "near-equal" for the dirty-rate tie-break within 0.005 cores (the
+/// engine's 0.05 is more than any zone here uses: it made the tie-break
+/// the whole selection, idle zones first); fork and join
 /// thresholds stay the engine's (a zone VM here never needs more than its
 /// vCPU).
 fn policy_config(over: Option<&str>) -> Result<String> {
@@ -129,7 +132,8 @@ fn policy_config(over: Option<&str>) -> Result<String> {
         "fit_below": 0.70,
         "host_cooldown_ms": 3000,
         "zone_cooldown_ms": 20000,
-        "max_migrations": 2
+        "max_migrations": 2,
+        "near_equal_cores": 0.005
     });
     if let Some(o) = over {
         let o: serde_json::Value =
