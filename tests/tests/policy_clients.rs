@@ -114,13 +114,30 @@ fn a_zone_whose_clients_double_is_forked_and_joined_back() {
         let mut next = vec![1u64; 40];
         // 10 clients: below the fork threshold.
         let mut split = stream(&mut tx, vm, 10, &mut next, Duration::from_secs(4), || false);
-        assert!(decision(&h1c, &idc, "fork").is_none(), "forked at 10 clients");
+        assert!(
+            decision(&h1c, &idc, "fork").is_none(),
+            "forked at 10 clients"
+        );
         // 20: the leader forks the zone.
         let forked = || decision(&h1c, &idc, "fork").is_some();
-        split.extend(stream(&mut tx, vm, 20, &mut next, Duration::from_secs(30), forked));
+        split.extend(stream(
+            &mut tx,
+            vm,
+            20,
+            &mut next,
+            Duration::from_secs(30),
+            forked,
+        ));
         let fork = decision(&h1c, &idc, "fork").expect("no fork decided at 20 clients");
         // A little more while split, then nothing: the leader joins it.
-        split.extend(stream(&mut tx, vm, 20, &mut next, Duration::from_secs(2), || false));
+        split.extend(stream(
+            &mut tx,
+            vm,
+            20,
+            &mut next,
+            Duration::from_secs(2),
+            || false,
+        ));
         assert!(
             tx.wait_acked(Duration::from_secs(30)).expect("poll"),
             "{} unacknowledged while split: {:?}",
@@ -156,9 +173,12 @@ fn a_zone_whose_clients_double_is_forked_and_joined_back() {
     assert_eq!(fork["outcome"], "done", "{fork}");
     assert_eq!(join["outcome"], "done", "{join}");
     // The clone has ended (the join ended it) and the parent runs on.
-    let v = poll(&h1, &format!("/v1/vms/{id}"), Duration::from_secs(10), |v| {
-        v["families"][0]["running"] == 0
-    });
+    let v = poll(
+        &h1,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(10),
+        |v| v["families"][0]["running"] == 0,
+    );
     assert_eq!(v["families"][0]["clones"][0]["state"], "exited", "{v}");
     let end = poll(&h1, &format!("/v1/vms/{id}"), tests::WAIT, all_ended);
     assert_eq!(end["exit"]["code"], 0, "{end}");
