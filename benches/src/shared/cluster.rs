@@ -157,6 +157,18 @@ impl Cluster {
     /// is 1-7 of a-z. The guard exists before `up` runs, so a half-made
     /// cluster is taken down as well.
     pub fn up(forkd: &Path, hosts: u32, tag: &'static str, short: &str) -> Result<Cluster> {
+        Self::up_with(forkd, hosts, tag, short, &[])
+    }
+
+    /// [`Cluster::up`] with more `cluster up` options (`--policy`,
+    /// `--cpu-capacity C`, …).
+    pub fn up_with(
+        forkd: &Path,
+        hosts: u32,
+        tag: &'static str,
+        short: &str,
+        extra: &[String],
+    ) -> Result<Cluster> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             bail!("the {tag} bench needs root: it makes a local cluster (network namespaces)");
@@ -180,7 +192,10 @@ impl Cluster {
             _tmp: tmp,
         };
         eprintln!("{tag}: cluster up: {} hosts ({})", hosts, c.name);
-        let o = c.cluster(&["up", "--hosts", &hosts.to_string(), "--json"])?;
+        let n = hosts.to_string();
+        let mut args = vec!["up", "--hosts", &n, "--json"];
+        args.extend(extra.iter().map(String::as_str));
+        let o = c.cluster(&args)?;
         if !o.status.success() {
             bail!("forkd cluster up failed: {}", describe(&o));
         }

@@ -54,6 +54,12 @@ pub struct UpArgs {
     /// hosts of a local cluster share this machine's CPUs).
     #[arg(long)]
     pub cpu_capacity: Option<f64>,
+    /// Most VMs each host's daemon registers at once (its `--max-vms`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_vms: Option<u64>,
+    /// Most clones one fork may ask for, per host (its `--max-clones`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_clones: Option<u64>,
     /// Each host's dirty-rate sampling: a window every this often (0:
     /// none; see `forkd serve --help`).
     #[arg(long)]
@@ -113,6 +119,12 @@ fn serve_args(a: &UpArgs) -> Vec<String> {
     }
     if let Some(c) = a.cpu_capacity {
         v.extend(["--cpu-capacity".to_owned(), c.to_string()]);
+    }
+    if let Some(n) = a.max_vms {
+        v.extend(["--max-vms".to_owned(), n.to_string()]);
+    }
+    if let Some(n) = a.max_clones {
+        v.extend(["--max-clones".to_owned(), n.to_string()]);
     }
     if let Some(ms) = a.dirty_sample_every_ms {
         v.extend(["--dirty-sample-every-ms".to_owned(), ms.to_string()]);
