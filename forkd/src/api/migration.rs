@@ -22,7 +22,6 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +36,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{blocking, parse_body, vm_path};
-use super::migration_clone::{CloneOrigin, Subject};
+use super::migration_clone::Subject;
+pub use super::migration_open::{OpenIncoming, PendingTicket};
 use super::migration_table::{trim, InRecord, OutRecord};
 use super::registry::{Adopted, Registry};
 use super::types::{parse_vm_id, vm_id};
@@ -103,38 +103,6 @@ pub struct MigrationStatus {
     pub populated_bytes: u64,
     #[serde(flatten)]
     pub progress: ProgressView,
-}
-
-/// `POST /v1/migrations` (daemon to daemon).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OpenIncoming {
-    /// The source's host and VM id, for the record.
-    pub source: String,
-    /// The VM's id (`vm-N`): it keeps it here (409 if taken).
-    pub vm: String,
-    pub mem_mib: u64,
-    pub vcpus: u64,
-    pub cmdline: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest: Option<PathBuf>,
-    /// Fork tickets the guest was granted and has not used: its new fork
-    /// hub grants them again, so its `sf_clone` works there.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tickets: Vec<PendingTicket>,
-    /// A clone of a family whose parent runs elsewhere
-    /// ([`super::migration_clone`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clone: Option<CloneOrigin>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PendingTicket {
-    pub id: u64,
-    pub clones: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

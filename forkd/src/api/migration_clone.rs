@@ -18,81 +18,24 @@
 //! parent's process) and does not post-copy (its missing pages would have
 //! two sources); both are refused with 422, and `auto` stays pre-copy.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::error::ApiError;
-use super::migration::{OpenIncoming, PendingTicket};
+use super::migration_open::{CloneOrigin, OpenIncoming, PendingTicket};
 use super::registry::{Entry, Registry};
 use super::types::vm_id;
 use crate::fork::clone::FamilySource;
-use crate::fork::envelope::{from_hex, to_hex};
+use crate::fork::envelope::to_hex;
 use crate::fork::fault::FaultStatsView;
 use crate::fork::handover::{Answer, HandoverError};
 use crate::fork::hosted::{HostedClone, HostedFamily};
-use crate::fork::identity::CloneIdentity;
 use crate::migrate::Mode;
 use crate::sync::lock;
 use crate::vmm::Vm;
-use memserver::FamilyKey;
 
 /// How long a clone's reaper may take to hand its VM over.
 const BORROW_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A migrating clone's origin, in the open request (daemon to daemon,
-/// with the cluster's bearer token, like the envelope it came in).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloneOrigin {
-    pub family: u64,
-    /// The family's key on its memory server: 32 bytes, hex.
-    pub secret: String,
-    pub parent_host: String,
-    /// The family's memory server (unicast).
-    pub memserver: SocketAddr,
-    pub clone_id: u64,
-    /// The clone's MAC (low 48 bits) and IPv4 address.
-    pub mac: u64,
-    pub ip: Ipv4Addr,
-    /// Its generation id, 32 hex digits.
-    pub generation: String,
-    /// Since its family's share came to its first host, in µs (the
-    /// clone's times count from there).
-    pub age_us: u64,
-}
-
-impl CloneOrigin {
-    fn identity(&self) -> Result<CloneIdentity, ApiError> {
-        let generation = u128::from_str_radix(&self.generation, 16)
-            .ok()
-            .filter(|g| *g != 0 && self.generation.len() == 32)
-            .ok_or_else(|| ApiError::BadRequest("clone.generation: 32 hex digits".into()))?;
-        if self.mac >> 48 != 0 {
-            return Err(ApiError::BadRequest("clone.mac: 48 bits".into()));
-        }
-        let m = self.mac.to_be_bytes();
-        Ok(CloneIdentity {
-            clone_id: self.clone_id,
-            mac: [m[2], m[3], m[4], m[5], m[6], m[7]],
-            ip: self.ip,
-            generation,
-        })
-    }
-
-    fn key(&self) -> Result<FamilyKey, ApiError> {
-        match from_hex(&self.secret) {
-            Some(s) if s.len() == 32 => {
-                let mut secret = [0u8; 32];
-                secret.copy_from_slice(&s);
-                Ok(FamilyKey::from_parts(self.family, secret))
-            }
-            _ => Err(ApiError::BadRequest("clone.secret: 32 bytes, hex".into())),
-        }
-    }
-}
 
 /// The VM a migration worker holds, and where it goes when done.
 pub(super) enum Subject {

@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+mod clients_state;
 pub mod cluster_links;
 pub mod controller;
 pub mod error;
@@ -41,6 +42,7 @@ pub mod load;
 pub mod metrics;
 pub mod migration;
 mod migration_clone;
+mod migration_open;
 mod migration_table;
 pub mod peers;
 pub mod registry;

@@ -147,7 +147,7 @@ pub struct Registry {
     /// Dirty-rate sampling (`--dirty-sample-every-ms`; default if unset).
     pub(super) dirty_sampling: std::sync::OnceLock<DirtySampling>,
     /// The client ingress and the zones that moved away (`api::updates`).
-    pub(super) clients: super::updates::ClientsState,
+    pub(super) clients: super::clients_state::ClientsState,
 }
 
 /// A VM slot held while its VM boots; given back on drop unless the VM
@@ -744,7 +744,7 @@ impl Registry {
                                 e.load.ended();
                             } else {
                                 e.load.sample(vm, &dirty, || clone_faults(&e.hub));
-                                *lock(&e.guest_load) = super::updates::vm_guest_load(vm);
+                                *lock(&e.guest_load) = super::clients_state::vm_guest_load(vm);
                             }
                         }
                         // An exited VM gives its guest memory back at once

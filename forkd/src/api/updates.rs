@@ -13,9 +13,8 @@
 //! A zone that migrated away is answered with a redirect to the
 //! destination's ingress.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, TryLockError, Weak};
+use std::sync::{Arc, TryLockError, Weak};
 
 use guest_agent::abi;
 use serde::Serialize;
@@ -25,19 +24,9 @@ use super::types::vm_id;
 use crate::clients::ingress::IngressStats;
 use crate::clients::ring::guest_load;
 use crate::clients::{
-    Access, ClientCounters, Directory, GuestLoad, GuestView, Ingress, Route, Routing, Target,
+    Access, ClientCounters, Directory, GuestView, Ingress, Route, Routing, Target,
 };
 use crate::sync::lock;
-use crate::vmm::Vm;
-
-/// What the daemon keeps for client routing.
-#[derive(Default)]
-pub(super) struct ClientsState {
-    /// The ingress, once started (`serve --clients-udp`).
-    pub(super) ingress: std::sync::OnceLock<Arc<Ingress>>,
-    /// Zones that migrated away: VM id → destination host.
-    moved: Mutex<HashMap<u64, String>>,
-}
 
 /// `GET /v1/clients`: the ingress and every target's counters.
 #[derive(Debug, Clone, Serialize)]
@@ -64,17 +53,6 @@ fn target_name(t: &Target) -> String {
         } => format!("{}.clone-{clone_id}", vm_id(*parent)),
         Target::HostedClone { family, clone_id } => format!("family-{family}.clone-{clone_id}"),
     }
-}
-
-/// The guest's tick load, read from its agent page.
-pub(super) fn vm_guest_load(vm: &Vm) -> Option<GuestLoad> {
-    let writes = vm.vmm_writes();
-    let agent_gpa = vm.guest_info()?.agent_gpa;
-    guest_load(&GuestView {
-        memory: vm.memory(),
-        writes: &writes,
-        agent_gpa,
-    })
 }
 
 impl Registry {

@@ -21,8 +21,8 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use std::io;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vmm::dirty_window::log_state;
-pub use crate::vmm::dirty_window::{DirtyWindow, LogState, LogUse};
+use crate::vmm::dirty_log_state::log_state;
+pub use crate::vmm::dirty_log_state::{LogState, LogUse};
 pub use crate::vmm::page_bitmap::{
     from_kvm_words, or_into, ranges, split, PageBitmap, PageRange, VmmWrites, PAGE_SIZE,
 };

@@ -18,44 +18,19 @@
 //! return, so its semantics are the same either way.
 
 use crate::vmm::dirty::{from_kvm_words, or_into, set_slot_flags, DirtyError};
+use crate::vmm::dirty_log_state::{log_state, LogState, LogUse};
 use crate::vmm::vm::Vm;
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
 const KVMIO: u32 = 0xAE;
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
-
-/// Who has a VM's dirty log on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogUse {
-    #[default]
-    Off,
-    /// A dirty-rate window, open since then.
-    Window(Instant),
-    /// Dirty tracking (a migration) owns the log.
-    Tracking,
-}
-
-/// A VM's dirty-log state (behind one lock in the VM).
-#[derive(Debug, Default)]
-pub struct LogState {
-    pub(crate) using: LogUse,
-    /// Manual protection: decided at the first use, `None` before.
-    pub(crate) manual: Option<bool>,
-    /// The open window's watched pages (KVM bitmap words); `None`: all.
-    pub(crate) subset: Option<Vec<u64>>,
-}
-
-pub(crate) fn log_state(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What a window saw.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -10,6 +10,7 @@ pub mod cpu_state;
 pub mod devices;
 pub mod digest;
 pub mod dirty;
+pub mod dirty_log_state;
 pub mod dirty_window;
 pub mod integrity;
 pub mod kvm;

@@ -186,7 +186,7 @@ pub struct Vm {
     pub times: StartTimes,
     shared: Arc<VmShared>,
     /// Who has KVM's dirty log on (`vmm::dirty`).
-    pub(crate) dirty_use: Mutex<crate::vmm::dirty::LogState>,
+    pub(crate) dirty_use: Mutex<crate::vmm::dirty_log_state::LogState>,
 }
 
 pub fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
