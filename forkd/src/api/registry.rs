@@ -515,20 +515,6 @@ impl Registry {
         }
     }
 
-    /// A VM's load: sampled figures, client counters, the guest's own.
-    pub(super) fn vm_load(&self, e: &Entry) -> Option<super::load::VmLoad> {
-        let clients = self.client_counters(e.id);
-        let guest = *lock(&e.guest_load);
-        let load = e.load.get();
-        if load.is_none() && clients.is_none() && guest.is_none() {
-            return None;
-        }
-        let mut l = load.unwrap_or_default();
-        l.clients = clients;
-        l.guest = guest;
-        Some(l)
-    }
-
     pub(super) fn list_entries(&self) -> Vec<Arc<Entry>> {
         lock(&self.inner).vms.values().cloned().collect()
     }

@@ -56,6 +56,20 @@ fn target_name(t: &Target) -> String {
 }
 
 impl Registry {
+    /// A VM's load: sampled figures, client counters, the guest's own.
+    pub(super) fn vm_load(&self, e: &Entry) -> Option<super::load::VmLoad> {
+        let clients = self.client_counters(e.id);
+        let guest = *lock(&e.guest_load);
+        let load = e.load.get();
+        if load.is_none() && clients.is_none() && guest.is_none() {
+            return None;
+        }
+        let mut l = load.unwrap_or_default();
+        l.clients = clients;
+        l.guest = guest;
+        Some(l)
+    }
+
     /// The client ingress, if this daemon runs one.
     pub(super) fn ingress(&self) -> Option<&Arc<Ingress>> {
         self.clients.ingress.get()

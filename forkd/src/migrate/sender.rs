@@ -566,8 +566,10 @@ impl Sender<'_> {
             let page = |i: usize| &buf[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
             let count = r.count as usize;
             let mut s = 0;
+            // Each page is looked at once: a run ends at a page of the
+            // other kind, which starts the next.
+            let mut zero = page(0) == &ZERO_PAGE[..];
             while s < count {
-                let zero = page(s) == &ZERO_PAGE[..];
                 let mut e = s + 1;
                 while e < count && (page(e) == &ZERO_PAGE[..]) == zero {
                     e += 1;
@@ -583,6 +585,7 @@ impl Sender<'_> {
                     self.send_zeros(run)?;
                 }
                 s = e;
+                zero = !zero;
             }
         }
         Ok(sent)
