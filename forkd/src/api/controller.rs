@@ -241,9 +241,20 @@ impl Controller {
     }
 }
 
+/// A zone's weight is at most this many times its vCPU time (see
+/// [`snapshot`]).
+const MAX_WEIGHT_PER_CPU: f64 = 2.0;
+
 /// The policy's view of the cluster: each host's published load, each
 /// running VM a zone (its clones, if it has a live family, carry as much
 /// as it does: its clients are split evenly by clone id).
+///
+/// A zone's weight, the host CPU that moves with it, is its vCPU time
+/// scaled by its host's CPU over its zones' vCPU time: the daemon's work
+/// for a zone (its clients' updates received, ringed and acknowledged)
+/// grows with the zone's own, and goes where the zone goes. The scale is
+/// bounded to [1, [`MAX_WEIGHT_PER_CPU`]]: a host's hosted clones and its
+/// own fixed work are in its CPU too.
 pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
     let mut s = LoadSnapshot {
         at_ms,
@@ -256,12 +267,14 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
             capacity: l.capacity_cores,
             cpu: l.cpu_cores,
         });
+        let first = s.zones.len();
         for vm in l.vms.iter().filter(|v| v.running) {
             let cpu = vm.load.map(|l| l.cpu_cores).unwrap_or(0.0);
             s.zones.push(ZoneLoad {
                 zone: vm.id.clone(),
                 host: h.entry.name.clone(),
                 cpu,
+                weight: None,
                 clones: if vm.has_family {
                     vec![cpu; vm.family_clones as usize]
                 } else {
@@ -270,6 +283,15 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
                 migrating: vm.migrating,
                 dirty_pages_per_s: vm.load.and_then(|l| l.dirty_pages_per_s),
             });
+        }
+        let vcpu: f64 = s.zones[first..].iter().map(|z| z.cpu).sum();
+        let scale = if vcpu > 0.0 {
+            (l.cpu_cores / vcpu).clamp(1.0, MAX_WEIGHT_PER_CPU)
+        } else {
+            1.0
+        };
+        for z in &mut s.zones[first..] {
+            z.weight = Some(z.cpu * scale);
         }
     }
     s
@@ -398,9 +420,10 @@ mod tests {
         assert_eq!((hosts["h1"], hosts["h3"]), (1, 2));
     }
 
-    /// The policy's snapshot carries each zone's published dirty rate.
+    /// The policy's snapshot carries each zone's published dirty rate,
+    /// and weighs each zone with its share of its host's CPU.
     #[test]
-    fn snapshots_carry_the_dirty_rate() {
+    fn snapshots_carry_the_dirty_rate_and_the_weight() {
         use super::super::etcd::{ClusterHost, HostEntry, LinkStatus, LoadReport, VmReport};
         let vm = |id: &str, dirty: Option<f64>| VmReport {
             id: id.into(),
@@ -428,7 +451,7 @@ mod tests {
                 load: Some(LoadReport {
                     at_ms: 0,
                     capacity_cores: 2.0,
-                    cpu_cores: 0.6,
+                    cpu_cores: 0.9,
                     resident_bytes: 0,
                     mem_available_bytes: 0,
                     hosted_clones: 0,
@@ -439,5 +462,15 @@ mod tests {
         let s = snapshot(&view, 5);
         let d: Vec<_> = s.zones.iter().map(|z| z.dirty_pages_per_s).collect();
         assert_eq!(d, vec![Some(900.0), None]);
+        // 0.9 cores for 0.6 of vCPU: each zone weighs 1.5 × its own.
+        for z in &s.zones {
+            assert!((z.weight() - 0.45).abs() < 1e-9, "{z:?}");
+        }
+        // A host busier than MAX_WEIGHT_PER_CPU × its zones: bounded.
+        let mut v = view.clone();
+        if let Some(l) = v.hosts[0].load.as_mut() {
+            l.cpu_cores = 6.0;
+        }
+        assert!((snapshot(&v, 5).zones[0].weight() - 0.6).abs() < 1e-9);
     }
 }

@@ -1,9 +1,12 @@
 //! The decisions: [`Policy::decide`] takes a snapshot and returns what to
-//! do, remembering only what keeps it from thrashing (which hosts are
-//! overloaded, for the hysteresis; the cool-downs) and its log.
+//! do, remembering only what keeps it from thrashing (the load means,
+//! which hosts are overloaded, for the hysteresis; the cool-downs) and its
+//! log.
 
 use super::placement::place_clones;
+use super::smoothing::Smoother;
 use super::snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
+use super::transfer::Transfer;
 use super::{Action, Decision, Inputs};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -14,15 +17,34 @@ pub const LOG_KEPT: usize = 1000;
 /// The thresholds. Loads are fractions of a host's capacity; zone figures
 /// are cores (one zone VM has one vCPU).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// Transfer policy: a host above this is overloaded…
+    /// Transfer policy, absolute: a host above this is overloaded…
     pub high_water: f64,
     /// …until it is below this (hysteresis).
     pub low_water: f64,
+    /// Transfer policy, relative: a host above this × the cluster's
+    /// average load is overloaded…
+    pub above_average: f64,
+    /// …until it is below this × the average.
+    pub back_to_average: f64,
+    /// A host is overloaded once over a mark in this many snapshots in a
+    /// row (not on one sample).
+    pub overload_periods: u32,
+    /// Weight of the newest sample in the means the engine acts on
+    /// (1: the samples as they are).
+    pub smoothing: f64,
     /// Location policy: a zone fits on a host whose load after the move
-    /// stays at or below this.
+    /// stays at or below this (and below `above_average` × the average,
+    /// and below the source's load before the move).
     pub fit_below: f64,
+    /// Selection: a zone lighter than this (fraction of its host's
+    /// capacity) is not worth a migration.
+    pub min_move: f64,
+    /// Selection: zones within this fraction of the host's excess of the
+    /// best match are near-equal; among them the lowest dirty rate goes
+    /// first.
+    pub near_equal: f64,
     /// Fork a zone whose demand is above this (cores): more than one VM
     /// serves.
     pub fork_above: f64,
@@ -37,9 +59,6 @@ pub struct PolicyConfig {
     pub host_cooldown_ms: u64,
     /// Migrations in flight at most, cluster-wide.
     pub max_migrations: usize,
-    /// Selection: zones whose CPU is within this (cores) of the best
-    /// match are near-equal; among them the lowest dirty rate goes first.
-    pub near_equal_cores: f64,
 }
 
 impl Default for PolicyConfig {
@@ -47,7 +66,13 @@ impl Default for PolicyConfig {
         PolicyConfig {
             high_water: 0.85,
             low_water: 0.70,
+            above_average: 1.2,
+            back_to_average: 1.08,
+            overload_periods: 2,
+            smoothing: 0.5,
             fit_below: 0.78,
+            min_move: 0.02,
+            near_equal: 0.1,
             fork_above: 0.90,
             fork_target: 0.60,
             max_clones: 7,
@@ -55,7 +80,6 @@ impl Default for PolicyConfig {
             zone_cooldown_ms: 30_000,
             host_cooldown_ms: 10_000,
             max_migrations: 1,
-            near_equal_cores: 0.05,
         }
     }
 }
@@ -64,10 +88,14 @@ impl Default for PolicyConfig {
 pub enum ConfigError {
     #[error("thresholds must satisfy 0 < low_water < high_water and low_water <= fit_below < high_water")]
     Waters,
+    #[error("relative thresholds must satisfy 1 < back_to_average < above_average")]
+    Average,
     #[error("fork thresholds must satisfy 0 < join_below < fork_target < fork_above")]
     Fork,
-    #[error("max_clones and max_migrations must be at least 1")]
+    #[error("max_clones, max_migrations and overload_periods must be at least 1")]
     Bounds,
+    #[error("smoothing must be in (0, 1], min_move and near_equal in [0, 1)")]
+    Fractions,
 }
 
 impl PolicyConfig {
@@ -81,14 +109,26 @@ impl PolicyConfig {
             ConfigError::Waters,
         )?;
         ok(
+            self.back_to_average > 1.0 && self.back_to_average < self.above_average,
+            ConfigError::Average,
+        )?;
+        ok(
             self.join_below > 0.0
                 && self.join_below < self.fork_target
                 && self.fork_target < self.fork_above,
             ConfigError::Fork,
         )?;
         ok(
-            self.max_clones >= 1 && self.max_migrations >= 1,
+            self.max_clones >= 1 && self.max_migrations >= 1 && self.overload_periods >= 1,
             ConfigError::Bounds,
+        )?;
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        ok(
+            self.smoothing > 0.0
+                && self.smoothing <= 1.0
+                && unit(self.min_move)
+                && unit(self.near_equal),
+            ConfigError::Fractions,
         )
     }
 }
@@ -97,7 +137,8 @@ impl PolicyConfig {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub config: PolicyConfig,
-    overloaded: BTreeSet<String>,
+    transfer: Transfer,
+    smoother: Smoother,
     zone_quiet_until: BTreeMap<String, u64>,
     host_quiet_until: BTreeMap<String, u64>,
     log: VecDeque<Decision>,
@@ -107,8 +148,9 @@ impl Policy {
     pub fn new(config: PolicyConfig) -> Result<Policy, ConfigError> {
         config.check()?;
         Ok(Policy {
+            smoother: Smoother::new(config.smoothing),
             config,
-            overloaded: BTreeSet::new(),
+            transfer: Transfer::default(),
             zone_quiet_until: BTreeMap::new(),
             host_quiet_until: BTreeMap::new(),
             log: VecDeque::new(),
@@ -122,44 +164,30 @@ impl Policy {
 
     /// Hosts the transfer policy holds overloaded now.
     pub fn overloaded(&self) -> impl Iterator<Item = &str> {
-        self.overloaded.iter().map(String::as_str)
+        self.transfer.overloaded()
     }
 
     /// What to do about `snap`: fork and join decisions first, then at
     /// most one migration per overloaded host, within the bound on
-    /// migrations in flight. Deterministic: the same snapshots in the same
-    /// order give the same decisions.
+    /// migrations in flight. It acts on the means of the snapshots so far
+    /// ([`Smoother`]). Deterministic: the same snapshots in the same order
+    /// give the same decisions.
     pub fn decide(&mut self, snap: &LoadSnapshot) -> Vec<Decision> {
-        self.update_overloaded(snap);
+        let raw = snap;
+        let snap = self.smoother.smooth(raw);
+        self.transfer.update(&self.config, raw, &snap);
         let avg = snap.average_load();
         let mut out = Vec::new();
         for z in &snap.zones {
-            if let Some(d) = self.fork_or_join(snap, z, avg) {
+            if let Some(d) = self.fork_or_join(&snap, z, avg) {
                 out.push(d);
             }
         }
-        out.extend(self.migrations(snap, avg));
+        out.extend(self.migrations(&snap, avg));
         for d in &out {
             self.remember(d);
         }
         out
-    }
-
-    /// Transfer policy, with hysteresis.
-    fn update_overloaded(&mut self, snap: &LoadSnapshot) {
-        let c = &self.config;
-        for h in &snap.hosts {
-            let load = h.load();
-            if load > c.high_water {
-                self.overloaded.insert(h.name.clone());
-            } else if load < c.low_water {
-                self.overloaded.remove(&h.name);
-            }
-        }
-        // A host that stopped reporting is not overloaded (nor a
-        // destination): it is not in the snapshot.
-        self.overloaded
-            .retain(|name| snap.hosts.iter().any(|h| &h.name == name));
     }
 
     fn zone_quiet(&self, zone: &str, now: u64) -> bool {
@@ -177,6 +205,7 @@ impl Policy {
             host_load: snap.host(&z.host).map(HostLoad::load).unwrap_or(0.0),
             to_load: None,
             zone_cpu: z.cpu,
+            zone_weight: z.weight(),
             zone_demand: z.demand(),
         }
     }
@@ -239,10 +268,15 @@ impl Policy {
             .iter()
             .map(|h| (h.name.as_str(), h.cpu))
             .collect();
+        let load = |cpu: &BTreeMap<&str, f64>, h: &HostLoad| cpu[h.name.as_str()] / h.capacity;
         let mut sources: Vec<&HostLoad> = snap
             .hosts
             .iter()
-            .filter(|h| self.overloaded.contains(&h.name) && !self.host_quiet(&h.name, now))
+            .filter(|h| {
+                h.capacity > 0.0
+                    && self.transfer.is_overloaded(&h.name)
+                    && !self.host_quiet(&h.name, now)
+            })
             .collect();
         sources.sort_by(|a, b| b.load().total_cmp(&a.load()).then(a.name.cmp(&b.name)));
         let mut out = Vec::new();
@@ -251,8 +285,15 @@ impl Policy {
             if budget == 0 {
                 break;
             }
-            // Selection: the zone closest to the host's excess.
+            if moved.contains(src.name.as_str()) {
+                continue;
+            }
+            // Selection: the zone closest to the host's excess over the
+            // average, if it is worth a migration.
             let excess = cpu[src.name.as_str()] - avg * src.capacity;
+            if excess <= 0.0 {
+                continue;
+            }
             let mut zones: Vec<&ZoneLoad> = snap
                 .zones
                 .iter()
@@ -260,41 +301,46 @@ impl Policy {
                     z.host == src.name
                         && !z.migrating
                         && !z.is_split()
-                        && z.cpu > 0.0
+                        && z.weight() > 0.0
+                        && z.weight() >= c.min_move * src.capacity
                         && !self.zone_quiet(&z.zone, now)
                 })
                 .collect();
-            select_order(&mut zones, excess, c.near_equal_cores);
+            select_order(&mut zones, excess, c.near_equal * excess);
             // Location: the other side of the average, least loaded
-            // first, where the zone fits.
+            // first, where the zone fits: under `fit_below`, not over the
+            // relative mark, and below the source's load before the move
+            // (so every move makes the pair more even).
             let mut dests: Vec<&HostLoad> = snap
                 .hosts
                 .iter()
                 .filter(|h| {
                     h.name != src.name
                         && h.capacity > 0.0
-                        && cpu[h.name.as_str()] / h.capacity < avg
+                        && load(&cpu, h) < avg
                         && !self.host_quiet(&h.name, now)
                         && !moved.contains(h.name.as_str())
                 })
                 .collect();
             dests.sort_by(|a, b| {
-                (cpu[a.name.as_str()] / a.capacity)
-                    .total_cmp(&(cpu[b.name.as_str()] / b.capacity))
+                load(&cpu, a)
+                    .total_cmp(&load(&cpu, b))
                     .then(a.name.cmp(&b.name))
             });
-            let choice = zones.iter().find_map(|z| {
-                dests
-                    .iter()
-                    .find(|d| (cpu[d.name.as_str()] + z.cpu) / d.capacity <= c.fit_below)
-                    .map(|d| (*z, *d))
-            });
+            let src_load = load(&cpu, src);
+            let fits = |z: &ZoneLoad, d: &HostLoad| {
+                let after = (cpu[d.name.as_str()] + z.weight()) / d.capacity;
+                after <= c.fit_below && after <= c.above_average * avg && after < src_load
+            };
+            let choice = zones
+                .iter()
+                .find_map(|z| dests.iter().find(|d| fits(z, d)).map(|d| (*z, *d)));
             let Some((z, dest)) = choice else {
                 continue;
             };
-            let to_load = cpu[dest.name.as_str()] / dest.capacity;
+            let to_load = load(&cpu, dest);
             let mut inputs = Self::inputs(snap, z, avg);
-            inputs.host_load = cpu[src.name.as_str()] / src.capacity;
+            inputs.host_load = src_load;
             inputs.to_load = Some(to_load);
             out.push(Decision {
                 at_ms: now,
@@ -304,19 +350,19 @@ impl Policy {
                     to: dest.name.clone(),
                 },
                 reason: format!(
-                    "{} is overloaded ({:.2} > {:.2}, average {avg:.2}); its excess is {excess:.2} cores and {} uses {:.2}; {} is below the average ({to_load:.2}) and takes it to {:.2}",
+                    "{} is overloaded ({src_load:.2}, average {avg:.2}; marks {:.2} and {:.2} × average); its excess is {excess:.3} cores and {} weighs {:.3}; {} is below the average ({to_load:.2}) and takes it to {:.2}",
                     src.name,
-                    inputs.host_load,
                     c.high_water,
+                    c.above_average,
                     z.zone,
-                    z.cpu,
+                    z.weight(),
                     dest.name,
-                    (cpu[dest.name.as_str()] + z.cpu) / dest.capacity
+                    (cpu[dest.name.as_str()] + z.weight()) / dest.capacity
                 ),
                 inputs,
             });
-            *cpu.entry(src.name.as_str()).or_default() -= z.cpu;
-            *cpu.entry(dest.name.as_str()).or_default() += z.cpu;
+            *cpu.entry(src.name.as_str()).or_default() -= z.weight();
+            *cpu.entry(dest.name.as_str()).or_default() += z.weight();
             moved.insert(src.name.as_str());
             moved.insert(dest.name.as_str());
             budget -= 1;
@@ -329,6 +375,8 @@ impl Policy {
         let now = d.at_ms;
         match &d.action {
             Action::Migrate { zone, from, to } => {
+                self.smoother
+                    .moved(zone, from, to, d.inputs.zone_weight);
                 self.zone_quiet_until
                     .insert(zone.clone(), now + c.zone_cooldown_ms);
                 for h in [from, to] {
@@ -349,11 +397,11 @@ impl Policy {
     }
 }
 
-/// Selection order: closest to `excess` first; the zones within `near` of
-/// the closest go first, the lowest dirty rate among them first (not
-/// measured: after the measured ones).
+/// Selection order: closest to `excess` first by weight; the zones
+/// within `near` (cores) of the closest go first, the lowest dirty rate
+/// among them first (not measured: after the measured ones).
 fn select_order(zones: &mut [&ZoneLoad], excess: f64, near: f64) {
-    let dist = |z: &ZoneLoad| (z.cpu - excess).abs();
+    let dist = |z: &ZoneLoad| (z.weight() - excess).abs();
     let best = zones.iter().map(|z| dist(z)).fold(f64::INFINITY, f64::min);
     let dirty = |z: &ZoneLoad| z.dirty_pages_per_s.unwrap_or(f64::INFINITY);
     zones.sort_by(|a, b| {

@@ -28,7 +28,9 @@
 
 pub mod engine;
 pub mod placement;
+pub mod smoothing;
 pub mod snapshot;
+pub mod transfer;
 
 pub use engine::{Policy, PolicyConfig};
 pub use placement::place_clones;
@@ -83,8 +85,10 @@ pub struct Inputs {
     /// The destination's load before the move (migrations).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_load: Option<f64>,
-    /// The zone's CPU use (cores) and, for a split zone, its whole load.
+    /// The zone's CPU use (cores), the host CPU that moves with it, and,
+    /// for a split zone, its whole load.
     pub zone_cpu: f64,
+    pub zone_weight: f64,
     pub zone_demand: f64,
 }
 

@@ -99,6 +99,7 @@ mod tests {
             zone: "vm-1".into(),
             host: host.into(),
             cpu,
+            weight: None,
             clones: Vec::new(),
             migrating: false,
             dirty_pages_per_s: None,

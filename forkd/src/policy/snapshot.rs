@@ -30,8 +30,14 @@ pub struct ZoneLoad {
     pub zone: String,
     /// The host the parent VM runs on.
     pub host: String,
-    /// The parent VM's CPU use, in cores.
+    /// The parent VM's CPU use (its vCPU's time per second), in cores:
+    /// what decides whether one VM still serves the zone.
     pub cpu: f64,
+    /// The host CPU that moves with the zone when it migrates (cores): its
+    /// vCPU and its share of its daemon's work for it (receiving,
+    /// ringing and acknowledging its clients' updates). `None`: `cpu`.
+    #[serde(default)]
+    pub weight: Option<f64>,
     /// The CPU use of its clones (cores), if it is split.
     #[serde(default)]
     pub clones: Vec<f64>,
@@ -49,6 +55,12 @@ impl ZoneLoad {
     /// The zone's whole load: parent and clones.
     pub fn demand(&self) -> f64 {
         self.cpu + self.clones.iter().sum::<f64>()
+    }
+
+    /// What the balancing policies move: [`ZoneLoad::weight`], else
+    /// [`ZoneLoad::cpu`].
+    pub fn weight(&self) -> f64 {
+        self.weight.unwrap_or(self.cpu)
     }
 
     pub fn is_split(&self) -> bool {
