@@ -438,6 +438,9 @@ mod tests {
                 dirty_pages_per_s: dirty,
                 faults_per_s: 0.0,
                 clone_faults_per_s: 0.0,
+                guest_tick_load: None,
+                updates_received: None,
+                updates_applied: None,
             }),
         };
         let view = ClusterView {

@@ -90,6 +90,15 @@ pub struct VmLoadRecord {
     pub faults_per_s: f64,
     #[serde(default)]
     pub clone_faults_per_s: f64,
+    /// The guest's own tick load (busy ÷ budget of its last tick), if it
+    /// publishes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_tick_load: Option<f64>,
+    /// Client updates received and applied so far, once any came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates_received: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates_applied: Option<u64>,
 }
 
 impl From<VmLoad> for VmLoadRecord {
@@ -101,6 +110,9 @@ impl From<VmLoad> for VmLoadRecord {
             dirty_pages_per_s: l.dirty_pages_per_s,
             faults_per_s: l.faults_per_s,
             clone_faults_per_s: l.clone_faults_per_s,
+            guest_tick_load: l.guest.map(|g| g.load),
+            updates_received: l.clients.map(|c| c.received),
+            updates_applied: l.clients.map(|c| c.applied),
         }
     }
 }
@@ -350,7 +362,7 @@ impl Registry {
                     .filter(|f| !f.is_released())
                     .map(|f| f.running())
                     .sum(),
-                load: e.load.get().map(VmLoadRecord::from),
+                load: self.vm_load(e).map(VmLoadRecord::from),
             })
             .collect();
         LoadReport {

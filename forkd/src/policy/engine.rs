@@ -39,7 +39,8 @@ pub struct PolicyConfig {
     /// and below the source's load before the move).
     pub fit_below: f64,
     /// Selection: a zone lighter than this (fraction of its host's
-    /// capacity) is not worth a migration.
+    /// capacity) is not worth a migration, nor is an excess over the
+    /// average smaller than this.
     pub min_move: f64,
     /// Selection: zones within this fraction of the host's excess of the
     /// best match are near-equal; among them the lowest dirty rate goes
@@ -173,9 +174,8 @@ impl Policy {
     /// ([`Smoother`]). Deterministic: the same snapshots in the same order
     /// give the same decisions.
     pub fn decide(&mut self, snap: &LoadSnapshot) -> Vec<Decision> {
-        let raw = snap;
-        let snap = self.smoother.smooth(raw);
-        self.transfer.update(&self.config, raw, &snap);
+        let snap = self.smoother.smooth(snap);
+        self.transfer.update(&self.config, &snap);
         let avg = snap.average_load();
         let mut out = Vec::new();
         for z in &snap.zones {
@@ -291,7 +291,7 @@ impl Policy {
             // Selection: the zone closest to the host's excess over the
             // average, if it is worth a migration.
             let excess = cpu[src.name.as_str()] - avg * src.capacity;
-            if excess <= 0.0 {
+            if excess <= 0.0 || excess < c.min_move * src.capacity {
                 continue;
             }
             let mut zones: Vec<&ZoneLoad> = snap

@@ -5,18 +5,28 @@
 //! the [`Actuator`] trait, so the policies are unit-tested without VMs and
 //! run unchanged against the real cluster.
 //!
-//! - **Transfer policy** (when to move): a host whose load is above
-//!   [`PolicyConfig::high_water`] of its capacity is overloaded; it stays
-//!   so (hysteresis) until it is below [`PolicyConfig::low_water`].
+//! - **Transfer policy** (when to move, [`transfer`]): a host whose load
+//!   is above [`PolicyConfig::high_water`] of its capacity, or above
+//!   [`PolicyConfig::above_average`] × the cluster's average, is
+//!   overloaded; it stays so (hysteresis) until it is below
+//!   [`PolicyConfig::low_water`] and [`PolicyConfig::back_to_average`] ×
+//!   the average. It becomes overloaded only once over a mark for
+//!   [`PolicyConfig::overload_periods`] periods in a row.
 //! - **Location policy** (where to): among the other hosts, those on the
 //!   opposite side of the cluster's average load (below it), least loaded
-//!   first, where the zone fits under the high-water mark.
-//! - **Selection policy** (what to move): the zone whose CPU use is
-//!   closest to the host's excess over the cluster average; among zones
-//!   within [`PolicyConfig::near_equal_cores`] of the closest, the one
+//!   first, where the zone fits: under [`PolicyConfig::fit_below`], not
+//!   over the relative mark, and below the source's load before the move
+//!   (every move makes the pair more even).
+//! - **Selection policy** (what to move): the zone whose weight (the host
+//!   CPU that moves with it: [`ZoneLoad::weight`]) is closest to the
+//!   host's excess over the cluster average, among those worth a
+//!   migration ([`PolicyConfig::min_move`]); among zones within
+//!   [`PolicyConfig::near_equal`] of the excess of the closest, the one
 //!   that dirties the fewest pages per second (cheapest to migrate).
 //! - **Information policy**: periodic; every host publishes its load (the
-//!   snapshot is built from those reports).
+//!   snapshot is built from those reports). The engine acts on
+//!   exponentially weighted means of the reports ([`smoothing`]), not on
+//!   one 1-s sample.
 //!
 //! Fork: a zone whose load is more than one VM serves
 //! ([`PolicyConfig::fork_above`]) is split over clones; its clones are

@@ -9,10 +9,10 @@
 //!   relative mark; one whose load gathers on a few hosts has them over
 //!   it, however light the cluster is as a whole.
 //!
-//! A host becomes overloaded only once its samples have been over a mark
-//! in `overload_periods` snapshots in a row, and the mean of its samples
-//! is over it too: a single sample (a boot, a burst) does not move a
-//! zone.
+//! The loads are the means of the hosts' samples (`smoothing`), and a
+//! host becomes overloaded only once over a mark in `overload_periods`
+//! periods in a row: a single sample (a burst, a migration's own copying)
+//! does not move a zone.
 
 use std::collections::BTreeMap;
 
@@ -35,33 +35,25 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    /// Takes in a period: `raw`, the hosts' samples as published, and
-    /// `smooth`, their means. A host becomes overloaded when its mean is
-    /// over a mark and its samples were in the last `overload_periods`
-    /// periods; it is released on its mean. A host that stopped reporting
-    /// is forgotten: not overloaded, nor a destination.
-    pub fn update(&mut self, c: &PolicyConfig, raw: &LoadSnapshot, smooth: &LoadSnapshot) {
-        let over = |s: &LoadSnapshot, name: &str| {
-            let avg = s.average_load();
-            let load = s.host(name).map_or(0.0, |h| h.load());
-            (
-                load > c.high_water,
-                avg > 0.0 && load > c.above_average * avg,
-            )
-        };
-        let avg = smooth.average_load();
+    /// Takes in a period's snapshot (its host loads the means of their
+    /// samples). A host becomes overloaded once over a mark in
+    /// `overload_periods` periods in a row; it is released below the
+    /// marks' lower halves. A host that stopped reporting is forgotten:
+    /// not overloaded, nor a destination.
+    pub fn update(&mut self, c: &PolicyConfig, snap: &LoadSnapshot) {
+        let avg = snap.average_load();
         let mut marks = BTreeMap::new();
-        for h in &smooth.hosts {
+        for h in &snap.hosts {
             let mut m = self.marks.get(&h.name).copied().unwrap_or_default();
-            let (raw_abs, raw_rel) = over(raw, &h.name);
-            m.over_for = if raw_abs || raw_rel {
+            let load = h.load();
+            let over_abs = load > c.high_water;
+            let over_rel = avg > 0.0 && load > c.above_average * avg;
+            m.over_for = if over_abs || over_rel {
                 m.over_for.saturating_add(1)
             } else {
                 0
             };
             let sustained = m.over_for >= c.overload_periods;
-            let (over_abs, over_rel) = over(smooth, &h.name);
-            let load = h.load();
             if over_abs && sustained {
                 m.absolute = true;
             } else if load < c.low_water {
