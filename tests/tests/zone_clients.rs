@@ -538,3 +538,58 @@ fn stream_through_a_migration(loss_pct: u32) {
     );
     drop(cluster);
 }
+
+/// A zone that migrates h1 → h2 and back to h1 between bursts of
+/// updates: each host takes its ring over afresh on arrival (h1's own
+/// record of the ring, from before the zone left, no longer holds), so
+/// every burst is acknowledged and the zone ends with the reference's
+/// checksum. (The ingress once kept a departed zone's idle ring state and
+/// wrote behind the guest's consumer on its return: those updates were
+/// never acknowledged.)
+#[test]
+fn a_zone_that_comes_back_loses_no_update() {
+    let (cluster, up) = common::Cluster::up(2);
+    let hosts = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (common::socket(&hosts[0]), common::socket(&hosts[1]));
+    let ns2 = hosts[1]["netns"].as_str().expect("netns").to_owned();
+    let cmdline = "ticks=2000 tick_us=10000 state_mib=8 seed=6 clients=host update_cost=2";
+    let id = common::start_vm(&h1, cmdline);
+    let vm = vm_num(&id);
+    let addr = ingress(&h1);
+    let bursts = [updates(16, 1, 20), updates(16, 21, 20), updates(16, 41, 20)];
+    let all: Vec<OwnedUpdate> = bursts.iter().flatten().cloned().collect();
+    let (sock1, sock2, vm_id) = (h1.clone(), h2.clone(), id.clone());
+    let ns = ns2.clone();
+    let per_burst = common::in_netns(&ns, move || {
+        let mut tx = sender();
+        tx.set_zone(vm, addr);
+        let mut acked = Vec::new();
+        for (i, burst) in bursts.iter().enumerate() {
+            send_all(&mut tx, vm, burst);
+            let done = tx.wait_acked(Duration::from_secs(20)).expect("poll");
+            acked.push((done, tx.unacked(), tx.stats()));
+            // Then move the zone while no update is on its way.
+            let (from, to) = match i {
+                0 => (&sock1, "h2"),
+                1 => (&sock2, "h1"),
+                _ => break,
+            };
+            let st = common::migrate_and_wait(from, &vm_id, to, Duration::from_secs(60));
+            assert_eq!(st["phase"], "committed", "burst {i}, then to {to}: {st}");
+        }
+        (acked, tx.zone_addr(vm))
+    });
+    let (acked, zone) = per_burst;
+    for (i, (done, left, stats)) in acked.iter().enumerate() {
+        assert!(done, "burst {i}: {left} updates unacknowledged: {stats:?}");
+    }
+    assert_eq!(zone, Some(addr), "it sends to h1 again");
+    let end = wait_exit(&h1, &id, Duration::from_secs(60));
+    let want = reference_sequence(cmdline, &all).expect("reference");
+    assert_eq!(
+        done_checksum(&end),
+        want.checksum,
+        "the zone applied every update exactly once, on both hosts"
+    );
+    drop(cluster);
+}

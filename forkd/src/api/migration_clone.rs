@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::migration_open::{CloneOrigin, OpenIncoming, PendingTicket};
 use super::registry::{Entry, Registry};
 use super::types::vm_id;
+use crate::clients::Target;
 use crate::fork::clone::FamilySource;
 use crate::fork::envelope::to_hex;
 use crate::fork::fault::FaultStatsView;
@@ -65,7 +66,14 @@ impl Subject {
         vm.kill();
         drop(vm);
         // Its clients are redirected there from now on.
-        reg.zone_moved(id, destination);
+        let target = match &self {
+            Subject::Booted(_) => Target::Vm(id),
+            Subject::Clone { family, clone, .. } => Target::HostedClone {
+                family: family.family,
+                clone_id: clone.clone_id,
+            },
+        };
+        reg.zone_moved(id, target, destination);
         match self {
             Subject::Booted(_) => reg.forget_migrated(id),
             Subject::Clone {
@@ -245,6 +253,13 @@ impl Registry {
         family
             .adopt(o.clone_id, id, identity, vm, faults)
             .map_err(|e| ApiError::Internal(format!("the clone's reaper: {e}")))?;
+        self.zone_arrived(
+            id,
+            Target::HostedClone {
+                family: o.family,
+                clone_id: o.clone_id,
+            },
+        );
         Ok(())
     }
 }

@@ -443,7 +443,7 @@ impl Registry {
         }
         inner.vms.insert(meta.id, entry);
         drop(inner);
-        self.zone_arrived(meta.id);
+        self.zone_arrived(meta.id, crate::clients::Target::Vm(meta.id));
         Ok(())
     }
 

@@ -94,18 +94,27 @@ impl Registry {
         }
     }
 
-    /// A committed migration: `id` now runs on `host`.
-    pub(super) fn zone_moved(&self, id: u64, host: &str) {
-        let mut m = lock(&self.clients.moved);
-        if m.len() >= 4096 {
-            m.clear();
+    /// A committed migration: `id` (ring target `t`) now runs on `host`.
+    pub(super) fn zone_moved(&self, id: u64, t: Target, host: &str) {
+        {
+            let mut m = lock(&self.clients.moved);
+            if m.len() >= 4096 {
+                m.clear();
+            }
+            m.insert(id, host.to_owned());
         }
-        m.insert(id, host.to_owned());
+        if let Some(i) = self.ingress() {
+            i.forget(t);
+        }
     }
 
-    /// A VM of id `id` runs here (again): no redirect for it.
-    pub(super) fn zone_arrived(&self, id: u64) {
+    /// A VM of id `id` (ring target `t`) runs here (again): no redirect
+    /// for it, and its ring is taken over where it stands now.
+    pub(super) fn zone_arrived(&self, id: u64, t: Target) {
         lock(&self.clients.moved).remove(&id);
+        if let Some(i) = self.ingress() {
+            i.forget(t);
+        }
     }
 
     /// The client counters of VM `id` here.

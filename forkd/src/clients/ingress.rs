@@ -234,6 +234,8 @@ impl TargetState {
 pub struct Ingress {
     addr: SocketAddr,
     stats: Arc<Mutex<IngressStats>>,
+    /// Targets whose state the thread drops before its next datagram.
+    forget: Arc<Mutex<Vec<Target>>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -257,10 +259,12 @@ impl Ingress {
             ..IngressStats::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let forget = Arc::new(Mutex::new(Vec::new()));
         let mut worker = Worker {
             sock,
             dir,
             cfg,
+            forget: forget.clone(),
             targets: BTreeMap::new(),
             routes: HashMap::new(),
             stats: stats.clone(),
@@ -274,6 +278,7 @@ impl Ingress {
         Ok(Ingress {
             addr,
             stats,
+            forget,
             stop,
             thread: Mutex::new(Some(thread)),
         })
@@ -290,6 +295,17 @@ impl Ingress {
     /// The counters of one target, if updates ever came for it.
     pub fn counters(&self, t: Target) -> Option<ClientCounters> {
         lock(&self.stats).targets.get(&t).copied()
+    }
+
+    /// Target `t` left this host or arrived on it (a migration): what
+    /// this ingress knew of its ring — positions, admitted sequence
+    /// numbers, updates queued or in the ring — no longer holds (the ring
+    /// travelled with the guest and moved on elsewhere). The thread drops
+    /// it before its next datagram (anything queued or in the ring
+    /// unacknowledged: the clients re-send) and takes the ring over afresh
+    /// when updates come again.
+    pub fn forget(&self, t: Target) {
+        lock(&self.forget).push(t);
     }
 
     pub fn stop(&self) {
@@ -315,6 +331,7 @@ struct Worker {
     sock: UdpSocket,
     dir: Arc<dyn Directory>,
     cfg: IngressConfig,
+    forget: Arc<Mutex<Vec<Target>>>,
     targets: BTreeMap<Target, TargetState>,
     routes: HashMap<u64, (Instant, Routing)>,
     stats: Arc<Mutex<IngressStats>>,
@@ -329,6 +346,7 @@ impl Worker {
         let mut buf = vec![0u8; wire::DATAGRAM_MAX + 1];
         let mut last_pump = Instant::now();
         while !stop.load(Ordering::Acquire) {
+            self.forget_targets();
             let busy = self
                 .targets
                 .values()
@@ -350,6 +368,29 @@ impl Worker {
             if last_pump.elapsed() >= self.cfg.pump_every {
                 self.pump();
                 last_pump = Instant::now();
+            }
+        }
+    }
+
+    /// Drops the state of the targets [`Ingress::forget`] named.
+    fn forget_targets(&mut self) {
+        let ts = std::mem::take(&mut *lock(&self.forget));
+        for t in ts {
+            if let Some(st) = self.targets.remove(&t) {
+                let mut c = st.counters;
+                c.dropped += (st.queue.len() + st.in_ring.len()) as u64;
+                c.queued = 0;
+                c.in_ring = 0;
+                lock(&self.stats).targets.insert(t, c);
+            }
+            let vm = match t {
+                Target::Vm(vm) | Target::LocalClone { parent: vm, .. } => Some(vm),
+                Target::HostedClone { .. } => None,
+            };
+            if let Some(vm) = vm {
+                self.routes.remove(&vm);
+            } else {
+                self.routes.clear();
             }
         }
     }

@@ -375,8 +375,7 @@ impl Policy {
         let now = d.at_ms;
         match &d.action {
             Action::Migrate { zone, from, to } => {
-                self.smoother
-                    .moved(zone, from, to, d.inputs.zone_weight);
+                self.smoother.moved(zone, from, to, d.inputs.zone_weight);
                 self.zone_quiet_until
                     .insert(zone.clone(), now + c.zone_cooldown_ms);
                 for h in [from, to] {

@@ -105,7 +105,10 @@ fn config_is_checked() {
     let typo = serde_json::from_str::<PolicyConfig>(r#"{"near_equal_cores": 0.005}"#);
     assert!(typo.unwrap_err().to_string().contains("near_equal_cores"));
     let some: PolicyConfig = serde_json::from_str(r#"{"above_average": 1.3}"#).unwrap();
-    assert_eq!(some.back_to_average, PolicyConfig::default().back_to_average);
+    assert_eq!(
+        some.back_to_average,
+        PolicyConfig::default().back_to_average
+    );
 }
 
 /// Transfer policy: a host above the high-water mark, or above
@@ -152,7 +155,10 @@ fn transfer_policy_is_threshold_driven() {
     );
     let m = migrations(&p.decide(&s));
     assert_eq!(m.len(), 1, "{m:?}");
-    assert_eq!((m[0].1.as_str(), p.overloaded().collect::<Vec<_>>()), ("h1", vec!["h1"]));
+    assert_eq!(
+        (m[0].1.as_str(), p.overloaded().collect::<Vec<_>>()),
+        ("h1", vec!["h1"])
+    );
 }
 
 /// Location policy: the destination is on the other side of the
@@ -307,7 +313,11 @@ fn a_single_spike_moves_nothing() {
     // migration's copying costs a host here) every third sample: never
     // overloaded.
     for t in 1..20u64 {
-        let s = if t % 3 == 0 { spike(t * 1_000) } else { even(t * 1_000) };
+        let s = if t % 3 == 0 {
+            spike(t * 1_000)
+        } else {
+            even(t * 1_000)
+        };
         assert!(p.decide(&s).is_empty(), "at {t} s");
         assert_eq!(p.overloaded().count(), 0, "at {t} s");
     }
@@ -342,7 +352,10 @@ fn light_zones_and_useless_moves_stay() {
     assert!(Policy::new(no_fork()).unwrap().decide(&s).is_empty());
     // One heavy zone on a host a little over the mark: moving it would
     // leave the destination busier than the source was.
-    let s = snap(0, &[("h1", &[2.4]), ("h2", &[1.0, 0.6]), ("h3", &[1.0, 0.6])]);
+    let s = snap(
+        0,
+        &[("h1", &[2.4]), ("h2", &[1.0, 0.6]), ("h3", &[1.0, 0.6])],
+    );
     let mut p = Policy::new(PolicyConfig {
         above_average: 1.1,
         back_to_average: 1.05,
