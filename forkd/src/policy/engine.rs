@@ -29,7 +29,8 @@ pub struct PolicyConfig {
     /// …until it is below this × the average.
     pub back_to_average: f64,
     /// A host is overloaded once over a mark in this many snapshots in a
-    /// row (not on one sample).
+    /// row (not on one sample); a zone is forked (joined) once its demand
+    /// was over the fork (under the join) mark as long.
     pub overload_periods: u32,
     /// Weight of the newest sample in the means the engine acts on
     /// (1: the samples as they are).
@@ -140,6 +141,9 @@ pub struct Policy {
     pub config: PolicyConfig,
     transfer: Transfer,
     smoother: Smoother,
+    /// Per zone: periods in a row its demand was over the fork mark (not
+    /// split) or under the join mark (split).
+    streaks: BTreeMap<String, u32>,
     zone_quiet_until: BTreeMap<String, u64>,
     host_quiet_until: BTreeMap<String, u64>,
     log: VecDeque<Decision>,
@@ -152,6 +156,7 @@ impl Policy {
             smoother: Smoother::new(config.smoothing),
             config,
             transfer: Transfer::default(),
+            streaks: BTreeMap::new(),
             zone_quiet_until: BTreeMap::new(),
             host_quiet_until: BTreeMap::new(),
             log: VecDeque::new(),
@@ -176,6 +181,7 @@ impl Policy {
     pub fn decide(&mut self, snap: &LoadSnapshot) -> Vec<Decision> {
         let snap = self.smoother.smooth(snap);
         self.transfer.update(&self.config, &snap);
+        self.update_streaks(&snap);
         let avg = snap.average_load();
         let mut out = Vec::new();
         for z in &snap.zones {
@@ -210,9 +216,32 @@ impl Policy {
         }
     }
 
+    /// Like a host's overload, a zone's need for a fork (or a join) counts
+    /// once it held for `overload_periods` periods in a row.
+    fn update_streaks(&mut self, snap: &LoadSnapshot) {
+        let c = &self.config;
+        let mut streaks = BTreeMap::new();
+        for z in &snap.zones {
+            let demand = z.demand();
+            let wants = if z.is_split() {
+                demand < c.join_below
+            } else {
+                demand > c.fork_above
+            };
+            if wants {
+                let n = self.streaks.get(&z.zone).copied().unwrap_or(0);
+                streaks.insert(z.zone.clone(), n.saturating_add(1));
+            }
+        }
+        self.streaks = streaks;
+    }
+
     fn fork_or_join(&self, snap: &LoadSnapshot, z: &ZoneLoad, avg: f64) -> Option<Decision> {
         let c = &self.config;
         if z.migrating || self.zone_quiet(&z.zone, snap.at_ms) {
+            return None;
+        }
+        if self.streaks.get(&z.zone).copied().unwrap_or(0) < c.overload_periods {
             return None;
         }
         let demand = z.demand();
@@ -229,7 +258,7 @@ impl Policy {
                     placement,
                 },
                 format!(
-                    "demand {demand:.2} cores is more than one VM serves (fork above {:.2}): {clones} clones for ~{:.2} each, on the least loaded hosts with room ({})",
+                    "demand {demand:.3} cores is more than one VM serves (fork above {:.3}): {clones} clones for ~{:.3} each, on the least loaded hosts with room ({})",
                     c.fork_above,
                     demand / (clones + 1) as f64,
                     on.join(",")
@@ -242,7 +271,7 @@ impl Policy {
                     host: z.host.clone(),
                 },
                 format!(
-                    "the split zone's demand fell to {demand:.2} cores (join below {:.2}): one VM serves it",
+                    "the split zone's demand fell to {demand:.3} cores (join below {:.3}): one VM serves it",
                     c.join_below
                 ),
             )

@@ -484,6 +484,34 @@ fn fork_and_join_on_a_zones_demand() {
     );
 }
 
+/// A zone whose demand jumps over the fork mark for one period (a boot,
+/// a burst) is not forked; one that stays over it is, once it held for
+/// `overload_periods` periods.
+#[test]
+fn a_burst_of_demand_forks_nothing() {
+    let mut p = Policy::new(PolicyConfig {
+        smoothing: 1.0,
+        ..PolicyConfig::default()
+    })
+    .unwrap();
+    let at = |t: u64, cpu: f64| {
+        let mut s = snap(t * 1_000, &[("h1", &[0.2]), ("h2", &[0.2])]);
+        s.zones[0].cpu = cpu;
+        s.hosts[0].cpu = cpu;
+        s
+    };
+    for t in 0..10 {
+        let cpu = if t % 2 == 0 { 1.7 } else { 0.5 };
+        assert!(p.decide(&at(t, cpu)).is_empty(), "at {t} s");
+    }
+    assert!(p.decide(&at(10, 1.7)).is_empty());
+    let d = p.decide(&at(11, 1.7));
+    assert!(
+        matches!(d.first().map(|d| &d.action), Some(Action::Fork { .. })),
+        "{d:?}"
+    );
+}
+
 /// A fork on a busy host puts its clones on the least loaded hosts with
 /// room, not all at home; the decision's reason says where.
 #[test]
