@@ -36,6 +36,7 @@
 //! host, and a bound on concurrent migrations, keep it from thrashing;
 //! every decision carries its inputs and its reason.
 
+pub mod config;
 pub mod engine;
 pub mod placement;
 pub mod smoothing;

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use super::engine::PolicyConfig;
+use super::config::PolicyConfig;
 use super::snapshot::LoadSnapshot;
 
 #[derive(Debug, Clone, Copy, Default)]
