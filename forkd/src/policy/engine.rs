@@ -176,6 +176,14 @@ impl Policy {
             .iter()
             .map(|h| (h.name.as_str(), h.cpu))
             .collect();
+        // Each host's zones' weights.
+        let mut movable: BTreeMap<&str, f64> =
+            snap.hosts.iter().map(|h| (h.name.as_str(), 0.0)).collect();
+        for z in &snap.zones {
+            if let Some(m) = movable.get_mut(z.host.as_str()) {
+                *m += z.weight();
+            }
+        }
         let load = |cpu: &BTreeMap<&str, f64>, h: &HostLoad| cpu[h.name.as_str()] / h.capacity;
         let mut sources: Vec<&HostLoad> = snap
             .hosts
@@ -236,9 +244,17 @@ impl Policy {
                     .then(a.name.cmp(&b.name))
             });
             let src_load = load(&cpu, src);
+            // Evening the pair is judged on what can move, the zones'
+            // weights: a host's other CPU (the daemon booting a VM,
+            // copying a migration) stays where it is.
+            let movable_src = movable[src.name.as_str()] / src.capacity;
             let fits = |z: &ZoneLoad, d: &HostLoad| {
                 let after = (cpu[d.name.as_str()] + z.weight()) / d.capacity;
-                after <= c.fit_below && after <= c.above_average * avg && after < src_load
+                let movable_after = (movable[d.name.as_str()] + z.weight()) / d.capacity;
+                after <= c.fit_below
+                    && after <= c.above_average * avg
+                    && after < src_load
+                    && movable_after < movable_src
             };
             let choice = zones
                 .iter()
@@ -269,8 +285,10 @@ impl Policy {
                 ),
                 inputs,
             });
-            *cpu.entry(src.name.as_str()).or_default() -= z.weight();
-            *cpu.entry(dest.name.as_str()).or_default() += z.weight();
+            for m in [&mut cpu, &mut movable] {
+                *m.entry(src.name.as_str()).or_default() -= z.weight();
+                *m.entry(dest.name.as_str()).or_default() += z.weight();
+            }
             moved.insert(src.name.as_str());
             moved.insert(dest.name.as_str());
             budget -= 1;

@@ -484,6 +484,20 @@ fn fork_and_join_on_a_zones_demand() {
     );
 }
 
+/// A host busy with its daemon's own work (booting a VM, copying a
+/// migration) beside one zone: moving that zone would not even anything
+/// (the other work stays), so it stays; a second zone may go.
+#[test]
+fn only_zone_load_moves() {
+    let mut s = snap(0, &[("h1", &[0.8]), ("h2", &[0.05])]);
+    s.hosts[0].cpu = 2.4;
+    assert!(migrations(&Policy::new(no_fork()).unwrap().decide(&s)).is_empty());
+    let mut s = snap(0, &[("h1", &[0.8, 0.8]), ("h2", &[0.05])]);
+    s.hosts[0].cpu = 2.4;
+    let m = migrations(&Policy::new(no_fork()).unwrap().decide(&s));
+    assert_eq!(m.len(), 1, "{m:?}");
+}
+
 /// A zone whose demand jumps over the fork mark for one period (a boot,
 /// a burst) is not forked; one that stays over it is, once it held for
 /// `overload_periods` periods.

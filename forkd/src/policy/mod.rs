@@ -15,8 +15,9 @@
 //! - **Location policy** (where to): among the other hosts, those on the
 //!   opposite side of the cluster's average load (below it), least loaded
 //!   first, where the zone fits: under [`PolicyConfig::fit_below`], not
-//!   over the relative mark, and below the source's load before the move
-//!   (every move makes the pair more even).
+//!   over the relative mark, and below the source's load before the move,
+//!   on the host's CPU and on its zones' weights (every move makes the
+//!   pair more even in what can move: a daemon's own work stays).
 //! - **Selection policy** (what to move): the zone whose weight (the host
 //!   CPU that moves with it: [`ZoneLoad::weight`]) is closest to the
 //!   host's excess over the cluster average, among those worth a
