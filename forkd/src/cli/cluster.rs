@@ -47,8 +47,9 @@ pub struct UpArgs {
     /// The leading controller decides this often.
     #[arg(long, requires = "policy", value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub policy_period_ms: Option<u64>,
-    /// The policy's thresholds (JSON), passed to every host.
-    #[arg(long, requires = "policy")]
+    /// The policy's thresholds (JSON), passed to every host (checked
+    /// here first: nothing starts on a bad one).
+    #[arg(long, requires = "policy", value_parser = checked_policy)]
     pub policy_config: Option<String>,
     /// The cores each host offers its zones, as the policy sees it (the
     /// hosts of a local cluster share this machine's CPUs).
@@ -103,6 +104,11 @@ fn print_status(name: &str, dir: &std::path::Path, json: bool) -> Result<status:
         print!("{}", status::table(&st));
     }
     Ok(st)
+}
+
+/// `--policy-config` as given, once it reads as a valid configuration.
+fn checked_policy(s: &str) -> Result<String, String> {
+    super::parse_policy(s).map(|_| s.to_owned())
 }
 
 /// What `up` passes on to every host's `forkd serve`.
