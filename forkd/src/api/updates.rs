@@ -104,7 +104,7 @@ impl Registry {
             m.insert(id, host.to_owned());
         }
         if let Some(i) = self.ingress() {
-            i.forget(t);
+            i.forget(id, t);
         }
     }
 
@@ -113,7 +113,7 @@ impl Registry {
     pub(super) fn zone_arrived(&self, id: u64, t: Target) {
         lock(&self.clients.moved).remove(&id);
         if let Some(i) = self.ingress() {
-            i.forget(t);
+            i.forget(id, t);
         }
     }
 

@@ -234,8 +234,9 @@ impl TargetState {
 pub struct Ingress {
     addr: SocketAddr,
     stats: Arc<Mutex<IngressStats>>,
-    /// Targets whose state the thread drops before its next datagram.
-    forget: Arc<Mutex<Vec<Target>>>,
+    /// Targets (and the zone VM ids they are routed under) whose state
+    /// the thread drops before its next datagram.
+    forget: Arc<Mutex<Vec<(u64, Target)>>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -297,15 +298,16 @@ impl Ingress {
         lock(&self.stats).targets.get(&t).copied()
     }
 
-    /// Target `t` left this host or arrived on it (a migration): what
-    /// this ingress knew of its ring — positions, admitted sequence
-    /// numbers, updates queued or in the ring — no longer holds (the ring
-    /// travelled with the guest and moved on elsewhere). The thread drops
-    /// it before its next datagram (anything queued or in the ring
-    /// unacknowledged: the clients re-send) and takes the ring over afresh
-    /// when updates come again.
-    pub fn forget(&self, t: Target) {
-        lock(&self.forget).push(t);
+    /// Target `t` of zone VM `vm` left this host or arrived on it (a
+    /// migration): what this ingress knew of its ring — positions,
+    /// admitted sequence numbers, updates queued or in the ring, the
+    /// zone's cached route — no longer holds (the ring travelled with the
+    /// guest and moved on elsewhere). The thread drops it before its next
+    /// datagram (anything queued or in the ring unacknowledged: the
+    /// clients re-send) and takes the ring over afresh when updates come
+    /// again.
+    pub fn forget(&self, vm: u64, t: Target) {
+        lock(&self.forget).push((vm, t));
     }
 
     pub fn stop(&self) {
@@ -331,7 +333,7 @@ struct Worker {
     sock: UdpSocket,
     dir: Arc<dyn Directory>,
     cfg: IngressConfig,
-    forget: Arc<Mutex<Vec<Target>>>,
+    forget: Arc<Mutex<Vec<(u64, Target)>>>,
     targets: BTreeMap<Target, TargetState>,
     routes: HashMap<u64, (Instant, Routing)>,
     stats: Arc<Mutex<IngressStats>>,
@@ -375,7 +377,7 @@ impl Worker {
     /// Drops the state of the targets [`Ingress::forget`] named.
     fn forget_targets(&mut self) {
         let ts = std::mem::take(&mut *lock(&self.forget));
-        for t in ts {
+        for (vm, t) in ts {
             if let Some(st) = self.targets.remove(&t) {
                 let mut c = st.counters;
                 c.dropped += (st.queue.len() + st.in_ring.len()) as u64;
@@ -383,15 +385,7 @@ impl Worker {
                 c.in_ring = 0;
                 lock(&self.stats).targets.insert(t, c);
             }
-            let vm = match t {
-                Target::Vm(vm) | Target::LocalClone { parent: vm, .. } => Some(vm),
-                Target::HostedClone { .. } => None,
-            };
-            if let Some(vm) = vm {
-                self.routes.remove(&vm);
-            } else {
-                self.routes.clear();
-            }
+            self.routes.remove(&vm);
         }
     }
 

@@ -14,15 +14,7 @@ fn host(name: &str, cpu: f64) -> HostLoad {
 }
 
 fn zone(name: &str, host: &str, cpu: f64) -> ZoneLoad {
-    ZoneLoad {
-        zone: name.into(),
-        host: host.into(),
-        cpu,
-        weight: None,
-        clones: Vec::new(),
-        migrating: false,
-        dirty_pages_per_s: None,
-    }
+    ZoneLoad::new(name, host, cpu)
 }
 
 fn on(hosts: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {

@@ -95,15 +95,7 @@ mod tests {
     }
 
     fn zone(host: &str, cpu: f64) -> ZoneLoad {
-        ZoneLoad {
-            zone: "vm-1".into(),
-            host: host.into(),
-            cpu,
-            weight: None,
-            clones: Vec::new(),
-            migrating: false,
-            dirty_pages_per_s: None,
-        }
+        ZoneLoad::new("vm-1", host, cpu)
     }
 
     fn placed(p: &BTreeMap<String, u32>) -> Vec<(&str, u32)> {

@@ -90,15 +90,7 @@ mod tests {
                 capacity: 1.0,
                 cpu: h1,
             }],
-            zones: vec![ZoneLoad {
-                zone: "vm-1".into(),
-                host: "h1".into(),
-                cpu: z,
-                weight: None,
-                clones: Vec::new(),
-                migrating: false,
-                dirty_pages_per_s: None,
-            }],
+            zones: vec![ZoneLoad::new("vm-1", "h1", z)],
         }
     }
 

@@ -52,6 +52,20 @@ pub struct ZoneLoad {
 }
 
 impl ZoneLoad {
+    /// A zone not split, not migrating, its dirty rate not measured, its
+    /// weight its CPU.
+    pub fn new(zone: &str, host: &str, cpu: f64) -> ZoneLoad {
+        ZoneLoad {
+            zone: zone.to_owned(),
+            host: host.to_owned(),
+            cpu,
+            weight: None,
+            clones: Vec::new(),
+            migrating: false,
+            dirty_pages_per_s: None,
+        }
+    }
+
     /// The zone's whole load: parent and clones.
     pub fn demand(&self) -> f64 {
         self.cpu + self.clones.iter().sum::<f64>()
