@@ -5,7 +5,8 @@
 # same ELF straight-line as that clone; then make a local cluster of 3 hosts
 # (network namespaces) and fork a zone on h1 into 6 clones over h1, h2 and
 # h3 with its pages by IP multicast, each checked against QEMU; then
-# live-migrate a running zone from h1 to h2 and back by post-copy, and check its end against QEMU.
+# live-migrate a running zone from h1 to h2 and back by post-copy, and check its end against QEMU;
+# then let the policy engine of a 2-host cluster migrate a zone off an overloaded host, checked against QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -196,5 +197,71 @@ else:
     if [ -n "$want" ] && [ "$got" = "$want" ]; then echo "   MATCH  [$where] $got"
     else echo "   MISMATCH [$where] forkd '$got' QEMU '$want'" >&2; exit 1; fi
 done
+$forkd cluster down --name "$cluster" --dir "$cdir"
+echo "== 10. the policy engine: a 2-host cluster with its state in etcd and a leader-elected controller;"
+echo "   two busy zones on h1, none on h2: h1 runs above 1.2 × the cluster average; the leader migrates one zone to h2"
+cluster="demo$((RANDOM % 100000))"
+cdir="$snap/policy-cluster"
+trap '$forkd cluster down --name "$cluster" --dir "$cdir" >/dev/null 2>&1 || true; rm -rf "$snap"' EXIT
+$forkd cluster up --hosts 2 --name "$cluster" --dir "$cdir" --policy --policy-period-ms 500 \
+    --cpu-capacity 0.5 --policy-config '{"fork_above": 50, "fork_target": 25, "join_below": 10}'
+on_h1=(--host h1 --cluster "$cluster" --cluster-dir "$cdir")
+on_h2=(--host h2 --cluster "$cluster" --cluster-dir "$cdir")
+busy=()
+for seed in 1 2; do   # 2 ms of work every 8 ms tick, 12 s of guest time
+    z="ticks=1500 seed=$seed state_mib=8 tick_us=8000"
+    busy+=("$z")
+    $forkd vm create "${on_h1[@]}" --mem 128 --cmdline "$z" --json \
+        | python3 -c 'import json, sys; print("   %s on h1: %s" % (json.load(sys.stdin)["id"], sys.argv[1]))' "$z"
+done
+# QEMU runs both straight-line meanwhile (12 s each, at once).
+for i in 0 1; do
+    timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host,-arch-capabilities \
+        -m 128 -nographic -no-reboot -device isa-debug-exit,iobase=0xf4 -kernel "$elf" \
+        -append "${busy[$i]}" > "$snap/policy-qemu-$i.log" 2>&1 &
+done
+decision=""
+for _ in $(seq 100); do   # at most ~10 s
+    decision=$(curl -s --unix-socket "$cdir/h1/api.sock" localhost/v1/policy/decisions | python3 -c '
+import json, sys
+m = [d for d in json.load(sys.stdin) if d["decision"]["action"] == "migrate" and d.get("outcome") == "done"]
+if m:
+    d = m[0]
+    print(d["decision"]["zone"])
+    print("   leader %s: %s" % (d["by"], d["decision"]["reason"]), file=sys.stderr)')
+    [ -n "$decision" ] && break
+    sleep 0.1
+done
+[ -n "$decision" ] || { echo "   no migration decided within 10 s" >&2; exit 1; }
+for _ in $(seq 1000); do   # both zones end (at most ~20 s)
+    n=0
+    for h in h1 h2; do
+        n=$((n + $($forkd vm list --host $h --cluster "$cluster" --cluster-dir "$cdir" --json | python3 -c '
+import json, sys
+print(sum(1 for v in json.load(sys.stdin)["vms"] if v["state"] == "running"))')))
+    done
+    [ "$n" = 0 ] && break
+    sleep 0.02
+done
+wait
+for h in h1 h2; do
+    $forkd vm list --host $h --cluster "$cluster" --cluster-dir "$cdir" --json | python3 -c '
+import json, sys
+for v in json.load(sys.stdin)["vms"]:
+    if v["state"] != "migrated":
+        print(sys.argv[1], v["id"], v.get("last_line") or "")' "$h"
+done > "$snap/policy-ends.txt"
+python3 - "$decision" "$snap"/policy-ends.txt "$snap"/policy-qemu-0.log "$snap"/policy-qemu-1.log <<'PY'
+import sys
+moved, ends, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
+vms = [l.rstrip("\n").split(" ", 2) for l in open(ends) if l.count(" ") >= 2]
+for log in logs:
+    want = next((l.strip() for l in open(log, errors="replace") if "zone: done" in l), "")
+    got = [(h, i) for h, i, last in vms if want and last == want]
+    if not got:
+        sys.exit("   MISMATCH: no zone ended with QEMU's line %r; the zones ended with %r" % (want, vms))
+    h, i = got[0]
+    print("   MATCH  [%s] %s%s %s" % (h, i, " (migrated by the policy)" if i == moved else "", want))
+PY
 $forkd cluster down --name "$cluster" --dir "$cdir"
 echo "== done"
