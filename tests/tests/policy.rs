@@ -285,5 +285,67 @@ fn a_forked_zones_clones_go_to_the_least_loaded_host() {
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("{zone} dirties {dirty:.0} pages/s");
+    // The clones' own vCPU loads reach etcd too: h2 publishes its hosted
+    // clones under the zone's family, h1 the zone's clones it runs.
+    let t = Instant::now();
+    let (families, here, there) = loop {
+        let v = get(&h1, "/v1/cluster");
+        let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
+        let report = |name: &str| {
+            hosts
+                .iter()
+                .find(|h| h["name"] == name)
+                .map(|h| h["load"].clone())
+                .unwrap_or(Value::Null)
+        };
+        let parent = report("h1")["vms"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|vm| vm["id"] == zone.as_str()).cloned())
+            .unwrap_or(Value::Null);
+        let families: Vec<u64> = parent["families"]
+            .as_array()
+            .map(|f| f.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let cores = |v: &Value| v.as_f64().filter(|c| *c > 0.0);
+        let here: Vec<f64> = parent["clone_cpu_cores"]
+            .as_array()
+            .map(|c| c.iter().filter_map(cores).collect())
+            .unwrap_or_default();
+        let there: Vec<f64> = report("h2")["hosted"]
+            .as_array()
+            .map(|hs| {
+                hs.iter()
+                    .filter(|c| {
+                        c["parent_host"] == "h1"
+                            && c["family"].as_u64().is_some_and(|f| families.contains(&f))
+                    })
+                    .filter_map(|c| cores(&c["cpu_cores"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if here.len() as u64 == on("h1") && there.len() as u64 == on("h2") {
+            break (families, here, there);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the clones' loads did not reach etcd: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{zone}'s families {families:?}: clones on h1 {here:?}, on h2 {there:?} cores");
+    // And a hosted clone's own API entry shows its load.
+    let id = clones["vms"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|c| c["parent_host"] == "h1"))
+        .and_then(|c| c["id"].as_str())
+        .expect("a hosted clone")
+        .to_owned();
+    let c = poll(
+        &h2,
+        &format!("/v1/vms/{id}"),
+        Duration::from_secs(10),
+        |v| v["load"]["cpu_cores"].as_f64().is_some_and(|c| c > 0.0),
+    );
+    eprintln!("{id} on h2: {}", c["load"]);
     let _ = client::call_unix(&h1, "DELETE", &format!("/v1/vms/{zone}"), None);
 }

@@ -246,8 +246,10 @@ impl Controller {
 const MAX_WEIGHT_PER_CPU: f64 = 2.0;
 
 /// The policy's view of the cluster: each host's published load, each
-/// running VM a zone (its clones, if it has a live family, carry as much
-/// as it does: its clients are split evenly by clone id).
+/// running VM a zone, with its running clones' vCPU loads as their hosts
+/// publish them (its own, or the hosted clones of the others); a clone
+/// not sampled yet carries as much as its parent (its clients are split
+/// evenly by clone id).
 ///
 /// A zone's weight, the host CPU that moves with it, is its vCPU time
 /// scaled by its host's CPU over its zones' vCPU time: the daemon's work
@@ -260,6 +262,19 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
         at_ms,
         ..LoadSnapshot::default()
     };
+    // (parent's host, family) → its clones' loads on the other hosts.
+    let mut hosted: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    for c in view
+        .hosts
+        .iter()
+        .filter_map(|h| h.load.as_ref())
+        .flat_map(|l| &l.hosted)
+    {
+        hosted
+            .entry((c.parent_host.as_str(), c.family))
+            .or_default()
+            .push(c.cpu_cores);
+    }
     for h in &view.hosts {
         let Some(l) = &h.load else { continue };
         s.hosts.push(HostLoad {
@@ -276,7 +291,21 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
                 cpu,
                 weight: None,
                 clones: if vm.has_family {
-                    vec![cpu; vm.family_clones as usize]
+                    let elsewhere = vm
+                        .families
+                        .iter()
+                        .filter_map(|f| hosted.get(&(h.entry.name.as_str(), *f)))
+                        .flatten();
+                    let n = vm.family_clones as usize;
+                    let mut known: Vec<f64> = vm
+                        .clone_cpu_cores
+                        .iter()
+                        .chain(elsewhere)
+                        .copied()
+                        .take(n)
+                        .collect();
+                    known.resize(n, cpu);
+                    known
                 } else {
                     Vec::new()
                 },
@@ -424,43 +453,14 @@ mod tests {
     /// and weighs each zone with its share of its host's CPU.
     #[test]
     fn snapshots_carry_the_dirty_rate_and_the_weight() {
-        use super::super::etcd::{ClusterHost, HostEntry, LinkStatus, LoadReport, VmReport};
-        let vm = |id: &str, dirty: Option<f64>| VmReport {
-            id: id.into(),
-            running: true,
-            migrating: false,
-            has_family: false,
-            family_clones: 0,
-            load: Some(super::super::etcd::VmLoadRecord {
-                cpu_cores: 0.3,
-                cpu_seconds: 1.0,
-                resident_bytes: 0,
-                dirty_pages_per_s: dirty,
-                faults_per_s: 0.0,
-                clone_faults_per_s: 0.0,
-                guest_tick_load: None,
-                updates_received: None,
-                updates_applied: None,
-            }),
-        };
         let view = ClusterView {
             etcd: LinkStatus::default(),
-            hosts: vec![ClusterHost {
-                entry: HostEntry {
-                    name: "h1".into(),
-                    api: None,
-                    memserver: "127.0.0.1:1".into(),
-                },
-                load: Some(LoadReport {
-                    at_ms: 0,
-                    capacity_cores: 2.0,
-                    cpu_cores: 0.9,
-                    resident_bytes: 0,
-                    mem_available_bytes: 0,
-                    hosted_clones: 0,
-                    vms: vec![vm("vm-1", Some(900.0)), vm("vm-3", None)],
-                }),
-            }],
+            hosts: vec![host(
+                "h1",
+                0.9,
+                vec![vm("vm-1", Some(900.0)), vm("vm-3", None)],
+                Vec::new(),
+            )],
         };
         let s = snapshot(&view, 5);
         let d: Vec<_> = s.zones.iter().map(|z| z.dirty_pages_per_s).collect();
@@ -475,5 +475,99 @@ mod tests {
             l.cpu_cores = 6.0;
         }
         assert!((snapshot(&v, 5).zones[0].weight() - 0.6).abs() < 1e-9);
+    }
+
+    use super::super::etcd::{ClusterHost, HostEntry, HostedCloneLoad, LinkStatus, LoadReport};
+    use super::super::etcd::{VmLoadRecord, VmReport};
+
+    /// A running VM of 0.3 cores without a family.
+    fn vm(id: &str, dirty: Option<f64>) -> VmReport {
+        VmReport {
+            id: id.into(),
+            running: true,
+            migrating: false,
+            has_family: false,
+            family_clones: 0,
+            families: Vec::new(),
+            clone_cpu_cores: Vec::new(),
+            load: Some(VmLoadRecord {
+                cpu_cores: 0.3,
+                cpu_seconds: 1.0,
+                resident_bytes: 0,
+                dirty_pages_per_s: dirty,
+                faults_per_s: 0.0,
+                clone_faults_per_s: 0.0,
+                guest_tick_load: None,
+                updates_received: None,
+                updates_applied: None,
+            }),
+        }
+    }
+
+    fn host(name: &str, cpu: f64, vms: Vec<VmReport>, hosted: Vec<HostedCloneLoad>) -> ClusterHost {
+        ClusterHost {
+            entry: HostEntry {
+                name: name.into(),
+                api: None,
+                memserver: "127.0.0.1:1".into(),
+            },
+            load: Some(LoadReport {
+                at_ms: 0,
+                capacity_cores: 2.0,
+                cpu_cores: cpu,
+                resident_bytes: 0,
+                mem_available_bytes: 0,
+                hosted_clones: hosted.len() as u64,
+                hosted,
+                vms,
+            }),
+        }
+    }
+
+    /// A split zone's clones count at their own loads: its clone on its
+    /// host as that host samples it, its clones elsewhere as their hosts
+    /// publish them (a clone of another family or another parent's host
+    /// is not its own), and one not sampled yet at the parent's load.
+    #[test]
+    fn a_split_zones_clones_carry_their_own_loads() {
+        let mut parent = vm("vm-1", None);
+        parent.has_family = true;
+        parent.family_clones = 4;
+        parent.families = vec![7];
+        parent.clone_cpu_cores = vec![0.05];
+        let hosted = |parent_host: &str, family, clone_id, cpu_cores| HostedCloneLoad {
+            parent_host: parent_host.into(),
+            family,
+            clone_id,
+            cpu_cores,
+        };
+        let view = ClusterView {
+            etcd: LinkStatus::default(),
+            hosts: vec![
+                host("h1", 0.5, vec![parent], Vec::new()),
+                host(
+                    "h2",
+                    0.4,
+                    vec![],
+                    vec![
+                        hosted("h1", 7, 2, 0.1),
+                        hosted("h1", 8, 1, 0.9),
+                        hosted("h3", 7, 1, 0.9),
+                    ],
+                ),
+                host("h3", 0.2, vec![], vec![hosted("h1", 7, 3, 0.15)]),
+            ],
+        };
+        let s = snapshot(&view, 5);
+        assert_eq!(s.zones.len(), 1, "{s:?}");
+        let z = &s.zones[0];
+        assert_eq!(z.clones, vec![0.05, 0.1, 0.15, 0.3]);
+        assert!((z.demand() - 0.9).abs() < 1e-9, "{z:?}");
+        // A report that lists more clones than run: the running count wins.
+        let mut v = view.clone();
+        if let Some(l) = v.hosts[0].load.as_mut() {
+            l.vms[0].family_clones = 2;
+        }
+        assert_eq!(snapshot(&v, 5).zones[0].clones, vec![0.05, 0.1]);
     }
 }

@@ -73,8 +73,25 @@ pub struct VmReport {
     /// That family's clones still running.
     #[serde(default)]
     pub family_clones: u64,
+    /// Its live families' ids (hosts that run its clones name them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub families: Vec<u64>,
+    /// Its clones on this host: each one's vCPU time per second (those
+    /// sampled twice or more).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clone_cpu_cores: Vec<f64>,
     #[serde(default)]
     pub load: Option<VmLoadRecord>,
+}
+
+/// A clone this host runs for a parent on another host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostedCloneLoad {
+    pub parent_host: String,
+    pub family: u64,
+    pub clone_id: u64,
+    /// Its vCPU time per second.
+    pub cpu_cores: f64,
 }
 
 /// [`VmLoad`] as stored.
@@ -127,6 +144,9 @@ pub struct LoadReport {
     pub resident_bytes: u64,
     pub mem_available_bytes: u64,
     pub hosted_clones: u64,
+    /// The hosted clones' loads (those sampled twice or more).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosted: Vec<HostedCloneLoad>,
     pub vms: Vec<VmReport>,
 }
 
@@ -355,6 +375,14 @@ impl Registry {
                 running: e.is_running(),
                 migrating: e.migrating.load(std::sync::atomic::Ordering::Acquire),
                 has_family: e.hub.families().iter().any(|f| !f.is_released()),
+                families: e
+                    .hub
+                    .families()
+                    .iter()
+                    .filter(|f| !f.is_released())
+                    .map(|f| f.id())
+                    .collect(),
+                clone_cpu_cores: e.load.clone_cores(),
                 family_clones: e
                     .hub
                     .families()
@@ -372,6 +400,19 @@ impl Registry {
             resident_bytes: h.resident_bytes,
             mem_available_bytes: h.mem_available_bytes,
             hosted_clones: h.hosted_clones,
+            hosted: self
+                .host_load
+                .hosted_cores()
+                .into_iter()
+                .map(
+                    |((parent_host, family, clone_id), cpu_cores)| HostedCloneLoad {
+                        parent_host,
+                        family,
+                        clone_id,
+                        cpu_cores,
+                    },
+                )
+                .collect(),
             vms,
         }
     }

@@ -6,6 +6,7 @@
 //! clones at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::fork::envelope::{from_hex, EnvelopeBody};
 use crate::fork::hosted::{HostedClone, HostedFamily, HostedOptions};
@@ -194,6 +195,23 @@ impl Registry {
             .flat_map(|f| f.clones().into_iter().map(move |c| (f, c)))
             .filter(|(_, c)| !c.is_removed() && c.moved_to().is_none())
             .map(|(f, c)| summary(f, &c))
+            .collect()
+    }
+
+    /// The vCPU time so far of each clone running here for a parent
+    /// elsewhere, by (parent's host, family, clone id).
+    pub(super) fn hosted_cpu_times(&self) -> Vec<(super::load::HostedKey, Duration)> {
+        let families: Vec<_> = lock(&self.hosted).values().cloned().collect();
+        families
+            .iter()
+            .flat_map(|f| {
+                f.clones().into_iter().flat_map(move |c| {
+                    c.guest
+                        .cpu_times()
+                        .into_iter()
+                        .map(move |(id, t)| ((f.parent_host.clone(), f.family, id), t))
+                })
+            })
             .collect()
     }
 

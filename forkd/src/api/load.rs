@@ -113,6 +113,34 @@ impl CpuRate {
     }
 }
 
+/// CPU rates by key (a VM's clones, a host's hosted clones): a key first
+/// seen has a rate from its second sample on; a key no longer listed (the
+/// clone ended or moved) is dropped.
+#[derive(Debug)]
+pub(super) struct CpuRates<K>(BTreeMap<K, (CpuRate, Option<f64>)>);
+
+impl<K> Default for CpuRates<K> {
+    fn default() -> Self {
+        CpuRates(BTreeMap::new())
+    }
+}
+
+impl<K: Ord> CpuRates<K> {
+    fn update(&mut self, now: Instant, times: Vec<(K, Duration)>) {
+        let mut prev = std::mem::take(&mut self.0);
+        for (k, t) in times {
+            let (mut c, last) = prev.remove(&k).unwrap_or_default();
+            let r = c.update(now, t).or(last);
+            self.0.insert(k, (c, r));
+        }
+    }
+
+    /// The keys sampled twice or more, and their last rates (cores).
+    fn rates(&self) -> impl Iterator<Item = (&K, f64)> {
+        self.0.iter().filter_map(|(k, (_, r))| r.map(|r| (k, r)))
+    }
+}
+
 /// A counter's rate per second between two samples (a counter that went
 /// down — a family forgotten — counts from its new value).
 #[derive(Debug, Default, Clone, Copy)]
@@ -184,6 +212,8 @@ struct VmSamples {
     clone_faults: CountRate,
     /// Each clone's fault rate (and the counter it came from).
     per_clone: BTreeMap<CloneKey, (CountRate, f64)>,
+    /// Each of this host's clones' vCPU time per second.
+    clone_cpu: CpuRates<CloneKey>,
     /// When this sampler last opened a dirty-rate window.
     window_opened: Option<Instant>,
     load: VmLoad,
@@ -197,7 +227,8 @@ pub(super) struct VmSampler {
 
 impl VmSampler {
     /// Samples `vm` if the last sample is [`SAMPLE_EVERY`] old
-    /// (`clone_faults`: its clones' faults so far), and opens or closes its
+    /// (`clone_faults`: its clones' faults so far; `clone_cpu`: its clones
+    /// on this host, their vCPU time so far), and opens or closes its
     /// dirty-rate window when due. Never waits: a window closes on a later
     /// call.
     pub(super) fn sample(
@@ -205,6 +236,7 @@ impl VmSampler {
         vm: &Vm,
         dirty: &DirtySampling,
         clone_faults: impl FnOnce() -> Vec<(CloneKey, u64)>,
+        clone_cpu: impl FnOnce() -> Vec<(CloneKey, Duration)>,
     ) {
         let mut g = lock(&self.state);
         let now = Instant::now();
@@ -220,6 +252,7 @@ impl VmSampler {
             g.load.cpu_cores = cores;
         }
         g.load.cpu_seconds = cpu.as_secs_f64();
+        g.clone_cpu.update(now, clone_cpu());
         g.load.resident_bytes = memory::resident_bytes(vm.memory()).unwrap_or(0);
         // Faults count from the VM's making (a post-copy arrival takes
         // most of its faults before a first sample could see them).
@@ -293,7 +326,35 @@ impl VmSampler {
         let g = lock(&self.state);
         g.cpu.sampled().then_some(g.load)
     }
+
+    /// Its clones on this host (those sampled twice): each one's vCPU
+    /// time per second, in clone order.
+    pub(super) fn clone_cores(&self) -> Vec<f64> {
+        lock(&self.state)
+            .clone_cpu
+            .rates()
+            .map(|(_, r)| r)
+            .collect()
+    }
 }
+
+/// vCPU time so far of each running clone of `hub`'s families on this
+/// host, by (family, clone id).
+pub(super) fn clone_cpu(hub: &crate::fork::parent::ForkHub) -> Vec<(CloneKey, Duration)> {
+    hub.families()
+        .iter()
+        .flat_map(|f| {
+            let fam = f.id();
+            f.guests()
+                .cpu_times()
+                .into_iter()
+                .map(move |(c, t)| ((fam, c), t))
+        })
+        .collect()
+}
+
+/// A clone hosted here: its parent's host, its family and clone id.
+pub(super) type HostedKey = (String, u64, u64);
 
 /// Faults so far of each clone of `hub`'s families, by (family, clone id)
 /// (this host's, and the other hosts' once they ended and reported).
@@ -334,10 +395,14 @@ pub struct HostLoadInfo {
 #[derive(Debug, Default)]
 pub(super) struct HostSampler {
     state: Mutex<(CpuRate, HostLoadInfo)>,
+    /// Each hosted clone's vCPU time per second.
+    hosted: Mutex<CpuRates<HostedKey>>,
 }
 
 impl HostSampler {
-    pub(super) fn sample(&self) {
+    /// Samples the host if the last sample is [`SAMPLE_EVERY`] old
+    /// (`hosted`: the clones hosted here, their vCPU time so far).
+    pub(super) fn sample(&self, hosted: impl FnOnce() -> Vec<(HostedKey, Duration)>) {
         let mut g = lock(&self.state);
         let now = Instant::now();
         if !g.0.due(now) {
@@ -355,12 +420,23 @@ impl HostSampler {
         let (total, avail) = meminfo().unwrap_or_default();
         g.1.mem_total_bytes = total;
         g.1.mem_available_bytes = avail;
+        drop(g);
+        lock(&self.hosted).update(now, hosted());
+    }
+
+    /// The hosted clones sampled twice or more, and their vCPU time per
+    /// second (cores).
+    pub(super) fn hosted_cores(&self) -> Vec<(HostedKey, f64)> {
+        lock(&self.hosted)
+            .rates()
+            .map(|(k, r)| (k.clone(), r))
+            .collect()
     }
 
     /// The last sample (taken now if there is none yet).
     pub(super) fn get(&self) -> HostLoadInfo {
         if !lock(&self.state).0.sampled() {
-            self.sample();
+            self.sample(Vec::new);
         }
         lock(&self.state).1.clone()
     }
@@ -482,9 +558,31 @@ mod tests {
     }
 
     #[test]
+    fn per_key_cpu_rates() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        let get = |r: &CpuRates<u64>| -> Vec<(u64, f64)> {
+            r.rates()
+                .map(|(k, c)| (*k, (c * 1000.0).round() / 1000.0))
+                .collect()
+        };
+        let mut r = CpuRates::default();
+        // First seen: no rate yet.
+        r.update(t0, vec![(1, ms(100))]);
+        assert_eq!(get(&r), vec![]);
+        // A second later: clone 1 ran 250 ms more; clone 2 is new.
+        r.update(at(1000), vec![(1, ms(350)), (2, ms(40))]);
+        assert_eq!(get(&r), vec![(1, 0.25)]);
+        // Clone 1 ended (not listed): it goes; clone 2 has its rate.
+        r.update(at(2000), vec![(2, ms(540))]);
+        assert_eq!(get(&r), vec![(2, 0.5)]);
+    }
+
+    #[test]
     fn host_figures_are_read() {
         let h = HostSampler::default();
-        h.sample();
+        h.sample(Vec::new);
         let g = h.get();
         assert!(g.capacity_cores >= 1.0);
         assert!(g.resident_bytes > 0 && g.mem_total_bytes >= g.mem_available_bytes);

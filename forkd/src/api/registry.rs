@@ -20,7 +20,7 @@ use memserver::server::MemServer;
 use super::error::ApiError;
 use super::family_view::family_info;
 use super::ids::{IdTaken, VmIds};
-use super::load::{clone_faults, Counters, DirtySampling, HostSampler, VmSampler};
+use super::load::{clone_cpu, clone_faults, Counters, DirtySampling, HostSampler, VmSampler};
 use super::peers::{placement_counts, Peers};
 use super::types::{
     vm_id, ConsoleLines, CreateVm, ExitInfo, ForkVm, Forked, Joined, MemServerInfo, MulticastInfo,
@@ -729,7 +729,9 @@ impl Registry {
                             if e.record_exit(vm).is_some() {
                                 e.load.ended();
                             } else {
-                                e.load.sample(vm, &dirty, || clone_faults(&e.hub));
+                                let hub = &e.hub;
+                                e.load
+                                    .sample(vm, &dirty, || clone_faults(hub), || clone_cpu(hub));
                                 *lock(&e.guest_load) = super::clients_state::vm_guest_load(vm);
                             }
                         }
@@ -743,7 +745,7 @@ impl Registry {
                             drop(guard.take());
                         }
                     }
-                    reg.host_load.sample();
+                    reg.host_load.sample(|| reg.hosted_cpu_times());
                     std::thread::sleep(REAP_EVERY);
                 }
             })

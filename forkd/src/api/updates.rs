@@ -144,7 +144,19 @@ impl Registry {
                 })
             })
             .flatten();
-        (clients.is_some() || guest.is_some()).then(|| super::load::VmLoad {
+        let cpu_cores = self
+            .host_load
+            .hosted_cores()
+            .into_iter()
+            .find(|((_, f, id), _)| *f == family && *id == c.clone_id)
+            .map(|(_, r)| r);
+        (clients.is_some() || guest.is_some() || cpu_cores.is_some()).then(|| super::load::VmLoad {
+            cpu_cores: cpu_cores.unwrap_or(0.0),
+            cpu_seconds: c
+                .guest
+                .cpu_times()
+                .first()
+                .map_or(0.0, |(_, t)| t.as_secs_f64()),
             clients,
             guest,
             ..Default::default()

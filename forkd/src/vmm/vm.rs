@@ -266,6 +266,12 @@ impl Vm {
         self.cpu.iter().map(|c| c.time()).sum()
     }
 
+    /// The vCPU threads' CPU clocks, for a sampler that reads them
+    /// without holding the VM (their last times outlive the threads).
+    pub fn cpu_clocks(&self) -> Vec<Arc<CpuClock>> {
+        self.cpu.clone()
+    }
+
     /// Faults its memory server (a userfaultfd handler: clones, post-copy
     /// arrivals) has served so far; `None` without one.
     pub fn memory_faults(&self) -> Option<u64> {
