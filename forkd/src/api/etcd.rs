@@ -370,27 +370,19 @@ impl Registry {
         let vms = self
             .list_entries()
             .iter()
-            .map(|e| VmReport {
-                id: vm_id(e.id),
-                running: e.is_running(),
-                migrating: e.migrating.load(std::sync::atomic::Ordering::Acquire),
-                has_family: e.hub.families().iter().any(|f| !f.is_released()),
-                families: e
-                    .hub
-                    .families()
-                    .iter()
-                    .filter(|f| !f.is_released())
-                    .map(|f| f.id())
-                    .collect(),
-                clone_cpu_cores: e.load.clone_cores(),
-                family_clones: e
-                    .hub
-                    .families()
-                    .iter()
-                    .filter(|f| !f.is_released())
-                    .map(|f| f.running())
-                    .sum(),
-                load: self.vm_load(e).map(VmLoadRecord::from),
+            .map(|e| {
+                let families = e.hub.families();
+                let live: Vec<_> = families.iter().filter(|f| !f.is_released()).collect();
+                VmReport {
+                    id: vm_id(e.id),
+                    running: e.is_running(),
+                    migrating: e.migrating.load(std::sync::atomic::Ordering::Acquire),
+                    has_family: !live.is_empty(),
+                    families: live.iter().map(|f| f.id()).collect(),
+                    clone_cpu_cores: e.load.clone_cores(),
+                    family_clones: live.iter().map(|f| f.running()).sum(),
+                    load: self.vm_load(e).map(VmLoadRecord::from),
+                }
             })
             .collect();
         LoadReport {
