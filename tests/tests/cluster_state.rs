@@ -220,3 +220,85 @@ fn etcd_unreachable_the_daemons_keep_running_their_vms() {
     drop(c);
     let _ = etcd.wait();
 }
+
+/// Kills a daemon started by `forkd serve` when dropped.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A restarted daemon hands out no VM id that runs elsewhere: h1's first
+/// VM migrates to h2; h1's daemon is killed and started again with the
+/// same command line in its namespace; once it has registered, the VM it
+/// makes gets a fresh id of its share (vm-3), not vm-1, which runs on h2.
+#[test]
+fn a_restarted_daemon_does_not_reuse_an_id_that_runs_elsewhere() {
+    let (_c, up) = Cluster::up(2);
+    let hs = up["hosts"].as_array().expect("hosts").clone();
+    let (h1, h2) = (socket(&hs[0]), socket(&hs[1]));
+    let id = start_vm(&h1, "ticks=100000 seed=3 state_mib=1 tick_us=10000");
+    assert_eq!(id, "vm-1");
+    let done = migrate_and_wait(&h1, &id, "h2", Duration::from_secs(60));
+    assert_eq!(done["phase"], "committed", "{done}");
+    until(&h1, Duration::from_secs(10), "h2 reports vm-1", |v| {
+        v["hosts"].as_array().is_some_and(|hs| {
+            hs.iter().any(|h| {
+                h["name"] == "h2"
+                    && h["load"]["vms"]
+                        .as_array()
+                        .is_some_and(|vs| vs.iter().any(|vm| vm["id"] == "vm-1"))
+            })
+        })
+    });
+    // h1's daemon dies and comes back with the same command line.
+    let pid = hs[0]["pid"].as_u64().expect("h1's pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("h1's cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    kill9(pid);
+    let ns = hs[0]["netns"].as_str().expect("netns");
+    let t = Instant::now();
+    let _daemon = loop {
+        // Its ports free up once the killed process is gone.
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart h1's daemon");
+        let mut d = Daemon(child);
+        let up = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            client::call_unix(&h1, "GET", "/v1/host", None).status == 200
+        });
+        if up {
+            break d;
+        }
+        assert!(
+            d.0.try_wait().ok().flatten().is_some() && t.elapsed() < Duration::from_secs(20),
+            "h1's daemon did not come back"
+        );
+    };
+    // Registered again (its VM ids checked against the cluster's).
+    until(&h2, Duration::from_secs(10), "h1 registered again", |v| {
+        v["hosts"].as_array().is_some_and(|hs| {
+            hs.iter().any(|h| {
+                h["name"] == "h1" && h["load"]["vms"].as_array().is_some_and(|v| v.is_empty())
+            })
+        })
+    });
+    let again = start_vm(&h1, "ticks=100 seed=4 state_mib=1 tick_us=1000");
+    assert_eq!(again, "vm-3", "h1 handed out {again} after its restart");
+    for (s, v) in [(&h1, &again), (&h2, &id)] {
+        let _ = client::call_unix(s, "DELETE", &format!("/v1/vms/{v}"), None);
+    }
+}

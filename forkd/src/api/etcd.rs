@@ -276,6 +276,17 @@ impl EtcdLink {
             client.put(format!("{HOSTS}{name}"), encode(&entry)?, with_lease()),
         )
         .await?;
+        // A VM this daemon made before a restart may run elsewhere now: its
+        // id is not handed out again.
+        let loads = timed(ep, client.get(LOADS, Some(GetOptions::new().with_prefix()))).await?;
+        reg.skip_vm_ids(
+            loads
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<LoadReport>(kv.value()).ok())
+                .flat_map(|r| r.vms.into_iter())
+                .filter_map(|v| super::types::parse_vm_id(&v.id)),
+        );
         let (mut keeper, mut stream) = timed(ep, client.lease_keep_alive(lease)).await?;
         {
             let mut s = lock(&self.status);

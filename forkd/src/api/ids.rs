@@ -9,9 +9,11 @@
 //! no two daemons of one cluster ever allocate the same id. A VM that
 //! arrives by migration is registered under its source's id, which the
 //! destination reserves when it opens the migration: refused while a VM of
-//! that id exists here or another incoming migration holds it (after a
-//! daemon restart its counter starts over, so an id may come back; the
-//! counter skips every id in use or reserved).
+//! that id exists here or another incoming migration holds it. A daemon
+//! that restarts counts over, so when it registers in etcd it skips every
+//! id of its share that the cluster's hosts report (a VM it made before
+//! the restart that runs elsewhere now); the counter skips every id in use
+//! or reserved here.
 
 use std::collections::BTreeMap;
 
@@ -70,6 +72,16 @@ impl VmIds {
         }
     }
 
+    /// Hands out no id of this share up to the largest of `taken` (ids in
+    /// use elsewhere in the cluster); other shares' ids are ignored.
+    pub(super) fn skip_through(&mut self, taken: impl IntoIterator<Item = u64>) {
+        for id in taken {
+            if id >= self.first && (id - self.first).is_multiple_of(self.stride) {
+                self.issued = self.issued.max((id - self.first) / self.stride + 1);
+            }
+        }
+    }
+
     /// Holds `id` for incoming migration `mig`; `exists`: a VM of that id
     /// is registered here.
     pub(super) fn reserve(&mut self, id: u64, mig: u64, exists: bool) -> Result<(), IdTaken> {
@@ -117,6 +129,20 @@ mod tests {
         assert_eq!(all.len(), 150);
         // A place beyond the count is clamped to the last share.
         assert_eq!(take(&mut VmIds::share(5, 2), 2), [2, 4]);
+    }
+
+    /// A restarted h1 of two (ids 1, 3, 5, …) that finds vm-5 and vm-4 in
+    /// the cluster goes on at 7; ids below what it handed out stay behind.
+    #[test]
+    fn ids_the_cluster_reports_are_not_handed_out_again() {
+        let mut ids = VmIds::share(0, 2);
+        ids.skip_through([4, 5, 2]);
+        assert_eq!(take(&mut ids, 2), [7, 9]);
+        ids.skip_through([1, 3, 0]);
+        assert_eq!(take(&mut ids, 1), [11]);
+        let mut solo = VmIds::default();
+        solo.skip_through([3]);
+        assert_eq!(take(&mut solo, 1), [4]);
     }
 
     #[test]

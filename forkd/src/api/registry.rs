@@ -255,6 +255,11 @@ impl Registry {
         ids.next(|id| vms.contains_key(&id))
     }
 
+    /// Ids in use elsewhere in the cluster (`api::ids`: after a restart).
+    pub(super) fn skip_vm_ids(&self, taken: impl IntoIterator<Item = u64>) {
+        lock(&self.inner).ids.skip_through(taken);
+    }
+
     /// Holds VM id `id` for incoming migration `mig` until the hold drops
     /// (409 if a VM of that id is here or another migration holds it).
     pub(super) fn reserve_incoming_id(
