@@ -278,9 +278,8 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
     for h in &view.hosts {
         let Some(l) = &h.load else { continue };
         s.hosts.push(HostLoad {
-            name: h.entry.name.clone(),
-            capacity: l.capacity_cores,
-            cpu: l.cpu_cores,
+            mem_available: Some(l.mem_available_bytes),
+            ..HostLoad::new(&h.entry.name, l.capacity_cores, l.cpu_cores)
         });
         let first = s.zones.len();
         for vm in l.vms.iter().filter(|v| v.running) {
@@ -311,6 +310,7 @@ pub fn snapshot(view: &ClusterView, at_ms: u64) -> LoadSnapshot {
                 },
                 migrating: vm.migrating,
                 dirty_pages_per_s: vm.load.and_then(|l| l.dirty_pages_per_s),
+                resident_bytes: vm.load.map(|l| l.resident_bytes),
             });
         }
         let vcpu: f64 = s.zones[first..].iter().map(|z| z.cpu).sum();

@@ -226,7 +226,8 @@ impl Policy {
             // Location: the other side of the average, least loaded
             // first, where the zone fits: under `fit_below`, not over the
             // relative mark, and below the source's load before the move
-            // (so every move makes the pair more even).
+            // (so every move makes the pair more even), with memory for
+            // its resident pages.
             let mut dests: Vec<&HostLoad> = snap
                 .hosts
                 .iter()
@@ -255,6 +256,7 @@ impl Policy {
                     && after <= c.above_average * avg
                     && after < src_load
                     && movable_after < movable_src
+                    && d.holds(z.resident_bytes)
             };
             let choice = zones
                 .iter()

@@ -6,11 +6,7 @@ use crate::policy::{Action, Actuator, Decision};
 use std::cell::RefCell;
 
 fn host(name: &str, cpu: f64) -> HostLoad {
-    HostLoad {
-        name: name.into(),
-        capacity: 4.0,
-        cpu,
-    }
+    HostLoad::new(name, 4.0, cpu)
 }
 
 fn zone(name: &str, host: &str, cpu: f64) -> ZoneLoad {
@@ -193,6 +189,44 @@ fn location_policy_prefers_the_opposite_side_of_the_average() {
         &[("h1", &[1.0, 1.0, 1.0, 0.9]), ("h2", &[1.0, 1.0, 1.0])],
     );
     assert!(migrations(&p.decide(&s)).is_empty());
+}
+
+/// A destination must hold the zone's resident memory (with headroom):
+/// the least loaded host without it is passed over for the next; with no
+/// host that has it, nothing moves. Unknown memory never blocks a move.
+#[test]
+fn a_migration_goes_only_where_the_zone_fits_in_memory() {
+    const MIB: u64 = 1 << 20;
+    let hosts: &[(&str, &[f64])] = &[
+        ("h1", &[1.0, 1.0, 0.8, 0.8]),
+        ("h2", &[1.0, 1.0]),
+        ("h3", &[0.6, 0.6]),
+        ("h4", &[1.0, 1.0, 1.2]),
+    ];
+    let with = |mem: &[(&str, u64)]| {
+        let mut s = snap(0, hosts);
+        for z in &mut s.zones {
+            z.resident_bytes = Some(512 * MIB);
+        }
+        for (h, m) in mem {
+            if let Some(h) = s.hosts.iter_mut().find(|x| x.name == *h) {
+                h.mem_available = Some(*m);
+            }
+        }
+        s
+    };
+    let to = |s: &LoadSnapshot| {
+        let mut p = Policy::new(no_fork()).unwrap();
+        migrations(&p.decide(s))
+            .into_iter()
+            .map(|m| m.2)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(to(&with(&[])), ["h3"]);
+    // h3 has 600 MiB free: not 512 + 256 of headroom. h2 takes it.
+    assert_eq!(to(&with(&[("h3", 600 * MIB), ("h2", 4096 * MIB)])), ["h2"]);
+    // Neither has room: no migration.
+    assert!(to(&with(&[("h3", 600 * MIB), ("h2", 700 * MIB)])).is_empty());
 }
 
 /// Selection policy: the zone whose CPU use is closest to the host's

@@ -7,11 +7,14 @@
 //! its clones read the frozen image directly — then by name); the loads
 //! are updated as clones are placed, so several clones spread out. With no
 //! host that has room, the least loaded host takes the clone anyway (the
-//! fork still relieves the zone's one VM).
+//! fork still relieves the zone's one VM). Room includes memory: a clone
+//! may fault in as much as its parent holds, so a host without that (and
+//! [`super::snapshot::MEM_HEADROOM`]) to spare gets it only when no host
+//! has it.
 
 use std::collections::BTreeMap;
 
-use super::snapshot::{LoadSnapshot, ZoneLoad};
+use super::snapshot::{HostLoad, LoadSnapshot, ZoneLoad};
 
 /// Clones per host for forking `zone` into `clones` more VMs (they add up
 /// to `clones`). Hosts not in the snapshot (not reporting) get none; with
@@ -28,19 +31,20 @@ pub fn place_clones(
     }
     let demand = zone.demand();
     let share = demand / (clones + 1) as f64;
-    // (name, cpu after the fork so far, capacity)
-    let mut hosts: Vec<(&str, f64, f64)> = snap
+    // Each host after the fork so far: its CPU, and its memory as the
+    // clones placed there fill it.
+    let mut hosts: Vec<HostLoad> = snap
         .hosts
         .iter()
         .filter(|h| h.capacity > 0.0)
-        .map(|h| {
+        .map(|h| HostLoad {
             // The parent's VM keeps one share of the zone's demand.
-            let cpu = if h.name == zone.host {
+            cpu: if h.name == zone.host {
                 (h.cpu - demand + share).max(0.0)
             } else {
                 h.cpu
-            };
-            (h.name.as_str(), cpu, h.capacity)
+            },
+            ..h.clone()
         })
         .collect();
     if hosts.is_empty() {
@@ -48,28 +52,34 @@ pub fn place_clones(
         return out;
     }
     for _ in 0..clones {
-        let after = |h: &(&str, f64, f64)| (h.1 + share) / h.2;
-        let better = |a: &(&str, f64, f64), b: &(&str, f64, f64)| {
+        let after = |h: &HostLoad| (h.cpu + share) / h.capacity;
+        let memory = |h: &HostLoad| h.holds(zone.resident_bytes);
+        let better = |a: &HostLoad, b: &HostLoad| {
             after(a)
                 .total_cmp(&after(b))
-                .then((a.0 != zone.host).cmp(&(b.0 != zone.host)))
-                .then(a.0.cmp(b.0))
+                .then((a.name != zone.host).cmp(&(b.name != zone.host)))
+                .then(a.name.cmp(&b.name))
         };
-        let with_room = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| after(h) <= fit_below)
-            .min_by(|(_, a), (_, b)| better(a, b));
-        let pick = match with_room {
-            Some((i, _)) => i,
-            None => hosts
+        let best = |room: &dyn Fn(&HostLoad) -> bool| {
+            hosts
                 .iter()
                 .enumerate()
+                .filter(|(_, h)| room(h))
                 .min_by(|(_, a), (_, b)| better(a, b))
-                .map_or(0, |(i, _)| i),
+                .map(|(i, _)| i)
         };
-        hosts[pick].1 += share;
-        *out.entry(hosts[pick].0.to_owned()).or_insert(0) += 1;
+        // Room for its CPU share and its memory; else memory at least;
+        // else the least loaded host.
+        let pick = best(&|h| after(h) <= fit_below && memory(h))
+            .or_else(|| best(&memory))
+            .or_else(|| best(&|_| true))
+            .unwrap_or(0);
+        let h = &mut hosts[pick];
+        h.cpu += share;
+        if let (Some(m), Some(r)) = (h.mem_available.as_mut(), zone.resident_bytes) {
+            *m = m.saturating_sub(r);
+        }
+        *out.entry(h.name.clone()).or_insert(0) += 1;
     }
     out
 }
@@ -77,18 +87,13 @@ pub fn place_clones(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::snapshot::HostLoad;
 
     fn snap(hosts: &[(&str, f64)]) -> LoadSnapshot {
         LoadSnapshot {
             at_ms: 0,
             hosts: hosts
                 .iter()
-                .map(|(n, cpu)| HostLoad {
-                    name: (*n).into(),
-                    capacity: 4.0,
-                    cpu: *cpu,
-                })
+                .map(|(n, cpu)| HostLoad::new(n, 4.0, *cpu))
                 .collect(),
             zones: Vec::new(),
         }
@@ -115,6 +120,27 @@ mod tests {
         let s = snap(&[("h1", 3.0), ("h2", 0.0), ("h3", 0.0)]);
         let p = place_clones(&s, &zone("h1", 2.4), 3, 0.78);
         assert_eq!(placed(&p), vec![("h2", 2), ("h3", 1)]);
+    }
+
+    /// A clone may fault in what its parent holds: a host whose memory
+    /// cannot take another (with headroom) is passed over while another
+    /// can; each clone placed uses up a host's memory.
+    #[test]
+    fn clones_go_where_their_memory_fits() {
+        const MIB: u64 = 1 << 20;
+        let mut s = snap(&[("h1", 3.0), ("h2", 0.0), ("h3", 1.0)]);
+        s.hosts[1].mem_available = Some(1024 * MIB);
+        let mut z = zone("h1", 2.4);
+        z.resident_bytes = Some(512 * MIB);
+        // Idle h2 holds one clone (512 + 256 ≤ 1024), not a second.
+        let p = place_clones(&s, &z, 2, 0.78);
+        assert_eq!(placed(&p), vec![("h2", 1), ("h3", 1)]);
+        // No host with memory to spare: placed by CPU as before.
+        for h in &mut s.hosts {
+            h.mem_available = Some(100 * MIB);
+        }
+        let p = place_clones(&s, &z, 2, 0.78);
+        assert_eq!(p.values().sum::<u32>(), 2);
     }
 
     #[test]

@@ -85,11 +85,7 @@ mod tests {
     fn snap(h1: f64, z: f64) -> LoadSnapshot {
         LoadSnapshot {
             at_ms: 0,
-            hosts: vec![HostLoad {
-                name: "h1".into(),
-                capacity: 1.0,
-                cpu: h1,
-            }],
+            hosts: vec![HostLoad::new("h1", 1.0, h1)],
             zones: vec![ZoneLoad::new("vm-1", "h1", z)],
         }
     }

@@ -10,9 +10,34 @@ pub struct HostLoad {
     pub capacity: f64,
     /// CPU its zones use, in cores (vCPU time per second, summed).
     pub cpu: f64,
+    /// Memory the host has available, in bytes (`None`: not reported).
+    #[serde(default)]
+    pub mem_available: Option<u64>,
 }
 
+/// Memory a host keeps free beyond a zone's moved in or a clone's started.
+pub const MEM_HEADROOM: u64 = 256 << 20;
+
 impl HostLoad {
+    /// A host of `capacity` cores using `cpu`, its memory not reported.
+    pub fn new(name: &str, capacity: f64, cpu: f64) -> HostLoad {
+        HostLoad {
+            name: name.to_owned(),
+            capacity,
+            cpu,
+            mem_available: None,
+        }
+    }
+
+    /// Whether `bytes` more guest memory fit here with [`MEM_HEADROOM`]
+    /// to spare (yes when either is unknown).
+    pub fn holds(&self, bytes: Option<u64>) -> bool {
+        match (self.mem_available, bytes) {
+            (Some(avail), Some(b)) => b.saturating_add(MEM_HEADROOM) <= avail,
+            _ => true,
+        }
+    }
+
     /// Load as a fraction of capacity.
     pub fn load(&self) -> f64 {
         if self.capacity > 0.0 {
@@ -49,6 +74,11 @@ pub struct ZoneLoad {
     /// dirties less costs less (fewer pre-copy rounds, shorter downtime).
     #[serde(default)]
     pub dirty_pages_per_s: Option<f64>,
+    /// The parent VM's resident guest memory, in bytes (`None`: not
+    /// measured): what a migration's destination, or a clone's host as
+    /// the clone faults it in, needs at most.
+    #[serde(default)]
+    pub resident_bytes: Option<u64>,
 }
 
 impl ZoneLoad {
@@ -63,6 +93,7 @@ impl ZoneLoad {
             clones: Vec::new(),
             migrating: false,
             dirty_pages_per_s: None,
+            resident_bytes: None,
         }
     }
 
