@@ -278,13 +278,11 @@ impl EtcdLink {
         .await?;
         // A VM this daemon made before a restart may run elsewhere now: its
         // id is not handed out again.
-        let loads = timed(ep, client.get(LOADS, Some(GetOptions::new().with_prefix()))).await?;
+        let reports = load_reports(ep, &mut client).await?;
         reg.skip_vm_ids(
-            loads
-                .kvs()
-                .iter()
-                .filter_map(|kv| serde_json::from_slice::<LoadReport>(kv.value()).ok())
-                .flat_map(|r| r.vms.into_iter())
+            reports
+                .into_values()
+                .flat_map(|r| r.vms)
                 .filter_map(|v| super::types::parse_vm_id(&v.id)),
         );
         let (mut keeper, mut stream) = timed(ep, client.lease_keep_alive(lease)).await?;
@@ -342,22 +340,29 @@ pub struct ClusterView {
     pub hosts: Vec<ClusterHost>,
 }
 
+/// Every host's last load report that reads, by host name.
+async fn load_reports(
+    ep: &str,
+    client: &mut Client,
+) -> Result<std::collections::BTreeMap<String, LoadReport>, EtcdError> {
+    let loads = timed(ep, client.get(LOADS, Some(GetOptions::new().with_prefix()))).await?;
+    Ok(loads
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let k = kv.key_str().ok()?;
+            let r = serde_json::from_slice::<LoadReport>(kv.value()).ok()?;
+            Some((k.trim_start_matches(LOADS).to_owned(), r))
+        })
+        .collect())
+}
+
 /// Every host registered in etcd, with its last load report.
 pub async fn read_cluster(link: &EtcdLink) -> Result<ClusterView, EtcdError> {
     let ep = link.endpoint();
     let mut client = link.client().await?;
-    let prefix = || Some(GetOptions::new().with_prefix());
-    let hosts = timed(ep, client.get(HOSTS, prefix())).await?;
-    let loads = timed(ep, client.get(LOADS, prefix())).await?;
-    let mut reports = std::collections::BTreeMap::new();
-    for kv in loads.kvs() {
-        if let (Ok(k), Ok(r)) = (
-            kv.key_str(),
-            serde_json::from_slice::<LoadReport>(kv.value()),
-        ) {
-            reports.insert(k.trim_start_matches(LOADS).to_owned(), r);
-        }
-    }
+    let hosts = timed(ep, client.get(HOSTS, Some(GetOptions::new().with_prefix()))).await?;
+    let mut reports = load_reports(ep, &mut client).await?;
     let mut out: Vec<ClusterHost> = hosts
         .kvs()
         .iter()

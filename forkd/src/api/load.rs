@@ -433,6 +433,15 @@ impl HostSampler {
             .collect()
     }
 
+    /// Hosted clone `clone_id` of `family`: its last rate, once sampled
+    /// twice.
+    pub(super) fn hosted_core(&self, family: u64, clone_id: u64) -> Option<f64> {
+        lock(&self.hosted)
+            .rates()
+            .find(|((_, f, c), _)| *f == family && *c == clone_id)
+            .map(|(_, r)| r)
+    }
+
     /// The last sample (taken now if there is none yet).
     pub(super) fn get(&self) -> HostLoadInfo {
         if !lock(&self.state).0.sampled() {

@@ -144,12 +144,7 @@ impl Registry {
                 })
             })
             .flatten();
-        let cpu_cores = self
-            .host_load
-            .hosted_cores()
-            .into_iter()
-            .find(|((_, f, id), _)| *f == family && *id == c.clone_id)
-            .map(|(_, r)| r);
+        let cpu_cores = self.host_load.hosted_core(family, c.clone_id);
         (clients.is_some() || guest.is_some() || cpu_cores.is_some()).then(|| super::load::VmLoad {
             cpu_cores: cpu_cores.unwrap_or(0.0),
             cpu_seconds: c

@@ -35,7 +35,7 @@ impl CloneGuest {
 
     /// Its vCPU time so far.
     pub fn cpu_time(&self) -> Duration {
-        self.cpu.iter().map(|c| c.time()).sum()
+        crate::vmm::cpu_clock::total(&self.cpu)
     }
 }
 

@@ -59,6 +59,11 @@ impl CpuClock {
     }
 }
 
+/// The CPU time of several threads (a VM's vCPUs) so far.
+pub fn total(clocks: &[std::sync::Arc<CpuClock>]) -> Duration {
+    clocks.iter().map(|c| c.time()).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,7 +263,7 @@ impl Vm {
     /// CPU time the vCPU threads have used so far (guest code and exit
     /// handling; not the time paused or asleep).
     pub fn cpu_time(&self) -> Duration {
-        self.cpu.iter().map(|c| c.time()).sum()
+        crate::vmm::cpu_clock::total(&self.cpu)
     }
 
     /// The vCPU threads' CPU clocks, for a sampler that reads them
